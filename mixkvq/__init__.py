@@ -1,0 +1,1 @@
+"""KV-cache quantization harness for long chain-of-thought reasoning models."""
