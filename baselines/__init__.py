@@ -1,0 +1,1 @@
+"""Baseline KV-cache methods, one per file, on the shared cache framework."""

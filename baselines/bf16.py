@@ -1,0 +1,29 @@
+"""bf16: the unquantized reference, run through the same cache, attention binding and decode path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mixkvq.cache import QuantizedLayer
+from mixkvq.methods import Method, register_method
+
+
+@dataclass(frozen=True)
+class Bf16Config:
+    name: str
+    nominal_bits: str
+
+
+@register_method("bf16")
+class Bf16(Method):
+    config_cls = Bf16Config
+
+    @property
+    def nominal_bits(self) -> str:
+        return self.cfg.nominal_bits
+
+    def make_layer(self, idx, batch, pad):
+        s = self.shape
+        keys = self.stream(batch, window="keep")
+        values = self.stream(batch, window="keep")
+        return QuantizedLayer(idx, keys, values, pad, s.kv_heads, s.head_dim)

@@ -1,0 +1,225 @@
+"""The quantized KV cache: a `transformers.Cache` with one layer object per decoder layer.
+
+A layer holds two `Stream`s (keys, values). A stream is sink (full precision) + quantized store + full
+precision window. New tokens enter the sink until it is full, then the window; after each step's attention
+the stream's window rule releases tokens from the window into the store. A method is the choice of window
+rule, residual length, sink and store for each stream, plus an optional hook that picks per-channel widths
+(MixKVQ). Storage, packing, byte accounting and attention are shared.
+
+`update()` stores the new tokens and returns the exact K/V it was given: prefill attention uses them as is.
+Decode attention never sees them; it reads the layer through the decode kernel (see attention.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from mixkvq.storage import ChannelGroupStore, Ragged, RaggedBuffer, TokenGroupStore, left_align, ragged_cat, split_front
+
+# How many window tokens each row releases after a step, given its window lengths w and residual R.
+WINDOW_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "keep": lambda w, r: torch.zeros_like(w),  # bf16 reference: nothing is ever quantized
+    "flush": lambda w, r: (w // r) * r,  # modulo-R buffer: whole R-blocks leave once the buffer is full
+    "sliding": lambda w, r: (w - r).clamp_min(0),  # the last R tokens stay at full precision
+}
+
+
+class Stream:
+    """Keys or values of one layer."""
+
+    def __init__(self, batch, heads, dim, dtype, device, window: str, residual: int, sink: int,
+                 store: ChannelGroupStore | TokenGroupStore | None, widths_fn=None):
+        self.window_rule = WINDOW_RULES[window]
+        self.residual, self.sink_tokens = residual, sink
+        self.window = RaggedBuffer(batch, heads, dim, dtype, device)
+        self.sink = RaggedBuffer(batch, heads, dim, dtype, device) if sink else None
+        self.store = store
+        self.widths_fn = widths_fn
+        self.fp_bits = torch.empty((), dtype=dtype).element_size() * 8
+        self.fp_token_bytes = heads * dim * self.fp_bits // 8
+
+    def append(self, r: Ragged) -> None:
+        if self.sink is not None:
+            room = (self.sink_tokens - self.sink.lens).clamp_min(0)
+            head, r = split_front(r, torch.minimum(room, r.lens))
+            self.sink.append(head)
+        self.window.append(r)
+
+    def release(self) -> None:
+        n = self.window_rule(self.window.lens, self.residual)
+        if self.store is not None and int(n.max()) > 0:
+            self.store.append(self.window.pop_front(n), self.widths_fn)
+
+    def ragged(self) -> Ragged:
+        """Every stored token of each row in order, dequantized (the reference attention's input)."""
+        parts = [self.sink.view()] if self.sink is not None else []
+        if self.store is not None:
+            parts.append(self.store.ragged())
+        parts.append(self.window.view())
+        return ragged_cat(parts) if len(parts) > 1 else parts[0]
+
+    def fp_tokens(self) -> torch.Tensor:
+        return self.window.lens + (self.sink.lens if self.sink is not None else 0)
+
+    def tokens(self) -> torch.Tensor:
+        return self.fp_tokens() + (self.store.tokens() if self.store is not None else 0)
+
+    def code_bits(self) -> torch.Tensor:
+        """Per row: code bits of every element, full-precision elements at their dtype width."""
+        fp = self.fp_tokens().to(torch.float64) * self.fp_token_bytes * 8
+        return fp + (self.store.code_bits if self.store is not None else 0)
+
+    def live_bytes(self) -> torch.Tensor:
+        """Per row: bytes held for the stored tokens (codes, scales, zeros, indices, full-precision tokens)."""
+        fp = self.fp_tokens() * self.fp_token_bytes
+        return fp + (self.store.live_bytes if self.store is not None else 0)
+
+    def allocated_bytes(self) -> int:
+        bufs = [self.window] + ([self.sink] if self.sink is not None else [])
+        total = sum(b.allocated_bytes() for b in bufs)
+        return total + (self.store.allocated_bytes() if self.store is not None else 0)
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """One decoder layer's cache. Subclasses add method state (e.g. MixKVQ's query accumulator)."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, key_stream: Stream, value_stream: Stream, pad: torch.Tensor,
+                 heads: int, dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.key_stream, self.value_stream = key_stream, value_stream
+        self.pad = pad  # left padding of each row in the prompt: never stored
+        self.heads, self.dim = heads, dim
+        self.seq_len = 0  # rectangular length as transformers counts it (pads included)
+        self.query_start = pad  # per row: first real position of the current step's queries
+        self.is_initialized = True
+        self.decode_fn = None  # set by attention.bind()
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    # -- transformers cache API ------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != len(self.pad):
+            raise ValueError(
+                f"cache was built for batch {len(self.pad)} but got {key_states.shape[0]} rows; build it for "
+                "batch_size * num_return_sequences"
+            )
+        self.is_prefill = self.seq_len == 0
+        if not self.is_prefill and key_states.shape[2] != 1:
+            raise NotImplementedError("quantized caches decode one token per step (no chunked prefill)")
+        start = self.pad if self.is_prefill else torch.zeros_like(self.pad)
+        self.query_start = start
+        self.key_stream.append(left_align(key_states, start))
+        self.value_stream.append(left_align(value_states, start))
+        self.on_keys(key_states, start)
+        self.seq_len += key_states.shape[2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("build a new cache per generate call (the method factory does this)")
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("beam search and cache cropping are not supported by quantized caches")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    # -- hooks for methods ------------------------------------------------------------------------------------
+
+    def on_keys(self, keys: torch.Tensor, start: torch.Tensor) -> None:
+        """Sees every new key (post-RoPE) before it is stored away."""
+
+    def observe_queries(self, query: torch.Tensor) -> None:
+        """Sees every query (post-RoPE) of this layer before attention (MixKVQ's importance)."""
+
+    def after_attention(self) -> None:
+        self.key_stream.release()
+        self.value_stream.release()
+
+    # -- accounting --------------------------------------------------------------------------------------------
+
+    def tokens(self) -> torch.Tensor:
+        return self.key_stream.tokens()
+
+    def code_bits(self) -> torch.Tensor:
+        return self.key_stream.code_bits() + self.value_stream.code_bits()
+
+    def live_bytes(self) -> torch.Tensor:
+        return self.key_stream.live_bytes() + self.value_stream.live_bytes()
+
+    def elements(self) -> torch.Tensor:
+        return (self.key_stream.tokens() + self.value_stream.tokens()) * self.heads * self.dim
+
+    def allocated_bytes(self) -> int:
+        return self.key_stream.allocated_bytes() + self.value_stream.allocated_bytes()
+
+
+class QuantizedCache(Cache):
+    """All layers of one generate call, plus per-step statistics for the bits accounting (METHODS.md §2)."""
+
+    def __init__(self, layers: list[QuantizedLayer], method: str, storage: str):
+        super().__init__(layers=layers)
+        self.method, self.storage = method, storage
+        self.snapshots: list[dict[str, torch.Tensor]] = []  # one per forward step, per row
+        self.peak_allocated_bytes = 0
+
+    def step_done(self, layer_idx: int) -> None:
+        """Called after each layer's attention; after the last layer the step's totals are recorded."""
+        if layer_idx != len(self.layers) - 1:
+            return
+        self.snapshots.append(
+            {
+                "code_bits": sum(layer.code_bits() for layer in self.layers),
+                "live_bytes": sum(layer.live_bytes() for layer in self.layers),
+                "elements": sum(layer.elements() for layer in self.layers),
+            }
+        )
+        if self.storage == "packed":
+            self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes())
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def sequence_stats(self, n_generated: torch.Tensor) -> list[dict]:
+        """Bits and bytes of each row at its own end (`*_final`) and averaged over its decode steps (`*_mean`).
+
+        The forward that produced token k is snapshot k-1 (snapshot 0 is the prefill), so a row that generated
+        n tokens ended at snapshot n-1; tokens a finished row keeps receiving afterwards are not counted.
+        """
+        if not self.snapshots:
+            return [{} for _ in n_generated]
+        stacked = {k: torch.stack([s[k] for s in self.snapshots]).to(torch.float64) for k in self.snapshots[0]}
+        payload = stacked["code_bits"] / stacked["elements"]
+        storage = stacked["live_bytes"] * 8 / stacked["elements"]
+        out = []
+        for b, n in enumerate(n_generated.tolist()):
+            last = max(min(n, len(self.snapshots)) - 1, 0)
+            steps = slice(1, last + 1) if last >= 1 else slice(0, 1)
+            elements = stacked["elements"][last, b]
+            out.append(
+                {
+                    "payload_bits_final": float(payload[last, b]),
+                    "payload_bits_mean": float(payload[steps, b].mean()),
+                    "storage_bits_final": float(storage[last, b]),
+                    "storage_bits_mean": float(storage[steps, b].mean()),
+                    "kv_bytes_final": int(stacked["live_bytes"][last, b]) if self.storage == "packed" else None,
+                    "kv_bytes_bf16_final": int(elements) * 2,
+                }
+            )
+        return out

@@ -1,0 +1,132 @@
+"""Method registry and the small base class every KV-cache method builds on.
+
+A method is a dataclass config (mirrored one-to-one by `configs/method/<name>.yaml`, which holds the
+defaults) plus a `Method` subclass that builds one `QuantizedLayer` per decoder layer. Methods register
+with `@register_method("name", ConfigClass)` and are found by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mixkvq.cache import QuantizedCache, QuantizedLayer, Stream
+from mixkvq.errors import ConfigError
+from mixkvq.quantizer import QuantSpec
+from mixkvq.registry import Registry
+from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+
+METHODS: Registry[type["Method"]] = Registry("method")
+# Modules whose import registers a method; a new method adds its module here.
+METHOD_MODULES = ("baselines.bf16", "baselines.kivi", "mixkvq.mixkvq")
+STORAGE_MODES = ("packed", "fake")
+
+
+def register_method(name: str):
+    return METHODS.register(name)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a cache needs to know about the model."""
+
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        p = next(model.parameters())
+        kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(c.num_hidden_layers, kv, c.num_attention_heads, head_dim, p.dtype, p.device)
+
+
+class Method:
+    """Builds caches for one method. Subclasses set `config_cls` and implement `make_layer`."""
+
+    config_cls: type
+
+    def __init__(self, cfg, shape: ModelShape, quant: QuantSpec, storage: str, model_cfg=None):
+        if storage not in STORAGE_MODES:
+            raise ConfigError(f"storage={storage!r} is not valid; choose one of {list(STORAGE_MODES)}")
+        self.cfg, self.shape, self.quant, self.storage = cfg, shape, quant, storage
+        self.model_cfg = model_cfg  # per-model paper settings a method config may leave null
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible settings, before any model work."""
+
+    @property
+    def nominal_bits(self) -> str:
+        raise NotImplementedError
+
+    def make_layer(self, idx: int, batch: int, pad: torch.Tensor) -> QuantizedLayer:
+        raise NotImplementedError
+
+    def new_cache(self, batch: int, pad: torch.Tensor | None = None) -> QuantizedCache:
+        """A fresh cache for `batch` rows; `pad[b]` is row b's left padding in the prompt."""
+        pad = torch.zeros(batch, dtype=torch.int64) if pad is None else pad.to("cpu", torch.int64)
+        layers = [self.make_layer(i, batch, pad) for i in range(self.shape.layers)]
+        return QuantizedCache(layers, self.cfg.name, self.storage)
+
+    # -- building blocks for subclasses ------------------------------------------------------------------------
+
+    def stream(self, batch, *, window: str, residual: int = 0, sink: int = 0, store=None, widths_fn=None) -> Stream:
+        s = self.shape
+        return Stream(batch, s.kv_heads, s.head_dim, s.dtype, s.device, window, residual, sink, store, widths_fn)
+
+    def channel_store(self, batch, block: int, group: int, width: int | None) -> ChannelGroupStore:
+        s = self.shape
+        return ChannelGroupStore(batch, s.kv_heads, s.head_dim, block, group, s.dtype, s.device, self.quant,
+                                 self.storage == "packed", width)
+
+    def token_store(self, batch, group: int, bits: int) -> TokenGroupStore:
+        s = self.shape
+        return TokenGroupStore(batch, s.kv_heads, s.head_dim, group, bits, s.dtype, s.device, self.quant,
+                               self.storage == "packed")
+
+
+def import_methods() -> None:
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+
+
+def method_config(node, extra: dict | None = None):
+    """The method's dataclass from its config node; unknown or missing keys are ConfigErrors."""
+    import_methods()
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    values.update(extra or {})
+    cls = METHODS.get(values.get("name")).config_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for method {values['name']!r}; valid: {sorted(fields)}")
+    missing = sorted(fields - set(values))
+    if missing:
+        raise ConfigError(f"method {values['name']!r} config lacks {missing}")
+    return cls(**values)
+
+
+def build_method(method_cfg, shape: ModelShape, quant: QuantSpec, storage: str, model_cfg=None) -> Method:
+    """`model_cfg` supplies per-model paper settings (e.g. MixKVQ's target bits) the method config leaves null."""
+    cfg = method_config(method_cfg)
+    return METHODS.get(cfg.name)(cfg, shape, quant, storage, model_cfg)
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def check_group(key: str, group: int, total: int, total_key: str) -> None:
+    if not isinstance(group, int) or group <= 0 or total % group:
+        raise ConfigError(f"{key}={group!r} must be a positive divisor of {total_key}={total}")

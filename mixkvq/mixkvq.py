@@ -1,0 +1,193 @@
+"""MixKVQ (Zhang et al., ACL 2026), METHODS.md §5: query-aware mixed-precision keys, 2-bit per-token values.
+
+Per layer, KV head and channel d: importance I_d = running mean |Q_d| over every query seen (post-RoPE,
+averaged over the GQA group), sensitivity S_d = range of K_d / (2^B - 1) over the flushed block, salience
+A_d = I_d · S_d, normalized by its mean over channels. Every R tokens the buffer is flushed and each key
+channel of the block is kept in full precision, 4-bit or 2-bit according to its salience:
+- `tier_rule: threshold`: A > τ_bf16 -> full precision, else A > τ_uint4 -> 4-bit, else 2-bit (§5.3);
+- `tier_rule: target_bits` (default): both τ scaled by the smallest c > 0 whose tiers keep the block at or
+  below the target average bits (§5.7 item 12; a harness rule, not the paper's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixkvq.cache import QuantizedLayer
+from mixkvq.errors import ConfigError
+from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.quantizer import check_bits
+from mixkvq.storage import FULL_PRECISION
+
+TIER_BITS = (16, 4, 2)  # full precision counts 16 bits in the `codes` measure (§5.7 item 7)
+
+
+@dataclass(frozen=True)
+class MixKVQConfig:
+    name: str
+    nominal_bits: str | None
+    tier_rule: str
+    thresholds: str
+    tau_bf16: float | None
+    tau_uint4: float | None
+    target_bits: float | None
+    bits_measure: str
+    salience_norm: str
+    sensitivity_bits: int
+    sensitivity_tokens: str
+    key_group_size: int
+    value_group_size: int
+    value_bits: int
+    gqa_reduce: str
+    tier_order: str
+    residual_length: int
+    sink_tokens: int
+    value_window: str
+
+
+def salience(importance: torch.Tensor, block: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None,
+             bits: int, norm: str) -> torch.Tensor:
+    """A_d = I_d · S_d over [..., D]; S from the block's keys [..., P, D] or from running min/max."""
+    if block is not None:
+        lo, hi = block.float().amin(dim=-2), block.float().amax(dim=-2)
+    a = importance * (hi - lo) / ((1 << bits) - 1)
+    if norm == "mean":
+        mean = a.mean(dim=-1, keepdim=True)
+        a = torch.where(mean > 0, a / mean.clamp_min(1e-30), torch.ones_like(a))
+    return a
+
+
+def threshold_tiers(a: torch.Tensor, tau_bf16, tau_uint4) -> torch.Tensor:
+    """Width codes (FULL_PRECISION / 4 / 2) by the rules applied in order, full-precision test first."""
+    tau_bf16 = torch.as_tensor(tau_bf16, dtype=a.dtype, device=a.device)
+    tau_uint4 = torch.as_tensor(tau_uint4, dtype=a.dtype, device=a.device)
+    two = torch.full_like(a, 2, dtype=torch.uint8)
+    widths = torch.where(a > tau_uint4, torch.full_like(two, 4), two)
+    return torch.where(a > tau_bf16, torch.full_like(two, FULL_PRECISION), widths)
+
+
+def mean_code_bits(widths: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(widths == FULL_PRECISION, 16, widths.to(torch.int64))
+    return bits.float().mean(dim=-1)
+
+
+def target_tiers(a: torch.Tensor, tau_bf16: float, tau_uint4: float, key_bits: float) -> torch.Tensor:
+    """Tiers for the smallest scale c of both thresholds whose mean key bits stay <= key_bits.
+
+    Tiers change only where c·τ crosses a channel's salience, so the candidates are A_d/τ (and 0); mean bits
+    fall as c grows, and the smallest candidate that meets the target is the answer.
+    """
+    cands = torch.cat([torch.zeros_like(a[..., :1]), a / tau_bf16, a / tau_uint4], dim=-1)  # [..., 2D+1]
+    tiers = threshold_tiers(a.unsqueeze(-2), cands.unsqueeze(-1) * tau_bf16, cands.unsqueeze(-1) * tau_uint4)
+    ok = mean_code_bits(tiers) <= key_bits + 1e-9  # [..., 2D+1]
+    c = torch.where(ok, cands, torch.full_like(cands, float("inf"))).amin(dim=-1, keepdim=True)
+    c = torch.where(torch.isinf(c), cands.amax(dim=-1, keepdim=True), c)
+    return threshold_tiers(a, c * tau_bf16, c * tau_uint4)
+
+
+class MixKVQLayer(QuantizedLayer):
+    def __init__(self, *args, method: "MixKVQ", q_heads: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        batch, dev = len(self.pad), self.method.shape.device
+        self.q_abs_sum = torch.zeros(batch, q_heads, self.dim, dtype=torch.float32, device=dev)
+        self.q_count = torch.zeros(batch, dtype=torch.int64)  # queries seen per row (each over all heads)
+        self.key_lo = torch.full((batch, self.heads, self.dim), float("inf"), device=dev)
+        self.key_hi = torch.full((batch, self.heads, self.dim), float("-inf"), device=dev)
+        self.key_stream.widths_fn = self.key_widths
+
+    def observe_queries(self, query: torch.Tensor) -> None:
+        valid = (torch.arange(query.shape[2])[None, :] >= self.query_start[:, None]).to(query.device)
+        self.q_abs_sum += (query.float().abs() * valid[:, None, :, None]).sum(dim=2)
+        self.q_count += valid.sum(dim=1).cpu()
+
+    def on_keys(self, keys: torch.Tensor, start: torch.Tensor) -> None:
+        if self.method.cfg.sensitivity_tokens != "all":
+            return
+        valid = (torch.arange(keys.shape[2])[None, :] >= start[:, None]).to(keys.device)[:, None, :, None]
+        k = keys.float()
+        self.key_lo = torch.minimum(self.key_lo, torch.where(valid, k, float("inf")).amin(dim=2))
+        self.key_hi = torch.maximum(self.key_hi, torch.where(valid, k, float("-inf")).amax(dim=2))
+
+    def importance(self, rows: torch.Tensor) -> torch.Tensor:
+        """I_d per (row, KV head, channel): the running mean |Q_d| reduced over the query heads of each group."""
+        mean = self.q_abs_sum[rows.to(self.q_abs_sum.device)] / self.q_count[rows].clamp_min(1).to(self.q_abs_sum)[:, None, None]
+        grouped = mean.reshape(len(rows), self.heads, -1, self.dim)
+        return grouped.mean(dim=2) if self.method.cfg.gqa_reduce == "mean" else grouped.amax(dim=2)
+
+    def key_widths(self, blocks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        c = self.method.cfg
+        if c.sensitivity_tokens == "block":
+            a = salience(self.importance(rows), blocks, None, None, c.sensitivity_bits, c.salience_norm)
+        else:
+            dev = self.key_lo.device
+            a = salience(self.importance(rows), None, self.key_lo[rows.to(dev)], self.key_hi[rows.to(dev)],
+                         c.sensitivity_bits, c.salience_norm)
+        tau_bf16, tau_uint4 = self.method.taus
+        if c.tier_rule == "threshold":
+            return threshold_tiers(a, tau_bf16, tau_uint4)
+        return target_tiers(a, tau_bf16, tau_uint4, self.method.key_bits_target)
+
+
+@register_method("mixkvq")
+class MixKVQ(Method):
+    config_cls = MixKVQConfig
+
+    def _paper(self, key: str):
+        value = getattr(self.cfg, key)
+        if value is None and self.model_cfg is not None:
+            value = (self.model_cfg.get("mixkvq") or {}).get(key)
+        if value is None:
+            raise ConfigError(f"mixkvq.{key} is null and the model config gives no per-model value; set mixkvq.{key}")
+        return float(value)
+
+    def validate(self) -> None:
+        c = self.cfg
+        check_choice("mixkvq.tier_rule", c.tier_rule, ("target_bits", "threshold"))
+        check_choice("mixkvq.thresholds", c.thresholds, ("paper", "search"))
+        if c.thresholds == "search":
+            raise ConfigError(
+                "mixkvq.thresholds=search needs a threshold-search calibration artifact, and threshold search is not "
+                "implemented yet; use mixkvq.thresholds=paper or set mixkvq.tau_bf16 / mixkvq.tau_uint4"
+            )
+        check_choice("mixkvq.bits_measure", c.bits_measure, ("codes",))
+        check_choice("mixkvq.salience_norm", c.salience_norm, ("mean", "none"))
+        check_choice("mixkvq.sensitivity_tokens", c.sensitivity_tokens, ("block", "all"))
+        check_choice("mixkvq.gqa_reduce", c.gqa_reduce, ("mean", "max"))
+        check_choice("mixkvq.tier_order", c.tier_order, ("bf16_first", "sorted"))
+        check_choice("mixkvq.value_window", c.value_window, ("flush", "sliding"))
+        check_bits(c.value_bits, "mixkvq.value_bits")
+        if not isinstance(c.sensitivity_bits, int) or c.sensitivity_bits < 1:
+            raise ConfigError(f"mixkvq.sensitivity_bits={c.sensitivity_bits!r} must be a positive integer")
+        if not isinstance(c.residual_length, int) or c.residual_length <= 0:
+            raise ConfigError(f"mixkvq.residual_length={c.residual_length!r} must be a positive integer")
+        check_group("mixkvq.key_group_size", c.key_group_size, c.residual_length, "mixkvq.residual_length")
+        check_group("mixkvq.value_group_size", c.value_group_size, self.shape.head_dim, "head_dim")
+        if not isinstance(c.sink_tokens, int) or c.sink_tokens < 0:
+            raise ConfigError(f"mixkvq.sink_tokens={c.sink_tokens!r} must be a non-negative integer")
+        tau_bf16, tau_uint4 = self._paper("tau_bf16"), self._paper("tau_uint4")
+        if tau_bf16 <= 0 or tau_uint4 <= 0:
+            raise ConfigError(f"mixkvq thresholds must be positive, got tau_bf16={tau_bf16}, tau_uint4={tau_uint4}")
+        if c.tier_order == "sorted" and tau_bf16 < tau_uint4:
+            tau_bf16, tau_uint4 = tau_uint4, tau_bf16
+        self.taus = (tau_bf16, tau_uint4)
+        self.target_bits = self._paper("target_bits")
+        # `codes` measure: mean code bits over K and V elements, so the keys may use 2·target - value bits.
+        self.key_bits_target = 2 * self.target_bits - c.value_bits
+        if c.tier_rule == "target_bits" and not 2 <= self.key_bits_target <= 16:
+            lo, hi = (2 + c.value_bits) / 2, (16 + c.value_bits) / 2
+            raise ConfigError(f"mixkvq.target_bits={self.target_bits} is unreachable; choose a value in [{lo}, {hi}]")
+
+    @property
+    def nominal_bits(self) -> str:
+        return self.cfg.nominal_bits or f"C{self.target_bits:g}"
+
+    def make_layer(self, idx, batch, pad):
+        c, s = self.cfg, self.shape
+        keys = self.stream(batch, window="flush", residual=c.residual_length, sink=c.sink_tokens,
+                           store=self.channel_store(batch, c.residual_length, c.key_group_size, None))
+        values = self.stream(batch, window=c.value_window, residual=c.residual_length, sink=c.sink_tokens,
+                             store=self.token_store(batch, c.value_group_size, c.value_bits))
+        return MixKVQLayer(idx, keys, values, pad, s.kv_heads, s.head_dim, method=self, q_heads=s.q_heads)

@@ -1,0 +1,364 @@
+"""KV storage shared by every method: ragged per-row token buffers and the two quantized stores.
+
+Rows of a batch hold different numbers of real tokens (left padding, finished samples), so every buffer
+keeps a per-row length and no pad token is ever stored. Lengths live on the host (they drive Python-side
+flush decisions without device syncs); data lives on the model's device.
+
+Two quantized layouts cover the four methods (METHODS.md §1):
+- ChannelGroupStore: tokens arrive in blocks of P tokens; each channel of each block of each head has its
+  own width (2/3/4/8-bit codes in groups of G tokens, or full precision). KIVI keys are the uniform case,
+  MixKVQ keys the mixed case. Codes live in one int32 word pool per (row, head).
+- TokenGroupStore: per-token groups of G channels at one width per store (values; PM-KVQ keys).
+
+`packed=True` keeps real codes and metadata (the only source of memory figures); `packed=False` ("fake")
+keeps the dequantized tensor, computed by the same `dequantize`, so both give identical attention inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixkvq.quantizer import QuantSpec, dequantize, pack, pack_float, quantize, unpack, unpack_float, words_for
+
+FULL_PRECISION = 0  # width code of a channel kept in the model dtype
+
+
+@dataclass
+class Ragged:
+    """Left-aligned per-row runs: row b's tokens are data[b, :, :lens[b]] (lens: int64 on the host)."""
+
+    data: torch.Tensor  # [B, H, T, X]
+    lens: torch.Tensor  # [B]
+
+
+def _token_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    b, h, _, x = like.shape
+    return idx[:, None, :, None].expand(b, h, idx.shape[1], x)
+
+
+def left_align(x: torch.Tensor, start: torch.Tensor) -> Ragged:
+    """Tokens x[b, :, start[b]:] of a left-padded batch as a left-aligned Ragged."""
+    t = x.shape[2]
+    if int(start.max()) == 0:
+        return Ragged(x, torch.full_like(start, t))
+    idx = (torch.arange(t)[None, :] + start[:, None]).clamp_max(t - 1).to(x.device)
+    return Ragged(x.gather(2, _token_index(idx, x)), t - start)
+
+
+def split_front(r: Ragged, n: torch.Tensor) -> tuple[Ragged, Ragged]:
+    """(first n[b] tokens of each row, the rest)."""
+    head = Ragged(r.data[:, :, : max(int(n.max()), 0)], n.clone())
+    rest = r.lens - n
+    width = max(int(rest.max()), 0)
+    idx = (torch.arange(width)[None, :] + n[:, None]).clamp_max(max(r.data.shape[2] - 1, 0)).to(r.data.device)
+    return head, Ragged(r.data.gather(2, _token_index(idx, r.data)), rest)
+
+
+def ragged_cat(parts: list[Ragged]) -> Ragged:
+    """Concatenate per row, in order (sink, quantized store, window)."""
+    parts = [p for p in parts if p.data.shape[2] > 0]
+    lens = sum(p.lens for p in parts)
+    width = int(lens.max())
+    cat = torch.cat([p.data for p in parts], dim=2)
+    j = torch.arange(width)[None, :]
+    idx = torch.zeros(len(lens), width, dtype=torch.int64)
+    base, offset = 0, torch.zeros_like(lens)
+    for p in parts:
+        inside = (j >= offset[:, None]) & (j < (offset + p.lens)[:, None])
+        idx = torch.where(inside, base + j - offset[:, None], idx)
+        base += p.data.shape[2]
+        offset = offset + p.lens
+    return Ragged(cat.gather(2, _token_index(idx.to(cat.device), cat)), lens)
+
+
+def _grow(t: torch.Tensor, dim: int, need: int) -> torch.Tensor:
+    """Amortised doubling along `dim`; what is stored is copied once, never re-quantized."""
+    if t.shape[dim] >= need:
+        return t
+    shape = list(t.shape)
+    shape[dim] = max(need, 2 * t.shape[dim], 16)
+    grown = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    grown.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return grown
+
+
+class RaggedBuffer:
+    """A growable [B, H, capacity, X] tensor with per-row lengths."""
+
+    def __init__(self, batch: int, heads: int, width: int, dtype: torch.dtype, device, capacity: int = 0):
+        self.data = torch.zeros(batch, heads, capacity, width, dtype=dtype, device=device)
+        self.lens = torch.zeros(batch, dtype=torch.int64)
+
+    def append(self, r: Ragged) -> None:
+        if int(r.lens.max()) == 0:
+            return
+        self.data = _grow(self.data, 2, int((self.lens + r.lens).max()))
+        valid = torch.arange(r.data.shape[2])[None, :] < r.lens[:, None]
+        b, j = valid.nonzero(as_tuple=True)
+        dst = self.lens[b] + j
+        dev = self.data.device
+        self.data[b.to(dev), :, dst.to(dev)] = r.data[b.to(dev), :, j.to(dev)]
+        self.lens += r.lens
+
+    def view(self) -> Ragged:
+        return Ragged(self.data[:, :, : int(self.lens.max())], self.lens)
+
+    def pop_front(self, n: torch.Tensor) -> Ragged:
+        head, rest = split_front(self.view(), n)
+        head = Ragged(head.data.clone(), head.lens)
+        self.data[:, :, : rest.data.shape[2]] = rest.data
+        self.lens = rest.lens
+        return head
+
+    def allocated_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def _fp_bits(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() * 8
+
+
+class ChannelGroupStore:
+    """Per-channel groups along tokens, in blocks of `block` tokens with a width per (block, head, channel)."""
+
+    def __init__(self, batch, heads, dim, block, group, dtype, device, spec: QuantSpec, packed: bool,
+                 uniform_width: int | None):
+        assert block % group == 0
+        self.b, self.h, self.d, self.p, self.g = batch, heads, dim, block, group
+        self.dtype, self.device, self.spec, self.packed = dtype, device, spec, packed
+        self.fp_bits = _fp_bits(dtype)
+        self.uniform_width = uniform_width  # known widths need no per-block width map or offsets
+        self.nblocks = torch.zeros(batch, dtype=torch.int64)
+        self.code_bits = torch.zeros(batch, dtype=torch.float64)  # per row, summed over heads
+        self.live_bytes = torch.zeros(batch, dtype=torch.int64)
+        meta = spec.meta_dtype
+        ng = block // group
+        if packed:
+            self.pool = torch.zeros(batch, heads, 0, dtype=torch.int32, device=device)
+            self.used = torch.zeros(batch, heads, dtype=torch.int64)
+            self.scale = torch.zeros(batch, heads, 0, dim, ng, dtype=meta, device=device)
+            self.zero = torch.zeros(batch, heads, 0, dim, ng, dtype=meta, device=device)
+            if uniform_width is None:
+                self.widths = torch.zeros(batch, heads, 0, dim, dtype=torch.uint8, device=device)
+                self.offsets = torch.zeros(batch, heads, 0, dtype=torch.int64, device=device)
+        else:
+            self.values = torch.zeros(batch, heads, 0, block, dim, dtype=dtype, device=device)
+        self.tier_counts: dict[int, int] = {}
+
+    # -- layout arithmetic -------------------------------------------------------------------------------
+
+    def channel_words(self, widths: torch.Tensor) -> torch.Tensor:
+        """int32 words one channel of one block occupies, per width code."""
+        full = self.p * self.fp_bits // 32
+        out = torch.full_like(widths, full, dtype=torch.int64)
+        for w in widths.unique().tolist():
+            if w != FULL_PRECISION:
+                out[widths == w] = words_for(self.p, w)
+        return out
+
+    def _code_bits(self, widths: torch.Tensor) -> torch.Tensor:
+        return torch.where(widths == FULL_PRECISION, self.fp_bits, widths.to(torch.int64)) * self.p
+
+    def _bytes_per_block(self) -> int:
+        meta = 2 * self.d * (self.p // self.g) * self.spec.meta_dtype.itemsize
+        index = 0 if self.uniform_width is not None else self.d * 1 + 8  # width map (uint8) + pool offset
+        return meta + index
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    def append(self, r: Ragged, widths_fn) -> None:
+        """Store the released tokens of each row (a multiple of `block` per row) as whole blocks."""
+        nb = r.lens // self.p
+        assert bool((nb * self.p == r.lens).all()), "channel-group stores take whole blocks"
+        if int(nb.sum()) == 0:
+            return
+        rows = torch.repeat_interleave(torch.arange(self.b), nb)
+        first = torch.cumsum(nb, 0) - nb
+        local = torch.arange(len(rows)) - first[rows]
+        dev = r.data.device
+        grid = r.data[:, :, : int(nb.max()) * self.p].reshape(self.b, self.h, -1, self.p, self.d)
+        blocks = grid[rows.to(dev), :, local.to(dev)]  # [N, H, P, D]
+        if self.uniform_width is not None:
+            widths = torch.full((len(rows), self.h, self.d), self.uniform_width, dtype=torch.uint8, device=dev)
+        else:
+            widths = widths_fn(blocks, rows).to(torch.uint8)
+        slot = self.nblocks[rows] + local  # block index within each row
+        self._count(widths, rows)
+        if self.packed:
+            self._write_packed(blocks, widths, rows, slot)
+        else:
+            self._write_fake(blocks, widths, rows, slot)
+        self.nblocks += nb
+
+    def _count(self, widths: torch.Tensor, rows: torch.Tensor) -> None:
+        per_block_bits = self._code_bits(widths).sum(dim=(1, 2)).to(torch.float64).cpu()
+        words = self.channel_words(widths).sum(dim=2).cpu()  # [N, H]
+        per_block_bytes = words.sum(1) * 4 + self.h * self._bytes_per_block()
+        self.code_bits.index_add_(0, rows, per_block_bits)
+        self.live_bytes.index_add_(0, rows, per_block_bytes)
+        for w, c in zip(*widths.unique(return_counts=True)):
+            self.tier_counts[int(w)] = self.tier_counts.get(int(w), 0) + int(c)
+
+    def _encode(self, blocks, widths):
+        """Per-width groups of channel rows: yields (mask [N,H,D], words [M, wpc], scale, zero)."""
+        chans = blocks.transpose(2, 3)  # [N, H, D, P]
+        for w in widths.unique().tolist():
+            mask = widths == w
+            x = chans[mask]  # [M, P]
+            if w == FULL_PRECISION:
+                yield mask, pack_float(x), None, None
+            else:
+                codes, scale, zero = quantize(x.reshape(len(x), -1, self.g), w, self.spec)
+                yield mask, pack(codes.reshape(len(x), self.p), w), scale, zero
+
+    def _write_packed(self, blocks, widths, rows, slot):
+        dev = self.device
+        wpc = self.channel_words(widths)  # [N, H, D]
+        chan_off = torch.cumsum(wpc, dim=2) - wpc
+        total = wpc.sum(dim=2).cpu()  # [N, H]
+        # Blocks of one row are laid out one after another in that row's pool, after what is there.
+        excl = torch.cumsum(total, 0) - total
+        per_row = torch.bincount(rows, minlength=self.b)
+        first = torch.cumsum(per_row, 0) - per_row
+        start = self.used[rows] + excl - excl[first[rows]]  # [N, H]
+        added = torch.zeros_like(self.used).index_add_(0, rows, total)
+        self.pool = _grow(self.pool, 2, int((self.used + added).max()))
+        nslots = int((slot + 1).max())
+        self.scale = _grow(self.scale, 2, nslots)
+        self.zero = _grow(self.zero, 2, nslots)
+        flat_pool = self.pool.view(self.b * self.h, -1)
+        heads = torch.arange(self.h)
+        row_head = (rows[:, None, None] * self.h + heads[None, :, None]).expand(widths.shape).to(dev)
+        base = start.to(dev)[:, :, None] + chan_off  # [N, H, D] word offset of each channel
+        rows_d, slot_d = rows.to(dev), slot.to(dev)
+        for mask, words, scale, zero in self._encode(blocks, widths):
+            dst = base[mask][:, None] + torch.arange(words.shape[1], device=dev)[None, :]
+            flat_pool[row_head[mask][:, None], dst] = words
+            if scale is not None:
+                n_idx, h_idx, d_idx = mask.nonzero(as_tuple=True)
+                self.scale[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = scale
+                self.zero[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = zero
+        if self.uniform_width is None:
+            self.widths = _grow(self.widths, 2, nslots)
+            self.offsets = _grow(self.offsets, 2, nslots)
+            self.widths[rows_d, :, slot_d] = widths
+            self.offsets[rows_d, :, slot_d] = start.to(dev)
+        self.used += added
+
+    def _write_fake(self, blocks, widths, rows, slot):
+        dev = self.device
+        self.values = _grow(self.values, 2, int((slot + 1).max()))
+        chans = blocks.transpose(2, 3).clone()  # [N, H, D, P]
+        for w in widths.unique().tolist():
+            if w != FULL_PRECISION:
+                mask = widths == w
+                x = chans[mask].reshape(int(mask.sum()), -1, self.g)
+                codes, scale, zero = quantize(x, w, self.spec)
+                chans[mask] = dequantize(codes, scale, zero, self.dtype).reshape(len(x), self.p)
+        self.values[rows.to(dev), :, slot.to(dev)] = chans.transpose(2, 3)
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def block_widths(self) -> torch.Tensor:
+        """Width code per (row, head, block, channel) for the stored blocks (packed mode)."""
+        nb = int(self.nblocks.max())
+        if self.uniform_width is not None:
+            return torch.full((self.b, self.h, nb, self.d), self.uniform_width, dtype=torch.uint8, device=self.device)
+        return self.widths[:, :, :nb]
+
+    def ragged(self) -> Ragged:
+        nb = int(self.nblocks.max())
+        if nb == 0:
+            return Ragged(torch.zeros(self.b, self.h, 0, self.d, dtype=self.dtype, device=self.device), self.nblocks * 0)
+        lens = self.nblocks * self.p
+        if not self.packed:
+            return Ragged(self.values[:, :, :nb].reshape(self.b, self.h, nb * self.p, self.d), lens)
+        widths = self.block_widths().to(torch.int64)  # [B, H, NB, D]
+        wpc = self.channel_words(widths)
+        if self.uniform_width is not None:
+            block_start = torch.arange(nb, device=self.device) * wpc[0, 0, 0].sum()
+            block_start = block_start.expand(self.b, self.h, nb)
+        else:
+            block_start = self.offsets[:, :, :nb]
+        chan_off = block_start[..., None] + torch.cumsum(wpc, -1) - wpc
+        is_fp = widths == FULL_PRECISION
+        bits = torch.where(is_fp, self.fp_bits, widths)
+        cpw = 32 // bits
+        t = torch.arange(self.p, device=self.device)
+        word_idx = chan_off[..., None] + t // cpw[..., None]  # [B, H, NB, D, P]
+        word_idx = word_idx.clamp_max(max(self.pool.shape[2] - 1, 0))
+        words = self.pool.gather(2, word_idx.reshape(self.b, self.h, -1)).reshape(word_idx.shape)
+        raw = ((words.to(torch.int64) & 0xFFFFFFFF) >> ((t % cpw[..., None]) * bits[..., None])) & (
+            (1 << bits[..., None]) - 1
+        )
+        group = t // self.g
+        scale = self.scale[:, :, :nb][..., group]  # [B, H, NB, D, P]
+        zero = self.zero[:, :, :nb][..., group]
+        quant = (raw.float() * scale.float() + zero.float()).to(self.dtype)
+        if self.fp_bits == 16:
+            fp = torch.where(raw >= 1 << 15, raw - (1 << 16), raw).to(torch.int16).view(self.dtype)
+        else:
+            fp = torch.where(raw >= 1 << 31, raw - (1 << 32), raw).to(torch.int32).view(self.dtype)
+        vals = torch.where(is_fp[..., None], fp, quant)
+        return Ragged(vals.transpose(3, 4).reshape(self.b, self.h, nb * self.p, self.d), lens)
+
+    def allocated_bytes(self) -> int:
+        tensors = [self.pool, self.scale, self.zero] if self.packed else [self.values]
+        if self.packed and self.uniform_width is None:
+            tensors += [self.widths, self.offsets]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def tokens(self) -> torch.Tensor:
+        return self.nblocks * self.p
+
+
+class TokenGroupStore:
+    """Per-token groups of `group` channels, one code width for the whole store."""
+
+    def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool):
+        assert dim % group == 0
+        self.b, self.h, self.d, self.g, self.bits = batch, heads, dim, group, bits
+        self.dtype, self.spec, self.packed = dtype, spec, packed
+        meta = spec.meta_dtype
+        if packed:
+            self.codes = RaggedBuffer(batch, heads, words_for(dim, bits), torch.int32, device)
+            self.scale = RaggedBuffer(batch, heads, dim // group, meta, device)
+            self.zero = RaggedBuffer(batch, heads, dim // group, meta, device)
+        else:
+            self.values = RaggedBuffer(batch, heads, dim, dtype, device)
+        self.bytes_per_token = heads * (words_for(dim, bits) * 4 + 2 * (dim // group) * meta.itemsize)
+
+    def append(self, r: Ragged, widths_fn=None) -> None:
+        lead = r.data.shape[:3]
+        codes, scale, zero = quantize(r.data.reshape(*lead, self.d // self.g, self.g), self.bits, self.spec)
+        if self.packed:
+            self.codes.append(Ragged(pack(codes.reshape(*lead, self.d), self.bits), r.lens))
+            self.scale.append(Ragged(scale, r.lens))
+            self.zero.append(Ragged(zero, r.lens))
+        else:
+            self.values.append(Ragged(dequantize(codes, scale, zero, self.dtype).reshape(*lead, self.d), r.lens))
+
+    def tokens(self) -> torch.Tensor:
+        return (self.codes if self.packed else self.values).lens
+
+    @property
+    def code_bits(self) -> torch.Tensor:
+        return self.tokens().to(torch.float64) * self.h * self.d * self.bits
+
+    @property
+    def live_bytes(self) -> torch.Tensor:
+        return self.tokens() * self.bytes_per_token
+
+    def ragged(self) -> Ragged:
+        if not self.packed:
+            return self.values.view()
+        codes, scale, zero = self.codes.view(), self.scale.view(), self.zero.view()
+        lead = codes.data.shape[:3]
+        q = unpack(codes.data, self.bits, self.d).reshape(*lead, self.d // self.g, self.g)
+        return Ragged(dequantize(q, scale.data, zero.data, self.dtype).reshape(*lead, self.d), codes.lens)
+
+    def allocated_bytes(self) -> int:
+        bufs = [self.codes, self.scale, self.zero] if self.packed else [self.values]
+        return sum(b.allocated_bytes() for b in bufs)
