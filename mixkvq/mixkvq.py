@@ -59,13 +59,15 @@ def salience(importance: torch.Tensor, block: torch.Tensor | None, lo: torch.Ten
     return a
 
 
-def threshold_tiers(a: torch.Tensor, tau_bf16, tau_uint4) -> torch.Tensor:
-    """Width codes (FULL_PRECISION / 4 / 2) by the rules applied in order, full-precision test first."""
-    tau_bf16 = torch.as_tensor(tau_bf16, dtype=a.dtype, device=a.device)
-    tau_uint4 = torch.as_tensor(tau_uint4, dtype=a.dtype, device=a.device)
-    two = torch.full_like(a, 2, dtype=torch.uint8)
-    widths = torch.where(a > tau_uint4, torch.full_like(two, 4), two)
-    return torch.where(a > tau_bf16, torch.full_like(two, FULL_PRECISION), widths)
+def tiers(full: torch.Tensor, four: torch.Tensor) -> torch.Tensor:
+    """Width codes from the two tests, applied in order: full precision first, then 4-bit, else 2-bit."""
+    widths = torch.where(four, 4, 2).to(torch.uint8)
+    return torch.where(full, torch.full_like(widths, FULL_PRECISION), widths)
+
+
+def paper_tiers(a: torch.Tensor, tau_bf16: float, tau_uint4: float) -> torch.Tensor:
+    """§5.3: A > τ_bf16 -> full precision, else A > τ_uint4 -> 4-bit, else 2-bit."""
+    return tiers(a > tau_bf16, a > tau_uint4)
 
 
 def mean_code_bits(widths: torch.Tensor) -> torch.Tensor:
@@ -76,15 +78,17 @@ def mean_code_bits(widths: torch.Tensor) -> torch.Tensor:
 def target_tiers(a: torch.Tensor, tau_bf16: float, tau_uint4: float, key_bits: float) -> torch.Tensor:
     """Tiers for the smallest scale c of both thresholds whose mean key bits stay <= key_bits.
 
-    Tiers change only where c·τ crosses a channel's salience, so the candidates are A_d/τ (and 0); mean bits
-    fall as c grows, and the smallest candidate that meets the target is the answer.
+    A channel is full precision iff A_d/τ_bf16 > c and 4-bit iff A_d/τ_uint4 > c, so tiers change only at the
+    quotients themselves (and 0). Mean bits fall as c grows; the smallest candidate meeting the target wins.
+    Comparing quotients with quotients (never c·τ with A) keeps the boundary channel exact under rounding.
     """
-    cands = torch.cat([torch.zeros_like(a[..., :1]), a / tau_bf16, a / tau_uint4], dim=-1)  # [..., 2D+1]
-    tiers = threshold_tiers(a.unsqueeze(-2), cands.unsqueeze(-1) * tau_bf16, cands.unsqueeze(-1) * tau_uint4)
-    ok = mean_code_bits(tiers) <= key_bits + 1e-9  # [..., 2D+1]
+    q_bf16, q_uint4 = a / tau_bf16, a / tau_uint4
+    cands = torch.cat([torch.zeros_like(a[..., :1]), q_bf16, q_uint4], dim=-1)  # [..., 2D+1]
+    at = tiers(q_bf16.unsqueeze(-2) > cands.unsqueeze(-1), q_uint4.unsqueeze(-2) > cands.unsqueeze(-1))
+    ok = mean_code_bits(at) <= key_bits + 1e-9
     c = torch.where(ok, cands, torch.full_like(cands, float("inf"))).amin(dim=-1, keepdim=True)
     c = torch.where(torch.isinf(c), cands.amax(dim=-1, keepdim=True), c)
-    return threshold_tiers(a, c * tau_bf16, c * tau_uint4)
+    return tiers(q_bf16 > c, q_uint4 > c)
 
 
 class MixKVQLayer(QuantizedLayer):
@@ -127,7 +131,7 @@ class MixKVQLayer(QuantizedLayer):
                          c.sensitivity_bits, c.salience_norm)
         tau_bf16, tau_uint4 = self.method.taus
         if c.tier_rule == "threshold":
-            return threshold_tiers(a, tau_bf16, tau_uint4)
+            return paper_tiers(a, tau_bf16, tau_uint4)
         return target_tiers(a, tau_bf16, tau_uint4, self.method.key_bits_target)
 
 

@@ -1,0 +1,15 @@
+"""Composing the Hydra config outside `run.py` (tests, notebooks, scripts) from the same files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides or []))

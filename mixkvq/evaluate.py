@@ -1,0 +1,133 @@
+"""One run: config -> model, method, problems -> generate, grade, write rows -> summary.
+
+Everything that can be wrong with the config or the data is checked before the first generate call. Rows
+are written after every problem (atomically), so a killed run loses at most the problem it was on, and a
+restarted run skips what is already written.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from kernels import decode_kernel_names
+from mixkvq import metrics, provenance
+from mixkvq.errors import ConfigError
+from mixkvq.grading import grade_many
+from mixkvq.methods import ModelShape, build_method, method_config
+from mixkvq.models import check_context, load_model
+from mixkvq.protocol import build_prompt, generate_samples
+from mixkvq.quantizer import QuantSpec
+from mixkvq.results import RunDir, find_reference
+from mixkvq.sinks import WandbSink
+from mixkvq.summary import format_summary
+from mixkvq.tasks import load_task
+
+
+def generation_kwargs(cfg: DictConfig) -> dict:
+    g = cfg.generation
+    max_new = g.max_new_tokens if g.max_new_tokens is not None else cfg.model.max_new_tokens
+    if not isinstance(max_new, int) or max_new <= 0:
+        raise ConfigError(f"generation.max_new_tokens={max_new!r} must be a positive integer")
+    kwargs = {"do_sample": bool(g.do_sample), "max_new_tokens": max_new}
+    if g.do_sample:
+        kwargs.update(temperature=float(g.temperature), top_p=float(g.top_p))
+    return kwargs
+
+
+def check_static(cfg: DictConfig) -> None:
+    """Checks that need no model: fail fast, before any loading."""
+    method_config(cfg.method)
+    if cfg.attention.decode_kernel not in decode_kernel_names():
+        raise ConfigError(f"attention.decode_kernel={cfg.attention.decode_kernel!r} is not available; "
+                          f"choose one of {decode_kernel_names()}")
+    if cfg.storage not in ("packed", "fake"):
+        raise ConfigError(f"storage={cfg.storage!r} is not valid; choose one of ['packed', 'fake']")
+    generation_kwargs(cfg)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    check_static(cfg)
+    problems = load_task(cfg.task)
+    gen = generation_kwargs(cfg)
+    loaded = load_model(cfg.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    shape = ModelShape.of(model)
+    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+    prompts = {p.id: build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems}
+    longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in prompts.values())
+    check_context(loaded, longest, gen["max_new_tokens"])
+    if shape.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(shape.device)
+
+    label = f"{cfg.method.name}-{method.nominal_bits}"
+    with RunDir(cfg.results_dir, cfg, label) as rd:
+        done = rd.done_problem_ids()
+        todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
+        sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path)
+        print(f"[{rd.name}] {len(problems)} problems, {len(done)} already done; writing to {rd.path}", file=sys.stderr)
+        bar = tqdm(todo, desc=label, unit="problem", disable=not cfg.progress, file=sys.stderr)
+        correct = total = 0
+        for index, problem in bar:
+            seed = cfg.seed + index
+            out = generate_samples(model, tokenizer, method, prompts[problem.id], cfg.task.n_samples, gen, seed,
+                                   cfg.attention.decode_kernel)
+            grades = grade_many(out.texts, [problem.answer] * len(out.texts), cfg.task.grader, cfg.grading_workers)
+            rows = [
+                {
+                    "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
+                    "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
+                    "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
+                    "seed": seed, "gen_seconds": out.seconds, "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes,
+                    **out.cache_stats[s],
+                }
+                for s in range(len(out.texts))
+            ]
+            rd.append_samples(rows)
+            correct += sum(g.correct for g in grades)
+            total += len(grades)
+            tok_s = sum(r["n_tokens"] for r in rows) / out.seconds
+            bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{tok_s:.0f}")
+            sink.log_problem({"problem_index": index, "accuracy": sum(g.correct for g in grades) / len(grades),
+                              "tokens_per_s": tok_s})
+        row = run_row(cfg, rd, method, loaded, shape.device)
+        rd.write_run_row(row)
+        sink.log_summary(row)
+        sink.finish()
+    print(format_summary([row]))
+    return row
+
+
+def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device) -> dict:
+    """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
+    samples = rd.read_samples()
+    row = {
+        "run_name": rd.name, "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
+        "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
+        **metrics.summarize(samples),
+    }
+    reference = find_reference(cfg.results_dir, cfg)
+    if reference is not None and cfg.method.name != "bf16":
+        row.update(metrics.agreement(samples, pd.read_parquet(reference / "samples.parquet")))
+    if cfg.storage == "packed":
+        peak, kind = peak_memory(device)
+        row.update(peak_mem_bytes=peak, peak_mem_kind=kind,
+                   kv_peak_allocated_bytes=int(samples["kv_peak_allocated_bytes"].max()))
+    else:  # fake storage saves no memory and is not timed: those fields stay empty (METHODS.md §3)
+        row.update(peak_mem_bytes=None, peak_mem_kind=None, kv_peak_allocated_bytes=None, tokens_per_s=None,
+                   kv_bytes_final=None, kv_bytes_vs_bf16=None)
+    row.update(provenance.collect(device))
+    return row
+

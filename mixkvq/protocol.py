@@ -1,0 +1,66 @@
+"""The decoding protocol shared by every method: prompt construction and one problem's generate call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mixkvq.attention import bind
+from mixkvq.methods import Method
+
+THINK = "<think>\n"
+
+
+def build_prompt(tokenizer, question: str, template: str, think_prefix: bool) -> str:
+    """The question through the prompt template and the chat template; R1 responses start with <think>."""
+    messages = [{"role": "user", "content": template.replace("{question}", question)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if think_prefix and not text.rstrip().endswith("<think>"):
+        text += THINK
+    return text
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]  # generated tokens of each sample, up to and including its EOS
+    texts: list[str]
+    truncated: list[bool]  # hit max_new_tokens without an EOS
+    seconds: float
+    cache_stats: list[dict]
+    kv_peak_allocated_bytes: int | None
+
+
+def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen: dict, seed: int,
+                     decode_kernel: str) -> Generation:
+    """n samples of one prompt in one generate call: no padding inside a problem, a fresh cache."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    cache = method.new_cache(n)
+    stop = eos_ids(model, tokenizer)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with bind(model, cache, decode_kernel), torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, num_return_sequences=n,
+                             pad_token_id=tokenizer.pad_token_id or min(stop), eos_token_id=sorted(stop), **gen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    tokens, truncated = [], []
+    for row in out[:, ids.shape[1]:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop), None)
+        tokens.append(row[:end] if end else row)
+        truncated.append(end is None and len(row) >= gen["max_new_tokens"])
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    stats = cache.sequence_stats(torch.tensor([len(t) for t in tokens]))
+    peak = cache.peak_allocated_bytes if method.storage == "packed" else None
+    return Generation(tokens, texts, truncated, seconds, stats, peak)

@@ -1,0 +1,101 @@
+"""Contract of the cache framework on tiny models built from config (greedy, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny import FAMILIES, generate, generate_dynamic, left_pad, method_for, random_prompts, tiny_model
+
+QUANTIZED = ["kivi", "kivi4", "mixkvq"]
+# Long enough that KIVI and MixKVQ flush several R=128 blocks and the value window slides.
+LONG = dict(max_new_tokens=300, min_new_tokens=300)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_method_matches_dynamic_cache(family):
+    model = tiny_model(family)
+    ids = torch.stack(random_prompts([37, 37], seed=1))
+    expected = generate_dynamic(model, ids, **LONG)
+    out, _ = generate(model, method_for(model, "bf16"), ids, **LONG)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_fake_and_packed_storage_give_the_same_tokens(model, name):
+    ids = torch.stack(random_prompts([150], seed=2))
+    packed, pc = generate(model, method_for(model, name, "packed"), ids, **LONG)
+    fake, fc = generate(model, method_for(model, name, "fake"), ids, **LONG)
+    assert torch.equal(packed, fake)
+    # The quantized store really holds tokens: this is not the bf16 path in disguise.
+    assert int(pc.layers[0].key_stream.store.tokens()[0]) >= 256
+    assert pc.storage == "packed" and fc.storage == "fake"
+
+
+@pytest.mark.parametrize("name", ["bf16", *QUANTIZED])
+def test_left_padded_batch_matches_prompts_run_one_by_one(model, name):
+    prompts = random_prompts([20, 161, 90], seed=3)
+    ids, mask = left_pad(prompts)
+    method = method_for(model, name)
+    batched, cache = generate(model, method, ids, mask, **LONG)
+    width = ids.shape[1]
+    for i, p in enumerate(prompts):
+        alone, _ = generate(model, method, p[None], **LONG)
+        assert torch.equal(batched[i, width:], alone[0, len(p):]), f"row {i} differs"
+    # Pads are never stored: each row holds exactly its real prompt plus the generated tokens it fed back.
+    expected = torch.tensor([len(p) for p in prompts]) + LONG["max_new_tokens"] - 1
+    for layer in cache.layers:
+        assert torch.equal(layer.key_stream.tokens(), expected)
+        assert torch.equal(layer.value_stream.tokens(), expected)
+
+
+@pytest.mark.parametrize("name", ["bf16", "mixkvq"])
+def test_lengths_and_masks_stay_consistent_through_prefill_and_decode(model, name):
+    prompts = random_prompts([12, 30], seed=4)
+    ids, mask = left_pad(prompts)
+    out, cache = generate(model, method_for(model, name), ids, mask, max_new_tokens=9, min_new_tokens=9)
+    # transformers counts the rectangular length (pads included); the cache agrees at every layer.
+    assert all(layer.get_seq_length() == ids.shape[1] + 8 for layer in cache.layers)
+    assert cache.get_seq_length() == out.shape[1] - 1
+    assert cache.get_mask_sizes(1, 0) == (out.shape[1], 0)
+    assert len(cache.snapshots) == 9  # one prefill + 8 decode steps
+
+
+def test_sampling_with_num_return_sequences(model):
+    ids = torch.stack(random_prompts([25], seed=5))
+    out, cache = generate(model, method_for(model, "mixkvq"), ids, do_sample=True, temperature=0.6, top_p=0.95,
+                          num_return_sequences=3, max_new_tokens=140, min_new_tokens=140)
+    assert out.shape == (3, 25 + 140)
+    assert torch.equal(out[:, :25], ids.expand(3, -1))
+    assert len(cache.layers[0].pad) == 3
+    stats = cache.sequence_stats(torch.full((3,), 140))
+    assert all(s["kv_bytes_final"] < s["kv_bytes_bf16_final"] * 2 for s in stats)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_bf16_models_run_and_fake_equals_packed(name):
+    model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=8, kv_heads=2)  # GQA ratio 4
+    ids = torch.stack(random_prompts([140], seed=6))
+    packed, cache = generate(model, method_for(model, name, "packed"), ids, max_new_tokens=150, min_new_tokens=150)
+    fake, _ = generate(model, method_for(model, name, "fake"), ids, max_new_tokens=150, min_new_tokens=150)
+    assert torch.equal(packed, fake)
+    stats = cache.sequence_stats(torch.tensor([150]))[0]
+    # bf16 cache of the same tokens: 16 bits per element. Quantized storage must be well below it.
+    assert stats["storage_bits_final"] < 12
+    assert stats["kv_bytes_final"] < 0.75 * stats["kv_bytes_bf16_final"]
+
+
+def test_generate_outside_bind_fails_clearly(model):
+    method = method_for(model, "kivi")
+    cache = method.new_cache(1)
+    model.set_attn_implementation("quantized_kv")
+    try:
+        with pytest.raises(RuntimeError, match="bind"):
+            model.generate(torch.ones(1, 4, dtype=torch.int64), past_key_values=cache, max_new_tokens=2)
+    finally:
+        model.set_attn_implementation("sdpa")

@@ -1,0 +1,213 @@
+"""Method semantics, driven step by step on cache layers without a model (METHODS.md §4.2, §5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixkvq.config import load_config
+from mixkvq.errors import ConfigError
+from mixkvq.methods import ModelShape, build_method
+from mixkvq.mixkvq import mean_code_bits, paper_tiers, salience
+from mixkvq.quantizer import QuantSpec, words_for
+from mixkvq.storage import FULL_PRECISION
+from tiny import PAPER
+
+H, HQ, D = 2, 4, 128  # head_dim of every target model
+SHAPE = ModelShape(layers=1, kv_heads=H, q_heads=HQ, head_dim=D, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def method(name, *overrides, storage="packed", shape=SHAPE):
+    cfg = load_config([f"method={name}", f"storage={storage}", "~model", "~task", "~logger", *overrides])
+    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
+
+
+def step(layer, t: int, gen, queries=None):
+    """One forward step of one layer: store new K/V, show the queries, attend (skipped), release."""
+    b = len(layer.pad)
+    k, v = torch.randn(b, H, t, D, generator=gen), torch.randn(b, H, t, D, generator=gen)
+    q = torch.randn(b, HQ, t, D, generator=gen) if queries is None else queries
+    layer.update(k, v)
+    layer.observe_queries(q)
+    layer.after_attention()
+    return q
+
+
+def windows(stream):
+    return stream.window.lens.clone(), stream.store.tokens().clone()
+
+
+@pytest.mark.parametrize("variant,value_rule", [("paper", "sliding"), ("pmkvq", "flush"), ("kvmix", "sliding")])
+def test_kivi_windows_hold_the_specified_token_counts_at_every_step(variant, value_rule):
+    m = method("kivi", f"method.variant={variant}")
+    r = m.residual
+    pad = torch.tensor([0, 37, 150])
+    layer = m.make_layer(0, 3, pad)
+    gen = torch.Generator().manual_seed(0)
+    prompt = 200
+    step(layer, prompt, gen)
+    n = prompt - pad
+    for i in range(2 * r + 7):
+        kw, kq = windows(layer.key_stream)
+        vw, vq = windows(layer.value_stream)
+        # Keys: a modulo-R buffer; only whole R-blocks are ever quantized.
+        assert torch.equal(kw, n % r), f"step {i}"
+        assert torch.equal(kq, n - n % r)
+        if value_rule == "sliding":  # the last R values stay full precision, the rest are quantized one by one
+            assert torch.equal(vw, n.clamp_max(r)) and torch.equal(vq, n - n.clamp_max(r))
+        else:
+            assert torch.equal(vw, n % r) and torch.equal(vq, n - n % r)
+        step(layer, 1, gen)
+        n = n + 1
+
+
+def test_mixkvq_accumulators_see_every_real_query():
+    m = method("mixkvq")
+    pad = torch.tensor([0, 5])
+    layer = m.make_layer(0, 2, pad)
+    gen = torch.Generator().manual_seed(1)
+    expected = torch.zeros(2, HQ, D)
+    q = step(layer, 40, gen)
+    expected[0] += q[0].abs().sum(dim=1)
+    expected[1] += q[1, :, 5:].abs().sum(dim=1)  # queries at pad positions are not seen
+    for _ in range(150):
+        q = step(layer, 1, gen)
+        expected += q.abs().sum(dim=2)
+    assert layer.q_count.tolist() == [190, 185]
+    torch.testing.assert_close(layer.q_abs_sum, expected)
+
+
+def _flush_one_block(m, queries, keys):
+    layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
+    layer.update(keys, torch.randn_like(keys))
+    layer.observe_queries(queries)
+    layer.after_attention()
+    return layer
+
+
+def test_mixkvq_threshold_tiers_follow_salience():
+    gen = torch.Generator().manual_seed(2)
+    m = method("mixkvq", "method.tier_rule=threshold", "method.tau_bf16=3.0", "method.tau_uint4=1.2")
+    q = torch.randn(1, HQ, 128, D, generator=gen)
+    q[:, :, :, [3, 17]] *= 30  # query-heavy channels
+    k = torch.randn(1, H, 128, D, generator=gen)
+    k[:, :, :, [40]] *= 30  # a wide key channel with ordinary queries
+    layer = _flush_one_block(m, q, k)
+    widths = layer.key_stream.store.widths[0, :, 0]  # [H, D]
+    importance = q.abs().mean(dim=2).reshape(H, HQ // H, D).mean(dim=1)
+    a = salience(importance, k[0], None, None, 2, "mean")
+    assert torch.equal(widths, paper_tiers(a, 3.0, 1.2))
+    assert bool((widths[:, [3, 17]] == FULL_PRECISION).all())  # salience = |Q| x range, not range alone
+    # Every full-precision channel is more salient than every 4-bit one, and those than every 2-bit one.
+    for h in range(H):
+        order = {FULL_PRECISION: 2, 4: 1, 2: 0}
+        rank = torch.tensor([order[int(w)] for w in widths[h]])
+        for lo in range(2):
+            if (rank == lo).any() and (rank > lo).any():
+                assert a[h][rank > lo].min() > a[h][rank == lo].max()
+
+
+@pytest.mark.parametrize("target", [2.3, 2.7, 3.4])
+def test_mixkvq_target_bits_rule_hits_the_requested_average(target):
+    m = method("mixkvq", f"method.target_bits={target}")
+    layer = m.make_layer(0, 2, torch.tensor([0, 3]))
+    gen = torch.Generator().manual_seed(3)
+    step(layer, 300, gen)
+    for _ in range(300):
+        step(layer, 1, gen)
+    store = layer.key_stream.store
+    widths = store.block_widths()[:, :, : int(store.nblocks.min())]
+    key_bits = mean_code_bits(widths)  # per (row, head, block)
+    budget = 2 * target - 2  # mean code bits over K and V, values at 2 bits
+    assert bool((key_bits <= budget + 1e-9).all())
+    assert bool((key_bits > budget - (16 - 2) / D).all())  # within one channel's step of the target
+    assert FULL_PRECISION in widths.unique().tolist() or target < 3
+
+
+def _kivi_bytes(n: torch.Tensor, r: int, g: int, bits: int, fp: int, meta: int) -> torch.Tensor:
+    kq, kw = n - n % r, n % r
+    vw = n.clamp_max(r)
+    vq = n - vw
+    keys = H * D * (kq * bits // 8 + (kq // g) * 2 * meta) + kw * H * D * fp
+    values = vq * H * (D * bits // 8 + (D // g) * 2 * meta) + vw * H * D * fp
+    return keys + values
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_byte_accounting_matches_an_independent_count(bits):
+    m = method("kivi", f"method.k_bits={bits}", f"method.v_bits={bits}")
+    layer = m.make_layer(0, 2, torch.tensor([0, 9]))
+    gen = torch.Generator().manual_seed(4)
+    step(layer, 170, gen)
+    for _ in range(100):
+        step(layer, 1, gen)
+    n = torch.tensor([270, 261])
+    expected = _kivi_bytes(n, 128, 32, bits, fp=4, meta=4)
+    assert torch.equal(layer.live_bytes(), expected)
+    assert layer.allocated_bytes() >= int(expected.sum())
+    assert torch.equal(layer.code_bits(), (n - n % 128 + n - n.clamp_max(128)) * H * D * bits
+                       + (n % 128 + n.clamp_max(128)) * H * D * 32.0)
+
+
+def test_mixkvq_byte_accounting_matches_an_independent_count():
+    m = method("mixkvq")
+    layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
+    gen = torch.Generator().manual_seed(5)
+    step(layer, 300, gen)
+    store = layer.key_stream.store
+    widths = store.block_widths()[0]  # [H, NB, D]
+    full_words = 128 * 32 // 32  # fp32 test model: one word per token
+    words = sum(full_words if int(w) == FULL_PRECISION else words_for(128, int(w)) for w in widths.flatten())
+    per_block_meta = 2 * D * (128 // 32) * 4 + D + 8  # scales + zeros (fp32) + width map + pool offset
+    keys = words * 4 + H * widths.shape[1] * per_block_meta + (300 % 128) * H * D * 4
+    values = 256 * H * (D * 2 // 8 + (D // 32) * 2 * 4) + (300 % 128) * H * D * 4
+    assert int(layer.live_bytes()[0]) == keys + values
+    # The pool really holds that many words: live words equal what was written.
+    assert int(store.used.sum()) == words
+
+
+def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
+    m = method("mixkvq", "method.sink_tokens=8")
+    layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
+    step(layer, 260, torch.Generator().manual_seed(6))
+    seen, total = set(), 0
+
+    def walk(obj):
+        # Storage tensors are [B, H, ...] with at least 3 dims; 1-D/2-D tensors are host-side length counters.
+        nonlocal total
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                if value.dim() >= 3 and id(value) not in seen:
+                    seen.add(id(value))
+                    total += value.numel() * value.element_size()
+            elif type(value).__module__.startswith("mixkvq.storage"):
+                walk(value)
+
+    for stream in (layer.key_stream, layer.value_stream):
+        walk(stream)
+    assert layer.allocated_bytes() == total
+
+
+@pytest.mark.parametrize(
+    "name,override,match",
+    [
+        ("kivi", "method.k_bits=5", "k_bits"),
+        ("kivi", "method.group_size=48", "group_size"),
+        ("kivi", "method.residual_length=0", "residual_length"),
+        ("kivi", "method.variant=vllm", "vllm"),
+        ("mixkvq", "method.key_group_size=96", "key_group_size"),
+        ("mixkvq", "method.target_bits=1.5", "target_bits"),
+        ("mixkvq", "method.thresholds=search", "calibration"),
+        ("mixkvq", "method.value_bits=6", "value_bits"),
+    ],
+)
+def test_impossible_settings_are_refused_by_name(name, override, match):
+    with pytest.raises(ConfigError, match=match):
+        method(name, override)
+
+
+def test_unknown_method_lists_the_valid_ones():
+    from mixkvq.methods import method_config
+
+    with pytest.raises(ConfigError, match="bf16.*kivi.*mixkvq"):
+        method_config({"name": "kvquant"})
