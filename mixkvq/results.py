@@ -1,0 +1,296 @@
+"""Run directories: names from the config, atomic parquet files, resume, and one writer per run.
+
+Layout of one run (DESIGN.md, "Results"):
+
+    <results_dir>/<run_name>/config.yaml      resolved config
+                             samples.parquet  one row per problem x sample
+                             run.parquet      one summary row
+                             .lock            flock held by the job writing this run
+                             wandb/           W&B offline directory, when W&B is on
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+
+from mixkvq.errors import ConfigError
+
+# Keys that change where or how a run is reported, never what it computes.
+VOLATILE_KEYS = ("results_dir", "logger", "hydra")
+# Keys that select the KV-cache method; everything else must match for two runs to be "twins".
+METHOD_KEYS = ("method", "storage", "attention", "quant")
+REFERENCE_METHOD = "bf16"
+
+SAMPLE_KEY = ("problem_id", "sample_index")
+CONFIG_FILE = "config.yaml"
+SAMPLES_FILE = "samples.parquet"
+RUN_FILE = "run.parquet"
+LOCK_FILE = ".lock"
+
+
+# ---------------------------------------------------------------- names and hashes
+
+
+def _container(cfg: DictConfig | dict) -> dict:
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def _canonical(cfg: DictConfig | dict, drop: tuple[str, ...]) -> str:
+    data = {k: v for k, v in _container(cfg).items() if k not in drop}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _digest(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """8 hex digits of the resolved config without the volatile keys."""
+    return _digest(_canonical(cfg, VOLATILE_KEYS), 8)
+
+
+def twin_key(cfg: DictConfig | dict) -> str:
+    """Identifies "the same config with another method": finds the bf16 reference run for agreement."""
+    return _digest(_canonical(cfg, VOLATILE_KEYS + METHOD_KEYS), 16)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
+
+
+def run_name(cfg: DictConfig | dict, label: str | None = None) -> str:
+    """`<method[-label]>_<model>_<task>_<storage>_<hash8>`.
+
+    `label` carries the key method parameters (e.g. "kivi-k2v2"); when it already starts with the
+    method name it replaces it, otherwise it is appended to it. The hash alone decides identity.
+    """
+    c = _container(cfg)
+    method = str(c["method"]["name"])
+    head = method
+    if label:
+        head = label if str(label).startswith(method) else f"{method}-{label}"
+    parts = [head, c["model"]["name"], c["task"]["name"], c["storage"]]
+    readable = "_".join(_slug(p) for p in parts)[:200]  # keep the name well under NAME_MAX
+    return f"{readable}_{config_hash(cfg)}"
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a mix.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    _atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a parquet file; a damaged one is an error, never an empty run."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(
+            f"{path} is unreadable ({e}); delete it to redo this run's problems from scratch"
+        ) from e
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    # Union of keys in first-seen order: pa.Table.from_pylist would drop keys absent from rows[0].
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({k: pa.array([r.get(k) for r in rows]) for k in names})
+
+
+# ---------------------------------------------------------------- one run
+
+
+class RunDir:
+    """One run's directory. Use as `with RunDir(root, cfg, label) as rd:`; writes need the lock."""
+
+    def __init__(self, root: str | os.PathLike, cfg: DictConfig | dict, label: str | None = None):
+        self.root = Path(root)
+        self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.label = label
+        self.name = run_name(self.cfg, label)
+        self.path = self.root / self.name
+        self._lock_fd: int | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
+    def run_path(self) -> Path:
+        return self.path / RUN_FILE
+
+    # -- lifecycle
+
+    def prepare(self) -> "RunDir":
+        """Create the directory, take the writer lock, write (or check) config.yaml."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another job is writing this run: {self.path} is locked") from None
+        self._lock_fd = fd
+        try:
+            self._write_or_check_config()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _write_or_check_config(self) -> None:
+        if self.config_path.exists():
+            try:
+                existing = OmegaConf.load(self.config_path)
+            except Exception as e:  # any YAML/OmegaConf failure means the file is not ours
+                raise ConfigError(f"{self.config_path} is unreadable ({e}); delete the run directory") from e
+            if _canonical(existing, VOLATILE_KEYS) != _canonical(self.cfg, VOLATILE_KEYS):
+                raise ConfigError(
+                    f"{self.config_path} holds a different config than this run (edited file or hash "
+                    f"collision); move or delete {self.path} before rerunning"
+                )
+            return  # same run resumed: keep the original file
+        text = OmegaConf.to_yaml(self.cfg, resolve=True).encode()
+        _atomic_write(self.config_path, lambda f: f.write(text))
+
+    def close(self) -> None:
+        # The lock file stays: deleting it would let a third job lock a different inode.
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self.prepare()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _require_lock(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError(f"RunDir {self.path} is written without its lock: call prepare() first")
+
+    # -- samples
+
+    def done_problem_ids(self) -> set[str]:
+        """Problems already written. Samples of a problem are appended together, so present = done."""
+        if not self.samples_path.exists():
+            return set()
+        return set(_read_table(self.samples_path, ["problem_id"]).column("problem_id").to_pylist())
+
+    def append_samples(self, rows: list[dict]) -> None:
+        """Add rows atomically; a (problem_id, sample_index) already present keeps its first row."""
+        self._require_lock()
+        if not rows:
+            return
+        for r in rows:
+            missing = [k for k in SAMPLE_KEY if k not in r]
+            if missing:
+                raise ValueError(f"sample row without {missing}: {sorted(r)}")
+            if not isinstance(r["problem_id"], str):
+                raise ValueError(f"problem_id must be str, got {type(r['problem_id']).__name__}")
+        new = _rows_to_table(rows)
+        if self.samples_path.exists():
+            new = pa.concat_tables([_read_table(self.samples_path), new], promote_options="permissive")
+        seen: set[tuple] = set()
+        keep = []
+        for key in zip(*(new.column(k).to_pylist() for k in SAMPLE_KEY)):
+            keep.append(key not in seen)
+            seen.add(key)
+        _write_table(self.samples_path, new.filter(pa.array(keep)))
+
+    def read_samples(self) -> pd.DataFrame:
+        if not self.samples_path.exists():
+            return pd.DataFrame()
+        return _read_table(self.samples_path).to_pandas()
+
+    # -- run row
+
+    def write_run_row(self, row: dict) -> None:
+        self._require_lock()
+        _write_table(self.run_path, _rows_to_table([row]))
+
+    def read_run_row(self) -> dict | None:
+        if not self.run_path.exists():
+            return None
+        return _read_table(self.run_path).to_pylist()[0]
+
+
+# ---------------------------------------------------------------- across runs
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    # One level only: W&B offline directories inside a run hold their own config.yaml.
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+def find_runs(root: str | os.PathLike) -> pd.DataFrame:
+    """All run.parquet rows under `root`, with a `run_dir` column (the directory path)."""
+    frames = []
+    for d in _run_dirs(Path(root)):
+        if (d / RUN_FILE).exists():
+            df = _read_table(d / RUN_FILE).to_pandas()
+            df["run_dir"] = str(d)
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def find_reference(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:
+    """The bf16 run with the same twin_key that has samples, finished runs first, or None.
+
+    The run itself (same config hash) is never its own reference.
+    """
+    key, own = twin_key(cfg), config_hash(cfg)
+    found = []
+    for d in _run_dirs(Path(root)):
+        if not (d / CONFIG_FILE).exists() or not (d / SAMPLES_FILE).exists():
+            continue
+        other = OmegaConf.load(d / CONFIG_FILE)
+        if OmegaConf.select(other, "method.name") != REFERENCE_METHOD:
+            continue
+        if twin_key(other) == key and config_hash(other) != own:
+            found.append((not (d / RUN_FILE).exists(), d.name, d))
+    return min(found)[2] if found else None

@@ -1,0 +1,66 @@
+"""The table printed at the end of every run and multirun (gpt-fast style: accuracy next to bits,
+bytes, tokens/s and peak memory).
+
+Rows are run rows (run.parquet) with keys: method, label, model, task, storage, pass1, pass1_se,
+majority, agree_answer, payload_bits_mean, storage_bits_mean, kv_bytes_vs_bf16, tokens_per_s,
+peak_mem_bytes, n_problems, n_samples. Missing or null values print as '-'.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tabulate import tabulate
+
+MIB = 2**20
+
+
+def _get(row: dict, key: str):
+    v = row.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def _fmt(v, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if v is None else f"{v * scale:{spec}}{suffix}"
+
+
+def _cells(row: dict) -> dict:
+    packed = row.get("storage") != "fake"  # fake storage saves nothing: no memory or speed figures
+    p, se = _get(row, "pass1"), _get(row, "pass1_se")
+    n_p, n_s = _get(row, "n_problems"), _get(row, "n_samples")
+    return {
+        "method": _get(row, "label") or _get(row, "method") or "-",
+        "storage": _get(row, "storage") or "-",
+        "pass@1%": "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f"±{100 * se:.1f}"),
+        "maj%": _fmt(_get(row, "majority"), ".1f", 100),
+        "agree%": _fmt(_get(row, "agree_answer"), ".1f", 100),
+        "payload b": _fmt(_get(row, "payload_bits_mean"), ".2f"),
+        "storage b": _fmt(_get(row, "storage_bits_mean"), ".2f"),
+        "KV/bf16": _fmt(_get(row, "kv_bytes_vs_bf16") if packed else None, ".2f", suffix="x"),
+        "tok/s": _fmt(_get(row, "tokens_per_s") if packed else None, ".1f"),
+        "peak MiB": _fmt(_get(row, "peak_mem_bytes") if packed else None, ".0f", 1 / MIB),
+        "n": "-" if n_p is None else f"{n_p}x{n_s}" if n_s is not None else str(n_p),
+    }
+
+
+def _group(row: dict) -> str:
+    return f"{_get(row, 'model') or '-'} / {_get(row, 'task') or '-'}"
+
+
+def format_summary(rows: list[dict]) -> str:
+    """Plain-text table. Model and task are heading lines over their rows (a column each would not fit
+    in 120 characters with long hub names); one group gets one heading."""
+    if not rows:
+        return "(no runs)"
+    groups = list(dict.fromkeys(_group(r) for r in rows))
+    rows = sorted(rows, key=lambda r: groups.index(_group(r)))  # stable: keeps order inside a group
+    cells = [_cells(r) for r in rows]
+    align = ["left", "left"] + ["right"] * (len(cells[0]) - 2)
+    lines = tabulate(cells, headers="keys", tablefmt="simple", disable_numparse=True, colalign=align).splitlines()
+    out, last = lines[:2], None
+    for row, line in zip(rows, lines[2:]):
+        if _group(row) != last:
+            last = _group(row)
+            out.append(f"[{last}]")
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,240 @@
+"""Run directories: atomic writes, resume, locking, names; plus the sinks and the printed summary."""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+from omegaconf import OmegaConf
+
+from mixkvq import provenance, results
+from mixkvq.errors import ConfigError
+from mixkvq.results import RunDir, find_reference, find_runs, run_name, twin_key
+from mixkvq.sinks import WandbSink, resolve_mode
+from mixkvq.summary import format_summary
+
+
+def make_cfg(method="kivi", task="aime24", results_dir="results/runs", **method_params):
+    return OmegaConf.create(
+        {
+            "method": {"name": method, **method_params},
+            "model": {"name": "tiny-random"},
+            "task": {"name": task, "n_samples": 2},
+            "storage": "fake",
+            "seed": 0,
+            "results_dir": results_dir,
+            "logger": {"mode": "disabled"},
+        }
+    )
+
+
+def rows(problem_id, n=2, tag="a"):
+    return [
+        {
+            "problem_id": problem_id,
+            "problem_index": int(problem_id[1:]),
+            "sample_index": i,
+            "extracted": f"{tag}{i}",
+            "correct": True,
+            "token_ids": [1, 2, i],
+            "kv_bytes_final": None,
+        }
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- names
+
+
+def test_run_name_deterministic_and_sensitive_to_method_params():
+    a = run_name(make_cfg(bits=2))
+    assert a == run_name(make_cfg(bits=2))
+    assert a != run_name(make_cfg(bits=4))
+    assert a.startswith("kivi_tiny-random_aime24_fake_")
+    assert run_name(make_cfg(bits=2), label="kivi-k2v2").startswith("kivi-k2v2_tiny-random")
+    assert run_name(make_cfg(bits=2), label="k2v2").startswith("kivi-k2v2_tiny-random")
+
+
+def test_run_name_ignores_volatile_keys():
+    assert run_name(make_cfg(results_dir="a")) == run_name(make_cfg(results_dir="b"))
+
+
+def test_twin_key_equal_across_methods_not_tasks():
+    assert twin_key(make_cfg("kivi", bits=2)) == twin_key(make_cfg("bf16"))
+    assert twin_key(make_cfg("kivi")) != twin_key(make_cfg("kivi", task="math500"))
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def test_append_is_atomic_when_replace_fails(tmp_path, monkeypatch):
+    with RunDir(tmp_path, make_cfg()) as rd:
+        rd.append_samples(rows("p0"))
+
+        def crash(*args):
+            raise OSError("simulated crash before rename")
+
+        monkeypatch.setattr(results.os, "replace", crash)
+        with pytest.raises(OSError):
+            rd.append_samples(rows("p1"))
+        monkeypatch.undo()
+        assert rd.done_problem_ids() == {"p0"}
+        assert len(rd.read_samples()) == 2
+        assert [p.name for p in rd.path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_append_is_idempotent_and_keeps_first(tmp_path):
+    with RunDir(tmp_path, make_cfg()) as rd:
+        rd.append_samples(rows("p0"))
+        rd.append_samples(rows("p0", tag="b") + rows("p1"))
+        df = rd.read_samples()
+    assert len(df) == 4
+    assert df[df.problem_id == "p0"].extracted.tolist() == ["a0", "a1"]
+    assert df.token_ids.iloc[0].tolist() == [1, 2, 0]
+
+
+def test_restart_skips_finished_problems(tmp_path):
+    cfg = make_cfg()
+    with RunDir(tmp_path, cfg) as rd:
+        rd.append_samples(rows("p0"))
+    with RunDir(tmp_path, cfg) as rd:  # the restarted job
+        assert rd.done_problem_ids() == {"p0"}
+        todo = [p for p in ["p0", "p1"] if p not in rd.done_problem_ids()]
+    assert todo == ["p1"]
+
+
+def test_missing_samples_is_empty(tmp_path):
+    rd = RunDir(tmp_path, make_cfg())
+    assert rd.done_problem_ids() == set()
+    assert rd.read_samples().empty
+
+
+def test_truncated_parquet_raises(tmp_path):
+    with RunDir(tmp_path, make_cfg()) as rd:
+        rd.append_samples(rows("p0"))
+        size = rd.samples_path.stat().st_size
+        with open(rd.samples_path, "r+b") as f:
+            f.truncate(size // 2)
+        with pytest.raises(ConfigError, match="samples.parquet.*delete"):
+            rd.done_problem_ids()
+        with pytest.raises(ConfigError, match="samples.parquet"):
+            rd.append_samples(rows("p1"))
+
+
+def test_lock_prevents_second_writer(tmp_path):
+    cfg = make_cfg()
+    with RunDir(tmp_path, cfg):
+        with pytest.raises(ConfigError, match="another job is writing this run"):
+            RunDir(tmp_path, cfg).prepare()
+    with RunDir(tmp_path, cfg):  # released on exit
+        pass
+
+
+def test_write_without_lock_is_refused(tmp_path):
+    with pytest.raises(RuntimeError):
+        RunDir(tmp_path, make_cfg()).append_samples(rows("p0"))
+
+
+def test_config_written_and_edited_config_rejected(tmp_path):
+    cfg = make_cfg()
+    with RunDir(tmp_path, cfg) as rd:
+        assert OmegaConf.load(rd.config_path) == cfg
+    with RunDir(tmp_path, make_cfg(results_dir="elsewhere")):  # volatile keys may differ
+        pass
+    rd.config_path.write_text(rd.config_path.read_text().replace("seed: 0", "seed: 1"))
+    with pytest.raises(ConfigError, match="config.yaml"):
+        RunDir(tmp_path, cfg).prepare()
+    with RunDir(tmp_path, make_cfg(method="bf16")):  # a failed prepare released its lock elsewhere
+        pass
+
+
+def test_run_rows_and_reference(tmp_path):
+    quant, ref = make_cfg("kivi", bits=2), make_cfg("bf16")
+    assert find_reference(tmp_path, quant) is None
+    with RunDir(tmp_path, ref) as rd:
+        rd.append_samples(rows("p0"))
+        rd.write_run_row({"method": "bf16", "pass1": 1.0})
+        ref_path = rd.path
+    with RunDir(tmp_path, make_cfg("bf16", task="math500")) as rd:
+        rd.append_samples(rows("p0"))
+    with RunDir(tmp_path, quant) as rd:
+        rd.write_run_row({"method": "kivi", "pass1": 0.5, "kv_bytes_final": None})
+        rd.write_run_row({"method": "kivi", "pass1": 0.25, "kv_bytes_final": None})  # overwrite
+        assert rd.read_run_row()["pass1"] == 0.25
+    assert find_reference(tmp_path, quant) == ref_path
+    assert find_reference(tmp_path, ref) is None  # never its own reference
+    runs = find_runs(tmp_path)
+    assert sorted(runs.pass1) == [0.25, 1.0]
+    assert "run_dir" in runs
+
+
+# ---------------------------------------------------------------- provenance, sinks, summary
+
+
+def test_provenance():
+    p = provenance.collect(device="cpu")
+    assert set(p) == {"git_sha", "git_dirty", "versions", "device", "hostname", "created_at"}
+    assert "python" in json.loads(p["versions"])
+    assert p["created_at"].endswith("+00:00")
+
+
+def test_wandb_mode(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    assert resolve_mode("auto") == "online"
+    with pytest.raises(ConfigError):
+        resolve_mode("sometimes")
+
+
+def test_wandb_disabled_imports_nothing(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import would raise
+    sink = WandbSink(OmegaConf.create({"mode": "disabled"}), "r", {}, tmp_path)
+    sink.log_problem({"a": 1})
+    sink.log_summary({"a": 1})
+    sink.finish()
+
+
+def test_wandb_failures_warn_once(monkeypatch, tmp_path):
+    class Run:
+        def log(self, m):
+            raise RuntimeError("network down")
+
+        def finish(self):
+            raise RuntimeError("network down")
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "group": None, "tags": []})
+    sink = WandbSink(logger, "r", {}, tmp_path)
+    with pytest.warns(UserWarning, match="W&B log failed") as caught:
+        sink.log_problem({"a": 1})
+        sink.log_problem({"a": 2})
+        sink.finish()
+    assert len(caught) == 1
+
+
+def test_summary_table():
+    rows_ = [
+        {
+            "method": "bf16", "model": "deepseek-r1-distill-qwen-32b", "task": "aime24", "storage": "packed",
+            "pass1": 0.7, "pass1_se": 0.05, "majority": 0.8, "agree_answer": None,
+            "payload_bits_mean": 16.0, "storage_bits_mean": 16.0, "kv_bytes_vs_bf16": 1.0,
+            "tokens_per_s": 31.2, "peak_mem_bytes": 70 * 2**30, "n_problems": 30, "n_samples": 16,
+        },
+        {
+            "method": "kivi", "label": "kivi-k2v2", "model": "deepseek-r1-distill-qwen-32b", "task": "math500",
+            "storage": "fake", "pass1": 0.5, "pass1_se": 0.02, "majority": float("nan"), "agree_answer": 0.9,
+            "payload_bits_mean": 2.31, "storage_bits_mean": 3.3, "kv_bytes_vs_bf16": None,
+            "tokens_per_s": 12.0, "peak_mem_bytes": None, "n_problems": 500, "n_samples": 16,
+        },
+    ]
+    text = format_summary(rows_)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert "70.0±5.0" in text and "1.00x" in text and "71680" in text and "kivi-k2v2" in text
+    assert lines[2] == "[deepseek-r1-distill-qwen-32b / aime24]" and "math500" in lines[4]
+    fake = lines[-1]
+    assert "12.0" not in fake and "90.0" in fake  # no speed figure from fake storage
+    assert format_summary([]) == "(no runs)"
