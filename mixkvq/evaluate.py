@@ -62,6 +62,8 @@ def evaluate(cfg: DictConfig) -> dict:
     problems = load_task(cfg.task)
     gen = generation_kwargs(cfg)
     loaded = load_model(cfg.model)
+    if loaded.device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
     model, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(model)
     method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)

@@ -56,10 +56,16 @@ def split_front(r: Ragged, n: torch.Tensor) -> tuple[Ragged, Ragged]:
     return head, Ragged(r.data.gather(2, _token_index(idx, r.data)), rest)
 
 
+def _rectangular(r: Ragged) -> bool:
+    return bool((r.lens == r.data.shape[2]).all())
+
+
 def ragged_cat(parts: list[Ragged]) -> Ragged:
     """Concatenate per row, in order (sink, quantized store, window)."""
     parts = [p for p in parts if p.data.shape[2] > 0]
     lens = sum(p.lens for p in parts)
+    if all(_rectangular(p) for p in parts):  # equal rows (n samples of one prompt): a plain concatenation
+        return Ragged(torch.cat([p.data for p in parts], dim=2), lens)
     width = int(lens.max())
     cat = torch.cat([p.data for p in parts], dim=2)
     j = torch.arange(width)[None, :]
@@ -71,6 +77,10 @@ def ragged_cat(parts: list[Ragged]) -> Ragged:
         base += p.data.shape[2]
         offset = offset + p.lens
     return Ragged(cat.gather(2, _token_index(idx.to(cat.device), cat)), lens)
+
+
+def _from(r: Ragged, start: int) -> Ragged:
+    return Ragged(r.data[:, :, start:], (r.lens - start).clamp_min(0))
 
 
 def _grow(t: torch.Tensor, dim: int, need: int) -> torch.Tensor:
@@ -95,6 +105,11 @@ class RaggedBuffer:
         if int(r.lens.max()) == 0:
             return
         self.data = _grow(self.data, 2, int((self.lens + r.lens).max()))
+        if _rectangular(r) and bool((self.lens == self.lens[0]).all()):  # every row appends at the same place
+            at = int(self.lens[0])
+            self.data[:, :, at:at + r.data.shape[2]] = r.data
+            self.lens += r.lens
+            return
         valid = torch.arange(r.data.shape[2])[None, :] < r.lens[:, None]
         b, j = valid.nonzero(as_tuple=True)
         dst = self.lens[b] + j
@@ -146,6 +161,7 @@ class ChannelGroupStore:
         else:
             self.values = torch.zeros(batch, heads, 0, block, dim, dtype=dtype, device=device)
         self.tier_counts: dict[int, int] = {}
+        self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
 
     # -- layout arithmetic -------------------------------------------------------------------------------
 
@@ -268,20 +284,22 @@ class ChannelGroupStore:
             return torch.full((self.b, self.h, nb, self.d), self.uniform_width, dtype=torch.uint8, device=self.device)
         return self.widths[:, :, :nb]
 
-    def ragged(self) -> Ragged:
-        nb = int(self.nblocks.max())
-        if nb == 0:
-            return Ragged(torch.zeros(self.b, self.h, 0, self.d, dtype=self.dtype, device=self.device), self.nblocks * 0)
-        lens = self.nblocks * self.p
+    def ragged(self, start: int = 0) -> Ragged:
+        """Dequantized tokens of blocks start.. of every row (start counts tokens, a multiple of `block`)."""
+        first = start // self.p
+        nb = int(self.nblocks.max()) - first
+        lens = ((self.nblocks - first) * self.p).clamp_min(0)
+        if nb <= 0:
+            return Ragged(torch.zeros(self.b, self.h, 0, self.d, dtype=self.dtype, device=self.device), lens)
         if not self.packed:
-            return Ragged(self.values[:, :, :nb].reshape(self.b, self.h, nb * self.p, self.d), lens)
-        widths = self.block_widths().to(torch.int64)  # [B, H, NB, D]
+            return Ragged(self.values[:, :, first:first + nb].reshape(self.b, self.h, nb * self.p, self.d), lens)
+        widths = self.block_widths()[:, :, first:].to(torch.int64)  # [B, H, NB, D]
         wpc = self.channel_words(widths)
         if self.uniform_width is not None:
-            block_start = torch.arange(nb, device=self.device) * wpc[0, 0, 0].sum()
+            block_start = (torch.arange(nb, device=self.device) + first) * wpc[0, 0, 0].sum()
             block_start = block_start.expand(self.b, self.h, nb)
         else:
-            block_start = self.offsets[:, :, :nb]
+            block_start = self.offsets[:, :, first:first + nb]
         chan_off = block_start[..., None] + torch.cumsum(wpc, -1) - wpc
         is_fp = widths == FULL_PRECISION
         bits = torch.where(is_fp, self.fp_bits, widths)
@@ -294,8 +312,8 @@ class ChannelGroupStore:
             (1 << bits[..., None]) - 1
         )
         group = t // self.g
-        scale = self.scale[:, :, :nb][..., group]  # [B, H, NB, D, P]
-        zero = self.zero[:, :, :nb][..., group]
+        scale = self.scale[:, :, first:first + nb][..., group]  # [B, H, NB, D, P]
+        zero = self.zero[:, :, first:first + nb][..., group]
         quant = (raw.float() * scale.float() + zero.float()).to(self.dtype)
         if self.fp_bits == 16:
             fp = torch.where(raw >= 1 << 15, raw - (1 << 16), raw).to(torch.int16).view(self.dtype)
@@ -329,6 +347,7 @@ class TokenGroupStore:
         else:
             self.values = RaggedBuffer(batch, heads, dim, dtype, device)
         self.bytes_per_token = heads * (words_for(dim, bits) * 4 + 2 * (dim // group) * meta.itemsize)
+        self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
 
     def append(self, r: Ragged, widths_fn=None) -> None:
         lead = r.data.shape[:3]
@@ -351,10 +370,11 @@ class TokenGroupStore:
     def live_bytes(self) -> torch.Tensor:
         return self.tokens() * self.bytes_per_token
 
-    def ragged(self) -> Ragged:
+    def ragged(self, start: int = 0) -> Ragged:
+        """Dequantized tokens start.. of every row."""
         if not self.packed:
-            return self.values.view()
-        codes, scale, zero = self.codes.view(), self.scale.view(), self.zero.view()
+            return _from(self.values.view(), start)
+        codes, scale, zero = (_from(buf.view(), start) for buf in (self.codes, self.scale, self.zero))
         lead = codes.data.shape[:3]
         q = unpack(codes.data, self.bits, self.d).reshape(*lead, self.d // self.g, self.g)
         return Ragged(dequantize(q, scale.data, zero.data, self.dtype).reshape(*lead, self.d), codes.lens)

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Small models on small CPUs decode several times faster on one thread than on two (see configs cpu_threads).
+torch.set_num_threads(1)
 
 
 def shared_data_dir() -> Path:
