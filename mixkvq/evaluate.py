@@ -23,7 +23,7 @@ from mixkvq.methods import ModelShape, build_method, method_config
 from mixkvq.models import check_context, load_model
 from mixkvq.protocol import build_prompt, generate_samples
 from mixkvq.quantizer import QuantSpec
-from mixkvq.results import RunDir, find_reference
+from mixkvq.results import RunDir, find_reference, twin_key
 from mixkvq.sinks import WandbSink
 from mixkvq.summary import format_summary
 from mixkvq.tasks import load_task
@@ -115,7 +115,7 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device) -
     """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
     samples = rd.read_samples()
     row = {
-        "run_name": rd.name, "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
+        "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
         **metrics.summarize(samples),
