@@ -34,6 +34,9 @@ def generation_kwargs(cfg: DictConfig) -> dict:
     max_new = g.max_new_tokens if g.max_new_tokens is not None else cfg.model.max_new_tokens
     if not isinstance(max_new, int) or max_new <= 0:
         raise ConfigError(f"generation.max_new_tokens={max_new!r} must be a positive integer")
+    if not g.do_sample and cfg.task.n_samples != 1:
+        raise ConfigError(f"generation.do_sample=false (greedy) gives identical samples; with it set task.n_samples=1, "
+                          f"not {cfg.task.n_samples}")
     kwargs = {"do_sample": bool(g.do_sample), "max_new_tokens": max_new}
     if g.do_sample:
         kwargs.update(temperature=float(g.temperature), top_p=float(g.top_p))

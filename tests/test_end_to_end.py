@@ -1,0 +1,133 @@
+"""`run.py` end to end, as a user runs it: the real SmolLM2-135M-Instruct, the real R1 tokenizer, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+R1_7B = REPO.parent / "shared" / "models" / "deepseek-r1-distill-qwen-7b"
+QUICK = ["logger.mode=disabled", "progress=false", "grading_workers=0"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(*overrides: str, results: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "run.py", *QUICK, f"results_dir={results}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def only_run_dir(results: Path) -> Path:
+    dirs = [p for p in results.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_default_job_writes_its_result_files_and_summary(tmp_path):
+    # R=32: every prompt fills the full-precision buffer, so even a short generation holds quantized blocks.
+    proc = run("task.size=2", "task.n_samples=2", "model.max_new_tokens=24", "method.residual_length=32",
+               results=tmp_path)
+    rd = only_run_dir(tmp_path)
+    samples = pd.read_parquet(rd / "samples.parquet")
+    assert len(samples) == 4 and samples.groupby("problem_id").size().tolist() == [2, 2]
+    assert samples["n_tokens"].between(1, 24).all()
+    assert samples["kv_bytes_final"].notna().all() and (samples["storage_bits_final"] < 16).all()
+    row = pd.read_parquet(rd / "run.parquet").iloc[0]
+    assert row["method"] == "mixkvq" and row["storage"] == "packed" and row["model"] == "smollm2-135m"
+    assert row["git_sha"] and row["device"] and "transformers" in row["versions"]
+    assert (rd / "config.yaml").exists()
+    assert "pass@1" in proc.stdout and "mixkvq" in proc.stdout  # the summary table
+
+
+def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path):
+    size, n = 6, 2
+    args = [f"task.size={size}", f"task.n_samples={n}", "model.max_new_tokens=24", "method=kivi"]
+    cmd = [sys.executable, "run.py", *QUICK, f"results_dir={tmp_path}", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    written = 0
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        files = list(tmp_path.glob("*/samples.parquet"))
+        if files:
+            written = len(pd.read_parquet(files[0]))
+            if written >= n:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert n <= written < size * n, f"could not kill midway (rows written: {written})"
+    run(*args, results=tmp_path)
+    samples = pd.read_parquet(only_run_dir(tmp_path) / "samples.parquet")
+    assert len(samples) == size * n
+    assert not samples.duplicated(["problem_id", "sample_index"]).any()
+    assert samples["problem_id"].nunique() == size
+
+
+@pytest.mark.skipif(not R1_7B.is_dir(), reason="shared R1-Distill-Qwen-7B config folder absent")
+def test_r1_7b_config_runs_with_random_weights_and_the_real_chat_template(tmp_path):
+    overrides = [
+        "method=mixkvq", "model=deepseek-r1-distill-7b", f"model.path={R1_7B}", "model.random_init=true",
+        "+model.config_overrides.num_hidden_layers=2", "model.max_new_tokens=6", "task.size=1",
+        "task.n_samples=1", "generation.do_sample=false",
+    ]
+    run(*overrides, results=tmp_path)
+    rd = only_run_dir(tmp_path)
+    row = pd.read_parquet(rd / "run.parquet").iloc[0]
+    assert row["model"] == "deepseek-r1-distill-7b" and row["model_source"] == "random_init"
+    from transformers import AutoTokenizer
+
+    from mixkvq.protocol import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(R1_7B)
+    prompt = build_prompt(tok, "What is 2+2?", "{question}\nPlease reason", think_prefix=True)
+    assert prompt.startswith(tok.bos_token) and "<｜User｜>" in prompt and prompt.endswith("<think>\n")
+    assert prompt.count("<think>") == 1
+
+
+def test_the_7b_mixkvq_config_resolves():
+    proc = subprocess.run([sys.executable, "run.py", "method=mixkvq", "model=deepseek-r1-distill-7b", "--cfg", "job"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in proc.stdout and "tier_rule: target_bits" in proc.stdout
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+BAD = [
+    (["method=kvquant"], "kvquant"),
+    (["no_such_option=1"], "no_such_option"),
+    (["method=kivi", "method.k_bits=5"], "k_bits"),
+    (["method=kivi", "method.group_size=48"], "group_size"),
+    (["storage=compressed"], "compressed"),
+    (["task=gsm8k", "task.data_files=does/not/exist.jsonl"], "does/not/exist.jsonl"),
+    (["attention.decode_kernel=cuda_magic"], "cuda_magic"),
+    (["model.max_new_tokens=9000"], "9000"),
+    (["generation.do_sample=false", "task.n_samples=4"], "n_samples"),
+]
+
+
+def test_bad_input_stops_with_one_clear_message_and_leaves_results_intact(tmp_path):
+    run("task.size=1", "task.n_samples=1", "model.max_new_tokens=8", results=tmp_path)
+    before = digest(tmp_path)
+    for overrides, named in BAD:
+        proc = run(*overrides, "task.limit=1", results=tmp_path, check=False, timeout=300)
+        assert proc.returncode != 0, overrides
+        err = proc.stderr
+        assert named in err, f"{overrides}: message does not name {named!r}:\n{err[-2000:]}"
+        assert "Traceback" not in err, f"{overrides}: a traceback instead of a message:\n{err[-2000:]}"
+    assert digest(tmp_path) == before
