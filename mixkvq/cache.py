@@ -98,6 +98,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.heads, self.dim = heads, dim
         self.seq_len = 0  # rectangular length as transformers counts it (pads included)
         self.query_start = pad  # per row: first real position of the current step's queries
+        self.is_prefill = True  # set by each update(): the first one is the prefill
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
 

@@ -66,7 +66,7 @@ def random_prompts(lengths, vocab: int = 320, seed: int = 0) -> list[torch.Tenso
 
 def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.int64)
+    ids = torch.zeros(len(prompts), width, dtype=torch.int64, device=prompts[0].device)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = p
