@@ -139,7 +139,7 @@ def test_overrides_keep_derived_fields_consistent(qwen7b_dir):
 
 def test_smollm2_gguf_loads_and_answers(smol):
     assert (smol.source, smol.name, smol.think_prefix, smol.max_context) == ("gguf", "smollm2-135m", False, 8192)
-    assert model_family(smol.model) == "llama" and smol.model.dtype == torch.float32
+    assert model_family(smol.model) == "llama" and smol.model.dtype == getattr(torch, SMOL.dtype)
     cached = fetch_gguf(SMOL.gguf)
     assert cached.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == SMOL.gguf.sha256
