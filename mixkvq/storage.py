@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixkvq.quantizer import QuantSpec, dequantize, pack, pack_float, quantize, unpack, unpack_float, words_for
+from mixkvq.quantizer import QuantSpec, dequantize, pack, pack_float, quantize, unpack, words_for
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
 

@@ -1,7 +1,6 @@
 """Run directories: atomic writes, resume, locking, names; plus the sinks and the printed summary."""
 
 import json
-import os
 import sys
 import types
 
