@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-R1_7B = REPO.parent / "shared" / "models" / "deepseek-r1-distill-qwen-7b"
+SHARED = Path(os.environ.get("MIXKVQ_SHARED", REPO.parent / "shared"))
+R1_7B = SHARED / "models" / "deepseek-r1-distill-qwen-7b"
 QUICK = ["logger.mode=disabled", "progress=false", "grading_workers=0"]
 
 pytestmark = pytest.mark.slow
