@@ -62,6 +62,7 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 def evaluate(cfg: DictConfig) -> dict:
     check_static(cfg)
+    started = provenance.collect()  # the code that runs is the code at start, whatever is committed meanwhile
     problems = load_task(cfg.task)
     gen = generation_kwargs(cfg)
     loaded = load_model(cfg.model)
@@ -106,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict:
             bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{tok_s:.0f}")
             sink.log_problem({"problem_index": index, "accuracy": sum(g.correct for g in grades) / len(grades),
                               "tokens_per_s": tok_s})
-        row = run_row(cfg, rd, method, loaded, shape.device)
+        row = run_row(cfg, rd, method, loaded, shape.device, started)
         rd.write_run_row(row)
         sink.log_summary(row)
         sink.finish()
@@ -114,7 +115,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return row
 
 
-def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device) -> dict:
+def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, started: dict) -> dict:
     """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
     samples = rd.read_samples()
     row = {
@@ -133,6 +134,6 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device) -
     else:  # fake storage saves no memory and is not timed: those fields stay empty (METHODS.md §3)
         row.update(peak_mem_bytes=None, peak_mem_kind=None, kv_peak_allocated_bytes=None, tokens_per_s=None,
                    kv_bytes_final=None, kv_bytes_vs_bf16=None)
-    row.update(provenance.collect(device))
+    row.update(started, device=provenance.device_name(device))
     return row
 
