@@ -60,10 +60,10 @@ def bind(model, cache: QuantizedCache, decode_kernel: str = "auto"):
     mods = attention_modules(model)
     if len(mods) != len(cache.layers):
         raise ValueError(f"model has {len(mods)} attention layers but the cache has {len(cache.layers)}")
-    decode_fn = resolve_decode_kernel(decode_kernel, next(model.parameters()).device)
+    device = next(model.parameters()).device
     previous = model.config._attn_implementation
     for mod, layer in zip(mods, cache.layers):
-        layer.decode_fn, layer.cache = decode_fn, cache
+        layer.decode_fn, layer.cache = resolve_decode_kernel(decode_kernel, device, layer), cache
         mod.kv_cache_layer = layer
     model.set_attn_implementation(ATTENTION_NAME)
     try:

@@ -24,3 +24,8 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent; set MIXKVQ_SHARED_DATA to point at it")
     return path
+
+# Triton kernels run in the interpreter where there is no GPU. It is read when a kernel is decorated, so it is set
+# here, before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -39,7 +39,7 @@ def method_for(model, name: str, storage: str = "packed", overrides: list[str] |
     return build_method(cfg.method, shape, quant, cfg.storage, PAPER)
 
 
-def generate(model, method, input_ids, attention_mask=None, **gen):
+def generate(model, method, input_ids, attention_mask=None, decode_kernel="auto", **gen):
     """Greedy by default; returns (sequences, cache)."""
     gen = {"do_sample": False, "max_new_tokens": 40, **gen}
     n = gen.get("num_return_sequences", 1)
@@ -47,7 +47,7 @@ def generate(model, method, input_ids, attention_mask=None, **gen):
     if attention_mask is not None:
         pad = (attention_mask == 0).sum(dim=1)
     cache = method.new_cache(len(input_ids) * n, pad.repeat_interleave(n))
-    with bind(model, cache), torch.no_grad():
+    with bind(model, cache, decode_kernel), torch.no_grad():
         out = model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, pad_token_id=0, **gen)
     return out, cache
 

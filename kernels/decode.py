@@ -1,0 +1,383 @@
+"""Fused decode attention over a layer's packed stores (Triton), flash-decoding style.
+
+One program per (row, KV head, split of the sequence): it reads each KV tile once for all the query heads of
+its GQA group, dequantizes in registers, and keeps an online softmax; a second kernel merges the splits by
+log-sum-exp. Every row has its own lengths (sink, key store, value store, total), so rows of different
+lengths cost no padding work.
+
+A row's tokens are, in order: sink (full precision) | store (quantized) | window (full precision). Keys and
+values leave their windows under different rules (KIVI: keys in R-blocks, values one by one), so the two
+streams are located independently for each token: position u after the sink is in the key store iff
+u < key_store_len[b], and likewise for values.
+
+Store formats (one constexpr per stream, `FORMATS`):
+- channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ keys); a block's channel d holds
+  words_for(P, w) int32 words, w per (block, channel) when widths are mixed (MixKVQ tiers, full precision
+  channels stored raw), else one width for the store.
+- token: per-token groups of G channels, one width (values; per-token keys).
+- dense: the store holds dequantized tokens in the model dtype (`storage=fake`).
+
+Codes of 2/3/4/8 bits, floor(32/w) codes per word, first code in the lowest bits (mixkvq/quantizer.py).
+The dequantized value is rounded to the model dtype before use, as the PyTorch reference does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mixkvq.quantizer import CODE_BITS
+from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+
+FORMATS = {"none": 0, "channel": 1, "token": 2, "dense": 3}
+_F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
+TILE_TOKENS = 32  # tokens per tile: divides every channel block (P is a multiple of the group, >= 32)
+MAX_SPLITS = 256
+
+
+@triton.jit
+def _fp_tile_t(ptr, sb, sh, st, b, h, idx, d, mask):
+    """Full-precision tokens as a [D, BT] tile (keys, transposed for the score product)."""
+    p = ptr + b * sb + h * sh + idx[None, :] * st + d[:, None]
+    return tl.load(p, mask=mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fp_tile(ptr, sb, sh, st, b, h, idx, d, mask):
+    """Full-precision tokens as a [BT, D] tile (values)."""
+    p = ptr + b * sb + h * sh + idx[:, None] * st + d[None, :]
+    return tl.load(p, mask=mask[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _round_to(x, MODEL_DTYPE: tl.constexpr):
+    return x.to(MODEL_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _channel_tile_t(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb, w_sh, w_st, offsets, o_sb, o_sh,
+                    o_st, b, h, u0, u, d, mask, tile_in_store,
+                    BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
+                    FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, D: tl.constexpr):
+    """Per-channel-group tokens u (all in block u0 // P) as a dequantized [D, BT] tile."""
+    blk = u0 // P
+    t_in = u % P  # [BT]
+    if MIXED:
+        wcode = tl.load(widths + b * w_sb + h * w_sh + blk * w_st + d, mask=(d < D) & tile_in_store, other=2)
+        wcode = wcode.to(tl.int32)
+        is_fp = wcode == 0
+        bits = tl.where(is_fp, FP_BITS, wcode)  # [D]
+        cpw = 32 // bits
+        wpc = (P + cpw - 1) // cpw
+        chan_off = tl.cumsum(wpc, 0) - wpc
+        base = tl.load(offsets + b * o_sb + h * o_sh + blk * o_st, mask=tile_in_store, other=0)
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        WPC: tl.constexpr = (P + CPW - 1) // CPW
+        bits = tl.full([D], BITS, tl.int32)
+        cpw = tl.full([D], CPW, tl.int32)
+        chan_off = d * WPC
+        base = blk * (D * WPC)
+    word_idx = base + chan_off[:, None] + t_in[None, :] // cpw[:, None]  # [D, BT]
+    m2 = mask[None, :] & (d[:, None] < D)
+    word = tl.load(codes + b * c_sb + h * c_sh + word_idx, mask=m2, other=0)
+    shift = (t_in[None, :] % cpw[:, None]) * bits[:, None]
+    low_bits = tl.minimum(bits, 16)  # full-precision lanes: 16-bit halves; 32-bit words are used whole
+    raw = (word >> shift) & ((1 << low_bits[:, None]) - 1)
+    g = t_in[None, :] // G
+    s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + g
+    sc = tl.load(scale + s_off, mask=m2, other=0.0).to(tl.float32)
+    zr = tl.load(zero + s_off, mask=m2, other=0.0).to(tl.float32)
+    val = _round_to(raw.to(tl.float32) * sc + zr, MODEL_DTYPE)
+    if MIXED:
+        if FP_BITS == 32:
+            fp = word.to(tl.float32, bitcast=True)
+        else:
+            fp = raw.to(tl.int16).to(MODEL_DTYPE, bitcast=True).to(tl.float32)
+        val = tl.where(is_fp[:, None], fp, val)
+    return val
+
+
+@triton.jit
+def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, idx, d, mask,
+                BITS: tl.constexpr, G: tl.constexpr, MODEL_DTYPE: tl.constexpr):
+    """Per-token-group tokens at store positions idx as a dequantized [BT, D] tile."""
+    cpw: tl.constexpr = 32 // BITS
+    row = b * c_sb + h * c_sh + idx[:, None] * c_st
+    word = tl.load(codes + row + (d // cpw)[None, :], mask=mask[:, None], other=0)
+    raw = (word >> ((d % cpw) * BITS)[None, :]) & ((1 << BITS) - 1)
+    s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (d // G)[None, :]
+    sc = tl.load(scale + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
+    zr = tl.load(zero + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
+    return _round_to(raw.to(tl.float32) * sc + zr, MODEL_DTYPE)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q, q_sb, q_sh, lens, o_part, lse_part, sm_scale_log2, split_tokens, n_splits,
+    # keys: sink, window, store (codes, scale, zero, widths, offsets)
+    ks, ks_sb, ks_sh, ks_st, kw, kw_sb, kw_sh, kw_st,
+    kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh, kwid_st, koff, koff_sb, koff_sh,
+    koff_st,
+    # values: the same
+    vs, vs_sb, vs_sh, vs_st, vw, vw_sb, vw_sh, vw_st,
+    vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb, vwid_sh, vwid_st, voff, voff_sb, voff_sh,
+    voff_st,
+    GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, HAS_SINK: tl.constexpr,
+    K_FMT: tl.constexpr, K_BITS: tl.constexpr, K_MIXED: tl.constexpr, K_P: tl.constexpr, K_G: tl.constexpr,
+    K_NG: tl.constexpr,
+    V_FMT: tl.constexpr, V_BITS: tl.constexpr, V_MIXED: tl.constexpr, V_P: tl.constexpr, V_G: tl.constexpr,
+    V_NG: tl.constexpr,
+    FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    n_sink = tl.load(lens + b * 4 + 0)
+    k_store = tl.load(lens + b * 4 + 1)
+    v_store = tl.load(lens + b * 4 + 2)
+    total = tl.load(lens + b * 4 + 3)
+    d = tl.arange(0, D)
+    gi = tl.arange(0, GP)
+    g_ok = gi < GQ
+    hq = h * GQ + gi
+    qv = tl.load(q + b * q_sb + hq[:, None] * q_sh + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    qv = qv.to(DOT_DTYPE)
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    t_ar = tl.arange(0, BT)
+
+    if HAS_SINK:
+        if s == 0:
+            for t0 in range(0, n_sink, BT):
+                t = t0 + t_ar
+                ok = t < n_sink
+                kt = _fp_tile_t(ks, ks_sb, ks_sh, ks_st, b, h, t, d, ok)
+                vt = _fp_tile(vs, vs_sb, vs_sh, vs_st, b, h, t, d, ok)
+                sc = tl.dot(qv, kt.to(DOT_DTYPE)) * sm_scale_log2
+                sc = tl.where(ok[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE))
+                m_i = m_new
+
+    n_after = total - n_sink
+    u_lo = s * split_tokens
+    u_hi = tl.minimum(u_lo + split_tokens, n_after)
+    for u0 in range(u_lo, u_hi, BT):
+        u = u0 + t_ar
+        ok = u < u_hi
+        # keys, as a [D, BT] tile
+        k_in = u < k_store
+        kt = _fp_tile_t(kw, kw_sb, kw_sh, kw_st, b, h, u - k_store, d, ok & (u >= k_store))
+        if K_FMT == 1:
+            kq = _channel_tile_t(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh, kwid_st,
+                                 koff, koff_sb, koff_sh, koff_st, b, h, u0, u, d, ok & k_in, u0 < k_store,
+                                 K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, MODEL_DTYPE, D)
+            kt = tl.where(k_in[None, :], kq, kt)
+        elif K_FMT == 2:
+            kq = tl.trans(_token_tile(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u, d,
+                                      ok & k_in, K_BITS, K_G, MODEL_DTYPE))
+            kt = tl.where(k_in[None, :], kq, kt)
+        elif K_FMT == 3:
+            kq = _fp_tile_t(kc, kc_sb, kc_sh, kc_st, b, h, u, d, ok & k_in)
+            kt = tl.where(k_in[None, :], kq, kt)
+        # values, as a [BT, D] tile
+        v_in = u < v_store
+        vt = _fp_tile(vw, vw_sb, vw_sh, vw_st, b, h, u - v_store, d, ok & (u >= v_store))
+        if V_FMT == 1:
+            vq = tl.trans(_channel_tile_t(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb, vwid_sh,
+                                          vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u0, u, d, ok & v_in,
+                                          u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, MODEL_DTYPE, D))
+            vt = tl.where(v_in[:, None], vq, vt)
+        elif V_FMT == 2:
+            vq = _token_tile(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u, d, ok & v_in,
+                             V_BITS, V_G, MODEL_DTYPE)
+            vt = tl.where(v_in[:, None], vq, vt)
+        elif V_FMT == 3:
+            vq = _fp_tile(vc, vc_sb, vc_sh, vc_st, b, h, u, d, ok & v_in)
+            vt = tl.where(v_in[:, None], vq, vt)
+
+        sc = tl.dot(qv, kt.to(DOT_DTYPE)) * sm_scale_log2
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE))
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (b * N_KV * GQ + hq) * n_splits + s
+    tl.store(o_part + row[:, None] * D + d[None, :], out, mask=g_ok[:, None])
+    tl.store(lse_part + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(o_part, lse_part, out, n_splits, D: tl.constexpr, SP: tl.constexpr,
+                         OUT_DTYPE: tl.constexpr):
+    """out[bh] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse): the exact softmax over all splits."""
+    bh = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    ok = s < n_splits
+    lse = tl.load(lse_part + bh * n_splits + s, mask=ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(ok, tl.exp2(lse - m), 0.0)
+    o = tl.load(o_part + (bh * n_splits + s)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out + bh * D + d, res.to(OUT_DTYPE))
+
+
+# ---- launcher -----------------------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so the merge is exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _strided(t: torch.Tensor) -> list:
+    """A [B, H, T, X] tensor (X contiguous) with its three outer strides."""
+    assert t.stride(3) == 1
+    return [t, t.stride(0), t.stride(1), t.stride(2)]
+
+
+def _buffer_args(buf, dummy) -> list:
+    return _strided(buf.data if buf is not None else dummy)
+
+
+_NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1)
+
+
+def _store_args(store, dummy) -> tuple[list, dict]:
+    """(tensor args, constexprs) locating one stream's quantized store for the kernel."""
+    unused = [dummy, 0, 0, 0]
+    if store is None:
+        return [*unused, dummy, dummy, 0, 0, 0, *unused, *unused], dict(FMT=_F_NONE, **_NO_CONSTS)
+    if not store.packed:  # fake storage: dequantized tokens in the model dtype
+        dense = store.values.view(store.b, store.h, -1, store.d) if isinstance(store, ChannelGroupStore) \
+            else store.values.data
+        return [*_strided(dense), dummy, dummy, 0, 0, 0, *unused, *unused], dict(FMT=_F_DENSE, **_NO_CONSTS)
+    if isinstance(store, ChannelGroupStore):
+        sc, zr = store.scale, store.zero  # [B, H, NB, D, P/G]
+        assert sc.stride() == zr.stride() and sc.stride(3) == sc.shape[4] and sc.stride(4) == 1
+        mixed = store.uniform_width is None
+        wid = [store.widths, *store.widths.stride()[:3]] if mixed else unused
+        off = [store.offsets, *store.offsets.stride()] if mixed else unused
+        pool = store.pool
+        consts = dict(FMT=_F_CHANNEL, BITS=store.uniform_width or 2, MIXED=mixed, P=store.p, G=store.g,
+                      NG=store.p // store.g)
+        return [pool, pool.stride(0), pool.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
+    codes, sc, zr = store.codes.data, store.scale.data, store.zero.data  # token groups: [B, H, T, X]
+    assert sc.stride() == zr.stride() and sc.stride(3) == 1
+    consts = dict(FMT=_F_TOKEN, BITS=store.bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g)
+    return [*_strided(codes), sc, zr, *sc.stride()[:3], *unused, *unused], consts
+
+
+def supports(layer) -> str | None:
+    """Why the fused kernel cannot serve this layer, or None when it can."""
+    ks, vs = layer.key_stream, layer.value_stream
+    for st in (ks.store, vs.store):
+        if st is not None and not isinstance(st, (ChannelGroupStore, TokenGroupStore)):
+            return f"store {type(st).__name__} has no kernel format"
+        if isinstance(st, ChannelGroupStore) and st.p % TILE_TOKENS:
+            return f"channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
+        if isinstance(st, TokenGroupStore) and st.packed and st.bits not in CODE_BITS:
+            return f"token width {st.bits} is not one of {CODE_BITS}"
+    if (ks.sink is None) != (vs.sink is None):
+        return "keys and values need the same sink"
+    if layer.dim & (layer.dim - 1) or layer.dim < 16:
+        return f"head_dim {layer.dim} is not a power of two >= 16"
+    return None
+
+
+def _lens(layer) -> torch.Tensor:
+    ks, vs = layer.key_stream, layer.value_stream
+    sink = ks.sink.lens if ks.sink is not None else torch.zeros_like(ks.window.lens)
+    if vs.sink is not None and not torch.equal(vs.sink.lens, sink):
+        raise RuntimeError("keys and values hold different numbers of sink tokens")
+    kq = ks.store.tokens() if ks.store is not None else torch.zeros_like(sink)
+    vq = vs.store.tokens() if vs.store is not None else torch.zeros_like(sink)
+    total = ks.tokens()
+    return torch.stack([sink, kq, vq, total], dim=1).to(torch.int32)
+
+
+def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's sink + store + window.
+
+    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result.
+    """
+    why = supports(layer)
+    if why is not None:
+        raise NotImplementedError(f"triton decode: {why}")
+    bsz, hq, qlen, dim = query.shape
+    assert qlen == 1 and query.stride(-1) == 1
+    n_kv = layer.heads
+    gq = hq // n_kv
+    ks, vs = layer.key_stream, layer.value_stream
+    dev = query.device
+    lens_host = _lens(layer)
+    lens = lens_host.to(dev, non_blocking=True)
+    n_after = int((lens_host[:, 3] - lens_host[:, 0]).max())
+    tiles = max(1, -(-n_after // TILE_TOKENS))
+    if num_splits is None:
+        want = -(-4 * _sm_count(dev) // (bsz * n_kv))
+        num_splits = max(1, min(tiles, want, MAX_SPLITS))
+    split_tokens = -(-tiles // num_splits) * TILE_TOKENS
+    num_splits = max(1, -(-n_after // split_tokens))
+    dummy = ks.window.data
+    k_args, kc = _store_args(ks.store, dummy)
+    v_args, vc = _store_args(vs.store, dummy)
+    o_part = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=dev)
+    lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=dev)
+    model_dtype = ks.window.data.dtype
+    interp = _interpreting()
+    dot_dtype = tl.float32 if (interp or model_dtype == torch.float32) else tl.bfloat16 if (
+        model_dtype == torch.bfloat16) else tl.float16
+    fp_bits = torch.empty((), dtype=model_dtype).element_size() * 8
+    _decode_split_kernel[(bsz, n_kv, num_splits)](
+        query, query.stride(0), query.stride(1), lens, o_part, lse_part, scaling * math.log2(math.e), split_tokens,
+        num_splits,
+        *_buffer_args(ks.sink, dummy), *_buffer_args(ks.window, dummy), *k_args,
+        *_buffer_args(vs.sink, dummy), *_buffer_args(vs.window, dummy), *v_args,
+        GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
+        K_FMT=kc["FMT"], K_BITS=kc["BITS"], K_MIXED=kc["MIXED"], K_P=kc["P"], K_G=kc["G"], K_NG=kc["NG"],
+        V_FMT=vc["FMT"], V_BITS=vc["BITS"], V_MIXED=vc["MIXED"], V_P=vc["P"], V_G=vc["G"], V_NG=vc["NG"],
+        FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
+        num_warps=4,
+    )
+    if out is None:
+        out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)
+    _merge_splits_kernel[(bsz * hq,)](o_part, lse_part, out, num_splits, D=dim,
+                                      SP=max(2, triton.next_power_of_2(num_splits)), OUT_DTYPE=_TL_DTYPES[query.dtype])
+    return out
+
+
+def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """The registered `triton` decode kernel (same signature as the PyTorch reference)."""
+    return fused_decode(query, layer, scaling)
