@@ -11,6 +11,11 @@ import torch
 # Small models on small CPUs decode several times faster on one thread than on two (see configs cpu_threads).
 torch.set_num_threads(1)
 
+# Without a GPU, Triton kernels run in the interpreter. Set before any test module imports a kernel: @triton.jit
+# reads it when it decorates.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def shared_data_dir() -> Path:
     """The shared data folder: $MIXKVQ_SHARED_DATA, else shared/data beside the repository."""
