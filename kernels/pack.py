@@ -1,7 +1,7 @@
 """Triton quantize-and-pack kernels for the cache's flush paths, bit-identical to `quantize` + `pack`.
 
 Two layouts, the two stores of mixkvq/storage.py:
-- per-token groups (TokenGroupStore): one program per (token, head, row) quantizes G-channel groups of one
+- per-token groups (TokenGroupStore): one program per (token tile, head, row) quantizes G-channel groups of each
   token and writes codes [W words], scale and zero [D/G] straight into the store's RaggedBuffers at each
   row's current length: a released token costs one launch and no intermediate tensor.
 - per-channel groups along tokens (ChannelGroupStore): one program per (block, head, channel tile) quantizes
@@ -57,12 +57,9 @@ def _round(v, HALF_EVEN: tl.constexpr):
 
 
 @triton.jit
-def _group_meta(x, in_g, min_scale, inv_levels, LEVELS: tl.constexpr, UNIT_SCALE: tl.constexpr,
+def _scale_zero(lo, hi, min_scale, inv_levels, LEVELS: tl.constexpr, UNIT_SCALE: tl.constexpr,
                 RECIP: tl.constexpr, META: tl.constexpr):
-    """Scale and zero (fp32 values of the meta dtype) of the elements of x where in_g, reduced over axes 0
-    and 1: a scalar for a 2-D token tile, one per channel for a 3-D [words, codes, channels] tile."""
-    lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=1), axis=0)
-    hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=1), axis=0)
+    """Scale and zero of groups with these min/max, as fp32 values of the meta dtype."""
     if RECIP:
         s = (hi - lo) * inv_levels
     else:
@@ -86,44 +83,49 @@ def _tokens_kernel(
     x_ptr, sxb, sxh, sxt, sxd,
     codes_ptr, scb, sch, sct,
     scale_ptr, zero_ptr, ssb, ssh, sst,
-    start_ptr, count_ptr,
+    start_ptr, count_ptr, T,
     min_scale, inv_levels,
     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
-    NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr,
+    NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr, BT: tl.constexpr,
     HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, RECIP: tl.constexpr, META: tl.constexpr,
     RAGGED: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    dst_t = t
-    live = t >= 0  # programs past a row's count write nothing (masks, not an early return)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # source tokens of this program
     if RAGGED:
         live = t < tl.load(count_ptr + b)
         dst_t = t + tl.load(start_ptr + b)
+    else:
+        live = t < T
+        dst_t = t
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    # Channel c = word * CPW + j sits at bit j * BITS of its word; padding columns are masked to code 0.
-    w = tl.arange(0, NW_PAD)[:, None]
-    j = tl.arange(0, CPW_PAD)[None, :]
+    # Tile [token, word, code]: channel c = word * CPW + j sits at bit j * BITS; padding is masked to code 0.
+    w = tl.arange(0, NW_PAD)[None, :, None]
+    j = tl.arange(0, CPW_PAD)[None, None, :]
     c = w * CPW + j
-    valid = (j < CPW) & (c < D) & live
-    x = tl.load(x_ptr + b * sxb + h * sxh + t * sxt + c * sxd, mask=valid, other=0.0).to(tl.float32)
+    valid = (j < CPW) & (c < D) & live[:, None, None]
+    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None, None] * sxt + c * sxd, mask=valid, other=0.0)
+    x = x.to(tl.float32)
     grp = c // G
-    scale = tl.full((NW_PAD, CPW_PAD), 1.0, tl.float32)
-    zero = tl.zeros((NW_PAD, CPW_PAD), tl.float32)
+    scale = tl.full((BT, NW_PAD, CPW_PAD), 1.0, tl.float32)
+    zero = tl.zeros((BT, NW_PAD, CPW_PAD), tl.float32)
     meta_off = b * ssb + h * ssh + dst_t * sst
     for g in tl.static_range(D // G):
         in_g = valid & (grp == g)
-        s, z = _group_meta(x, in_g, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
+        lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=2), axis=1)
+        hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=2), axis=1)
+        s, z = _scale_zero(lo, hi, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
         tl.store(scale_ptr + meta_off + g, s, mask=live)
         tl.store(zero_ptr + meta_off + g, z, mask=live)
-        scale = tl.where(in_g, s, scale)
-        zero = tl.where(in_g, z, zero)
+        scale = tl.where(in_g, s[:, None, None], scale)
+        zero = tl.where(in_g, z[:, None, None], zero)
     codes = _codes(x, scale, zero, valid, LEVELS, HALF_EVEN)
     shift = tl.where(j < CPW, j * BITS, 0)
-    words = tl.sum(codes << shift, axis=1)  # disjoint bit fields: the sum is their OR (int32 wraps)
-    wi = tl.arange(0, NW_PAD)
-    tl.store(codes_ptr + b * scb + h * sch + dst_t * sct + wi, words, mask=(wi * CPW < D) & live)
+    words = tl.sum(codes << shift, axis=2)  # disjoint bit fields: the sum is their OR (int32 wraps)
+    wi = tl.arange(0, NW_PAD)[None, :]
+    dst = codes_ptr + b * scb + h * sch + dst_t[:, None] * sct + wi
+    tl.store(dst, words, mask=(wi * CPW < D) & live[:, None])
 
 
 @triton.jit
@@ -168,7 +170,9 @@ def _blocks_kernel(
         meta_off = row * ssb + h * ssh + slot * sss + d * ssd
         for g in tl.static_range(P // G):
             in_g = valid & (grp == g)
-            s, z = _group_meta(xf, in_g, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
+            lo = tl.min(tl.min(tl.where(in_g, xf, float("inf")), axis=1), axis=0)
+            hi = tl.max(tl.max(tl.where(in_g, xf, float("-inf")), axis=1), axis=0)
+            s, z = _scale_zero(lo, hi, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
             tl.store(scale_ptr + meta_off + g, s, mask=sel)
             tl.store(zero_ptr + meta_off + g, z, mask=sel)
             scale = tl.where(in_g, s[None, None, :], scale)
@@ -246,10 +250,12 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
     ragged = starts is not None
     if not ragged:
         starts = counts = codes  # placeholders, never read
-    _tokens_kernel[(t, h, b)](
-        x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts,
-        D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=_pow2(nw), CPW_PAD=_pow2(cpw), RAGGED=ragged,
-        **_numerics(spec, bits, _device(x)), num_warps=1,
+    nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
+    bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
+    _tokens_kernel[(triton.cdiv(t, bt), h, b)](
+        x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, t,
+        D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
+        **_numerics(spec, bits, _device(x)), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
     )
 
 

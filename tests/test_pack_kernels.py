@@ -112,11 +112,12 @@ def test_tie_group_exercises_both_roundings():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", BITS)
-def test_allocating_token_launcher_matches_quantize_pack(device, bits):
+def test_allocating_token_launcher_matches_quantize_pack(monkeypatch, device, bits):
+    monkeypatch.setattr(pk, "_MAX_TILE", 256)  # 2-4 tokens per program: 7 tokens span several programs
     gen = torch.Generator().manual_seed(SEED + bits)
     rounding, degenerate = SPECS[bits % 4]
     spec = QuantSpec(rounding, degenerate, 1e-6, torch.bfloat16)
-    x = token_inputs(gen, (2, 1, 1, 64), 32, bits, torch.bfloat16)
+    x = token_inputs(gen, (2, 1, 7, 64), 32, bits, torch.bfloat16)
     got = pk.quantize_pack_tokens(x.to(device), bits, 32, spec)
     for g, w, what in zip(got, reference_tokens(x, bits, 32, spec), ("codes", "scale", "zero")):
         assert_same_bits(g.cpu(), w, what)
