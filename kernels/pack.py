@@ -21,6 +21,7 @@ Importing this module imports Triton but never touches CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -223,6 +224,11 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device; with layers spread over GPUs that need not be the tensor's.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _device(t: torch.Tensor) -> torch.device:
     # functools.cache keys: cuda:0 and cuda behave alike, and CPU tensors run in the interpreter
     return torch.device(t.device.type)
@@ -252,11 +258,12 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
         starts = counts = codes  # placeholders, never read
     nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
     bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
-    _tokens_kernel[(triton.cdiv(t, bt), h, b)](
-        x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, t,
-        D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
-        **_numerics(spec, bits, _device(x)), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
-    )
+    with _on_device_of(x):
+        _tokens_kernel[(triton.cdiv(t, bt), h, b)](
+            x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, t,
+            D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
+            **_numerics(spec, bits, _device(x)), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
+        )
 
 
 def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec):
@@ -320,13 +327,14 @@ def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tenso
         nw = -(-p // cpw)
         nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
         bd = min(_pow2(d), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
-        numerics = _numerics(spec, 2 if raw else bits, _device(blocks))
-        _blocks_kernel[(n, h, triton.cdiv(d, bd))](
-            blocks, *blocks.stride(), width_map if width_map is not None else word_base, word_base, rows, slots,
-            pool, *pool.stride()[:2], scale, zero, *scale.stride()[:4],
-            H=h, D=d, P=p, G=group, WCODE=w, BITS=bits, CPW=cpw, NW=nw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BD=bd,
-            RAW=raw, HAS_WIDTHS=width_map is not None, **numerics, num_warps=4,
-        )
+        with _on_device_of(blocks):
+            _blocks_kernel[(n, h, triton.cdiv(d, bd))](
+                blocks, *blocks.stride(), width_map if width_map is not None else word_base, word_base, rows,
+                slots, pool, *pool.stride()[:2], scale, zero, *scale.stride()[:4],
+                H=h, D=d, P=p, G=group, WCODE=w, BITS=bits, CPW=cpw, NW=nw, NW_PAD=nw_pad, CPW_PAD=cpw_pad,
+                BD=bd, RAW=raw, HAS_WIDTHS=width_map is not None, **_numerics(spec, 2 if raw else bits,
+                                                                             _device(blocks)), num_warps=4,
+            )
 
 
 def write_channel_blocks(store, blocks, widths, rows, slots, word_base) -> None:
