@@ -132,7 +132,10 @@ def _same_bits(a, b) -> bool:
     def tensors(st):
         out = []
         for v in vars(st).values():
-            out += [v.data, v.lens] if isinstance(v, storage.RaggedBuffer) else [v] if isinstance(v, torch.Tensor) else []
+            if isinstance(v, storage.RaggedBuffer):
+                out += [v.data, v.lens]
+            elif isinstance(v, torch.Tensor):
+                out.append(v)
         return out
 
     def bits(t):

@@ -39,7 +39,8 @@ def token_cases():
     for i, bits in enumerate(BITS):
         for j, (rounding, degenerate) in enumerate(SPECS):
             meta, dtype, (d, g) = METAS[(i + j) % 4], MODEL_DTYPES[(i + 2 * j) % 3], TOKEN_LAYOUTS[(2 * i + j) % 4]
-            name = f"b{bits}-{rounding}-{degenerate}-meta_{str(meta)[6:] if meta else 'model'}-{str(dtype)[6:]}-D{d}G{g}"
+            meta_name = str(meta)[6:] if meta else "model"
+            name = f"b{bits}-{rounding}-{degenerate}-meta_{meta_name}-{str(dtype)[6:]}-D{d}G{g}"
             yield pytest.param(bits, QuantSpec(rounding, degenerate, 1e-6, meta or dtype), dtype, d, g, id=name)
 
 
