@@ -31,7 +31,7 @@ import triton.language as tl
 from mixkvq.quantizer import QuantSpec, check_bits, words_for
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_MAX_TILE = 4096  # elements per program of the channel kernel: keeps the fp32 tile in registers
+_MAX_TILE = 4096  # elements of a program's tile: keeps the fp32 tile in registers
 
 
 @triton.jit

@@ -221,6 +221,23 @@ def test_channel_block_kernel_writes_what_the_pytorch_path_writes(monkeypatch, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_channel_launcher_with_block_starts_lays_channels_out_like_the_store(monkeypatch, device):
+    # word_base [N, H] (block starts) instead of per-channel offsets: channel d at start + d * words_for(P, w).
+    spec = QuantSpec("half_away", "clamp", 1e-6, torch.bfloat16)
+    x = (torch.randn(3, 2, 128, 64, generator=torch.Generator().manual_seed(SEED)) * 2).to(torch.bfloat16)
+    with_kernels(monkeypatch, False)
+    want = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec)
+    want.append(Ragged(x.to(device), torch.tensor([64, 0, 128])), None)
+    got = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec)
+    rows, slots = torch.tensor([0, 2, 2], device=device), torch.tensor([0, 0, 1], device=device)
+    blocks = x.reshape(3, 2, 2, 64, 64)[rows.cpu(), :, slots.cpu()].to(device)
+    starts = (slots * 64 * words_for(64, 4))[:, None].expand(3, 2)
+    pk.quantize_pack_channel_blocks(blocks, 4, 32, spec, got.pool, got.scale, got.zero, rows, slots, starts)
+    for name in ("pool", "scale", "zero"):
+        assert_same_bits(getattr(got, name).cpu(), getattr(want, name).cpu(), name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_store_append_matches_the_pytorch_path(monkeypatch, device):
     gen = torch.Generator().manual_seed(SEED)
     bits = BITS[int(torch.randint(0, 4, (1,), generator=gen))]
