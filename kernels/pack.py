@@ -84,7 +84,7 @@ def _tokens_kernel(
     x_ptr, sxb, sxh, sxt, sxd,
     codes_ptr, scb, sch, sct,
     scale_ptr, zero_ptr, ssb, ssh, sst,
-    start_ptr, count_ptr, T,
+    start_ptr, count_ptr, start0, T,
     min_scale, inv_levels,
     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
     NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr, BT: tl.constexpr,
@@ -98,8 +98,8 @@ def _tokens_kernel(
         live = t < tl.load(count_ptr + b)
         dst_t = t + tl.load(start_ptr + b)
     else:
-        live = t < T
-        dst_t = t
+        live = t < T  # every row writes all T tokens at start0
+        dst_t = t + start0
     LEVELS: tl.constexpr = (1 << BITS) - 1
     # Tile [token, word, code]: channel c = word * CPW + j sits at bit j * BITS; padding is masked to code 0.
     w = tl.arange(0, NW_PAD)[None, :, None]
@@ -235,13 +235,14 @@ def _device(t: torch.Tensor) -> torch.device:
 
 
 def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, codes: torch.Tensor,
-                              scale: torch.Tensor, zero: torch.Tensor, starts: torch.Tensor | None = None,
+                              scale: torch.Tensor, zero: torch.Tensor, starts: torch.Tensor | int = 0,
                               counts: torch.Tensor | None = None) -> None:
     """Quantize per-token groups of x [B, H, T, D] and write them into preallocated destinations.
 
     codes [B, H, cap, words_for(D, bits)] int32, scale/zero [B, H, cap, D // group] (meta dtype). With
-    starts/counts (int64 [B], on x's device) row b writes its first counts[b] tokens at starts[b]..; without,
-    every token t goes to position t. Nothing else of the destinations is touched."""
+    starts/counts tensors (int64 [B], on x's device) row b writes its first counts[b] tokens at starts[b]..;
+    with an int start and no counts, every row writes all T tokens at start.. (no index tensor to ship to the
+    device). Nothing else of the destinations is touched."""
     bits = check_bits(bits, "bits")
     b, h, t, d = x.shape
     if d % group:
@@ -253,14 +254,15 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
         raise ValueError("destinations must be dense along their last dim and in the meta dtype")
     if b * h * t == 0:
         return
-    ragged = starts is not None
+    ragged = counts is not None
+    start0 = 0 if ragged else int(starts)
     if not ragged:
         starts = counts = codes  # placeholders, never read
     nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
     bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
     with _on_device_of(x):
         _tokens_kernel[(triton.cdiv(t, bt), h, b)](
-            x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, t,
+            x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, start0, t,
             D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
             **_numerics(spec, bits, _device(x)), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
         )
@@ -286,7 +288,11 @@ def append_tokens(store, r) -> None:
     need = int((store.codes.lens + r.lens).max())
     for buf in bufs:
         buf.data = _grow(buf.data, 2, need)
-    starts, counts = torch.stack((store.codes.lens, r.lens)).to(r.data.device, non_blocking=True)
+    lens, t = store.codes.lens, r.data.shape[2]
+    if bool((r.lens == t).all()) and bool((lens == lens[0]).all()):  # equal rows (samples of one prompt)
+        starts, counts = int(lens[0]), None
+    else:
+        starts, counts = torch.stack((lens, r.lens)).to(r.data.device, non_blocking=True)
     quantize_pack_tokens_into(r.data, store.bits, store.g, store.spec, store.codes.data, store.scale.data,
                               store.zero.data, starts, counts)
     for buf in bufs:

@@ -238,6 +238,24 @@ def test_channel_launcher_with_block_starts_lays_channels_out_like_the_store(mon
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_token_store_append_of_equal_rows_matches_the_pytorch_path(monkeypatch, device):
+    # Equal rows (samples of one prompt) take the launch without per-row index tensors.
+    gen = torch.Generator().manual_seed(SEED + 1)
+    spec = QuantSpec("half_away", "unit_scale", 1e-6, torch.float16)
+    x = token_inputs(gen, (2, 2, 3, 64), 64, 3, torch.bfloat16).to(device)
+    stores = []
+    for on in (False, True):
+        with_kernels(monkeypatch, on)
+        st = TokenGroupStore(2, 2, 64, 64, 3, torch.bfloat16, device, spec, True)
+        for buf in (st.codes, st.scale, st.zero):
+            buf.data = poisoned((2, 2, 8, buf.data.shape[3]), buf.data.dtype, device)
+        for n in (3, 1, 2):
+            st.append(Ragged(x[:, :, :n], torch.full((2,), n)))
+        stores.append(st)
+    assert_same_stores(stores[1], stores[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_store_append_matches_the_pytorch_path(monkeypatch, device):
     gen = torch.Generator().manual_seed(SEED)
     bits = BITS[int(torch.randint(0, 4, (1,), generator=gen))]
