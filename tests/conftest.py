@@ -11,11 +11,6 @@ import torch
 # Small models on small CPUs decode several times faster on one thread than on two (see configs cpu_threads).
 torch.set_num_threads(1)
 
-# Without a GPU, Triton kernels run in the interpreter. Set before any test module imports a kernel: @triton.jit
-# reads it when it decorates.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 
 def shared_data_dir() -> Path:
     """The shared data folder: $MIXKVQ_SHARED_DATA, else shared/data beside the repository."""
@@ -29,3 +24,8 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent; set MIXKVQ_SHARED_DATA to point at it")
     return path
+
+# Triton kernels run in the interpreter where there is no GPU. It is read when a kernel is decorated, so it is set
+# here, before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
