@@ -23,6 +23,13 @@ import torch
 from mixkvq.quantizer import QuantSpec, dequantize, pack, pack_float, quantize, unpack, words_for
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
+# Packed writes through the Triton kernels of kernels/pack.py: "auto" on CUDA tensors, "on" everywhere (CPU runs
+# them in the Triton interpreter: tests), "off" never. Both paths store the same bits.
+PACK_KERNELS = "auto"
+
+
+def _pack_kernels(t: torch.Tensor) -> bool:
+    return PACK_KERNELS == "on" or (PACK_KERNELS == "auto" and t.is_cuda)
 
 
 @dataclass
@@ -249,13 +256,18 @@ class ChannelGroupStore:
         row_head = (rows[:, None, None] * self.h + heads[None, :, None]).expand(widths.shape).to(dev)
         base = start.to(dev)[:, :, None] + chan_off  # [N, H, D] word offset of each channel
         rows_d, slot_d = rows.to(dev), slot.to(dev)
-        for mask, words, scale, zero in self._encode(blocks, widths):
-            dst = base[mask][:, None] + torch.arange(words.shape[1], device=dev)[None, :]
-            flat_pool[row_head[mask][:, None], dst] = words
-            if scale is not None:
-                n_idx, h_idx, d_idx = mask.nonzero(as_tuple=True)
-                self.scale[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = scale
-                self.zero[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = zero
+        if _pack_kernels(blocks):
+            from kernels.pack import write_channel_blocks
+
+            write_channel_blocks(self, blocks, widths, rows_d, slot_d, base)
+        else:
+            for mask, words, scale, zero in self._encode(blocks, widths):
+                dst = base[mask][:, None] + torch.arange(words.shape[1], device=dev)[None, :]
+                flat_pool[row_head[mask][:, None], dst] = words
+                if scale is not None:
+                    n_idx, h_idx, d_idx = mask.nonzero(as_tuple=True)
+                    self.scale[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = scale
+                    self.zero[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = zero
         if self.uniform_width is None:
             self.widths = _grow(self.widths, 2, nslots)
             self.offsets = _grow(self.offsets, 2, nslots)
@@ -350,6 +362,10 @@ class TokenGroupStore:
         self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
 
     def append(self, r: Ragged, widths_fn=None) -> None:
+        if self.packed and _pack_kernels(r.data):
+            from kernels.pack import append_tokens
+
+            return append_tokens(self, r)
         lead = r.data.shape[:3]
         codes, scale, zero = quantize(r.data.reshape(*lead, self.d // self.g, self.g), self.bits, self.spec)
         if self.packed:

@@ -1,0 +1,350 @@
+"""Triton quantize-and-pack kernels for the cache's flush paths, bit-identical to `quantize` + `pack`.
+
+Two layouts, the two stores of mixkvq/storage.py:
+- per-token groups (TokenGroupStore): one program per (token tile, head, row) quantizes G-channel groups of each
+  token and writes codes [W words], scale and zero [D/G] straight into the store's RaggedBuffers at each
+  row's current length: a released token costs one launch and no intermediate tensor.
+- per-channel groups along tokens (ChannelGroupStore): one program per (block, head, channel tile) quantizes
+  G-token groups of each channel of a P-token block and writes each channel's words at its pool offset,
+  full-precision channels (width code 0) as raw 16/32-bit patterns (`pack_float`), so one launch per width
+  present covers the uniform (KIVI) and mixed (MixKVQ) cases.
+
+Bit-exactness with the PyTorch path rests on doing the same fp32 operations in the same order:
+- (x - zero) / scale is an IEEE division (`div_rn`; Triton's `/` is approximate on GPU);
+- (hi - lo) / levels follows torch, which multiplies by the fp32 reciprocal on CUDA and divides on CPU
+  (`_scalar_division_is_reciprocal` asks the device once instead of assuming);
+- scale and zero are rounded to the metadata dtype to nearest-even; bf16 by integer arithmetic on the fp32
+  bits, because the interpreter truncates bf16 casts while the GPU rounds;
+- half-to-even rounding of the codes is built from floor (no rint in the interpreter), exact for any fp32.
+Importing this module imports Triton but never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from mixkvq.quantizer import QuantSpec, check_bits, words_for
+
+_META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_MAX_TILE = 4096  # elements of a program's tile: keeps the fp32 tile in registers
+
+
+@triton.jit
+def _to_meta(v, META: tl.constexpr):
+    """fp32 -> the fp32 value of its round-to-nearest-even metadata-dtype version."""
+    if META == 1:
+        v = v.to(tl.float16).to(tl.float32)
+    elif META == 2:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        v = b.to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _round(v, HALF_EVEN: tl.constexpr):
+    if HALF_EVEN:
+        r = tl.math.floor(v)
+        f = v - r  # exact
+        odd = (r - 2.0 * tl.math.floor(r * 0.5)) == 1.0
+        return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
+    else:
+        return tl.math.floor(v + 0.5)  # the same fp32 add as the reference
+
+
+@triton.jit
+def _scale_zero(lo, hi, min_scale, inv_levels, LEVELS: tl.constexpr, UNIT_SCALE: tl.constexpr,
+                RECIP: tl.constexpr, META: tl.constexpr):
+    """Scale and zero of groups with these min/max, as fp32 values of the meta dtype."""
+    if RECIP:
+        s = (hi - lo) * inv_levels
+    else:
+        s = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + LEVELS)
+    if UNIT_SCALE:
+        s = tl.where(hi > lo, s, 1.0)
+    else:
+        s = tl.maximum(s, min_scale)
+    return _to_meta(s, META), _to_meta(lo, META)
+
+
+@triton.jit
+def _codes(x, scale, zero, valid, LEVELS: tl.constexpr, HALF_EVEN: tl.constexpr):
+    q = _round(tl.math.div_rn(x - zero, scale), HALF_EVEN)
+    q = tl.minimum(tl.maximum(q, 0.0), LEVELS)
+    return tl.where(valid, q.to(tl.int32), 0)
+
+
+@triton.jit
+def _tokens_kernel(
+    x_ptr, sxb, sxh, sxt, sxd,
+    codes_ptr, scb, sch, sct,
+    scale_ptr, zero_ptr, ssb, ssh, sst,
+    start_ptr, count_ptr, start0, T,
+    min_scale, inv_levels,
+    D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+    NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr, BT: tl.constexpr,
+    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, RECIP: tl.constexpr, META: tl.constexpr,
+    RAGGED: tl.constexpr,
+):
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # source tokens of this program
+    if RAGGED:
+        live = t < tl.load(count_ptr + b)
+        dst_t = t + tl.load(start_ptr + b)
+    else:
+        live = t < T  # every row writes all T tokens at start0
+        dst_t = t + start0
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    # Tile [token, word, code]: channel c = word * CPW + j sits at bit j * BITS; padding is masked to code 0.
+    w = tl.arange(0, NW_PAD)[None, :, None]
+    j = tl.arange(0, CPW_PAD)[None, None, :]
+    c = w * CPW + j
+    valid = (j < CPW) & (c < D) & live[:, None, None]
+    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None, None] * sxt + c * sxd, mask=valid, other=0.0)
+    x = x.to(tl.float32)
+    grp = c // G
+    scale = tl.full((BT, NW_PAD, CPW_PAD), 1.0, tl.float32)
+    zero = tl.zeros((BT, NW_PAD, CPW_PAD), tl.float32)
+    meta_off = b * ssb + h * ssh + dst_t * sst
+    for g in tl.static_range(D // G):
+        in_g = valid & (grp == g)
+        lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=2), axis=1)
+        hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=2), axis=1)
+        s, z = _scale_zero(lo, hi, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
+        tl.store(scale_ptr + meta_off + g, s, mask=live)
+        tl.store(zero_ptr + meta_off + g, z, mask=live)
+        scale = tl.where(in_g, s[:, None, None], scale)
+        zero = tl.where(in_g, z[:, None, None], zero)
+    codes = _codes(x, scale, zero, valid, LEVELS, HALF_EVEN)
+    shift = tl.where(j < CPW, j * BITS, 0)
+    words = tl.sum(codes << shift, axis=2)  # disjoint bit fields: the sum is their OR (int32 wraps)
+    wi = tl.arange(0, NW_PAD)[None, :]
+    dst = codes_ptr + b * scb + h * sch + dst_t[:, None] * sct + wi
+    tl.store(dst, words, mask=(wi * CPW < D) & live[:, None])
+
+
+@triton.jit
+def _blocks_kernel(
+    x_ptr, sxn, sxh, sxt, sxd,
+    widths_ptr, base_ptr, rows_ptr, slots_ptr,
+    pool_ptr, spb, sph,
+    scale_ptr, zero_ptr, ssb, ssh, sss, ssd,
+    min_scale, inv_levels,
+    H: tl.constexpr, D: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+    WCODE: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr,
+    NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr, BD: tl.constexpr,
+    RAW: tl.constexpr, HAS_WIDTHS: tl.constexpr,
+    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, RECIP: tl.constexpr, META: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    sel = d < D
+    nhd = (n * H + h) * D + d  # widths and base are [N, H, D] contiguous
+    if HAS_WIDTHS:
+        sel = sel & (tl.load(widths_ptr + nhd, mask=sel, other=255) == WCODE)
+    row = tl.load(rows_ptr + n)
+    slot = tl.load(slots_ptr + n)
+    # Token t = k * CPW + j of channel d goes to word k of that channel, at bit j * BITS.
+    k = tl.arange(0, NW_PAD)[:, None, None]
+    j = tl.arange(0, CPW_PAD)[None, :, None]
+    t = k * CPW + j
+    valid = (j < CPW) & (t < P) & sel[None, None, :]
+    x = tl.load(x_ptr + n * sxn + h * sxh + t * sxt + d[None, None, :] * sxd, mask=valid, other=0.0)
+    if RAW:  # full precision: the value's own bit pattern, as pack_float lays it out
+        if BITS == 16:
+            codes = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        else:
+            codes = x.to(tl.int32, bitcast=True)
+    else:
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        xf = x.to(tl.float32)
+        grp = t // G
+        scale = tl.full((NW_PAD, CPW_PAD, BD), 1.0, tl.float32)
+        zero = tl.zeros((NW_PAD, CPW_PAD, BD), tl.float32)
+        meta_off = row * ssb + h * ssh + slot * sss + d * ssd
+        for g in tl.static_range(P // G):
+            in_g = valid & (grp == g)
+            lo = tl.min(tl.min(tl.where(in_g, xf, float("inf")), axis=1), axis=0)
+            hi = tl.max(tl.max(tl.where(in_g, xf, float("-inf")), axis=1), axis=0)
+            s, z = _scale_zero(lo, hi, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
+            tl.store(scale_ptr + meta_off + g, s, mask=sel)
+            tl.store(zero_ptr + meta_off + g, z, mask=sel)
+            scale = tl.where(in_g, s[None, None, :], scale)
+            zero = tl.where(in_g, z[None, None, :], zero)
+        codes = _codes(xf, scale, zero, valid, LEVELS, HALF_EVEN)
+    codes = tl.where(valid, codes, 0)
+    shift = tl.where(j < CPW, j * BITS, 0)
+    words = tl.sum(codes << shift, axis=1)  # [NW_PAD, BD]
+    base = tl.load(base_ptr + nhd, mask=sel, other=0)
+    kk = tl.arange(0, NW_PAD)[:, None]
+    dst = pool_ptr + row * spb + h * sph + base[None, :] + kk
+    tl.store(dst, words, mask=(kk < NW) & sel[None, :])
+
+
+# ---- launchers --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _scalar_division_is_reciprocal(device: torch.device) -> bool:
+    """Whether torch computes `tensor / python_scalar` as tensor * (1/scalar) on this device.
+
+    `quantize` computes (hi - lo) / levels that way; ATen multiplies by the fp32 reciprocal on CUDA and divides
+    on CPU. Asked once per device rather than assumed, since it decides the last bit of every scale."""
+    a = torch.linspace(1.0, 2.0, 4097, dtype=torch.float32, device=device)
+    by_scalar = a / 3
+    if torch.equal(by_scalar, a / torch.full_like(a, 3.0)):
+        return False
+    if torch.equal(by_scalar, a * (torch.ones((), device=device) / 3)):
+        return True
+    raise RuntimeError(f"torch divides by a scalar on {device} in a way the pack kernels do not reproduce")
+
+
+def _numerics(spec: QuantSpec, bits: int, device: torch.device) -> dict:
+    if spec.meta_dtype not in _META:
+        raise ValueError(f"meta dtype {spec.meta_dtype} is not supported by the pack kernels")
+    levels = (1 << bits) - 1
+    return dict(
+        min_scale=float(spec.min_scale),
+        inv_levels=float(torch.tensor(1.0) / levels),  # the fp32 reciprocal, exactly as a Python float
+        HALF_EVEN=spec.rounding == "half_even",
+        UNIT_SCALE=spec.degenerate_group == "unit_scale",
+        RECIP=_scalar_division_is_reciprocal(device),
+        META=_META[spec.meta_dtype],
+    )
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device; with layers spread over GPUs that need not be the tensor's.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _device(t: torch.Tensor) -> torch.device:
+    # functools.cache keys: cuda:0 and cuda behave alike, and CPU tensors run in the interpreter
+    return torch.device(t.device.type)
+
+
+def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, codes: torch.Tensor,
+                              scale: torch.Tensor, zero: torch.Tensor, starts: torch.Tensor | int = 0,
+                              counts: torch.Tensor | None = None) -> None:
+    """Quantize per-token groups of x [B, H, T, D] and write them into preallocated destinations.
+
+    codes [B, H, cap, words_for(D, bits)] int32, scale/zero [B, H, cap, D // group] (meta dtype). With
+    starts/counts tensors (int64 [B], on x's device) row b writes its first counts[b] tokens at starts[b]..;
+    with an int start and no counts, every row writes all T tokens at start.. (no index tensor to ship to the
+    device). Nothing else of the destinations is touched."""
+    bits = check_bits(bits, "bits")
+    b, h, t, d = x.shape
+    if d % group:
+        raise ValueError(f"group {group} does not divide head dim {d}")
+    nw, cpw = words_for(d, bits), 32 // bits
+    if codes.shape[-1] != nw or scale.shape[-1] != d // group or zero.stride() != scale.stride():
+        raise ValueError("destination shapes do not match the layout")
+    if codes.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype != spec.meta_dtype or zero.dtype != scale.dtype:
+        raise ValueError("destinations must be dense along their last dim and in the meta dtype")
+    if b * h * t == 0:
+        return
+    ragged = counts is not None
+    start0 = 0 if ragged else int(starts)
+    if not ragged:
+        starts = counts = codes  # placeholders, never read
+    nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
+    bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
+    with _on_device_of(x):
+        _tokens_kernel[(triton.cdiv(t, bt), h, b)](
+            x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, start0, t,
+            D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
+            **_numerics(spec, bits, _device(x)), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
+        )
+
+
+def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec):
+    """x [N, H, T, D] -> (codes int32 [N, H, T, words_for(D, bits)], scale, zero [N, H, T, D // group])."""
+    n, h, t, d = x.shape
+    codes = torch.empty(n, h, t, words_for(d, bits), dtype=torch.int32, device=x.device)
+    scale = torch.empty(n, h, t, d // group, dtype=spec.meta_dtype, device=x.device)
+    zero = torch.empty_like(scale)
+    quantize_pack_tokens_into(x, bits, group, spec, codes, scale, zero)
+    return codes, scale, zero
+
+
+def append_tokens(store, r) -> None:
+    """TokenGroupStore.append (packed) in one launch: grow the buffers as RaggedBuffer does, write in place."""
+    from mixkvq.storage import _grow
+
+    if int(r.lens.max()) == 0:
+        return
+    bufs = (store.codes, store.scale, store.zero)
+    need = int((store.codes.lens + r.lens).max())
+    for buf in bufs:
+        buf.data = _grow(buf.data, 2, need)
+    lens, t = store.codes.lens, r.data.shape[2]
+    if bool((r.lens == t).all()) and bool((lens == lens[0]).all()):  # equal rows (samples of one prompt)
+        starts, counts = int(lens[0]), None
+    else:
+        starts, counts = torch.stack((lens, r.lens)).to(r.data.device, non_blocking=True)
+    quantize_pack_tokens_into(r.data, store.bits, store.g, store.spec, store.codes.data, store.scale.data,
+                              store.zero.data, starts, counts)
+    for buf in bufs:
+        buf.lens += r.lens
+
+
+def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tensor, group: int, spec: QuantSpec,
+                                 pool: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rows: torch.Tensor,
+                                 slots: torch.Tensor, word_base: torch.Tensor) -> None:
+    """Quantize per-channel groups of `group` tokens of blocks [N, H, P, D] and write them in place.
+
+    widths: one code width for every channel (2/3/4/8), or a [N, H, D] tensor of width codes per channel,
+    0 (FULL_PRECISION) stored raw as `pack_float` does. Block n goes to row rows[n], block slot slots[n]:
+    channel d's words at pool[rows[n], h, word_base[n, h, d]:...] (word_base [N, H] gives the block start,
+    channels then follow one another), its scale/zero at scale[rows[n], h, slots[n], d, :]. rows, slots and
+    word_base live on the blocks' device. Full-precision channels leave scale/zero untouched."""
+    n, h, p, d = blocks.shape
+    if p % group:
+        raise ValueError(f"group {group} does not divide block {p}")
+    if n * h == 0:
+        return
+    fp_bits = blocks.element_size() * 8
+    if isinstance(widths, int):
+        present = [check_bits(widths, "width")]
+        width_map = None
+    else:
+        width_map = widths.to(torch.uint8).contiguous()
+        present = [int(w) for w in width_map.unique().tolist()]
+    if word_base.dim() == 2:  # uniform width: channels follow one another from the block start
+        word_base = word_base[:, :, None] + torch.arange(d, device=word_base.device) * words_for(p, present[0])
+    word_base = word_base.to(torch.int64).contiguous()
+    if pool.stride(-1) != 1 or scale.stride(-1) != 1 or zero.stride() != scale.stride():
+        raise ValueError("pool and scale/zero must be dense along their last dim, scale and zero alike")
+    for w in present:
+        raw = w == 0
+        bits = fp_bits if raw else check_bits(w, "width")
+        cpw = 32 // bits
+        nw = -(-p // cpw)
+        nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
+        bd = min(_pow2(d), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
+        with _on_device_of(blocks):
+            _blocks_kernel[(n, h, triton.cdiv(d, bd))](
+                blocks, *blocks.stride(), width_map if width_map is not None else word_base, word_base, rows,
+                slots, pool, *pool.stride()[:2], scale, zero, *scale.stride()[:4],
+                H=h, D=d, P=p, G=group, WCODE=w, BITS=bits, CPW=cpw, NW=nw, NW_PAD=nw_pad, CPW_PAD=cpw_pad,
+                BD=bd, RAW=raw, HAS_WIDTHS=width_map is not None, **_numerics(spec, 2 if raw else bits,
+                                                                             _device(blocks)), num_warps=4,
+            )
+
+
+def write_channel_blocks(store, blocks, widths, rows, slots, word_base) -> None:
+    """ChannelGroupStore._write_packed's code writes (pool, scale, zero) in one launch per width present."""
+    uniform = store.uniform_width
+    quantize_pack_channel_blocks(blocks, uniform if uniform is not None else widths, store.g, store.spec,
+                                 store.pool, store.scale, store.zero, rows, slots, word_base)

@@ -1,0 +1,298 @@
+"""Triton quantize-and-pack kernels (kernels/pack.py) against `quantize` + `pack`, bit for bit.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET without a GPU); the same checks
+run compiled on CUDA when one is present. Random inputs every run (seed in every failure message). Destinations
+are poisoned first, so an element the kernel fails to write, or one it writes outside its range, fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import kernels.pack as pk
+import mixkvq.storage as storage
+from mixkvq.quantizer import DEGENERATE, ROUNDINGS, QuantSpec, _round, pack, quantize, words_for
+from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, Ragged, RaggedBuffer, TokenGroupStore
+from tiny import generate, left_pad, method_for, random_prompts, tiny_model
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU runs need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (compiled kernels)")]),
+]
+SEED = random.randrange(2**31)
+SENTINEL = 0x5A5A5A5A
+BITS = (2, 3, 4, 8)
+SPECS = [(r, d) for r in ROUNDINGS for d in DEGENERATE]
+METAS = [None, torch.float16, torch.bfloat16, torch.float32]  # None: the model dtype
+MODEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOKEN_LAYOUTS = [(64, 32), (64, 64), (128, 32), (128, 128)]  # (D, G)
+
+
+def token_cases():
+    # Every bits x rounding x degenerate pair once; meta dtype, model dtype and layout rotate across them.
+    for i, bits in enumerate(BITS):
+        for j, (rounding, degenerate) in enumerate(SPECS):
+            meta, dtype, (d, g) = METAS[(i + j) % 4], MODEL_DTYPES[(i + 2 * j) % 3], TOKEN_LAYOUTS[(2 * i + j) % 4]
+            meta_name = str(meta)[6:] if meta else "model"
+            name = f"b{bits}-{rounding}-{degenerate}-meta_{meta_name}-{str(dtype)[6:]}-D{d}G{g}"
+            yield pytest.param(bits, QuantSpec(rounding, degenerate, 1e-6, meta or dtype), dtype, d, g, id=name)
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, f"seed {SEED}: {what}: {got.dtype}{got.shape}"
+    diff = as_bits(got) != as_bits(want)
+    assert not bool(diff.any()), f"seed {SEED}: {what}: {int(diff.sum())} elements differ, first at {diff.nonzero()[0]}"
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    as_bits(t).fill_(SENTINEL & ((1 << (8 * t.element_size() - 1)) - 1))
+    return t
+
+
+def token_inputs(gen, shape, group, bits, dtype) -> torch.Tensor:
+    """Random tokens with per-token offsets and spreads, one constant group and one group of rounding ties."""
+    n, h, t, d = shape
+    x = torch.randn(*shape, generator=gen) * torch.rand(n, h, t, 1, generator=gen) * 4
+    x = (x + torch.randn(n, h, t, 1, generator=gen) * 3).reshape(n, h, t, d // group, group)
+    x[0, 0, 0, 0] = 2.5  # constant: clamp gives s = min_scale, unit_scale s = 1
+    levels = (1 << bits) - 1  # s = 1, zero 0: codes land exactly on .5 (and just below it)
+    ties = torch.tensor([0.0, levels, 0.5, 1.5, 2.5, 0.49999997])
+    x[-1, -1, -1, -1] = 1.0
+    x[-1, -1, -1, -1, : len(ties)] = ties
+    return x.reshape(shape).to(dtype)
+
+
+def reference_tokens(x, bits, group, spec):
+    lead = x.shape[:3]
+    codes, scale, zero = quantize(x.reshape(*lead, -1, group), bits, spec)
+    return pack(codes.reshape(*lead, -1), bits), scale, zero
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,spec,dtype,d,g", list(token_cases()))
+def test_token_kernel_writes_quantize_pack_bits_at_each_rows_offset(device, bits, spec, dtype, d, g):
+    gen = torch.Generator().manual_seed(SEED + bits * 131 + d + g)
+    n, h, t = 3, 2, 3  # odd token count; rows write 3, 0 and 2 tokens at different offsets
+    x = token_inputs(gen, (n, h, t, d), g, bits, dtype)
+    counts = torch.tensor([3, 0, 2])[torch.randperm(n, generator=gen)]
+    starts = torch.randint(0, 5, (n,), generator=gen)
+    cap = int((starts + counts).max()) + 2
+    nw, ng = words_for(d, bits), d // g
+    codes, scale, zero = (poisoned((n, h, cap, w), dt, device)
+                          for w, dt in ((nw, torch.int32), (ng, spec.meta_dtype), (ng, spec.meta_dtype)))
+    want = [buf.clone() for buf in (codes, scale, zero)]
+    ref = reference_tokens(x, bits, g, spec)
+    for b in range(n):
+        s, c = int(starts[b]), int(counts[b])
+        for w, r in zip(want, ref):
+            w[b, :, s:s + c] = r[b, :, :c].to(device)
+    pk.quantize_pack_tokens_into(x.to(device), bits, g, spec, codes, scale, zero, starts.to(device),
+                                 counts.to(device))
+    for got, w, what in zip((codes, scale, zero), want, ("codes", "scale", "zero")):
+        assert_same_bits(got, w, what)
+
+
+def test_tie_group_exercises_both_roundings():
+    # The tie group of token_inputs codes differently under the two roundings, so the cases above can tell them
+    # apart.
+    x = token_inputs(torch.Generator().manual_seed(SEED), (1, 1, 1, 32), 32, 2, torch.float32)
+    even, away = (quantize(x, 2, QuantSpec(r, "clamp", 1e-6, torch.float32))[0] for r in ROUNDINGS)
+    assert not torch.equal(even, away)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", BITS)
+def test_allocating_token_launcher_matches_quantize_pack(monkeypatch, device, bits):
+    monkeypatch.setattr(pk, "_MAX_TILE", 256)  # 2-4 tokens per program: 7 tokens span several programs
+    gen = torch.Generator().manual_seed(SEED + bits)
+    rounding, degenerate = SPECS[bits % 4]
+    spec = QuantSpec(rounding, degenerate, 1e-6, torch.bfloat16)
+    x = token_inputs(gen, (2, 1, 7, 64), 32, bits, torch.bfloat16)
+    got = pk.quantize_pack_tokens(x.to(device), bits, 32, spec)
+    for g, w, what in zip(got, reference_tokens(x, bits, 32, spec), ("codes", "scale", "zero")):
+        assert_same_bits(g.cpu(), w, what)
+
+
+def test_reciprocal_scale_path_matches_torch_reciprocal_division(monkeypatch):
+    """torch on CUDA computes (hi - lo) / levels as a product with the fp32 reciprocal; the kernels' path for that
+    is checked here against that formula, since only CPU (true division) can be compared with `quantize` here."""
+    if not INTERPRET:
+        pytest.skip("CPU interpreter check")
+    gen = torch.Generator().manual_seed(SEED)
+    spec = QuantSpec("half_even", "clamp", 1e-6, torch.float32)
+    x = token_inputs(gen, (2, 2, 3, 64), 32, 3, torch.float32)
+    groups = x.reshape(2, 2, 3, 2, 32)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) * (torch.tensor(1.0) / 7)).clamp_min(spec.min_scale)
+    assert not torch.equal(scale, ((hi - lo) / 7).clamp_min(spec.min_scale)), f"seed {SEED}: paths agree"
+    codes = _round((groups - lo[..., None]) / scale[..., None], spec.rounding).clamp_(0, 7).to(torch.uint8)
+    monkeypatch.setattr(pk, "_scalar_division_is_reciprocal", lambda device: True)
+    got = pk.quantize_pack_tokens(x, 3, 32, spec)
+    for g, w, what in zip(got, (pack(codes.reshape(2, 2, 3, 64), 3), scale, lo), ("codes", "scale", "zero")):
+        assert_same_bits(g, w, what)
+
+
+def test_this_devices_scalar_division_is_detected():
+    assert pk._scalar_division_is_reciprocal(torch.device("cpu")) is False  # ATen divides on CPU
+    if torch.cuda.is_available():
+        assert isinstance(pk._scalar_division_is_reciprocal(torch.device("cuda")), bool)
+
+
+# ---- stores: kernel writes against the PyTorch writes, from identically poisoned buffers ----------------------
+
+
+def store_state(store) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in vars(store).items():
+        if isinstance(value, RaggedBuffer):
+            out[f"{name}.data"], out[f"{name}.lens"] = value.data, value.lens
+        elif isinstance(value, torch.Tensor):
+            out[name] = value
+    return out
+
+
+def assert_same_stores(got, want) -> None:
+    a, b = store_state(got), store_state(want)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert_same_bits(a[name].cpu(), b[name].cpu(), name)
+
+
+def with_kernels(monkeypatch, on: bool) -> None:
+    monkeypatch.setattr(storage, "PACK_KERNELS", "on" if on else "off")
+
+
+CHANNEL_CASES = [  # (width or None for mixed, D, P, G, model dtype, meta dtype, rounding, degenerate)
+    (2, 64, 128, 32, torch.bfloat16, torch.bfloat16, "half_even", "clamp"),
+    (3, 64, 128, 64, torch.float16, torch.float32, "half_away", "unit_scale"),
+    (4, 128, 64, 64, torch.float32, torch.float16, "half_even", "unit_scale"),
+    (8, 64, 128, 128, torch.bfloat16, torch.float16, "half_away", "clamp"),
+    (None, 64, 64, 32, torch.bfloat16, torch.bfloat16, "half_even", "clamp"),
+    (None, 64, 64, 32, torch.float32, torch.bfloat16, "half_away", "unit_scale"),
+]
+
+
+def channel_store(device, width, d, p, g, dtype, spec) -> ChannelGroupStore:
+    st = ChannelGroupStore(3, 2, d, p, g, dtype, device, spec, True, width)
+    # Capacity for every append below, so the kernel writes into poison rather than into fresh zeros.
+    st.pool = poisoned((3, 2, 3 * d * p), torch.int32, device)
+    st.scale = poisoned((3, 2, 3, d, p // g), spec.meta_dtype, device)
+    st.zero = poisoned((3, 2, 3, d, p // g), spec.meta_dtype, device)
+    return st
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("width,d,p,g,dtype,meta,rounding,degenerate", CHANNEL_CASES,
+                         ids=[f"w{c[0] or 'mixed'}-D{c[1]}P{c[2]}G{c[3]}-{str(c[4])[6:]}" for c in CHANNEL_CASES])
+def test_channel_block_kernel_writes_what_the_pytorch_path_writes(monkeypatch, device, width, d, p, g, dtype, meta,
+                                                                  rounding, degenerate):
+    spec = QuantSpec(rounding, degenerate, 1e-6, meta)
+    gen = torch.Generator().manual_seed(SEED + d + p + g)
+    x = torch.randn(3, 2, 2 * p, d, generator=gen) * torch.rand(3, 2, 1, d, generator=gen) * 4
+    x = (x + torch.randn(3, 2, 1, d, generator=gen)).to(dtype)
+    x[0, 0, :g, 0] = 1.75  # a constant group
+    tiers = torch.tensor([FULL_PRECISION, 2, 3, 4, 8], dtype=torch.uint8)
+
+    def widths_fn(blocks, rows):  # the same random widths for both runs (same calls in the same order)
+        wgen = torch.Generator().manual_seed(SEED + int(rows.sum()) + 7 * len(rows))
+        return tiers[torch.randint(0, 5, (len(rows), 2, d), generator=wgen)].to(blocks.device)
+
+    stores = []
+    for on in (False, True):
+        with_kernels(monkeypatch, on)
+        st = channel_store(device, width, d, p, g, dtype, spec)
+        st.append(Ragged(x.to(device), torch.tensor([p, 0, 2 * p])), widths_fn)  # rows of 1, 0 and 2 blocks
+        st.append(Ragged(x[:, :, :p].to(device), torch.tensor([p, p, 0])), widths_fn)
+        stores.append(st)
+    if width is None:
+        assert set(stores[1].widths.unique().tolist()) == set(tiers.tolist())
+    assert_same_stores(stores[1], stores[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_launcher_with_block_starts_lays_channels_out_like_the_store(monkeypatch, device):
+    # word_base [N, H] (block starts) instead of per-channel offsets: channel d at start + d * words_for(P, w).
+    spec = QuantSpec("half_away", "clamp", 1e-6, torch.bfloat16)
+    x = (torch.randn(3, 2, 128, 64, generator=torch.Generator().manual_seed(SEED)) * 2).to(torch.bfloat16)
+    with_kernels(monkeypatch, False)
+    want = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec)
+    want.append(Ragged(x.to(device), torch.tensor([64, 0, 128])), None)
+    got = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec)
+    rows, slots = torch.tensor([0, 2, 2], device=device), torch.tensor([0, 0, 1], device=device)
+    blocks = x.reshape(3, 2, 2, 64, 64)[rows.cpu(), :, slots.cpu()].to(device)
+    starts = (slots * 64 * words_for(64, 4))[:, None].expand(3, 2)
+    pk.quantize_pack_channel_blocks(blocks, 4, 32, spec, got.pool, got.scale, got.zero, rows, slots, starts)
+    for name in ("pool", "scale", "zero"):
+        assert_same_bits(getattr(got, name).cpu(), getattr(want, name).cpu(), name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_store_append_of_equal_rows_matches_the_pytorch_path(monkeypatch, device):
+    # Equal rows (samples of one prompt) take the launch without per-row index tensors.
+    gen = torch.Generator().manual_seed(SEED + 1)
+    spec = QuantSpec("half_away", "unit_scale", 1e-6, torch.float16)
+    x = token_inputs(gen, (2, 2, 3, 64), 64, 3, torch.bfloat16).to(device)
+    stores = []
+    for on in (False, True):
+        with_kernels(monkeypatch, on)
+        st = TokenGroupStore(2, 2, 64, 64, 3, torch.bfloat16, device, spec, True)
+        for buf in (st.codes, st.scale, st.zero):
+            buf.data = poisoned((2, 2, 8, buf.data.shape[3]), buf.data.dtype, device)
+        for n in (3, 1, 2):
+            st.append(Ragged(x[:, :, :n], torch.full((2,), n)))
+        stores.append(st)
+    assert_same_stores(stores[1], stores[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_store_append_matches_the_pytorch_path(monkeypatch, device):
+    gen = torch.Generator().manual_seed(SEED)
+    bits = BITS[int(torch.randint(0, 4, (1,), generator=gen))]
+    spec = QuantSpec("half_even", "clamp", 1e-6, torch.bfloat16)
+    x = token_inputs(gen, (3, 2, 5, 64), 32, bits, torch.bfloat16).to(device)
+    stores = []
+    for on in (False, True):
+        with_kernels(monkeypatch, on)
+        st = TokenGroupStore(3, 2, 64, 32, bits, torch.bfloat16, device, spec, True)
+        for buf in (st.codes, st.scale, st.zero):  # room for the first append only: the second one grows
+            buf.data = poisoned((3, 2, 8, buf.data.shape[3]), buf.data.dtype, device)
+        st.append(Ragged(x, torch.tensor([5, 0, 3])))
+        st.append(Ragged(x[:, :, 1:], torch.tensor([4, 3, 0])))
+        st.append(Ragged(x[:, :, :1], torch.tensor([0, 0, 0])))
+        assert st.codes.data.shape[2] > 8
+        stores.append(st)
+    assert_same_stores(stores[1], stores[0])
+
+
+# ---- the whole cache: generate with kernel writes gives the same tokens and cache contents ----------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["kivi", "mixkvq"])
+def test_generate_with_kernel_writes_gives_the_same_cache(monkeypatch, device, name):
+    model = tiny_model("llama", dtype=torch.bfloat16, layers=1).to(device)
+    ids, mask = left_pad([p.to(device) for p in random_prompts([45, 29], seed=SEED % 1000)])
+    # R = 32 so that keys flush blocks and (KIVI) the value window slides within a few steps.
+    method = method_for(model, name, "packed", ["method.residual_length=32"])
+    runs = []
+    for on in (False, True):
+        with_kernels(monkeypatch, on)
+        runs.append(generate(model, method, ids, mask, max_new_tokens=8))
+    (want, want_cache), (got, got_cache) = runs
+    assert torch.equal(got, want), f"seed {SEED}"
+    for gl, wl in zip(got_cache.layers, want_cache.layers):
+        for stream in ("key_stream", "value_stream"):
+            gs, ws = getattr(gl, stream).store, getattr(wl, stream).store
+            assert int(ws.tokens().min()) > 0  # the store really holds tokens in every row
+            assert_same_stores(gs, ws)
