@@ -24,6 +24,7 @@ The dequantized value is rounded to the model dtype before use, as the PyTorch r
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -36,6 +37,7 @@ FORMATS = {"none": 0, "channel": 1, "token": 2, "dense": 3}
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every channel block (P is a multiple of the group, >= 32)
 MAX_SPLITS = 256
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -52,9 +54,20 @@ def _fp_tile(ptr, sb, sh, st, b, h, idx, d, mask):
     return tl.load(p, mask=mask[:, None], other=0.0).to(tl.float32)
 
 
+# On a GPU, `a * b + c` compiles to one fused multiply-add, which rounds once; torch's dequantize (fake storage and
+# the reference path) rounds the product, then the sum. A rounded multiply keeps the two paths bit-identical.
+_ROUNDED_MUL = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
 @triton.jit
-def _round_to(x, MODEL_DTYPE: tl.constexpr):
-    return x.to(MODEL_DTYPE).to(tl.float32)
+def _dequant(raw, sc, zr, MODEL_DTYPE: tl.constexpr):
+    """zero + code * scale in fp32 with separately rounded operations, then rounded to the model dtype."""
+    if _ROUNDED_MUL:
+        prod = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [raw, sc], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        prod = raw * sc
+    return (prod + zr).to(MODEL_DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -91,7 +104,7 @@ def _channel_tile_t(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_
     s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + g
     sc = tl.load(scale + s_off, mask=m2, other=0.0).to(tl.float32)
     zr = tl.load(zero + s_off, mask=m2, other=0.0).to(tl.float32)
-    val = _round_to(raw.to(tl.float32) * sc + zr, MODEL_DTYPE)
+    val = _dequant(raw.to(tl.float32), sc, zr, MODEL_DTYPE)
     if MIXED:
         if FP_BITS == 32:
             fp = word.to(tl.float32, bitcast=True)
@@ -112,7 +125,120 @@ def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, id
     s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (d // G)[None, :]
     sc = tl.load(scale + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
     zr = tl.load(zero + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
-    return _round_to(raw.to(tl.float32) * sc + zr, MODEL_DTYPE)
+    return _dequant(raw.to(tl.float32), sc, zr, MODEL_DTYPE)
+
+
+@triton.jit
+def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb, w_sh, w_st, offsets, o_sb, o_sh,
+                  o_st, b, h, u0, d, valid,
+                  BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
+                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Raw words, scales, zeros (and width codes) of a whole channel-group tile; decoded by `_channel_decode`.
+
+    Split from the decode so the main loop can fetch the next tile while it computes this one.
+    """
+    NGT: tl.constexpr = BT // G if BT > G else 1  # scale groups the tile spans
+    blk = u0 // P
+    t0 = u0 % P
+    s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + t0 // G + tl.arange(0, NGT)[None, :]
+    sc = tl.load(scale + s_off, mask=valid, other=0.0)
+    zr = tl.load(zero + s_off, mask=valid, other=0.0)
+    if MIXED:
+        t_in = t0 + tl.arange(0, BT)
+        wcode = tl.load(widths + b * w_sb + h * w_sh + blk * w_st + d, mask=valid, other=2).to(tl.int32)
+        bits = tl.where(wcode == 0, FP_BITS, wcode)  # full-precision channels: raw 16- or 32-bit values
+        is3 = bits == 3
+        # log2 of codes per word (32 / bits), a power of two except for 3-bit codes (10 per word)
+        lg = tl.where(bits == 2, 4, tl.where(bits == 4, 3, tl.where(bits == 8, 2, tl.where(bits == 16, 1, 0))))
+        wpc = tl.where(is3, (P + 9) // 10, P >> lg)
+        chan_off = tl.cumsum(wpc, 0) - wpc
+        base = tl.load(offsets + b * o_sb + h * o_sh + blk * o_st, mask=valid, other=0)
+        word_in = tl.where(is3[:, None], t_in[None, :] // 10, t_in[None, :] >> lg[:, None])
+        word = tl.load(codes + b * c_sb + h * c_sh + base + chan_off[:, None] + word_in, mask=valid, other=0)
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        NW: tl.constexpr = BT // CPW
+        WPC: tl.constexpr = P // CPW
+        w_idx = blk * (D * WPC) + d[:, None] * WPC + t0 // CPW + tl.arange(0, NW)[None, :]
+        word = tl.load(codes + b * c_sb + h * c_sh + w_idx, mask=valid, other=0)  # [D, NW]
+        wcode = d
+    return word, sc, zr, wcode
+
+
+@triton.jit
+def _channel_decode(word, sc, zr, wcode, u0,
+                    BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, FP_BITS: tl.constexpr,
+                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """A whole tile of a channel-group store as a dequantized [D, BT] tile."""
+    NGT: tl.constexpr = BT // G if BT > G else 1
+    if MIXED:
+        t_in = u0 % P + tl.arange(0, BT)
+        is_fp = wcode == 0
+        bits = tl.where(is_fp, FP_BITS, wcode)
+        is3 = bits == 3
+        lg = tl.where(bits == 2, 4, tl.where(bits == 4, 3, tl.where(bits == 8, 2, tl.where(bits == 16, 1, 0))))
+        pos = tl.where(is3[:, None], t_in[None, :] % 10, t_in[None, :] & ((1 << lg[:, None]) - 1))
+        raw = (word >> (pos * bits[:, None])) & ((1 << tl.minimum(bits, 16)[:, None]) - 1)
+        if FP_BITS == 32:
+            fp = word.to(tl.float32, bitcast=True)
+        else:
+            fp = raw.to(tl.int16).to(MODEL_DTYPE, bitcast=True).to(tl.float32)
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        raw = (word[:, :, None] >> (tl.arange(0, CPW) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    raw = tl.reshape(raw, [D, NGT, BT // NGT]).to(tl.float32)
+    sc3 = tl.broadcast_to(sc.to(tl.float32)[:, :, None], [D, NGT, BT // NGT])
+    zr3 = tl.broadcast_to(zr.to(tl.float32)[:, :, None], [D, NGT, BT // NGT])
+    val = tl.reshape(_dequant(raw, sc3, zr3, MODEL_DTYPE), [D, BT])
+    if MIXED:
+        val = tl.where(is_fp[:, None], fp, val)
+    return val
+
+
+@triton.jit
+def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0, valid,
+                BITS: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Raw words, scales and zeros of a whole per-token tile (power-of-two codes per word)."""
+    WPT: tl.constexpr = D // (32 // BITS)
+    idx = u0 + tl.arange(0, BT)
+    word = tl.load(codes + b * c_sb + h * c_sh + idx[:, None] * c_st + tl.arange(0, WPT)[None, :], mask=valid,
+                   other=0)
+    s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + tl.arange(0, NG)[None, :]
+    sc = tl.load(scale + s_off, mask=valid, other=0.0)
+    zr = tl.load(zero + s_off, mask=valid, other=0.0)
+    return word, sc, zr
+
+
+@triton.jit
+def _token_decode(word, sc, zr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+                  D: tl.constexpr, BT: tl.constexpr):
+    """A whole per-token tile as a dequantized [BT, D] tile, unpacked by broadcasting."""
+    CPW: tl.constexpr = 32 // BITS
+    raw = (word[:, :, None] >> (tl.arange(0, CPW) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    raw = tl.reshape(raw, [BT, NG, G]).to(tl.float32)
+    sc3 = tl.broadcast_to(sc.to(tl.float32)[:, :, None], [BT, NG, G])
+    zr3 = tl.broadcast_to(zr.to(tl.float32)[:, :, None], [BT, NG, G])
+    return tl.reshape(_dequant(raw, sc3, zr3, MODEL_DTYPE), [BT, D])
+
+
+@triton.jit
+def _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE: tl.constexpr):
+    """Online-softmax update with one tile (exp2 domain; fully masked tiles leave the state unchanged)."""
+    if DOT_DTYPE == tl.float32:
+        sc = tl.dot(qv, kt, input_precision="ieee")
+    else:
+        sc = tl.dot(qv, kt.to(DOT_DTYPE))
+    sc = tl.where(ok[None, :], sc * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(sc - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_DTYPE == tl.float32:
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE))
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -128,9 +254,9 @@ def _decode_split_kernel(
     voff_st,
     GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, HAS_SINK: tl.constexpr,
     K_FMT: tl.constexpr, K_BITS: tl.constexpr, K_MIXED: tl.constexpr, K_P: tl.constexpr, K_G: tl.constexpr,
-    K_NG: tl.constexpr,
+    K_NG: tl.constexpr, K_FAST: tl.constexpr,
     V_FMT: tl.constexpr, V_BITS: tl.constexpr, V_MIXED: tl.constexpr, V_P: tl.constexpr, V_G: tl.constexpr,
-    V_NG: tl.constexpr,
+    V_NG: tl.constexpr, V_FAST: tl.constexpr,
     FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -144,13 +270,13 @@ def _decode_split_kernel(
     gi = tl.arange(0, GP)
     g_ok = gi < GQ
     hq = h * GQ + gi
-    qv = tl.load(q + b * q_sb + hq[:, None] * q_sh + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-    qv = qv.to(DOT_DTYPE)
+    qv = tl.load(q + b * q_sb + hq[:, None] * q_sh + d[None, :], mask=g_ok[:, None], other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     t_ar = tl.arange(0, BT)
+    all_ok = t_ar < BT
 
     if HAS_SINK:
         if s == 0:
@@ -159,22 +285,60 @@ def _decode_split_kernel(
                 ok = t < n_sink
                 kt = _fp_tile_t(ks, ks_sb, ks_sh, ks_st, b, h, t, d, ok)
                 vt = _fp_tile(vs, vs_sb, vs_sh, vs_st, b, h, t, d, ok)
-                sc = tl.dot(qv, kt.to(DOT_DTYPE)) * sm_scale_log2
-                sc = tl.where(ok[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(sc - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE))
-                m_i = m_new
+                m_i, l_i, acc = _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
 
     n_after = total - n_sink
     u_lo = s * split_tokens
     u_hi = tl.minimum(u_lo + split_tokens, n_after)
-    for u0 in range(u_lo, u_hi, BT):
+    # Main region: whole tiles whose keys and values are both in the stores (no windows, no masks).
+    both = tl.minimum(k_store, v_store)
+    main_end = tl.maximum(tl.minimum(u_hi, both - both % BT), u_lo)
+    if K_FAST and V_FAST:
+        # Software pipelining by hand: the packed words of tile i+1 are in flight while tile i is decoded.
+        first = u_lo < main_end
+        if K_FMT == 1:
+            kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh,
+                                               kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, u_lo, d, first,
+                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
+        else:
+            kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u_lo, first,
+                                        K_BITS, K_NG, D, BT)
+        if V_FMT == 2:
+            vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u_lo, first,
+                                        V_BITS, V_NG, D, BT)
+        else:
+            vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
+                                               vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u_lo, d, first,
+                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
+        for u0 in range(u_lo, main_end, BT):
+            nxt = u0 + BT
+            more = nxt < main_end
+            if K_FMT == 1:
+                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT)
+                kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb,
+                                                   kwid_sh, kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, nxt, d,
+                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
+            else:
+                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT))
+                kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, nxt,
+                                            more, K_BITS, K_NG, D, BT)
+            if V_FMT == 2:
+                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT)
+                vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, nxt,
+                                            more, V_BITS, V_NG, D, BT)
+            else:
+                vt = tl.trans(_channel_decode(vw_, vs_, vz_, vx_, u0, V_BITS, V_MIXED, V_P, V_G, FP_BITS,
+                                              MODEL_DTYPE, D, BT))
+                vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
+                                                   vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, nxt, d,
+                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
+            m_i, l_i, acc = _attend(qv, kt, vt, all_ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
+    else:
+        main_end = u_lo
+    # The rest: any mix of store and window per token, per stream.
+    for u0 in range(main_end, u_hi, BT):
         u = u0 + t_ar
         ok = u < u_hi
-        # keys, as a [D, BT] tile
         k_in = u < k_store
         kt = _fp_tile_t(kw, kw_sb, kw_sh, kw_st, b, h, u - k_store, d, ok & (u >= k_store))
         if K_FMT == 1:
@@ -189,7 +353,6 @@ def _decode_split_kernel(
         elif K_FMT == 3:
             kq = _fp_tile_t(kc, kc_sb, kc_sh, kc_st, b, h, u, d, ok & k_in)
             kt = tl.where(k_in[None, :], kq, kt)
-        # values, as a [BT, D] tile
         v_in = u < v_store
         vt = _fp_tile(vw, vw_sb, vw_sh, vw_st, b, h, u - v_store, d, ok & (u >= v_store))
         if V_FMT == 1:
@@ -204,16 +367,7 @@ def _decode_split_kernel(
         elif V_FMT == 3:
             vq = _fp_tile(vc, vc_sb, vc_sh, vc_st, b, h, u, d, ok & v_in)
             vt = tl.where(v_in[:, None], vq, vt)
-
-        sc = tl.dot(qv, kt.to(DOT_DTYPE)) * sm_scale_log2
-        sc = tl.where(ok[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE))
-        m_i = m_new
+        m_i, l_i, acc = _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -245,12 +399,6 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 _SM_COUNT: dict[int, int] = {}
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so the merge is exercised
@@ -270,7 +418,8 @@ def _buffer_args(buf, dummy) -> list:
     return _strided(buf.data if buf is not None else dummy)
 
 
-_NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1)
+_NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1, FAST=False)
+_POW2_BITS = (2, 4, 8)  # codes per word a power of two: whole tiles unpack by broadcasting
 
 
 def _store_args(store, dummy) -> tuple[list, dict]:
@@ -289,12 +438,14 @@ def _store_args(store, dummy) -> tuple[list, dict]:
         wid = [store.widths, *store.widths.stride()[:3]] if mixed else unused
         off = [store.offsets, *store.offsets.stride()] if mixed else unused
         pool = store.pool
+        fast = store.p % TILE_TOKENS == 0 and (mixed or store.uniform_width in _POW2_BITS)
         consts = dict(FMT=_F_CHANNEL, BITS=store.uniform_width or 2, MIXED=mixed, P=store.p, G=store.g,
-                      NG=store.p // store.g)
+                      NG=store.p // store.g, FAST=fast)
         return [pool, pool.stride(0), pool.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
     codes, sc, zr = store.codes.data, store.scale.data, store.zero.data  # token groups: [B, H, T, X]
     assert sc.stride() == zr.stride() and sc.stride(3) == 1
-    consts = dict(FMT=_F_TOKEN, BITS=store.bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g)
+    consts = dict(FMT=_F_TOKEN, BITS=store.bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g,
+                  FAST=store.bits in _POW2_BITS)
     return [*_strided(codes), sc, zr, *sc.stride()[:3], *unused, *unused], consts
 
 
@@ -342,7 +493,8 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     ks, vs = layer.key_stream, layer.value_stream
     dev = query.device
     lens_host = _lens(layer)
-    lens = lens_host.to(dev, non_blocking=True)
+    # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
+    lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
     n_after = int((lens_host[:, 3] - lens_host[:, 0]).max())
     tiles = max(1, -(-n_after // TILE_TOKENS))
     if num_splits is None:
@@ -356,7 +508,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     o_part = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=dev)
     lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=dev)
     model_dtype = ks.window.data.dtype
-    interp = _interpreting()
+    interp = not _ROUNDED_MUL
     dot_dtype = tl.float32 if (interp or model_dtype == torch.float32) else tl.bfloat16 if (
         model_dtype == torch.bfloat16) else tl.float16
     fp_bits = torch.empty((), dtype=model_dtype).element_size() * 8
@@ -366,10 +518,9 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
         *_buffer_args(ks.sink, dummy), *_buffer_args(ks.window, dummy), *k_args,
         *_buffer_args(vs.sink, dummy), *_buffer_args(vs.window, dummy), *v_args,
         GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
-        K_FMT=kc["FMT"], K_BITS=kc["BITS"], K_MIXED=kc["MIXED"], K_P=kc["P"], K_G=kc["G"], K_NG=kc["NG"],
-        V_FMT=vc["FMT"], V_BITS=vc["BITS"], V_MIXED=vc["MIXED"], V_P=vc["P"], V_G=vc["G"], V_NG=vc["NG"],
+        **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
         FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     if out is None:
         out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)

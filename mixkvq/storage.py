@@ -132,6 +132,9 @@ class RaggedBuffer:
         head = Ragged(head.data.clone(), head.lens)
         self.data[:, :, : rest.data.shape[2]] = rest.data
         self.lens = rest.lens
+        keep = 2 * max(int(self.lens.max()), 16)
+        if self.data.shape[2] > max(keep, 1024):  # a prefill's worth left the window: give its room back
+            self.data = self.data[:, :, :keep].clone()
         return head
 
     def allocated_bytes(self) -> int:

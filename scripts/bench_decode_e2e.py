@@ -1,0 +1,232 @@
+"""End-to-end decode throughput and peak memory on a random-weight DeepSeek-R1-Distill-Qwen-7B, one GPU.
+
+For each method and context length the cache of every layer is filled with random keys and values through the
+method's own flush and pack path (mixkvq/synthetic.py: same stored state, hence same decode cost, as a real
+prefill), then `--steps` decode steps of the whole model are timed (after warm-up). `bf16-dynamic` is transformers'
+DynamicCache with SDPA, the baseline; `bf16` is the unquantized reference through this harness's cache.
+
+Batch sizes: 1, and the largest batch that fits, found by the script: a batch-1 fill gives the cache bytes per
+sequence, the free memory after the weights gives a first guess, and each out-of-memory attempt retries at 85%.
+
+    python scripts/bench_decode_e2e.py --config-dir DIR --out results/bench     # GPU: decode_e2e.{json,md}
+    python scripts/bench_decode_e2e.py --plot results/bench/decode_e2e.json    # PNG of tokens/s vs context
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = {
+    "bf16-dynamic": None,
+    "bf16": ["method=bf16"],
+    "kivi-2": ["method=kivi"],
+    "mixkvq-k2.3": ["method=mixkvq", "method.target_bits=2.15"],
+    "mixkvq-C3.4": ["method=mixkvq"],  # the paper's 7B setting (model config)
+}
+
+
+def build_model(config_dir: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(config_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    return model
+
+
+def new_cache(model, overrides, batch: int, context: int):
+    from mixkvq.config import load_config
+    from mixkvq.methods import ModelShape, build_method
+    from mixkvq.quantizer import QuantSpec
+    from mixkvq.synthetic import fill_cache
+
+    if overrides is None:
+        return dynamic_cache(model, batch, context)
+    cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
+    shape = ModelShape.of(model)
+    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+    cache = method.new_cache(batch)
+    fill_cache(cache, context, chunk=2048)
+    return cache
+
+
+def dynamic_cache(model, batch: int, context: int):
+    from transformers import DynamicCache
+
+    c = model.config
+    cache = DynamicCache(config=c)
+    shape = (batch, c.num_key_value_heads, context, c.hidden_size // c.num_attention_heads)
+    for i in range(c.num_hidden_layers):
+        cache.update(torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+                     torch.randn(shape, device="cuda", dtype=torch.bfloat16), i)
+    return cache
+
+
+def decode_steps(model, cache, batch: int, steps: int, warmup: int = 3) -> float:
+    """Seconds per decode step of the whole model."""
+    from mixkvq.attention import bind
+    from mixkvq.cache import QuantizedCache
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+
+    def run(n):
+        for _ in range(n):
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    with torch.no_grad():
+        if isinstance(cache, QuantizedCache):
+            with bind(model, cache):
+                run(warmup)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run(steps)
+                torch.cuda.synchronize()
+        else:
+            run(warmup)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(steps)
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(model, overrides, batch: int, context: int, steps: int) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = new_cache(model, overrides, batch, context)
+    fill_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step = decode_steps(model, cache, batch, steps)
+    kv_bytes = cache.allocated_bytes() if hasattr(cache, "allocated_bytes") else sum(
+        layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in cache.layers)
+    row = dict(batch=batch, context=context, ms_per_step=step * 1e3, tok_s=batch / step,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, fill_peak_gib=fill_peak / 2**30,
+               kv_gib=kv_bytes / 2**30)
+    del cache
+    return row
+
+
+def largest_batch(model, overrides, context: int, steps: int, per_seq: float, cap: int) -> dict | None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    guess = max(1, min(cap, int(0.8 * free / per_seq)))
+    for _ in range(8):
+        try:
+            row = measure(model, overrides, guess, context, steps)
+            row["search"] = "fits"
+            return row
+        except torch.OutOfMemoryError:
+            guess = int(guess * 0.85)
+            if guess < 1:
+                return None
+    return None
+
+
+def run(args) -> None:
+    model = build_model(args.config_dir)
+    names = args.methods.split(",")
+    rows = []
+    for context in [int(c) for c in args.contexts.split(",")]:
+        for name in names:
+            one = measure(model, METHODS[name], 1, context, args.steps)
+            rows.append(dict(method=name, **one))
+            print(rows[-1], flush=True)
+            if context in [int(c) for c in args.max_batch_contexts.split(",")]:
+                per_seq = one["kv_gib"] * 2**30 * 1.15  # windows and metadata grow by doubling: some slack
+                best = largest_batch(model, METHODS[name], context, args.steps, per_seq, args.cap)
+                if best is not None:
+                    rows.append(dict(method=name, **best))
+                    print(rows[-1], flush=True)
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                torch=torch.__version__, model="DeepSeek-R1-Distill-Qwen-7B config, random bf16 weights",
+                steps=args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_e2e.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    write_markdown(meta, rows, args.out / "decode_e2e.md")
+
+
+def write_markdown(meta, rows, path: Path) -> None:
+    base = {(r["context"], r["batch"]): r for r in rows if r["method"] == "bf16-dynamic"}
+    best_base = {}
+    for r in rows:
+        if r["method"] == "bf16-dynamic":
+            best_base[r["context"]] = max(best_base.get(r["context"], 0), r["tok_s"])
+    lines = [f"# End-to-end decode, {meta['model']}, {meta['device']}, {meta['date']}", "",
+             "Per context: batch 1, then the largest batch that fits (found by the script). `vs bf16 step`: this "
+             "step time over bf16-dynamic's at the same batch; `vs best bf16 tok/s`: throughput over bf16-dynamic's "
+             "best at that context.", "",
+             "| method | context | batch | ms/step | tok/s | vs bf16 step | vs best bf16 tok/s | KV GiB | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = base.get((r["context"], r["batch"]))
+        rel = f"{r['ms_per_step'] / b['ms_per_step']:.2f}x" if b else "-"
+        thr = f"{r['tok_s'] / best_base[r['context']]:.2f}x" if r["context"] in best_base else "-"
+        lines.append(f"| {r['method']} | {r['context']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['tok_s']:.0f} | "
+                     f"{rel} | {thr} | {r['kv_gib']:.2f} | {r['peak_gib']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(json_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(json_path.read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, largest in zip(axes, (False, True)):
+        for name in dict.fromkeys(r["method"] for r in data["rows"]):
+            pts = {}
+            for r in data["rows"]:
+                if r["method"] == name and ((r["batch"] == 1) != largest):
+                    pts[r["context"]] = max(pts.get(r["context"], 0), r["tok_s"])
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x] for x in xs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title("largest batch that fits" if largest else "batch 1")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{data['meta']['model']}, {data['meta']['device']}, {data['meta']['date']}", fontsize=9)
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    print(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-dir", type=Path, help="folder with the model's config.json")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
+    ap.add_argument("--contexts", default="4096,8192,32768")
+    ap.add_argument("--max-batch-contexts", default="8192,32768", help="contexts at which the largest batch is run")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cap", type=int, default=256, help="largest batch tried")
+    ap.add_argument("--plot", type=Path, help="only draw the PNG from a decode_e2e.json")
+    args = ap.parse_args()
+    if args.plot:
+        return plot(args.plot)
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not (args.config_dir and args.out):
+        raise SystemExit("--config-dir and --out are required (or --plot)")
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

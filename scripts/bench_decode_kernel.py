@@ -1,0 +1,145 @@
+"""Decode-attention kernel benchmark on one GPU: the fused kernel per method format against bf16 SDPA.
+
+Shapes of DeepSeek-R1-Distill-Qwen-7B's attention (28 query heads, 4 KV heads, head_dim 128). For each (B, L),
+each method's layer is filled with L random tokens per row through its own flush and pack path
+(mixkvq/synthetic.py), then one decode step's attention is timed with `triton.testing.do_bench` (median), side
+by side with `scaled_dot_product_attention` over a bf16 cache of the same length (GQA-native, `enable_gqa`).
+Bytes read are the layer's live bytes (codes, scales, zeros, width maps, full-precision windows) plus the query;
+GB/s is bytes / time; the device-to-device copy bandwidth is measured in the same process for reference.
+
+    python scripts/bench_decode_kernel.py --out results/bench            # writes decode_kernel.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels import decode
+from mixkvq.config import load_config
+from mixkvq.methods import ModelShape, build_method
+from mixkvq.quantizer import QuantSpec
+from mixkvq.synthetic import fill_layer
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
+SHAPES = [(1, 4096), (1, 32768), (8, 32768), (64, 32768)]
+# name -> config overrides. MixKVQ's `target_bits` is the mean over K and V codes with 2-bit values, so the
+# keys average 2 * target - 2 bits: 2.15 -> 2.3 key bits, 2.35 -> 2.7 key bits.
+METHODS = {
+    "kivi-2": ["method=kivi"],
+    "kivi-4": ["method=kivi4"],
+    "mixkvq-k2.3": ["method=mixkvq", "method.target_bits=2.15"],
+    "mixkvq-k2.7": ["method=mixkvq", "method.target_bits=2.35"],
+}
+
+
+def build(overrides: list[str]):
+    cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
+    shape = ModelShape(layers=1, kv_heads=KV_HEADS, q_heads=Q_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
+                       device=torch.device("cuda"))
+    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def key_bits(layer) -> float:
+    store = layer.key_stream.store
+    widths = store.block_widths()[:, :, : int(store.nblocks.min())].to(torch.int64)
+    return float(torch.where(widths == 0, 16, widths).float().mean())
+
+
+def bench_sdpa(bsz: int, ctx: int, gen) -> tuple[float, int]:
+    q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(bsz, KV_HEADS, ctx, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    f = torch.nn.functional.scaled_dot_product_attention
+    ms = triton.testing.do_bench(lambda: f(q, k, v, enable_gqa=True))
+    return ms, 2 * k.numel() * 2 + q.numel() * 2
+
+
+def bench_method(overrides, bsz: int, ctx: int, gen) -> dict:
+    method = build(overrides)
+    layer = method.new_cache(bsz).layers[0]
+    fill_layer(layer, ctx, gen)
+    q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    scaling = HEAD_DIM**-0.5
+    out = decode.fused_decode(q, layer, scaling)
+    ref = reference_output(q, layer, scaling) if bsz * ctx <= 8 * 32768 else None
+    ms = triton.testing.do_bench(lambda: decode.fused_decode(q, layer, scaling))
+    nbytes = int(layer.live_bytes().sum()) + q.numel() * 2
+    row = dict(ms=ms, bytes=nbytes, key_bits=key_bits(layer))
+    if ref is not None:
+        err = (out.float() - ref).double()
+        row["sqnr_db"] = float(10 * torch.log10(ref.double().pow(2).sum() / err.pow(2).sum()))
+    del layer, method
+    torch.cuda.empty_cache()
+    return row
+
+
+def reference_output(q, layer, scaling):
+    from kernels.reference import stream_tokens
+
+    k, v = stream_tokens(layer, "key_stream").data.float(), stream_tokens(layer, "value_stream").data.float()
+    f = torch.nn.functional.scaled_dot_product_attention
+    return f(q.float(), k, v, scale=scaling, enable_gqa=True).transpose(1, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder for decode_kernel.json and decode_kernel.md")
+    ap.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES), help="BxL,BxL,...")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
+    ap.add_argument("--num-warps", type=int, default=decode.NUM_WARPS, help="warps per program of the split kernel")
+    ap.add_argument("--tile", type=int, default=decode.TILE_TOKENS, help="tokens per tile (divides 128)")
+    args = ap.parse_args()
+    decode.NUM_WARPS, decode.TILE_TOKENS = args.num_warps, args.tile
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    names = args.methods.split(",")
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbs = copy_bandwidth()
+    rows = []
+    for bsz, ctx in shapes:
+        sdpa_ms, sdpa_bytes = bench_sdpa(bsz, ctx, gen)
+        rows.append(dict(method="bf16-sdpa", B=bsz, L=ctx, ms=sdpa_ms, bytes=sdpa_bytes, speedup=1.0,
+                         gbs=sdpa_bytes / sdpa_ms / 1e6, key_bits=16.0))
+        for name in names:
+            r = bench_method(METHODS[name], bsz, ctx, gen)
+            rows.append(dict(method=name, B=bsz, L=ctx, speedup=sdpa_ms / r["ms"], gbs=r["bytes"] / r["ms"] / 1e6, **r))
+            print(f"B={bsz:3d} L={ctx:6d} {name:12s} {r['ms'] * 1e3:8.1f} us  x{sdpa_ms / r['ms']:.2f}", flush=True)
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                torch=torch.__version__, triton=triton.__version__, copy_gbs=copy_gbs, num_warps=args.num_warps,
+                tile=args.tile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_kernel.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# Decode attention kernel, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; 28 query heads, 4 KV heads, head_dim 128, bf16. "
+             f"Measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write). "
+             "Bytes: what the kernel must read (packed codes, scales, zeros, width maps, bf16 windows, query).", "",
+             "| B | L | method | key bits | time (us) | MB read | GB/s | % of copy BW | speedup vs SDPA | SQNR dB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sq = f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else "-"
+        lines.append(f"| {r['B']} | {r['L']} | {r['method']} | {r['key_bits']:.2f} | {r['ms'] * 1e3:.1f} | "
+                     f"{r['bytes'] / 1e6:.1f} | {r['gbs']:.0f} | {100 * r['gbs'] / copy_gbs:.0f}% | "
+                     f"{r['speedup']:.2f}x | {sq} |")
+    (args.out / "decode_kernel.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
