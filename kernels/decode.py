@@ -483,9 +483,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
 
     `num_splits` overrides the split count picked from the device's SM count; `out` receives the result.
     """
-    why = supports(layer)
-    if why is not None:
-        raise NotImplementedError(f"triton decode: {why}")
+    # `supports(layer)` was checked when the kernel was bound to the layer (kernels.resolve_decode_kernel).
     bsz, hq, qlen, dim = query.shape
     assert qlen == 1 and query.stride(-1) == 1
     n_kv = layer.heads
@@ -520,7 +518,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
         GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
         **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
         FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, num_stages=1,  # the main loop prefetches by hand; more stages only cost shared memory
     )
     if out is None:
         out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)

@@ -134,23 +134,26 @@ def largest_batch(model, overrides, context: int, steps: int, per_seq: float, ca
 def run(args) -> None:
     model = build_model(args.config_dir)
     names = args.methods.split(",")
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                torch=torch.__version__, model="DeepSeek-R1-Distill-Qwen-7B config, random bf16 weights",
+                steps=args.steps, pack_kernels=args.pack_kernels)
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+
+    def add(row):  # written after every row: a run cut short keeps what it measured
+        rows.append(row)
+        print(row, flush=True)
+        (args.out / "decode_e2e.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
     for context in [int(c) for c in args.contexts.split(",")]:
         for name in names:
             one = measure(model, METHODS[name], 1, context, args.steps)
-            rows.append(dict(method=name, **one))
-            print(rows[-1], flush=True)
+            add(dict(method=name, **one))
             if context in [int(c) for c in args.max_batch_contexts.split(",")]:
                 per_seq = one["kv_gib"] * 2**30 * 1.15  # windows and metadata grow by doubling: some slack
                 best = largest_batch(model, METHODS[name], context, args.steps, per_seq, args.cap)
                 if best is not None:
-                    rows.append(dict(method=name, **best))
-                    print(rows[-1], flush=True)
-    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                torch=torch.__version__, model="DeepSeek-R1-Distill-Qwen-7B config, random bf16 weights",
-                steps=args.steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_e2e.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+                    add(dict(method=name, **best))
     write_markdown(meta, rows, args.out / "decode_e2e.md")
 
 
@@ -214,9 +217,13 @@ def main() -> None:
     ap.add_argument("--max-batch-contexts", default="8192,32768", help="contexts at which the largest batch is run")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cap", type=int, default=256, help="largest batch tried")
+    ap.add_argument("--pack-kernels", default="auto", choices=["auto", "off"],
+                    help="quantize-and-pack through the Triton kernels (storage.PACK_KERNELS)")
     ap.add_argument("--plot", type=Path, help="only draw the PNG from a decode_e2e.json")
     args = ap.parse_args()
     if args.plot:
+        data = json.loads(args.plot.read_text())
+        write_markdown(data["meta"], data["rows"], args.plot.with_suffix(".md"))
         return plot(args.plot)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
@@ -225,6 +232,9 @@ def main() -> None:
         raise SystemExit("--config-dir and --out are required (or --plot)")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
+    import mixkvq.storage
+
+    mixkvq.storage.PACK_KERNELS = args.pack_kernels
     run(args)
 
 
