@@ -53,8 +53,8 @@ def main() -> None:
             prompt = build_prompt(loaded.tokenizer, q, cfg.prompt, loaded.think_prefix)
             fused = generate_samples(loaded.model, loaded.tokenizer, method, prompt, 1, gen, 0, "triton")
             ref = generate_samples(loaded.model, loaded.tokenizer, method, prompt, 1, gen, 0, "torch")
-            diff = first_difference(fused.tokens[0], ref.tokens[0])
-            rows.append(dict(method=name, question=i, tokens=len(ref.tokens[0]), same=diff is None, first_diff=diff))
+            diff = first_difference(fused.token_ids[0], ref.token_ids[0])
+            rows.append(dict(method=name, question=i, tokens=len(ref.token_ids[0]), same=diff is None, first_diff=diff))
             print(rows[-1], flush=True)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), model=args.model,
                 torch=torch.__version__)

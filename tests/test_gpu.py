@@ -29,8 +29,10 @@ def test_bf16_method_matches_dynamic_cache_on_cuda(model):
 @pytest.mark.parametrize("name", ["kivi", "kivi4", "mixkvq"])
 def test_fake_and_packed_storage_give_the_same_tokens_on_cuda(model, name):
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
-    packed, cache = generate(model, method_for(model, name, "packed"), ids, mask, **LONG)
-    fake, _ = generate(model, method_for(model, name, "fake"), ids, mask, **LONG)
+    # The contract holds under the reference decode (DESIGN.md). The fused kernel reads the two layouts through
+    # different tile paths and differs in the last bits of its output (results/bench/README.md).
+    packed, cache = generate(model, method_for(model, name, "packed"), ids, mask, decode_kernel="torch", **LONG)
+    fake, _ = generate(model, method_for(model, name, "fake"), ids, mask, decode_kernel="torch", **LONG)
     assert torch.equal(packed, fake)
     assert all(s["storage_bits_final"] < 8 for s in cache.sequence_stats(torch.full((3,), 300)))
     assert cache.peak_allocated_bytes > 0
