@@ -7,8 +7,10 @@ from pathlib import Path
 import pandas as pd
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from mixkvq import metrics
+from mixkvq.results import RUN_FILE, find_finished
 from mixkvq.summary import format_summary
 
 
@@ -25,6 +27,20 @@ def fill_agreement(rows: list[dict]) -> list[dict]:
     return out
 
 
+def rows_of_sweep(sweep_dir: str | Path) -> list[dict]:
+    """Run rows of a sweep's finished jobs, found from the job configs Hydra saved in the sweep folder.
+
+    Launchers that run jobs in other processes (Slurm) call on_job_end there, not in the submitting process.
+    """
+    rows = []
+    for saved in sorted(Path(sweep_dir).glob("*/.hydra/config.yaml"), key=lambda p: (len(p.parts[-3]), p)):
+        cfg = OmegaConf.load(saved)
+        run = find_finished(cfg.results_dir, cfg)
+        if run is not None:
+            rows.append(pd.read_parquet(run / RUN_FILE).iloc[0].to_dict())
+    return rows
+
+
 class MultirunSummary(Callback):
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -34,5 +50,7 @@ class MultirunSummary(Callback):
             self.rows.append(job_return.return_value)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if not self.rows:  # jobs ran elsewhere: read what they wrote
+            self.rows = rows_of_sweep(config.hydra.sweep.dir)
         if self.rows:
             print("\n" + format_summary(fill_agreement(self.rows)))
