@@ -1,7 +1,9 @@
-"""Hydra callbacks: one summary table at the end of a multirun (`python run.py -m ...`)."""
+"""Hydra callbacks: an experiment's jobs, checks and cost before launching (`python run.py +experiment=NAME`);
+one summary table at the end of a multirun (`python run.py -m ...`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -54,3 +56,26 @@ class MultirunSummary(Callback):
             self.rows = rows_of_sweep(config.hydra.sweep.dir)
         if self.rows:
             print("\n" + format_summary(fill_agreement(self.rows)))
+
+
+class ExperimentPlan(Callback):
+    """Before a multirun that names an experiment: print its jobs and GPU-hours, refuse it (exit 2) if any job's
+    config is wrong, and stop after printing when `experiment.dry_run=true`."""
+
+    def on_multirun_start(self, config, config_name=None, **kwargs) -> None:
+        if "experiment" not in config:
+            return
+        from mixkvq.experiments import format_plan, plan
+
+        exp = config.experiment
+        jobs, errors = plan(config_name or "config", OmegaConf.to_container(config.hydra.sweeper.params),
+                            list(config.hydra.overrides.task), config.cost)
+        print(format_plan(exp.name, exp.title, jobs, config.cost), flush=True)
+        if errors:
+            print(f"error: experiment {exp.name} refused, nothing submitted; fix these jobs first:", file=sys.stderr)
+            for e in errors:
+                print(f"  {e}", file=sys.stderr)
+            sys.exit(2)
+        if exp.dry_run:
+            print(f"dry run: nothing launched (drop experiment.dry_run=true to launch {len(jobs)} jobs)")
+            sys.exit(0)
