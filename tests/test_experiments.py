@@ -101,3 +101,29 @@ def test_an_experiment_naming_a_missing_model_or_task_is_refused_before_submissi
     assert "model/no-such-model" in err and "deepseek-r1-distill-7b" in err  # the bad value and the valid ones
     assert "task/no-such-task" in err and "gsm8k" in err
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "runs").exists()  # no job folder, no result
+
+
+def test_the_jobs_of_one_sweep_share_a_wandb_group(monkeypatch, tmp_path):
+    import types
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from mixkvq.sinks import WandbSink, sweep_group
+
+    assert sweep_group() is None  # a single run outside Hydra has none
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("config", overrides=["hydra.mode=MULTIRUN", "hydra.sweep.dir=results/hydra/multirun/d1/t1"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert sweep_group() == "sweep-d1-t1"
+    finally:
+        HydraConfig.instance().cfg = None
+    seen = {}
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.update(kw)))
+    logger = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "group": None, "tags": []})
+    WandbSink(logger, "run", {}, tmp_path, "sweep-d1-t1")
+    assert seen["group"] == "sweep-d1-t1" and seen["dir"] == str(tmp_path)
+    logger.group = "mixkvq_table3"  # an experiment's name wins
+    WandbSink(logger, "run", {}, tmp_path, "sweep-d1-t1")
+    assert seen["group"] == "mixkvq_table3"
