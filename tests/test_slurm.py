@@ -31,6 +31,14 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def model_file():
+    """The default model's GGUF in the cache before jobs start, so concurrent jobs never fetch it at once."""
+    proc = subprocess.run([sys.executable, "-m", "mixkvq.models", "fetch", "smollm2-135m"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
