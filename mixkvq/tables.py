@@ -301,7 +301,7 @@ def plot_memory_context(samples: pd.DataFrame, runs: pd.DataFrame, path: str | P
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(10, 4))
     for (model, label), g in (pts.groupby(["model", "label"], sort=False) if not pts.empty else []):
         g = g.sort_values("context")
-        mem.plot(g["context"], g["kv_mib"], "o-", ms=3, label=f"{label} ({model})")
+        mem.plot(g["context"], g["kv_mib"], "o", ms=3, label=f"{label} ({model})")  # flushes make it non-monotone
         speed.plot(g["context"], g["tok_s"], "o", ms=3, label=f"{label} ({model})")
     mem.set(xlabel="context tokens (prompt + generated)", ylabel="KV cache (MiB, measured)", title="memory vs context")
     speed.set(xlabel="context tokens (prompt + generated)", ylabel="decode tokens/s (per problem)",
