@@ -68,7 +68,8 @@ class ExperimentPlan(Callback):
         from mixkvq.experiments import format_plan, plan
 
         exp = config.experiment
-        jobs, errors = plan(config_name or "config", OmegaConf.to_container(config.hydra.sweeper.params),
+        params = config.hydra.sweeper.get("params") or {}
+        jobs, errors = plan(config_name or "config", OmegaConf.to_container(params) if params else {},
                             list(config.hydra.overrides.task), config.cost)
         print(format_plan(exp.name, exp.title, jobs, config.cost), flush=True)
         if errors:
