@@ -23,8 +23,8 @@ from mixkvq.methods import ModelShape, build_method, method_config
 from mixkvq.models import check_context, load_model
 from mixkvq.protocol import build_prompt, generate_samples
 from mixkvq.quantizer import QuantSpec
-from mixkvq.results import RunDir, find_reference, twin_key
-from mixkvq.sinks import WandbSink
+from mixkvq.results import RUN_FILE, RunDir, find_finished, find_reference, twin_key
+from mixkvq.sinks import WandbSink, sweep_group
 from mixkvq.summary import format_summary
 from mixkvq.tasks import load_task
 
@@ -60,8 +60,22 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
 
 
+def finished_row(cfg: DictConfig) -> dict | None:
+    """The row of this config's finished run, if any: a re-run sweep job then exits at once."""
+    path = find_finished(cfg.results_dir, cfg)
+    if path is None:
+        return None
+    row = pd.read_parquet(path / RUN_FILE).iloc[0].to_dict()
+    print(f"[{path.name}] already finished; nothing to do ({path})", file=sys.stderr)
+    return row
+
+
 def evaluate(cfg: DictConfig) -> dict:
     check_static(cfg)
+    row = finished_row(cfg)
+    if row is not None:
+        print(format_summary([row]))
+        return row
     started = provenance.collect()  # the code that runs is the code at start, whatever is committed meanwhile
     problems = load_task(cfg.task)
     gen = generation_kwargs(cfg)
@@ -81,7 +95,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with RunDir(cfg.results_dir, cfg, label) as rd:
         done = rd.done_problem_ids()
         todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
-        sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path)
+        sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path, sweep_group())
         print(f"[{rd.name}] {len(problems)} problems, {len(done)} already done; writing to {rd.path}", file=sys.stderr)
         bar = tqdm(todo, desc=label, unit="problem", disable=not cfg.progress, file=sys.stderr)
         correct = total = 0
@@ -89,11 +103,12 @@ def evaluate(cfg: DictConfig) -> dict:
             seed = cfg.seed + index
             out = generate_samples(model, tokenizer, method, prompts[problem.id], cfg.task.n_samples, gen, seed,
                                    cfg.attention.decode_kernel)
+            prompt_tokens = len(tokenizer(prompts[problem.id], add_special_tokens=False).input_ids)
             grades = grade_many(out.texts, [problem.answer] * len(out.texts), cfg.task.grader, cfg.grading_workers)
             rows = [
                 {
                     "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
-                    "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
+                    "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
                     "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
                     "seed": seed, "gen_seconds": out.seconds, "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes,
                     **out.cache_stats[s],

@@ -1,14 +1,18 @@
-"""Hydra callbacks: one summary table at the end of a multirun (`python run.py -m ...`)."""
+"""Hydra callbacks: an experiment's jobs, checks and cost before launching (`python run.py +experiment=NAME`);
+one summary table at the end of a multirun (`python run.py -m ...`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from mixkvq import metrics
+from mixkvq.results import RUN_FILE, find_finished
 from mixkvq.summary import format_summary
 
 
@@ -25,6 +29,20 @@ def fill_agreement(rows: list[dict]) -> list[dict]:
     return out
 
 
+def rows_of_sweep(sweep_dir: str | Path) -> list[dict]:
+    """Run rows of a sweep's finished jobs, found from the job configs Hydra saved in the sweep folder.
+
+    Launchers that run jobs in other processes (Slurm) call on_job_end there, not in the submitting process.
+    """
+    rows = []
+    for saved in sorted(Path(sweep_dir).glob("*/.hydra/config.yaml"), key=lambda p: (len(p.parts[-3]), p)):
+        cfg = OmegaConf.load(saved)
+        run = find_finished(cfg.results_dir, cfg)
+        if run is not None:
+            rows.append(pd.read_parquet(run / RUN_FILE).iloc[0].to_dict())
+    return rows
+
+
 class MultirunSummary(Callback):
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -34,5 +52,31 @@ class MultirunSummary(Callback):
             self.rows.append(job_return.return_value)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if not self.rows:  # jobs ran elsewhere: read what they wrote
+            self.rows = rows_of_sweep(config.hydra.sweep.dir)
         if self.rows:
             print("\n" + format_summary(fill_agreement(self.rows)))
+
+
+class ExperimentPlan(Callback):
+    """Before a multirun that names an experiment: print its jobs and GPU-hours, refuse it (exit 2) if any job's
+    config is wrong, and stop after printing when `experiment.dry_run=true`."""
+
+    def on_multirun_start(self, config, config_name=None, **kwargs) -> None:
+        if "experiment" not in config:
+            return
+        from mixkvq.experiments import format_plan, plan
+
+        exp = config.experiment
+        params = config.hydra.sweeper.get("params") or {}
+        jobs, errors = plan(config_name or "config", OmegaConf.to_container(params) if params else {},
+                            list(config.hydra.overrides.task), config.cost)
+        print(format_plan(exp.name, exp.title, jobs, config.cost), flush=True)
+        if errors:
+            print(f"error: experiment {exp.name} refused, nothing submitted; fix these jobs first:", file=sys.stderr)
+            for e in errors:
+                print(f"  {e}", file=sys.stderr)
+            sys.exit(2)
+        if exp.dry_run:
+            print(f"dry run: nothing launched (drop experiment.dry_run=true to launch {len(jobs)} jobs)")
+            sys.exit(0)

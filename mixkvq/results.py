@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixkvq.errors import ConfigError
 
-# Keys that change where or how a run is reported, never what it computes.
-VOLATILE_KEYS = ("results_dir", "logger", "hydra")
+# Keys that change where or how a run is reported, never what it computes. `experiment` and `cost` describe the
+# sweep a run belongs to: the same config run by hand or by an experiment is the same run.
+VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
 REFERENCE_METHOD = "bf16"
@@ -276,6 +277,17 @@ def find_runs(root: str | os.PathLike) -> pd.DataFrame:
             df["run_dir"] = str(d)
             frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def find_finished(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:
+    """The finished run of this config (its run.parquet written last), found by hash without loading a model.
+
+    Lets a re-submitted sweep job return at once. The name's readable part depends on the method's label,
+    which needs the model; the hash alone decides identity, so match on it.
+    """
+    suffix = f"_{config_hash(cfg)}"
+    found = [d for d in _run_dirs(Path(root)) if d.name.endswith(suffix) and (d / RUN_FILE).exists()]
+    return found[0] if found else None
 
 
 def find_reference(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:

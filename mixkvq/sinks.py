@@ -21,8 +21,24 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def sweep_group() -> str | None:
+    """The W&B group of a multirun job: one per sweep (its output folder), so every job of a sweep shows
+    together. `logger.group` (set by each experiment to its name) takes precedence; a single run has none."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not under Hydra (tests, notebooks)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return "sweep-" + "-".join(Path(hc.sweep.dir).parts[-2:])  # results/hydra/multirun/<day>/<time>
+
+
 class WandbSink:
-    def __init__(self, cfg_logger, run_name: str, config_dict: dict, run_dir: str | os.PathLike):
+    def __init__(self, cfg_logger, run_name: str, config_dict: dict, run_dir: str | os.PathLike,
+                 default_group: str | None = None):
         self.mode = resolve_mode(cfg_logger.mode)
         self._run = None
         self._warned = False
@@ -34,7 +50,7 @@ class WandbSink:
             self._run = wandb.init(
                 project=cfg_logger.project,
                 entity=cfg_logger.entity,
-                group=cfg_logger.group or None,
+                group=cfg_logger.group or default_group,
                 tags=list(cfg_logger.tags),
                 name=run_name,
                 config=config_dict,

@@ -1,0 +1,337 @@
+"""Aggregation of result folders into tables and plots, shared by scripts/make_tables.py and notebooks/.
+
+Reads every run under a folder (any depth), reports damaged or unfinished runs by name and goes on with the
+rest, and builds: the method x task table (pass@1 +- s.e., bits, memory), our numbers beside the papers'
+published ones (results/papers/*.csv), and the plots (accuracy vs storage bits, memory and throughput vs
+context). Pure functions of DataFrames; only the `plot_*` functions import matplotlib.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+from tabulate import tabulate
+
+from mixkvq.results import CONFIG_FILE, RUN_FILE, SAMPLES_FILE
+
+MIB = 2**20
+
+# Paper names of our models, tasks and methods (results/papers/README.md, "Model names").
+PAPER_MODELS = {
+    "deepseek-r1-distill-7b": ["R1-Qwen-7B"],
+    "deepseek-r1-distill-14b": ["R1-Qwen-14B"],
+    "deepseek-r1-distill-32b": ["R1-Qwen-32B"],
+    "deepseek-r1-distill-llama-8b": ["R1-Llama-8B", "R1-LLaMA-8B"],
+    "qwq-32b": ["QwQ-32B"],
+}
+PAPER_TASKS = {"aime24": ["AIME-24"], "aime25": ["AIME-25"], "math500": ["MATH500"], "gsm8k": ["GSM8K"],
+               ("aime24", "aime25"): ["AIME24-25"]}  # MixKVQ pools AIME 2024 and 2025 (60 problems)
+PAPER_METHODS = {"bf16": ["BF16", "original", "fp16", "16bit", "16-bit"], "kivi": ["KIVI"], "mixkvq": ["MixKVQ"],
+                 "pmkvq": ["PM-KVQ"], "kvmix": ["KVmix"]}
+# The paper tables the experiments reproduce (configs/experiment/), by file stem; accuracy metrics only.
+PAPER_TABLES = {
+    "mixkvq_table3": ("MixKVQ Table 3", "accuracy"),
+    "pmkvq_table2": ("PM-KVQ Table 2", "pass@1"),
+    "kivi_table3": ("KIVI Table 3 (GSM8K)", "exact_match"),
+    "kvmix_table3": ("KVmix Table 3 (GSM8K)", "accuracy"),
+}
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Collected:
+    runs: pd.DataFrame                       # one row per finished run (run.parquet + label columns)
+    samples: pd.DataFrame                    # every sample row of those runs, with run_name
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong), reported, skipped
+
+    def report(self) -> str:
+        return "\n".join(f"skipped {path}: {why}" for path, why in self.problems)
+
+
+def _read(path: Path, problems: list, wanted: list[str] | None = None) -> pd.DataFrame | None:
+    """A parquet file (only the `wanted` columns it has), or None with the problem recorded."""
+    try:
+        columns = None if wanted is None else [c for c in wanted if c in pq.read_schema(path).names]
+        return pq.read_table(path, columns=columns).to_pandas()
+    except (pa.ArrowException, OSError) as e:
+        problems.append((str(path), f"unreadable parquet ({type(e).__name__}: {e})"))
+        return None
+
+
+def _method_key(run_dir: Path) -> str:
+    """Short hash of the method settings: tells two configs of one method apart (e.g. KIVI variants)."""
+    cfg = run_dir / CONFIG_FILE
+    if not cfg.exists():
+        return ""
+    node = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False).get("method", {})
+    return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:4]
+
+
+# Sample columns the tables and plots use (responses and token ids stay on disk).
+SAMPLE_COLUMNS = ["problem_id", "sample_index", "correct", "n_tokens", "prompt_tokens", "gen_seconds",
+                  "kv_bytes_final", "kv_bytes_bf16_final", "storage_bits_final", "payload_bits_final"]
+
+
+def collect(root: str | Path) -> Collected:
+    """Every run under `root` (any depth). Damaged files and unfinished runs are reported and skipped."""
+    root = Path(root)
+    problems: list[tuple[str, str]] = []
+    runs, samples = [], []
+    dirs = sorted({p.parent for name in (RUN_FILE, SAMPLES_FILE) for p in root.rglob(name)
+                   if "wandb" not in p.relative_to(root).parts})
+    for d in dirs:
+        if not (d / RUN_FILE).exists():
+            problems.append((str(d), "unfinished run (no run.parquet); rerun its config to complete it"))
+            continue
+        row = _read(d / RUN_FILE, problems)
+        s = _read(d / SAMPLES_FILE, problems, SAMPLE_COLUMNS) if (d / SAMPLES_FILE).exists() else pd.DataFrame()
+        if row is None or s is None:
+            continue  # a run with a damaged file is left out whole, never reported half
+        row = row.iloc[:1].copy()
+        row["run_dir"], row["run_name"], row["method_key"] = str(d), d.name, _method_key(d)
+        runs.append(row)
+        samples.append(s.assign(run_name=d.name))
+    runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
+    if not runs_df.empty:
+        runs_df["label"] = _labels(runs_df)
+    return Collected(runs_df, pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(), problems)
+
+
+def _labels(runs: pd.DataFrame) -> list[str]:
+    """The readable head of the run name (`kivi-KIVI-2`, `mixkvq-C2.5`); a suffix where one head covers two
+    method settings."""
+    base = [name.split("_")[0] for name in runs["run_name"]]
+    keys: dict[str, set] = {}
+    for b, k in zip(base, runs["method_key"]):
+        keys.setdefault(b, set()).add(k)
+    return [b if len(keys[b]) == 1 else f"{b}#{k}" for b, k in zip(base, runs["method_key"])]
+
+
+# ---------------------------------------------------------------- our table
+
+
+def _num(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _pm(p, se) -> str:
+    p, se = _num(p), _num(se)
+    return "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+
+
+def method_task_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows (model, method label, storage), a pass@1% ± s.e. column per task, then bits and memory (means over
+    tasks; memory only from packed storage)."""
+    if runs.empty:
+        return pd.DataFrame()
+    tasks = list(dict.fromkeys(runs["task"]))
+    out = []
+    for (model, label, storage), g in runs.groupby(["model", "label", "storage"], sort=False):
+        row = {"model": model, "method": label, "storage": storage}
+        for t in tasks:
+            cell = g[g["task"] == t]
+            row[t] = _pm(cell["pass1"].iloc[0], cell["pass1_se"].iloc[0]) if len(cell) else "-"
+            if len(cell):
+                row[f"n {t}"] = f"{int(cell['n_problems'].iloc[0])}x{int(cell['n_samples'].iloc[0])}"
+        payload, stor = g["payload_bits_mean"].map(_num).dropna(), g["storage_bits_mean"].map(_num).dropna()
+        row["payload bits"] = f"{payload.mean():.2f}" if len(payload) else "-"
+        row["storage bits"] = f"{stor.mean():.2f}" if len(stor) else "-"
+        packed = g[g["storage"] == "packed"]
+        kv = packed["kv_bytes_vs_bf16"].map(_num).dropna() if "kv_bytes_vs_bf16" in packed else pd.Series()
+        peak = packed["peak_mem_bytes"].map(_num).dropna() if "peak_mem_bytes" in packed else pd.Series()
+        row["KV/bf16"] = f"{kv.mean():.2f}x" if len(kv) else "-"
+        row["peak MiB"] = f"{peak.max() / MIB:.0f}" if len(peak) else "-"
+        out.append(row)
+    df = pd.DataFrame(out)
+    order = ["model", "method", "storage", *tasks, *[f"n {t}" for t in tasks if f"n {t}" in df],
+             "payload bits", "storage bits", "KV/bf16", "peak MiB"]
+    return df[order].fillna("-")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    return tabulate(df, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+
+
+def to_latex(df: pd.DataFrame, caption: str = "") -> str:
+    body = tabulate(df, headers="keys", tablefmt="latex_booktabs", showindex=False, disable_numparse=True)
+    body = body.replace("±", r"$\pm$")
+    cap = f"\\caption{{{caption}}}\n" if caption else ""
+    return f"\\begin{{table}}[t]\n\\centering\n{cap}{body}\n\\end{{table}}\n"
+
+
+# ---------------------------------------------------------------- the papers' numbers
+
+
+def load_papers(folder: str | Path) -> pd.DataFrame:
+    """Every result CSV of results/papers (the `*_claims.csv` files have other columns and are left out).
+    Values stay text as published (`value`), with a numeric copy (`value_num`) for plots."""
+    frames = []
+    for path in sorted(Path(folder).glob("*.csv")):
+        if path.stem.endswith("_claims"):
+            continue
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df["file"] = path.stem
+        frames.append(df)
+    if not frames:
+        raise FileNotFoundError(f"no paper CSVs in {folder}")
+    papers = pd.concat(frames, ignore_index=True)
+    papers["value_num"] = pd.to_numeric(papers["value"], errors="coerce")
+    return papers
+
+
+def _ours_for(runs: pd.DataFrame, model: str, dataset: str, method: str) -> tuple[str, str, str]:
+    """(pass@1% ± s.e., our label(s), n) of our runs matching one paper cell; pooled over tasks for AIME24-25."""
+    models = [m for m, names in PAPER_MODELS.items() if model in names]
+    tasks = next((list(t) if isinstance(t, tuple) else [t] for t, names in PAPER_TASKS.items() if dataset in names),
+                 None)
+    ours = [m for m, names in PAPER_METHODS.items() if method in names]
+    if not models or not tasks or not ours or runs.empty:
+        return "-", "", ""
+    g = runs[runs["model"].isin(models) & runs["task"].isin(tasks) & runs["method"].isin(ours)]
+    if g.empty or set(g["task"]) != set(tasks):
+        return "-", "", ""
+    cells = []
+    for label, h in g.groupby("label", sort=False):
+        w = h["n_problems"].astype(float)
+        p = float((h["pass1"].astype(float) * w).sum() / w.sum())
+        se = float(((h["pass1_se"].astype(float) * w) ** 2).sum() ** 0.5 / w.sum())
+        cells.append((_pm(p, se), label, f"{int(w.sum())}x{int(h['n_samples'].max())}"))
+    return tuple(" / ".join(c[i] for c in cells) for i in range(3))
+
+
+def paper_comparison(runs: pd.DataFrame, papers: pd.DataFrame, file: str) -> pd.DataFrame:
+    """One paper table (by CSV stem) with our matching numbers beside each published cell."""
+    if file not in PAPER_TABLES:
+        raise KeyError(f"unknown paper table {file!r}; valid choices: {sorted(PAPER_TABLES)}")
+    metric = PAPER_TABLES[file][1]
+    rows = papers[(papers["file"] == file) & (papers["metric"] == metric)]
+    if file in ("kivi_table3", "kvmix_table3"):
+        rows = rows[rows["dataset"] == "GSM8K"]
+    out = []
+    for _, r in rows.iterrows():
+        ours, label, n = _ours_for(runs, r["model"], r["dataset"], r["method"])
+        paper = r["value"] + (f" ± {r['std']}" if r.get("std") else "")
+        out.append({"model": r["model"], "dataset": r["dataset"], "method": r["config"], "bits": r["bits"],
+                    "paper": paper, "ours": ours, "our run": label, "n": n})
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: CI and batch jobs have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by another with fewer or equal bits and higher or equal accuracy, by bits."""
+    front, best = [], -math.inf
+    for bits, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((bits, acc))
+            best = acc
+    return front
+
+
+def plot_pareto(runs: pd.DataFrame, path: str | Path, bits: str = "storage_bits_mean"):
+    """pass@1 vs stored bits per element, one panel per (model, task), the Pareto front as a line."""
+    plt = _pyplot()
+    groups = list(runs.groupby(["model", "task"], sort=False)) if not runs.empty else []
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 4), squeeze=False)
+    for ax, ((model, task), g) in zip(axes[0], groups):
+        pts = []
+        for _, r in g.iterrows():
+            x, y, se = _num(r[bits]), _num(r["pass1"]), _num(r["pass1_se"]) or 0.0
+            if x is None or y is None:
+                continue
+            ax.errorbar(x, 100 * y, yerr=100 * se, fmt="o", capsize=3, label=r["label"])
+            pts.append((x, 100 * y))
+        front = pareto_front(pts)
+        if front:
+            ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto front")
+        ax.set(title=f"{model} / {task}", xlabel="storage bits per KV element", ylabel="pass@1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def context_points(samples: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per sample of packed runs: context length (prompt + generated tokens), KV MiB; per problem: tok/s."""
+    if samples.empty or runs.empty:
+        return pd.DataFrame()
+    packed = runs[runs["storage"] == "packed"][["run_name", "label", "model"]]
+    s = samples.merge(packed, on="run_name")
+    if s.empty or "kv_bytes_final" not in s:
+        return pd.DataFrame()
+    prompt = s["prompt_tokens"] if "prompt_tokens" in s else 0
+    s = s.assign(context=prompt + s["n_tokens"], kv_mib=s["kv_bytes_final"].astype(float) / MIB)
+    per_problem = s.groupby(["run_name", "problem_id"])
+    s["tok_s"] = per_problem["n_tokens"].transform("sum") / per_problem["gen_seconds"].transform("first")
+    return s
+
+
+def plot_memory_context(samples: pd.DataFrame, runs: pd.DataFrame, path: str | Path):
+    """KV-cache MiB and decode tokens/s against context length, one colour per method (packed runs only)."""
+    plt = _pyplot()
+    pts = context_points(samples, runs)
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    for (model, label), g in (pts.groupby(["model", "label"], sort=False) if not pts.empty else []):
+        g = g.sort_values("context")
+        mem.plot(g["context"], g["kv_mib"], "o", ms=3, label=f"{label} ({model})")  # flushes make it non-monotone
+        speed.plot(g["context"], g["tok_s"], "o", ms=3, label=f"{label} ({model})")
+    mem.set(xlabel="context tokens (prompt + generated)", ylabel="KV cache (MiB, measured)", title="memory vs context")
+    speed.set(xlabel="context tokens (prompt + generated)", ylabel="decode tokens/s (per problem)",
+              title="throughput vs context")
+    for ax in (mem, speed):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_papers(comparison: pd.DataFrame, path: str | Path, title: str = ""):
+    """Published value beside ours for each cell of one paper table (ours absent where not run)."""
+    plt = _pyplot()
+    c = comparison.copy()
+    c["paper_v"] = pd.to_numeric(c["paper"].str.split(" ").str[0], errors="coerce")
+    c["ours_v"] = pd.to_numeric(c["ours"].str.split(" ").str[0], errors="coerce")
+    c = c.dropna(subset=["paper_v"])
+    names = [f"{m} {d} {k}" for m, d, k in zip(c["model"], c["dataset"], c["method"])]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(c)), 4.5))
+    x = range(len(c))
+    ax.bar([i - 0.2 for i in x], c["paper_v"], width=0.4, label="paper")
+    ax.bar([i + 0.2 for i in x], c["ours_v"].fillna(0), width=0.4, label="ours (0 = not run)")
+    ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=6)
+    ax.set(ylabel="accuracy (%)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
