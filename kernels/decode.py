@@ -10,7 +10,8 @@ values leave their windows under different rules (KIVI: keys in R-blocks, values
 streams are located independently for each token: position u after the sink is in the key store iff
 u < key_store_len[b], and likewise for values.
 
-Store formats (one constexpr per stream, `FORMATS`):
+Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` / `V_FAST` when whole tiles unpack
+without gathers):
 - channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ keys); a block's channel d holds
   words_for(P, w) int32 words, w per (block, channel) when widths are mixed (MixKVQ tiers, full precision
   channels stored raw), else one width for the store.
@@ -33,7 +34,6 @@ import triton.language as tl
 from mixkvq.quantizer import CODE_BITS
 from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
-FORMATS = {"none": 0, "channel": 1, "token": 2, "dense": 3}
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every channel block (P is a multiple of the group, >= 32)
 MAX_SPLITS = 256
@@ -453,7 +453,8 @@ def supports(layer) -> str | None:
     """Why the fused kernel cannot serve this layer, or None when it can."""
     ks, vs = layer.key_stream, layer.value_stream
     for st in (ks.store, vs.store):
-        if st is not None and not isinstance(st, (ChannelGroupStore, TokenGroupStore)):
+        # Exact types: a subclass may lay out or re-width its codes in ways this kernel does not know.
+        if st is not None and type(st) not in (ChannelGroupStore, TokenGroupStore):
             return f"store {type(st).__name__} has no kernel format"
         if isinstance(st, ChannelGroupStore) and st.p % TILE_TOKENS:
             return f"channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
@@ -506,9 +507,8 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     o_part = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=dev)
     lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=dev)
     model_dtype = ks.window.data.dtype
-    interp = not _ROUNDED_MUL
-    dot_dtype = tl.float32 if (interp or model_dtype == torch.float32) else tl.bfloat16 if (
-        model_dtype == torch.bfloat16) else tl.float16
+    # The interpreter's bf16 dot is wrong (DESIGN.md "Kernels"): it multiplies in fp32.
+    dot_dtype = _TL_DTYPES[model_dtype] if _ROUNDED_MUL else tl.float32
     fp_bits = torch.empty((), dtype=model_dtype).element_size() * 8
     _decode_split_kernel[(bsz, n_kv, num_splits)](
         query, query.stride(0), query.stride(1), lens, o_part, lse_part, scaling * math.log2(math.e), split_tokens,
