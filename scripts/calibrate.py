@@ -113,7 +113,8 @@ def _mixkvq(cfg, loaded, method) -> tuple[dict, dict]:
     return payload, data
 
 
-def calibrate(cfg: DictConfig) -> Path:
+def calibrate(cfg: DictConfig, loaded=None) -> Path:
+    """Calibrate cfg.method on cfg.model (or on an already `loaded` model, as tests do) and write the artifact."""
     import torch
 
     from mixkvq.artifacts import artifact_dir, save_artifact
@@ -125,7 +126,7 @@ def calibrate(cfg: DictConfig) -> Path:
     if name not in CALIBRATORS:
         raise ConfigError(f"method {name!r} needs no calibration; calibrate one of {sorted(CALIBRATORS)}")
     method_config(cfg.method)
-    loaded = load_model(cfg.model)
+    loaded = loaded or load_model(cfg.model)
     if loaded.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     shape = ModelShape.of(loaded.model)
