@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,7 +40,7 @@ class PMKVQConfig:
     allocation: str
     fbit: int | None
     fbit_candidates: list | None
-    kv_budget: object
+    kv_budget: object  # number (MB per layer), list of per-layer MB, or a budget file path
     memory_budget_mb: float | None
     target_gpu_mem_gb: float | None
     budget_batch_size: int | None
@@ -290,10 +292,17 @@ class PMKVQ(Method):
         if self._budgets is not None:
             return self._budgets
         c, layers = self.cfg, self.shape.layers
-        if isinstance(c.kv_budget, (int, float)) and not isinstance(c.kv_budget, bool):
-            out = [int(float(c.kv_budget) * MIB)] * layers
-        elif c.kv_budget is not None:
-            vals = list(c.kv_budget)
+        budget = c.kv_budget
+        if isinstance(budget, str):  # a per-layer budget file (§6.8 item 2): a JSON list, or one MB value per line
+            path = Path(budget)
+            if not path.is_file():
+                raise ConfigError(f"pmkvq.kv_budget={budget!r} is neither a number nor an existing budget file")
+            text = path.read_text().strip()
+            budget = json.loads(text) if text.startswith("[") else [float(x) for x in text.split()]
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            out = [int(float(budget) * MIB)] * layers
+        elif budget is not None:
+            vals = list(budget)
             if len(vals) != layers:
                 raise ConfigError(f"pmkvq.kv_budget lists {len(vals)} per-layer budgets; the model has {layers} layers")
             out = [int(float(v) * MIB) for v in vals]

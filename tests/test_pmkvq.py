@@ -244,3 +244,12 @@ def test_artifacts_are_refused_for_another_model_or_when_missing(tmp_path):
 def test_impossible_settings_are_refused_by_name(override, match):
     with pytest.raises(ConfigError, match=match):
         _method(override).budgets()
+
+
+def test_kv_budget_takes_a_number_a_list_or_a_file(tmp_path):
+    assert _method("method.kv_budget=0.5").budgets() == [2**19, 2**19]
+    assert _method("method.kv_budget=[0.25,1]").budgets() == [2**18, 2**20]
+    (tmp_path / "budgets.txt").write_text("0.5\n2\n")
+    assert _method(f"method.kv_budget={tmp_path / 'budgets.txt'}").budgets() == [2**19, 2**21]
+    with pytest.raises(ConfigError, match="kv_budget"):
+        _method("method.kv_budget=[1,2,3]").budgets()
