@@ -429,18 +429,30 @@ class ProgressiveTokenStore(TokenGroupStore):
     codes buffer is words_for(D, max β) int32 words wide, and a row at a smaller β uses the first
     words_for(D, β) words of each token (the rest are zero). When the widest row shrinks the buffer is
     narrowed, so allocated memory follows. `shrink` rewrites the stored tokens in place and bumps `version`.
-    Fake storage keeps the codes unpacked ([B, H, T, D] int32) and re-quantizes them in float64 on a shrink;
-    the test suite checks that this equals the packed integer shift for every code, so both give the same tokens.
+    Fake storage keeps the dequantized tokens (`values`, what kernels read densely) plus the codes unpacked
+    ([B, H, T, D] int32), and re-quantizes in float64 on a shrink; the tests check that this equals the packed
+    integer shift for every code, so both give the same tokens.
     """
 
     def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool):
         super().__init__(batch, heads, dim, group, bits, dtype, device, spec, packed)
         self.row_bits = torch.full((batch,), bits, dtype=torch.int64)
-        if not packed:  # unpacked codes instead of dequantized values: shrinking needs the codes
-            del self.values
+        if not packed:  # fake: the dense tokens kernels read (`values`), plus unpacked codes for shrinking
             self.codes = RaggedBuffer(batch, heads, dim, torch.int32, device)
             self.scale = RaggedBuffer(batch, heads, dim // group, spec.meta_dtype, device)
             self.zero = RaggedBuffer(batch, heads, dim // group, spec.meta_dtype, device)
+
+    @property
+    def bits(self) -> int:
+        """The store's one code width, as TokenGroupStore readers expect; 0 while rows differ (no single width)."""
+        rb = getattr(self, "row_bits", None)
+        if rb is None:
+            return self._bits
+        return int(rb[0]) if bool((rb == rb[0]).all()) else 0
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        self._bits = value
 
     @property
     def container_bits(self) -> int:
@@ -467,6 +479,9 @@ class ProgressiveTokenStore(TokenGroupStore):
         self.codes.append(Ragged(codes_out, r.lens))
         self.scale.append(Ragged(scale_out, r.lens))
         self.zero.append(Ragged(zero_out, r.lens))
+        if not self.packed:
+            self.values.append(self._dequantized(Ragged(codes_out, r.lens), Ragged(scale_out, r.lens),
+                                                 Ragged(zero_out, r.lens)))
 
     def tokens(self) -> torch.Tensor:
         return self.codes.lens
@@ -506,6 +521,11 @@ class ProgressiveTokenStore(TokenGroupStore):
                 self.codes.data[dev_rows, :, :t] = out
                 s = self.scale.data[dev_rows, :, :t]
                 self.scale.data[dev_rows, :, :t] = (s.float() * shrink_scale_factor(new, rule)).to(s.dtype)
+                if not self.packed:
+                    lens = self.codes.lens[sel]
+                    self.values.data[dev_rows, :, :t] = self._dequantized(
+                        Ragged(out, lens), Ragged(self.scale.data[dev_rows, :, :t], lens),
+                        Ragged(self.zero.data[dev_rows, :, :t], lens)).data
             self.row_bits[sel] = new
         if self.packed:  # narrow the container to the widest row's words: the memory is given back
             width = words_for(self.d, self.container_bits)
@@ -513,17 +533,26 @@ class ProgressiveTokenStore(TokenGroupStore):
                 self.codes.data = self.codes.data[..., :width].clone()
         self.version += 1
 
-    def ragged(self, start: int = 0) -> Ragged:
-        codes, scale, zero = (_from(buf.view(), start) for buf in (self.codes, self.scale, self.zero))
+    def _dequantized(self, codes: Ragged, scale: Ragged, zero: Ragged, row_bits: torch.Tensor | None = None) -> Ragged:
+        """Tokens from codes at each row's width (`codes` rows are all of the store's rows, or rows of `row_bits`)."""
+        row_bits = self.row_bits if row_bits is None else row_bits
         lead = codes.data.shape[:3]
         q = torch.zeros(*lead, self.d, dtype=torch.int32, device=codes.data.device)
-        for bits in self.row_bits.unique().tolist():
-            rows = (self.row_bits == bits).nonzero(as_tuple=True)[0].to(q.device)
-            words = codes.data[rows]
-            q[rows] = (unpack(words[..., : words_for(self.d, bits)], bits, self.d) if self.packed
-                       else words).to(torch.int32)
+        if self.packed:
+            for bits in row_bits.unique().tolist():
+                rows = (row_bits == bits).nonzero(as_tuple=True)[0].to(q.device)
+                q[rows] = unpack(codes.data[rows][..., : words_for(self.d, bits)], bits, self.d).to(torch.int32)
+        else:
+            q = codes.data.to(torch.int32)
         q = q.reshape(*lead, self.d // self.g, self.g)
         return Ragged(dequantize(q, scale.data, zero.data, self.dtype).reshape(*lead, self.d), codes.lens)
 
+    def ragged(self, start: int = 0) -> Ragged:
+        if not self.packed:
+            return _from(self.values.view(), start)
+        codes, scale, zero = (_from(buf.view(), start) for buf in (self.codes, self.scale, self.zero))
+        return self._dequantized(codes, scale, zero)
+
     def allocated_bytes(self) -> int:
-        return sum(b.allocated_bytes() for b in (self.codes, self.scale, self.zero))
+        bufs = [self.codes, self.scale, self.zero] + ([] if self.packed else [self.values])
+        return sum(b.allocated_bytes() for b in bufs)

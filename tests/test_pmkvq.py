@@ -55,7 +55,7 @@ def test_packed_shrink_equals_fake_requantization_down_the_whole_ladder(rule):
         packed, fake = stores[True].ragged(), stores[False].ragged()
         assert torch.equal(packed.data[0], fake.data[0]) and torch.equal(packed.data[1, :, :23], fake.data[1, :, :23])
         assert all(s.version == versions[p] + 1 for p, s in stores.items())  # the reference re-reads the store
-        assert stores[True].row_bits.tolist() == [bits, bits]
+        assert stores[True].row_bits.tolist() == [bits, bits] and stores[True].bits == bits
         # The container narrows with the width: words_for(D, b) int32 words per token.
         assert stores[True].codes.data.shape[-1] == D * bits // 32
         err = (packed.data[0].float() - x[0].float()).abs().max()
@@ -72,6 +72,7 @@ def test_rows_shrink_independently_and_bytes_follow_each_row():
     before = store.ragged().data[0].clone()
     store.shrink(torch.tensor([1]), "equivalent")
     assert store.row_bits.tolist() == [16, 8]
+    assert store.bits == 0  # no single width while rows differ: readers of one `bits` must not trust the store
     assert torch.equal(store.ragged().data[0], before)  # row 0 untouched
     meta = 2 * 1 * 2  # one group per token and head: bf16 scale + zero
     assert store.live_bytes.tolist() == [10 * H * (D * 16 // 8 + meta), 10 * H * (D * 8 // 8 + meta)]
