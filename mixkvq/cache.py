@@ -30,9 +30,10 @@ WINDOW_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 class Stream:
     """Keys or values of one layer."""
 
-    def __init__(self, batch, heads, dim, dtype, device, window: str, residual: int, sink: int,
+    def __init__(self, batch, heads, dim, dtype, device, window: str | Callable, residual: int, sink: int,
                  store: ChannelGroupStore | TokenGroupStore | None, widths_fn=None):
-        self.window_rule = WINDOW_RULES[window]
+        # A name from WINDOW_RULES, or a method's own rule with the same signature (KVmix's RPC ratio).
+        self.window_rule = WINDOW_RULES[window] if isinstance(window, str) else window
         self.residual, self.sink_tokens = residual, sink
         self.window = RaggedBuffer(batch, heads, dim, dtype, device)
         self.sink = RaggedBuffer(batch, heads, dim, dtype, device) if sink else None
@@ -179,6 +180,18 @@ class QuantizedCache(Cache):
         self.method, self.storage = method, storage
         self.snapshots: list[dict[str, torch.Tensor]] = []  # one per forward step, per row
         self.peak_allocated_bytes = 0
+        # Per row: the forward step at which a method ended the sample (PM-KVQ budget overflow), else -1.
+        # Forward j produces token j+1, so a row stopped at j keeps its first j generated tokens.
+        self.stop_step = torch.full((len(layers[0].pad) if layers else 0,), -1, dtype=torch.int64)
+
+    def stop_rows(self, rows: torch.Tensor) -> None:
+        """End these rows' samples at the current forward step (the first stop of a row wins)."""
+        rows = rows.to("cpu")
+        fresh = rows[self.stop_step[rows] < 0]
+        self.stop_step[fresh] = len(self.snapshots)
+
+    def stopped(self) -> torch.Tensor:
+        return self.stop_step >= 0
 
     def step_done(self, layer_idx: int) -> None:
         """Called after each layer's attention; after the last layer the step's totals are recorded."""

@@ -85,6 +85,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(model)
     method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+    method.prepare_model(model)
     prompts = {p.id: build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems}
     longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in prompts.values())
     check_context(loaded, longest, gen["max_new_tokens"])

@@ -22,7 +22,7 @@ from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
 METHODS: Registry[type["Method"]] = Registry("method")
 # Modules whose import registers a method; a new method adds its module here.
-METHOD_MODULES = ("baselines.bf16", "baselines.kivi", "mixkvq.mixkvq")
+METHOD_MODULES = ("baselines.bf16", "baselines.kivi", "mixkvq.mixkvq", "baselines.pmkvq", "baselines.kvmix")
 STORAGE_MODES = ("packed", "fake")
 
 
@@ -69,6 +69,9 @@ class Method:
     def nominal_bits(self) -> str:
         raise NotImplementedError
 
+    def prepare_model(self, model) -> None:
+        """Called once on the loaded model before any generation (PM-KVQ folds its key scales into weights)."""
+
     def make_layer(self, idx: int, batch: int, pad: torch.Tensor) -> QuantizedLayer:
         raise NotImplementedError
 
@@ -84,10 +87,10 @@ class Method:
         s = self.shape
         return Stream(batch, s.kv_heads, s.head_dim, s.dtype, s.device, window, residual, sink, store, widths_fn)
 
-    def channel_store(self, batch, block: int, group: int, width: int | None) -> ChannelGroupStore:
+    def channel_store(self, batch, block: int, group: int, width: int | None, pack11: bool = False) -> ChannelGroupStore:
         s = self.shape
         return ChannelGroupStore(batch, s.kv_heads, s.head_dim, block, group, s.dtype, s.device, self.quant,
-                                 self.storage == "packed", width)
+                                 self.storage == "packed", width, pack11)
 
     def token_store(self, batch, group: int, bits: int) -> TokenGroupStore:
         s = self.shape

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
 from mixkvq.methods import Method, check_choice, check_group, register_method
@@ -45,6 +46,9 @@ class MixKVQConfig:
     residual_length: int
     sink_tokens: int
     value_window: str
+    calibration_dir: str
+    artifact: str | None
+    search: dict
 
 
 def salience(importance: torch.Tensor, block: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None,
@@ -151,11 +155,6 @@ class MixKVQ(Method):
         c = self.cfg
         check_choice("mixkvq.tier_rule", c.tier_rule, ("target_bits", "threshold"))
         check_choice("mixkvq.thresholds", c.thresholds, ("paper", "search"))
-        if c.thresholds == "search":
-            raise ConfigError(
-                "mixkvq.thresholds=search needs a threshold-search calibration artifact, and threshold search is not "
-                "implemented yet; use mixkvq.thresholds=paper or set mixkvq.tau_bf16 / mixkvq.tau_uint4"
-            )
         check_choice("mixkvq.bits_measure", c.bits_measure, ("codes",))
         check_choice("mixkvq.salience_norm", c.salience_norm, ("mean", "none"))
         check_choice("mixkvq.sensitivity_tokens", c.sensitivity_tokens, ("block", "all"))
@@ -171,7 +170,11 @@ class MixKVQ(Method):
         check_group("mixkvq.value_group_size", c.value_group_size, self.shape.head_dim, "head_dim")
         if not isinstance(c.sink_tokens, int) or c.sink_tokens < 0:
             raise ConfigError(f"mixkvq.sink_tokens={c.sink_tokens!r} must be a non-negative integer")
-        tau_bf16, tau_uint4 = self._paper("tau_bf16"), self._paper("tau_uint4")
+        if c.thresholds == "search" and c.tau_bf16 is None and c.tau_uint4 is None:
+            found = load_artifact("mixkvq", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
+            tau_bf16, tau_uint4 = float(found["tau_bf16"]), float(found["tau_uint4"])
+        else:
+            tau_bf16, tau_uint4 = self._paper("tau_bf16"), self._paper("tau_uint4")
         if tau_bf16 <= 0 or tau_uint4 <= 0:
             raise ConfigError(f"mixkvq thresholds must be positive, got tau_bf16={tau_bf16}, tau_uint4={tau_uint4}")
         if c.tier_order == "sorted" and tau_bf16 < tau_uint4:

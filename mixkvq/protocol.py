@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mixkvq.attention import bind
 from mixkvq.methods import Method
@@ -30,6 +31,16 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+class CacheStop(StoppingCriteria):
+    """Ends the rows the cache has stopped (PM-KVQ's budget overflow at its lowest width)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return self.cache.stopped().to(input_ids.device)
+
+
 @dataclass
 class Generation:
     token_ids: list[list[int]]  # generated tokens of each sample, up to and including its EOS
@@ -51,16 +62,23 @@ def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen:
     start = time.perf_counter()
     with bind(model, cache, decode_kernel), torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, num_return_sequences=n,
-                             pad_token_id=tokenizer.pad_token_id or min(stop), eos_token_id=sorted(stop), **gen)
+                             pad_token_id=tokenizer.pad_token_id or min(stop), eos_token_id=sorted(stop),
+                             stopping_criteria=StoppingCriteriaList([CacheStop(cache)]), **gen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    tokens, truncated = [], []
-    for row in out[:, ids.shape[1]:].tolist():
+    tokens, truncated, by_budget = [], [], []
+    for row, stop_step in zip(out[:, ids.shape[1]:].tolist(), cache.stop_step.tolist()):
         end = next((i + 1 for i, t in enumerate(row) if t in stop), None)
-        tokens.append(row[:end] if end else row)
-        truncated.append(end is None and len(row) >= gen["max_new_tokens"])
+        # A cache stop before the row's own end truncates it there (recorded apart from the max-token limit).
+        budget = stop_step >= 0 and (end is None or stop_step < end)
+        end = stop_step if budget else end
+        tokens.append(row[:end] if end is not None else row)
+        truncated.append(not budget and end is None and len(row) >= gen["max_new_tokens"])
+        by_budget.append(budget)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     stats = cache.sequence_stats(torch.tensor([len(t) for t in tokens]))
+    for row_stats, budget in zip(stats, by_budget):
+        row_stats["truncated_by_budget"] = budget
     peak = cache.peak_allocated_bytes if method.storage == "packed" else None
     return Generation(tokens, texts, truncated, seconds, stats, peak)

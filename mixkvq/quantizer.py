@@ -53,13 +53,18 @@ def check_bits(bits: int, what: str) -> int:
     return int(bits)
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """uint8 holds codes up to 8 bits; PM-KVQ's 16-bit stage needs a wider integer."""
+    return torch.uint8 if bits <= 8 else torch.int32
+
+
 def _round(x: torch.Tensor, rounding: str) -> torch.Tensor:
     # x is non-negative here, so half-away-from-zero is floor(x + 0.5).
     return torch.round(x) if rounding == "half_even" else torch.floor(x + 0.5)
 
 
 def quantize(x: torch.Tensor, bits: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize groups along the last dim. Returns (codes uint8 [..., G], scale [...], zero [...])."""
+    """Quantize groups along the last dim. Returns (codes [..., G] (`code_dtype`), scale [...], zero [...])."""
     xf = x.float()
     lo = xf.amin(dim=-1)
     hi = xf.amax(dim=-1)
@@ -72,7 +77,7 @@ def quantize(x: torch.Tensor, bits: int, spec: QuantSpec) -> tuple[torch.Tensor,
     scale = scale.to(spec.meta_dtype)
     zero = lo.to(spec.meta_dtype)
     q = _round((xf - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1), spec.rounding)
-    codes = q.clamp_(0, levels).to(torch.uint8)
+    codes = q.clamp_(0, levels).to(code_dtype(bits))
     return codes, scale, zero
 
 
@@ -116,12 +121,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack`: int32 words [..., nw] -> uint8 codes [..., n]."""
+    """Inverse of `pack`: int32 words [..., nw] -> codes [..., n] (`code_dtype`)."""
     cpw = codes_per_word(bits)
     w = words.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(cpw, device=words.device, dtype=torch.int64) * bits
     c = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return c.reshape(*words.shape[:-1], words.shape[-1] * cpw)[..., :n].to(torch.uint8)
+    return c.reshape(*words.shape[:-1], words.shape[-1] * cpw)[..., :n].to(code_dtype(bits))
 
 
 def pack_float(x: torch.Tensor) -> torch.Tensor:
@@ -144,3 +149,33 @@ def unpack_float(words: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tenso
     halves = torch.stack((w & 0xFFFF, w >> 16), dim=-1).reshape(*words.shape[:-1], 2 * words.shape[-1])[..., :n]
     halves = torch.where(halves >= 1 << 15, halves - (1 << 16), halves)
     return halves.to(torch.int16).view(dtype)
+
+
+# ---- KVmix's 3-bit layout: 11 codes per int32 (ten 3-bit codes, then one 2-bit code in bits 30-31) -------
+
+PACK11 = 11  # codes per word
+
+
+def clamp_slot11(codes: torch.Tensor) -> torch.Tensor:
+    """The 11th code of every word has 2 bits: clamp it to [0, 3] while the group scale keeps qmax = 7."""
+    c = codes.clone()
+    c[..., PACK11 - 1 :: PACK11] = c[..., PACK11 - 1 :: PACK11].clamp(max=3)
+    return c
+
+
+def pack11(codes: torch.Tensor) -> torch.Tensor:
+    """3-bit codes [..., n] (n a multiple of 11) -> int32 words [..., n / 11], first code in the lowest bits."""
+    n = codes.shape[-1]
+    assert n % PACK11 == 0, "the 11-per-word layout packs whole groups of 11 codes"
+    c = clamp_slot11(codes).to(torch.int64).reshape(*codes.shape[:-1], n // PACK11, PACK11)
+    shifts = torch.arange(PACK11, device=codes.device, dtype=torch.int64) * 3
+    words = (c << shifts).sum(dim=-1)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32)
+
+
+def unpack11(words: torch.Tensor, n: int) -> torch.Tensor:
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(PACK11, device=words.device, dtype=torch.int64) * 3
+    c = (w.unsqueeze(-1) >> shifts) & 7  # slot 11 sits in bits 30-31, so `& 7` reads its 2 bits
+    return c.reshape(*words.shape[:-1], words.shape[-1] * PACK11)[..., :n].to(torch.uint8)

@@ -1,0 +1,139 @@
+"""KVmix (Li et al., AAAI 2026), METHODS.md §7: per-layer key/value widths from gradient importance + RPC window.
+
+Keys per channel in token groups (G=32; 3-bit keys in groups of 11 packed 11 per int32 in the repo layout),
+values per token in groups of G channels. The `high_bit_layers` most important layers by the profiled
+‖∇W_k L‖ (and separately ‖∇W_v L‖) get the high widths (K3 / V4), the others the low ones (K2 / V2).
+
+Recent Pivotal Context (§7.3), at every forward, before the step's attention: the full-precision buffer is
+`old ++ new` (c tokens); keep = ⌊r·c⌋; the oldest ⌊(c − keep)/G⌋·G tokens are quantized. r depends on the
+tensor's width (`rpc_ratios`: paper or repo values), so the buffer cycles in a small band (~7..39 for r=0.2, G=32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mixkvq.artifacts import load_artifact
+from mixkvq.cache import QuantizedLayer
+from mixkvq.errors import ConfigError
+from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.quantizer import PACK11, check_bits
+
+
+@dataclass(frozen=True)
+class KVmixConfig:
+    name: str
+    nominal_bits: str | None
+    high_bits: dict
+    low_bits: dict
+    rpc_ratios: str
+    ratio_tables: dict
+    high_bit_layers: str
+    high_bit_share: float
+    group_size: int
+    key3_format: str
+    layer_bits: dict | None
+    calibration_dir: str
+    artifact: str | None
+    profile: dict
+
+
+def rpc_rule(ratio: float, group: int):
+    """Window rule: tokens each row releases, given its buffer lengths w (the residual argument is unused)."""
+
+    def rule(w: torch.Tensor, _residual: int) -> torch.Tensor:
+        keep = torch.floor(w.to(torch.float64) * ratio).to(torch.int64)
+        return ((w - keep) // group) * group
+
+    return rule
+
+
+def high_bit_count(layers: int, rule: str, share: float) -> int:
+    """repo: 2·⌊0.1·L⌋ (6 of 32 layers); paper: ⌊share·L⌋ (the paper gives no rounding; floor)."""
+    return 2 * int(0.1 * layers) if rule == "repo" else int(math.floor(share * layers + 1e-9))
+
+
+def allocate(scores: list[float], n_high: int, high: int, low: int) -> list[int]:
+    """The n_high layers with the largest scores get `high` bits (ties: the earlier layer), the rest `low`."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    top = set(order[:n_high])
+    return [high if i in top else low for i in range(len(scores))]
+
+
+class KVmixLayer(QuantizedLayer):
+    def update(self, key_states, value_states, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        # KVmix quantizes before the step's attention (§7.3), so release here, not after attention.
+        self.key_stream.release()
+        self.value_stream.release()
+        return out
+
+    def after_attention(self) -> None:
+        pass
+
+
+@register_method("kvmix")
+class KVmix(Method):
+    config_cls = KVmixConfig
+
+    def validate(self) -> None:
+        c = self.cfg
+        check_choice("kvmix.rpc_ratios", c.rpc_ratios, c.ratio_tables)
+        check_choice("kvmix.high_bit_layers", c.high_bit_layers, ("repo", "paper"))
+        check_choice("kvmix.key3_format", c.key3_format, ("repo", "g32"))
+        for which in ("high_bits", "low_bits"):
+            bits = getattr(c, which)
+            if sorted(bits) != ["key", "value"]:
+                raise ConfigError(f"kvmix.{which}={bits!r} must have exactly the keys ['key', 'value']")
+            for k, b in bits.items():
+                check_bits(b, f"kvmix.{which}.{k}")
+        if not 0 <= float(c.high_bit_share) <= 1:
+            raise ConfigError(f"kvmix.high_bit_share={c.high_bit_share!r} must lie in [0, 1]")
+        check_group("kvmix.group_size", c.group_size, self.shape.head_dim, "head_dim")
+        self.ratios = {int(b): float(r) for b, r in c.ratio_tables[c.rpc_ratios].items()}
+        for b in {*c.high_bits.values(), *c.low_bits.values()}:
+            if b not in self.ratios:
+                raise ConfigError(f"kvmix.ratio_tables.{c.rpc_ratios} gives no RPC ratio for {b}-bit tensors; "
+                                  f"it has {sorted(self.ratios)}")
+        self.key_bits, self.value_bits = self._layer_bits()
+
+    def _layer_bits(self) -> tuple[list[int], list[int]]:
+        c, layers = self.cfg, self.shape.layers
+        if c.layer_bits is not None:
+            keys, values = list(c.layer_bits.get("key", [])), list(c.layer_bits.get("value", []))
+            if len(keys) != layers or len(values) != layers:
+                raise ConfigError(f"kvmix.layer_bits needs {layers} key and {layers} value widths, got "
+                                  f"{len(keys)} and {len(values)}")
+            for b in keys + values:
+                check_bits(b, "kvmix.layer_bits")
+            return keys, values
+        scores = load_artifact("kvmix", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
+        n_high = high_bit_count(layers, c.high_bit_layers, c.high_bit_share)
+        keys = allocate(scores["key_scores"], n_high, c.high_bits["key"], c.low_bits["key"])
+        values = allocate(scores["value_scores"], n_high, c.high_bits["value"], c.low_bits["value"])
+        return keys, values
+
+    @property
+    def average_bits(self) -> tuple[float, float]:
+        return sum(self.key_bits) / len(self.key_bits), sum(self.value_bits) / len(self.value_bits)
+
+    @property
+    def nominal_bits(self) -> str:
+        k, v = self.average_bits
+        return self.cfg.nominal_bits or f"k{k:.2f}v{v:.2f}"
+
+    def key_group(self, bits: int) -> int:
+        return PACK11 if bits == 3 and self.cfg.key3_format == "repo" else self.cfg.group_size
+
+    def make_layer(self, idx, batch, pad):
+        s = self.shape
+        kb, vb = self.key_bits[idx], self.value_bits[idx]
+        kg, vg = self.key_group(kb), self.cfg.group_size
+        key_store = self.channel_store(batch, kg, kg, kb, pack11=kg == PACK11)
+        keys = self.stream(batch, window=rpc_rule(self.ratios[kb], kg), store=key_store)
+        # Values release whole groups of G tokens too (the repo's rule is shared by K and V).
+        values = self.stream(batch, window=rpc_rule(self.ratios[vb], vg), store=self.token_store(batch, vg, vb))
+        return KVmixLayer(idx, keys, values, pad, s.kv_heads, s.head_dim)

@@ -1,0 +1,353 @@
+"""PM-KVQ (Liu et al., ICLR 2026), METHODS.md §6: progressive mixed-precision per-token KV quantization.
+
+Keys and values: per-token asymmetric groups of 128 channels (bf16 scale and float zero). Per stream: a 1-token
+sink and a modulo-128 window at 16 bits; whole 128-token blocks leave the window at the layer's current width
+β. β starts at 16 and halves (16 -> 8 -> 4 -> 2) for the layer's *whole* main cache whenever the layer's bytes
+pass its budget; packed storage shrinks codes with the equivalent right shift (no dequantize/requantize). A
+budget still exceeded at the lowest width ends the sample, recorded as `truncated_by_budget` (or raises).
+
+Budgets: `uniform` gives each layer Mem(Fbit) = Fbit·(H_kv·D)·2·max_len/8 bytes; `blockwise` splits a total M
+over layers by the integer program of §6.3 on the calibrated sensitivities. Outlier key channels are handled by
+the calibrated reparameterization K' = K·Λ⁻¹, Q' = Q·Λ folded into the q/k projections (§6.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixkvq.artifacts import load_artifact
+from mixkvq.cache import QuantizedLayer
+from mixkvq.errors import ConfigError
+from mixkvq.methods import Method, check_choice, register_method
+from mixkvq.storage import SHRINK_RULES, ProgressiveTokenStore
+
+MIB = 2**20  # the repo's "MB" (the worked value of §6.3: Mem(2) = 8 MiB per layer for R1-Qwen-7B)
+LADDER = (16, 8, 4, 2)
+LOWEST = LADDER[-1]
+
+
+@dataclass(frozen=True)
+class PMKVQConfig:
+    name: str
+    nominal_bits: str | None
+    allocation: str
+    fbit: int | None
+    fbit_candidates: list | None
+    kv_budget: object  # number (MB per layer), list of per-layer MB, or a budget file path
+    memory_budget_mb: float | None
+    target_gpu_mem_gb: float | None
+    budget_batch_size: int | None
+    activation_reserve_gb: float | None
+    budget_mean_bits: float | None
+    max_len: int | None
+    on_budget_overflow: str
+    budget_counts_metadata: bool
+    shrink_rule: str
+    group_size: int
+    scale_clamp: list
+    sink_tokens: int
+    window_tokens: int
+    init_bits: int
+    reparameterize: bool
+    rep_scale_bug: bool
+    sensitivity_reduce: str
+    calibration_dir: str
+    artifact: str | None
+    calib: dict
+
+
+# ---- block-wise allocation: min Σ s_{i,b} s.t. Σ Mem_i(b) <= M, one width per layer (§6.3) -----------------
+
+
+def solve_allocation(cost: list[list[float]], mem: list[list[int]], budget: int) -> list[int]:
+    """Exact multiple-choice knapsack by dynamic programming over integer memory; returns a choice per layer.
+
+    cost[i][j], mem[i][j]: sensitivity and memory (integer units) of layer i at candidate j. Raises ConfigError
+    when even the cheapest memory choice of every layer exceeds the budget.
+    """
+    if sum(min(m) for m in mem) > budget:
+        raise ConfigError(f"PM-KVQ memory budget {budget} is below the smallest allocation "
+                          f"{sum(min(m) for m in mem)} (every layer at its lowest candidate width)")
+    unit = math.gcd(*[x for row in mem for x in row], budget) or 1
+    cap = budget // unit
+    inf = float("inf")
+    best = [0.0] + [inf] * cap  # best[u]: least cost of the layers so far using exactly u units
+    choices: list[list[int]] = []
+    for costs, mems in zip(cost, mem):
+        nxt, pick = [inf] * (cap + 1), [-1] * (cap + 1)
+        for u, base in enumerate(best):
+            if base == inf:
+                continue
+            for j, (c, m) in enumerate(zip(costs, mems)):
+                v = u + m // unit
+                if v <= cap and base + c < nxt[v]:
+                    nxt[v], pick[v] = base + c, j
+        best = nxt
+        choices.append(pick)
+    u = min(range(cap + 1), key=lambda k: best[k])
+    out = []
+    for i in reversed(range(len(cost))):
+        j = choices[i][u]
+        out.append(j)
+        u -= mem[i][j] // unit
+    return out[::-1]
+
+
+def brute_force_allocation(cost, mem, budget) -> list[int]:
+    """The same program by enumeration (test oracle for small instances)."""
+    best, arg = float("inf"), None
+    for combo in itertools.product(*[range(len(c)) for c in cost]):
+        if sum(mem[i][j] for i, j in enumerate(combo)) <= budget:
+            c = sum(cost[i][j] for i, j in enumerate(combo))
+            if c < best:
+                best, arg = c, list(combo)
+    return arg
+
+
+# ---- reparameterization folded into the projections (§6.4) ---------------------------------------------------
+
+
+def tile_pairs(half: torch.Tensor) -> torch.Tensor:
+    """λ per RoPE pair [..., D/2] -> per channel [..., D]: channels i and i + D/2 rotate together."""
+    return torch.cat([half, half], dim=-1)
+
+
+@torch.no_grad()
+def fold_key_scales(model, scales: torch.Tensor) -> None:
+    """K' = K·Λ⁻¹ and Q' = Q·Λ per KV head, Λ shared by each RoPE pair, so Q'·K'ᵀ = Q·Kᵀ after RoPE.
+
+    scales: [layers, kv_heads, D/2]. Folded into k_proj / q_proj rows (and biases), or into k_norm / q_norm
+    weights for models that normalize q and k per head after the projection (Qwen3).
+    """
+    from mixkvq.attention import attention_modules
+
+    mods = attention_modules(model)
+    if scales.shape[0] != len(mods):
+        raise ConfigError(f"PM-KVQ key scales cover {scales.shape[0]} layers but the model has {len(mods)}")
+    for mod, lam in zip(mods, scales):
+        lam = tile_pairs(lam.double())  # [H_kv, D]
+        kv_heads, dim = lam.shape
+        q_heads = mod.q_proj.out_features // dim
+        lam_q = lam.repeat_interleave(q_heads // kv_heads, dim=0)  # query head j uses its KV head's λ
+        if hasattr(mod, "k_norm") and hasattr(mod.k_norm, "weight"):
+            # One weight per channel shared by all heads: only a head-independent λ can be folded there.
+            if not torch.allclose(lam, lam[:1].expand_as(lam)):
+                raise ConfigError("this model normalizes keys per head with one shared weight; PM-KVQ key scales "
+                                  "must then be the same for every KV head (set pmkvq.reparameterize=false)")
+            _scale_(mod.k_norm.weight, 1 / lam[0])
+            _scale_(mod.q_norm.weight, lam[0])
+            continue
+        _scale_rows(mod.k_proj, 1 / lam.reshape(-1))
+        _scale_rows(mod.q_proj, lam_q.reshape(-1))
+
+
+def _scale_(w: torch.Tensor, factor: torch.Tensor) -> None:
+    w.copy_((w.double() * factor.to(w.device)).to(w.dtype))
+
+
+def _scale_rows(linear, factor: torch.Tensor) -> None:
+    _scale_(linear.weight, factor[:, None])
+    if linear.bias is not None:
+        _scale_(linear.bias, factor)
+
+
+# ---- the cache ----------------------------------------------------------------------------------------------------
+
+
+class PMKVQLayer(QuantizedLayer):
+    def __init__(self, *args, method: "PMKVQ", budget: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method, self.budget = method, budget
+        self.overflowed = torch.zeros(len(self.pad), dtype=torch.bool)  # rows past the budget at the lowest width
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.key_stream.store.row_bits
+
+    def budget_bytes(self) -> torch.Tensor:
+        """Per row, as the paper counts it: every element at its width, sink and window at 16 bits (§6.2)."""
+        k, v = self.key_stream, self.value_stream
+        elems = self.heads * self.dim
+        fp = (k.fp_tokens() + v.fp_tokens()) * elems * 16
+        main = (k.store.tokens() + v.store.tokens()) * elems * self.beta
+        total = (fp + main) // 8
+        if self.method.cfg.budget_counts_metadata:
+            total = total + k.store.live_bytes + v.store.live_bytes - main // 8
+        return total
+
+    def after_attention(self) -> None:
+        super().after_attention()
+        self.enforce_budget()
+
+    def enforce_budget(self) -> None:
+        rule = self.method.cfg.shrink_rule
+        while True:
+            over = (self.budget_bytes() > self.budget) & ~self.overflowed
+            if not bool(over.any()):
+                return
+            stuck = over & (self.beta <= LOWEST)
+            if bool(stuck.any()):
+                if self.method.cfg.on_budget_overflow == "error":
+                    raise MemoryError(f"PM-KVQ layer {self.layer_idx}: KV budget of {self.budget} bytes exceeded at "
+                                      f"{LOWEST} bits (rows {stuck.nonzero().flatten().tolist()})")
+                self.overflowed |= stuck
+                cache = getattr(self, "cache", None)
+                if cache is not None:
+                    cache.stop_rows(stuck.nonzero().flatten())
+            shrink = (over & (self.beta > LOWEST)).nonzero().flatten()
+            if len(shrink):
+                self.key_stream.store.shrink(shrink, rule)
+                self.value_stream.store.shrink(shrink, rule)
+
+
+@register_method("pmkvq")
+class PMKVQ(Method):
+    config_cls = PMKVQConfig
+
+    def validate(self) -> None:
+        c, s = self.cfg, self.shape
+        check_choice("pmkvq.allocation", c.allocation, ("blockwise", "uniform"))
+        check_choice("pmkvq.on_budget_overflow", c.on_budget_overflow, ("stop", "error"))
+        check_choice("pmkvq.shrink_rule", c.shrink_rule, SHRINK_RULES)
+        check_choice("pmkvq.sensitivity_reduce", c.sensitivity_reduce, ("mean", "sum"))
+        check_choice("pmkvq.init_bits", c.init_bits, LADDER)
+        self.group = min(c.group_size, s.head_dim)  # one group per (token, head) on models with D < 128
+        if s.head_dim % self.group:
+            raise ConfigError(f"pmkvq.group_size={c.group_size} must divide head_dim={s.head_dim}")
+        if c.sink_tokens < 0 or c.window_tokens <= 0:
+            raise ConfigError(f"pmkvq.sink_tokens={c.sink_tokens} must be >= 0 and pmkvq.window_tokens="
+                              f"{c.window_tokens} > 0")
+        lo, hi = (float(x) for x in c.scale_clamp)
+        if not 0 < lo < hi:
+            raise ConfigError(f"pmkvq.scale_clamp={list(c.scale_clamp)} must be [low, high] with 0 < low < high")
+        # PM-KVQ's own scale clamp (its upper end, 1e5, is never reached by bf16 activations' ranges).
+        self.pm_quant = dataclasses.replace(self.quant, min_scale=lo)
+        max_len = c.max_len
+        if max_len is None and self.model_cfg is not None:
+            max_len = self.model_cfg.get("max_new_tokens")
+        if not isinstance(max_len, int) or max_len <= 0:
+            raise ConfigError(f"pmkvq.max_len={c.max_len!r}: set a positive token count (null takes "
+                              "model.max_new_tokens)")
+        self.max_len = max_len
+        if c.allocation == "uniform":
+            check_choice("pmkvq.fbit", c.fbit, (2, 4, 8))
+        else:
+            cands = list(c.fbit_candidates or [])
+            if not cands or any(b not in (2, 4, 8, 16) for b in cands):
+                raise ConfigError(f"pmkvq.fbit_candidates={cands} must be a non-empty list of widths from [2, 4, 8, 16]")
+        self.weights_bytes = None
+        self.artifact = None
+        if c.allocation == "blockwise" or c.reparameterize:
+            self.artifact = load_artifact("pmkvq", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
+        self._budgets = None
+
+    # -- budgets -------------------------------------------------------------------------------------------------
+
+    def layer_mem(self, bits: int) -> int:
+        """Mem(b) = b · (H_kv·D) · 2 · max_len / 8 bytes: a layer's K and V for max_len tokens at b bits."""
+        return bits * self.shape.kv_heads * self.shape.head_dim * 2 * self.max_len // 8
+
+    def total_budget(self) -> int:
+        c = self.cfg
+        if c.memory_budget_mb is not None:
+            return int(float(c.memory_budget_mb) * MIB)
+        gpu = (c.target_gpu_mem_gb, c.budget_batch_size, c.activation_reserve_gb)
+        if all(x is not None for x in gpu):
+            if self.weights_bytes is None:
+                raise ConfigError("pmkvq.target_gpu_mem_gb needs the model's weight bytes: build the method "
+                                  "through run.py (prepare_model) or set pmkvq.memory_budget_mb")
+            free = float(c.target_gpu_mem_gb) * 2**30 - self.weights_bytes - float(c.activation_reserve_gb) * 2**30
+            if free <= 0:
+                raise ConfigError(f"pmkvq: target_gpu_mem_gb={c.target_gpu_mem_gb} leaves no memory for the KV cache")
+            return int(free / int(c.budget_batch_size))  # M per sequence, all layers together
+        if any(x is not None for x in gpu):
+            raise ConfigError("pmkvq.target_gpu_mem_gb, budget_batch_size and activation_reserve_gb go together; "
+                              f"got {gpu}")
+        if c.budget_mean_bits is None:
+            raise ConfigError("pmkvq.allocation=blockwise needs a total budget: set pmkvq.memory_budget_mb, or "
+                              "pmkvq.target_gpu_mem_gb + budget_batch_size + activation_reserve_gb, or "
+                              "pmkvq.budget_mean_bits")
+        return int(self.shape.layers * self.layer_mem(1) * float(c.budget_mean_bits))
+
+    def sensitivity(self) -> list[list[float]]:
+        """s_{i,b} for the candidate widths, from the artifact (mean over elements; `sum` scales by the count)."""
+        sens, bits = self.artifact["sensitivity"], self.artifact["bits"]
+        cols = []
+        for b in self.cfg.fbit_candidates:
+            if b not in bits:
+                raise ConfigError(f"pmkvq.fbit_candidates has {b} bits, but the artifact profiles only {bits}")
+            cols.append(bits.index(b))
+        factor = float(self.artifact["elements"]) if self.cfg.sensitivity_reduce == "sum" else 1.0
+        return [[row[j] * factor for j in cols] for row in sens]
+
+    def budgets(self) -> list[int]:
+        """Per-layer budget in bytes (kv_budget as a number in MB or a list overrides the allocation)."""
+        if self._budgets is not None:
+            return self._budgets
+        c, layers = self.cfg, self.shape.layers
+        budget = c.kv_budget
+        if isinstance(budget, str):  # a per-layer budget file (§6.8 item 2): a JSON list, or one MB value per line
+            path = Path(budget)
+            if not path.is_file():
+                raise ConfigError(f"pmkvq.kv_budget={budget!r} is neither a number nor an existing budget file")
+            text = path.read_text().strip()
+            budget = json.loads(text) if text.startswith("[") else [float(x) for x in text.split()]
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            out = [int(float(budget) * MIB)] * layers
+        elif budget is not None:
+            vals = list(budget)
+            if len(vals) != layers:
+                raise ConfigError(f"pmkvq.kv_budget lists {len(vals)} per-layer budgets; the model has {layers} layers")
+            out = [int(float(v) * MIB) for v in vals]
+        elif c.allocation == "uniform":
+            out = [self.layer_mem(c.fbit)] * layers
+        else:
+            cands = list(c.fbit_candidates)
+            mem = [[self.layer_mem(b) for b in cands]] * layers
+            pick = solve_allocation(self.sensitivity(), mem, self.total_budget())
+            self.fbits = [cands[j] for j in pick]
+            out = [self.layer_mem(b) for b in self.fbits]
+        self._budgets = out
+        return out
+
+    # -- model and cache -------------------------------------------------------------------------------------------
+
+    def key_scales(self) -> torch.Tensor | None:
+        if not self.cfg.reparameterize:
+            return None
+        lam = torch.tensor(self.artifact["rep_scales"], dtype=torch.float64)
+        # As shipped, the repo passes the scales where max-keys are expected and raises them to 0.5 (§6.8 item 1).
+        return lam.sqrt() if self.cfg.rep_scale_bug else lam
+
+    def prepare_model(self, model) -> None:
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        scales = self.key_scales()
+        if scales is not None:
+            fold_key_scales(model, scales)
+
+    @property
+    def nominal_bits(self) -> str:
+        c = self.cfg
+        if c.nominal_bits:
+            return c.nominal_bits
+        if c.allocation == "uniform":
+            return f"Fbit={c.fbit}"
+        return "Fbit=" + "/".join(str(b) for b in sorted(c.fbit_candidates, reverse=True))
+
+    def make_layer(self, idx, batch, pad):
+        c, s = self.cfg, self.shape
+
+        def store():
+            return ProgressiveTokenStore(batch, s.kv_heads, s.head_dim, self.group, c.init_bits, s.dtype, s.device,
+                                         self.pm_quant, self.storage == "packed")
+
+        keys = self.stream(batch, window="flush", residual=c.window_tokens, sink=c.sink_tokens, store=store())
+        values = self.stream(batch, window="flush", residual=c.window_tokens, sink=c.sink_tokens, store=store())
+        return PMKVQLayer(idx, keys, values, pad, s.kv_heads, s.head_dim, method=self, budget=self.budgets()[idx])
