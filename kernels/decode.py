@@ -456,6 +456,8 @@ def supports(layer) -> str | None:
         # Exact types: a subclass may lay out or re-width its codes in ways this kernel does not know.
         if st is not None and type(st) not in (ChannelGroupStore, TokenGroupStore):
             return f"store {type(st).__name__} has no kernel format"
+        if isinstance(st, ChannelGroupStore) and st.pack11:
+            return "KVmix's 11-codes-per-word 3-bit layout has no kernel format"
         if isinstance(st, ChannelGroupStore) and st.p % TILE_TOKENS:
             return f"channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
         if isinstance(st, TokenGroupStore) and st.packed and st.bits not in CODE_BITS:

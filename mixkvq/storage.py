@@ -271,7 +271,7 @@ class ChannelGroupStore:
         row_head = (rows[:, None, None] * self.h + heads[None, :, None]).expand(widths.shape).to(dev)
         base = start.to(dev)[:, :, None] + chan_off  # [N, H, D] word offset of each channel
         rows_d, slot_d = rows.to(dev), slot.to(dev)
-        if _pack_kernels(blocks):
+        if _pack_kernels(blocks) and not self.pack11:  # the kernels know the 10-per-word 3-bit layout only
             from kernels.pack import write_channel_blocks
 
             write_channel_blocks(self, blocks, widths, rows_d, slot_d, base)

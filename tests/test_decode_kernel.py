@@ -32,6 +32,8 @@ FORMAT_CASES = {  # every store format and code width the kernel reads
     "mixkvq": ("mixkvq", []),
     "mixkvq-sink-sliding": ("mixkvq", ["method.sink_tokens=32", "method.value_window=sliding"]),
     "bf16": ("bf16", []),
+    "kvmix-k3v4-g32": ("kvmix", ["method.layer_bits={key:[3],value:[4]}", "method.key3_format=g32"]),
+    "kvmix-k2v2": ("kvmix", ["method.layer_bits={key:[2],value:[2]}"]),
 }
 
 
@@ -135,6 +137,15 @@ def test_fake_storage_is_read_as_dense_tokens(case):
 
 def test_rows_shorter_than_a_tile_and_one_token_rows():
     check("kivi", [], lengths=(5, 1, 33), steps=3)
+
+
+@pytest.mark.parametrize("name,overrides,why", [
+    ("kvmix", ["method.layer_bits={key:[3],value:[4]}"], "11-codes-per-word"),
+    ("pmkvq", ["method.allocation=uniform", "method.reparameterize=false"], "ProgressiveTokenStore"),
+])
+def test_formats_without_a_kernel_are_refused_by_name(name, overrides, why):
+    method = build(name, overrides, kv_heads=2, q_heads=4, head_dim=128, dtype=torch.float32, device="cpu")
+    assert why in decode.supports(method.new_cache(1).layers[0])
 
 
 def test_kernels_that_cannot_read_a_layer_say_why():
