@@ -19,15 +19,14 @@ def random_kv(batch: int, heads: int, tokens: int, dim: int, dtype, device, gen:
     return (x * channel_scale).to(dtype)
 
 
-def fill_layer(layer, context: int, gen: torch.Generator, chunk: int = 4096) -> None:
+def fill_layer(layer, context: int, q_heads: int, gen: torch.Generator, chunk: int = 4096) -> None:
     """Store `context` random tokens in every row of `layer`, `chunk` tokens at a time, as a prefill would."""
     batch, heads, dim = len(layer.pad), layer.heads, layer.dim
     data = layer.key_stream.window.data
     dtype, device = data.dtype, data.device
     channel_scale = 0.5 + 4 * torch.rand(heads, 1, dim, device=device, generator=gen)
     # A query so that query-aware methods (MixKVQ) have importance statistics before their first flush.
-    layer.observe_queries(torch.randn(batch, layer.heads, 1, dim, device=device, generator=gen).to(dtype)
-                          .repeat_interleave(_q_per_kv(layer), dim=1))
+    layer.observe_queries(torch.randn(batch, q_heads, 1, dim, device=device, generator=gen).to(dtype))
     done = 0
     while done < context:
         n = min(chunk, context - done)
@@ -40,12 +39,7 @@ def fill_layer(layer, context: int, gen: torch.Generator, chunk: int = 4096) -> 
     layer.is_prefill = False
 
 
-def _q_per_kv(layer) -> int:
-    acc = getattr(layer, "q_abs_sum", None)  # MixKVQ keeps per-query-head statistics
-    return acc.shape[1] // layer.heads if acc is not None else 1
-
-
-def fill_cache(cache, context: int, seed: int = 0, chunk: int = 4096) -> None:
+def fill_cache(cache, context: int, q_heads: int, seed: int = 0, chunk: int = 4096) -> None:
     gen = torch.Generator(device=cache.layers[0].key_stream.window.data.device).manual_seed(seed)
     for layer in cache.layers:
-        fill_layer(layer, context, gen, chunk)
+        fill_layer(layer, context, q_heads, gen, chunk)

@@ -53,7 +53,7 @@ def new_cache(model, overrides, batch: int, context: int):
     shape = ModelShape.of(model)
     method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
     cache = method.new_cache(batch)
-    fill_cache(cache, context, chunk=2048)
+    fill_cache(cache, context, model.config.num_attention_heads, chunk=2048)
     return cache
 
 

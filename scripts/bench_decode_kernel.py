@@ -70,7 +70,7 @@ def bench_sdpa(bsz: int, ctx: int, gen) -> tuple[float, int]:
 def bench_method(overrides, bsz: int, ctx: int, gen) -> dict:
     method = build(overrides)
     layer = method.new_cache(bsz).layers[0]
-    fill_layer(layer, ctx, gen)
+    fill_layer(layer, ctx, Q_HEADS, gen)
     q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     scaling = HEAD_DIM**-0.5
     out = decode.fused_decode(q, layer, scaling)

@@ -198,3 +198,25 @@ def test_generate_gives_the_same_tokens_with_the_fused_kernel_on_cuda(name):
     fused, _ = generate(model, method, ids, mask, decode_kernel="triton", max_new_tokens=300, min_new_tokens=300)
     ref, _ = generate(model, method, ids, mask, decode_kernel="torch", max_new_tokens=300, min_new_tokens=300)
     assert torch.equal(fused, ref)
+
+
+@pytest.mark.parametrize("name", ["kivi", "mixkvq"])
+def test_synthetic_fill_leaves_the_state_a_prefill_leaves(name):
+    from mixkvq.synthetic import fill_cache
+
+    context, shape = 700, dict(kv_heads=2, q_heads=4, head_dim=64, dtype=torch.float32, device="cpu")
+    method = build(name, FORMAT_CASES["mixkvq" if name == "mixkvq" else "kivi-2"][1], **shape)
+    filled = method.new_cache(2)
+    fill_cache(filled, context, q_heads=4, chunk=256)
+    prefilled = method.new_cache(2).layers[0]
+    kv = torch.randn(2, 2, context, 64)
+    prefilled.update(kv, kv)
+    prefilled.observe_queries(torch.randn(2, 4, context, 64))
+    prefilled.after_attention()
+    layer = filled.layers[0]
+    for a, b in ((layer.key_stream, prefilled.key_stream), (layer.value_stream, prefilled.value_stream)):
+        assert torch.equal(a.tokens(), torch.full((2,), context))
+        assert torch.equal(a.store.tokens(), b.store.tokens()) and torch.equal(a.window.lens, b.window.lens)
+    assert layer.get_seq_length() == context and not layer.is_prefill
+    if name == "kivi":  # uniform widths: the bytes depend on the lengths only
+        assert torch.equal(layer.live_bytes(), prefilled.live_bytes())
