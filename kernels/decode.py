@@ -38,6 +38,7 @@ _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every channel block (P is a multiple of the group, >= 32)
 MAX_SPLITS = 256
 NUM_WARPS = 4
+MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
 
 
 @triton.jit
@@ -521,6 +522,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
         **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
         FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
         num_warps=NUM_WARPS, num_stages=1,  # the main loop prefetches by hand; more stages only cost shared memory
+        **({} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)),
     )
     if out is None:
         out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)

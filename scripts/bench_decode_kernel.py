@@ -100,9 +100,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES), help="BxL,BxL,...")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
     ap.add_argument("--num-warps", type=int, default=decode.NUM_WARPS, help="warps per program of the split kernel")
+    ap.add_argument("--max-registers", type=int, default=decode.MAX_REGISTERS,
+                    help="registers per thread of the split kernel (fewer: more programs resident per SM)")
     ap.add_argument("--tile", type=int, default=decode.TILE_TOKENS, help="tokens per tile (divides 128)")
     args = ap.parse_args()
-    decode.NUM_WARPS, decode.TILE_TOKENS = args.num_warps, args.tile
+    decode.NUM_WARPS, decode.TILE_TOKENS, decode.MAX_REGISTERS = args.num_warps, args.tile, args.max_registers
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     names = args.methods.split(",")
     unknown = sorted(set(names) - set(METHODS))
@@ -123,7 +125,7 @@ def main() -> None:
             print(f"B={bsz:3d} L={ctx:6d} {name:12s} {r['ms'] * 1e3:8.1f} us  x{sdpa_ms / r['ms']:.2f}", flush=True)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, copy_gbs=copy_gbs, num_warps=args.num_warps,
-                tile=args.tile)
+                tile=args.tile, max_registers=args.max_registers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_kernel.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Decode attention kernel, {meta['device']}, {meta['date']}", "",
