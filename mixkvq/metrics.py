@@ -53,6 +53,9 @@ def summarize(samples: pd.DataFrame) -> dict:
         "majority": float(np.mean([_majority_correct(g) for _, g in by_problem])) if n else None,
         "mean_tokens": _mean(s, "n_tokens"),
         "truncation_rate": float(s["truncated"].astype(float).mean()) if n else None,
+        # Samples a KV budget ended (PM-KVQ at its lowest width); None for methods without a budget.
+        "budget_truncation_rate": (float(s["truncated_by_budget"].astype(float).mean())
+                                   if n and "truncated_by_budget" in s else None),
     }
     for col in ("payload_bits_mean", "storage_bits_mean", "payload_bits_final", "storage_bits_final"):
         out[col] = _mean(s, col)

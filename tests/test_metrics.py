@@ -65,6 +65,13 @@ def test_lengths_truncation_throughput():
     assert s["tokens_per_s"] == pytest.approx(450 / (2.0 + 4.0 + 4.0))  # each problem's time once
 
 
+def test_budget_truncation_only_for_methods_with_a_budget():
+    assert summarize(SAMPLES)["budget_truncation_rate"] is None  # no such column: the method has no budget
+    df = SAMPLES.copy()
+    df["truncated_by_budget"] = [False, True, False, False, False, False, True, True, False]
+    assert summarize(df)["budget_truncation_rate"] == pytest.approx(3 / 9)
+
+
 def test_bits_and_bytes():
     df = SAMPLES.copy()
     df["payload_bits_mean"] = [2.0, 3.0, 4.0] * 3
