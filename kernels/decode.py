@@ -12,14 +12,20 @@ u < key_store_len[b], and likewise for values.
 
 Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` / `V_FAST` when whole tiles unpack
 without gathers):
-- channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ keys); a block's channel d holds
-  words_for(P, w) int32 words, w per (block, channel) when widths are mixed (MixKVQ tiers, full precision
-  channels stored raw), else one width for the store.
-- token: per-token groups of G channels, one width (values; per-token keys).
+- channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ/KVmix keys); a block's channel d
+  holds words_for(P, w) int32 words, w per (block, channel) when widths are mixed (MixKVQ tiers, full precision
+  channels stored raw; P a multiple of the 32-token tile), else one width for the store (any P: the generic
+  path finds each token's block). `PACK11`: KVmix's 3-bit layout, 11-token blocks and groups, 11 codes per
+  word (ten 3-bit codes, then a 2-bit one in bits 30-31).
+- token: per-token groups of G channels, one width (values; per-token keys), or with `ROW_BITS` one width per
+  batch row (PM-KVQ's progressive store: 16/8/4/2 bits, shrinking; row b's width comes with its lengths and
+  its tokens use the first words_for(D, w) words of a row of the codes buffer).
 - dense: the store holds dequantized tokens in the model dtype (`storage=fake`).
 
-Codes of 2/3/4/8 bits, floor(32/w) codes per word, first code in the lowest bits (mixkvq/quantizer.py).
-The dequantized value is rounded to the model dtype before use, as the PyTorch reference does.
+Codes of 2/3/4/8 (and, per row, 16) bits, floor(32/w) codes per word, first code in the lowest bits
+(mixkvq/quantizer.py). The dequantized value is rounded to the model dtype before use, as the PyTorch reference
+does. Per-row widths, KVmix's 11-per-word keys and channel blocks that are not a multiple of the tile take the
+generic (masked) path only.
 """
 
 from __future__ import annotations
@@ -32,13 +38,16 @@ import triton
 import triton.language as tl
 
 from mixkvq.quantizer import CODE_BITS
-from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
-TILE_TOKENS = 32  # tokens per tile: divides every channel block (P is a multiple of the group, >= 32)
+TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
 MAX_SPLITS = 256
 NUM_WARPS = 4
 MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
+# Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
+# widths (the widths of per-row-width stores; 0 for the others).
+LENS_COLS = tl.constexpr(6)
 
 
 @triton.jit
@@ -75,11 +84,15 @@ def _dequant(raw, sc, zr, MODEL_DTYPE: tl.constexpr):
 def _channel_tile_t(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb, w_sh, w_st, offsets, o_sb, o_sh,
                     o_st, b, h, u0, u, d, mask, tile_in_store,
                     BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
-                    FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, D: tl.constexpr):
-    """Per-channel-group tokens u (all in block u0 // P) as a dequantized [D, BT] tile."""
-    blk = u0 // P
+                    FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, D: tl.constexpr, PACK11: tl.constexpr):
+    """Per-channel-group tokens u as a dequantized [D, BT] tile.
+
+    Mixed widths: the tile lies in block u0 // P (P is a multiple of the tile). One width: each token's own block
+    (a tile may span several, e.g. KVmix's 11-token blocks); `PACK11`: 11 codes per word, the 11th of 2 bits.
+    """
     t_in = u % P  # [BT]
     if MIXED:
+        blk = u0 // P
         wcode = tl.load(widths + b * w_sb + h * w_sh + blk * w_st + d, mask=(d < D) & tile_in_store, other=2)
         wcode = wcode.to(tl.int32)
         is_fp = wcode == 0
@@ -89,18 +102,21 @@ def _channel_tile_t(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_
         chan_off = tl.cumsum(wpc, 0) - wpc
         base = tl.load(offsets + b * o_sb + h * o_sh + blk * o_st, mask=tile_in_store, other=0)
     else:
-        CPW: tl.constexpr = 32 // BITS
+        CPW: tl.constexpr = 11 if PACK11 else 32 // BITS
         WPC: tl.constexpr = (P + CPW - 1) // CPW
+        blk = u // P  # [BT]
         bits = tl.full([D], BITS, tl.int32)
         cpw = tl.full([D], CPW, tl.int32)
         chan_off = d * WPC
-        base = blk * (D * WPC)
+        base = (blk * (D * WPC))[None, :]
     word_idx = base + chan_off[:, None] + t_in[None, :] // cpw[:, None]  # [D, BT]
     m2 = mask[None, :] & (d[:, None] < D)
     word = tl.load(codes + b * c_sb + h * c_sh + word_idx, mask=m2, other=0)
     shift = (t_in[None, :] % cpw[:, None]) * bits[:, None]
     low_bits = tl.minimum(bits, 16)  # full-precision lanes: 16-bit halves; 32-bit words are used whole
     raw = (word >> shift) & ((1 << low_bits[:, None]) - 1)
+    if PACK11:  # the 11th code sits in bits 30-31 and `>>` on int32 is arithmetic: keep its 2 bits only
+        raw = tl.where(shift == 30, raw & 3, raw)
     g = t_in[None, :] // G
     s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + g
     sc = tl.load(scale + s_off, mask=m2, other=0.0).to(tl.float32)
@@ -116,13 +132,21 @@ def _channel_tile_t(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_
 
 
 @triton.jit
-def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, idx, d, mask,
-                BITS: tl.constexpr, G: tl.constexpr, MODEL_DTYPE: tl.constexpr):
-    """Per-token-group tokens at store positions idx as a dequantized [BT, D] tile."""
-    cpw: tl.constexpr = 32 // BITS
+def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, idx, d, mask, row_bits,
+                BITS: tl.constexpr, G: tl.constexpr, MODEL_DTYPE: tl.constexpr, ROW_BITS: tl.constexpr):
+    """Per-token-group tokens at store positions idx as a dequantized [BT, D] tile.
+
+    `ROW_BITS`: the code width is the row's (`row_bits`, a runtime scalar of up to 16 bits), else BITS.
+    """
+    if ROW_BITS:
+        bits = row_bits
+        cpw = 32 // row_bits
+    else:
+        bits: tl.constexpr = BITS
+        cpw: tl.constexpr = 32 // BITS
     row = b * c_sb + h * c_sh + idx[:, None] * c_st
     word = tl.load(codes + row + (d // cpw)[None, :], mask=mask[:, None], other=0)
-    raw = (word >> ((d % cpw) * BITS)[None, :]) & ((1 << BITS) - 1)
+    raw = (word >> ((d % cpw) * bits)[None, :]) & ((1 << bits) - 1)
     s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (d // G)[None, :]
     sc = tl.load(scale + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
     zr = tl.load(zero + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
@@ -259,14 +283,17 @@ def _decode_split_kernel(
     V_FMT: tl.constexpr, V_BITS: tl.constexpr, V_MIXED: tl.constexpr, V_P: tl.constexpr, V_G: tl.constexpr,
     V_NG: tl.constexpr, V_FAST: tl.constexpr,
     FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
+    K_ROW_BITS: tl.constexpr, K_PACK11: tl.constexpr, V_ROW_BITS: tl.constexpr, V_PACK11: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    n_sink = tl.load(lens + b * 4 + 0)
-    k_store = tl.load(lens + b * 4 + 1)
-    v_store = tl.load(lens + b * 4 + 2)
-    total = tl.load(lens + b * 4 + 3)
+    n_sink = tl.load(lens + b * LENS_COLS + 0)
+    k_store = tl.load(lens + b * LENS_COLS + 1)
+    v_store = tl.load(lens + b * LENS_COLS + 2)
+    total = tl.load(lens + b * LENS_COLS + 3)
+    k_bits = tl.load(lens + b * LENS_COLS + 4)  # this row's code widths (per-row-width stores only)
+    v_bits = tl.load(lens + b * LENS_COLS + 5)
     d = tl.arange(0, D)
     gi = tl.arange(0, GP)
     g_ok = gi < GQ
@@ -345,11 +372,11 @@ def _decode_split_kernel(
         if K_FMT == 1:
             kq = _channel_tile_t(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh, kwid_st,
                                  koff, koff_sb, koff_sh, koff_st, b, h, u0, u, d, ok & k_in, u0 < k_store,
-                                 K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, MODEL_DTYPE, D)
+                                 K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, MODEL_DTYPE, D, K_PACK11)
             kt = tl.where(k_in[None, :], kq, kt)
         elif K_FMT == 2:
             kq = tl.trans(_token_tile(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u, d,
-                                      ok & k_in, K_BITS, K_G, MODEL_DTYPE))
+                                      ok & k_in, k_bits, K_BITS, K_G, MODEL_DTYPE, K_ROW_BITS))
             kt = tl.where(k_in[None, :], kq, kt)
         elif K_FMT == 3:
             kq = _fp_tile_t(kc, kc_sb, kc_sh, kc_st, b, h, u, d, ok & k_in)
@@ -359,11 +386,12 @@ def _decode_split_kernel(
         if V_FMT == 1:
             vq = tl.trans(_channel_tile_t(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb, vwid_sh,
                                           vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u0, u, d, ok & v_in,
-                                          u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, MODEL_DTYPE, D))
+                                          u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, MODEL_DTYPE, D,
+                                          V_PACK11))
             vt = tl.where(v_in[:, None], vq, vt)
         elif V_FMT == 2:
             vq = _token_tile(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u, d, ok & v_in,
-                             V_BITS, V_G, MODEL_DTYPE)
+                             v_bits, V_BITS, V_G, MODEL_DTYPE, V_ROW_BITS)
             vt = tl.where(v_in[:, None], vq, vt)
         elif V_FMT == 3:
             vq = _fp_tile(vc, vc_sb, vc_sh, vc_st, b, h, u, d, ok & v_in)
@@ -419,7 +447,7 @@ def _buffer_args(buf, dummy) -> list:
     return _strided(buf.data if buf is not None else dummy)
 
 
-_NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1, FAST=False)
+_NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1, FAST=False, ROW_BITS=False, PACK11=False)
 _POW2_BITS = (2, 4, 8)  # codes per word a power of two: whole tiles unpack by broadcasting
 
 
@@ -439,15 +467,30 @@ def _store_args(store, dummy) -> tuple[list, dict]:
         wid = [store.widths, *store.widths.stride()[:3]] if mixed else unused
         off = [store.offsets, *store.offsets.stride()] if mixed else unused
         pool = store.pool
-        fast = store.p % TILE_TOKENS == 0 and (mixed or store.uniform_width in _POW2_BITS)
+        pack11 = _is_pack11(store)
+        fast = store.p % TILE_TOKENS == 0 and (mixed or store.uniform_width in _POW2_BITS) and not pack11
         consts = dict(FMT=_F_CHANNEL, BITS=store.uniform_width or 2, MIXED=mixed, P=store.p, G=store.g,
-                      NG=store.p // store.g, FAST=fast)
+                      NG=store.p // store.g, FAST=fast, ROW_BITS=False, PACK11=pack11)
         return [pool, pool.stride(0), pool.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
     codes, sc, zr = store.codes.data, store.scale.data, store.zero.data  # token groups: [B, H, T, X]
     assert sc.stride() == zr.stride() and sc.stride(3) == 1
-    consts = dict(FMT=_F_TOKEN, BITS=store.bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g,
-                  FAST=store.bits in _POW2_BITS)
+    # PM-KVQ's progressive store: a width per row (from `lens`, see `_lens`), generic path only. BITS is then
+    # unused and fixed, so shrinks do not recompile the kernel.
+    row_bits = isinstance(store, ProgressiveTokenStore)
+    bits = 2 if row_bits else store.bits
+    consts = dict(FMT=_F_TOKEN, BITS=bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g,
+                  FAST=not row_bits and bits in _POW2_BITS, ROW_BITS=row_bits, PACK11=False)
     return [*_strided(codes), sc, zr, *sc.stride()[:3], *unused, *unused], consts
+
+
+# Widths a per-row-width store may hold: PM-KVQ's ladder (the token path unpacks any width up to 16 bits whose
+# codes per word, 32 // w, are as `pack` writes them; these are the ones tested).
+ROW_WIDTHS = (2, 4, 8, 16)
+
+
+def _is_pack11(store) -> bool:
+    """KVmix's 11-codes-per-word 3-bit layout (uniform 3-bit store; other widths pack as usual)."""
+    return store.pack11 and store.uniform_width == 3
 
 
 def supports(layer) -> str | None:
@@ -455,13 +498,20 @@ def supports(layer) -> str | None:
     ks, vs = layer.key_stream, layer.value_stream
     for st in (ks.store, vs.store):
         # Exact types: a subclass may lay out or re-width its codes in ways this kernel does not know.
-        if st is not None and type(st) not in (ChannelGroupStore, TokenGroupStore):
+        if st is not None and type(st) not in (ChannelGroupStore, TokenGroupStore, ProgressiveTokenStore):
             return f"store {type(st).__name__} has no kernel format"
-        if isinstance(st, ChannelGroupStore) and st.pack11:
-            return "KVmix's 11-codes-per-word 3-bit layout has no kernel format"
-        if isinstance(st, ChannelGroupStore) and st.p % TILE_TOKENS:
-            return f"channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
-        if isinstance(st, TokenGroupStore) and st.packed and st.bits not in CODE_BITS:
+        if st is None or not st.packed:  # fake storage is read as dense tokens, whatever its layout
+            continue
+        if isinstance(st, ChannelGroupStore) and st.uniform_width is None:
+            if st.pack11:
+                return "KVmix's 11-codes-per-word 3-bit layout in a mixed-width store has no kernel format"
+            if st.p % TILE_TOKENS:
+                return f"mixed-width channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
+        if isinstance(st, ProgressiveTokenStore):
+            widths = sorted(set(st.row_bits.tolist()))
+            if not set(widths) <= set(ROW_WIDTHS):
+                return f"per-row token widths {widths} are not all in {ROW_WIDTHS}"
+        elif isinstance(st, TokenGroupStore) and st.bits not in CODE_BITS:
             return f"token width {st.bits} is not one of {CODE_BITS}"
     if (ks.sink is None) != (vs.sink is None):
         return "keys and values need the same sink"
@@ -478,7 +528,15 @@ def _lens(layer) -> torch.Tensor:
     kq = ks.store.tokens() if ks.store is not None else torch.zeros_like(sink)
     vq = vs.store.tokens() if vs.store is not None else torch.zeros_like(sink)
     total = ks.tokens()
-    return torch.stack([sink, kq, vq, total], dim=1).to(torch.int32)
+    cols = [sink, kq, vq, total, _row_bits(ks.store, sink), _row_bits(vs.store, sink)]  # LENS_COLS
+    return torch.stack(cols, dim=1).to(torch.int32)
+
+
+def _row_bits(store, like: torch.Tensor) -> torch.Tensor:
+    """Each row's code width in a per-row-width store (PM-KVQ, packed), else zeros (the kernel ignores them)."""
+    if isinstance(store, ProgressiveTokenStore) and store.packed:
+        return store.row_bits
+    return torch.zeros_like(like)
 
 
 def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,

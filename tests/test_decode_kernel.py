@@ -23,6 +23,10 @@ from mixkvq.methods import ModelShape, build_method
 from mixkvq.quantizer import QuantSpec
 from tiny import PAPER, generate, left_pad, method_for, random_prompts, tiny_model
 
+# PM-KVQ without a calibration artifact; a 32-token window and a small budget, so that rows shrink within a few
+# hundred tokens (`max_len=N`: a layer holds N tokens at 2 bits, N/8 at 16; the 16-bit sink and window count).
+PMKVQ = ["method.allocation=uniform", "method.reparameterize=false", "method.window_tokens=32", "method.fbit=2"]
+
 FORMAT_CASES = {  # every store format and code width the kernel reads
     "kivi-2": ("kivi", []),
     "kivi-4-g64": ("kivi4", ["method.group_size=64"]),
@@ -34,6 +38,10 @@ FORMAT_CASES = {  # every store format and code width the kernel reads
     "bf16": ("bf16", []),
     "kvmix-k3v4-g32": ("kvmix", ["method.layer_bits={key:[3],value:[4]}", "method.key3_format=g32"]),
     "kvmix-k2v2": ("kvmix", ["method.layer_bits={key:[2],value:[2]}"]),
+    # the repo's 3-bit keys: 11-token blocks and groups, 11 codes per int32 (a 32-token tile spans several blocks)
+    "kvmix-k3v4": ("kvmix", ["method.layer_bits={key:[3],value:[4]}"]),
+    # progressive per-token stores, a width per row: at the default lengths rows end at 4, 8 and 16 bits
+    "pmkvq": ("pmkvq", [*PMKVQ, "method.max_len=1300"]),
 }
 
 
@@ -86,8 +94,15 @@ def check(name, overrides, *, gqa=4, head_dim=128, dtype=torch.float32, storage=
                    device=device, storage=storage)
     layer, query = filled_layer(method, lengths=list(lengths), steps=steps, gen=gen, device=device)
     assert decode.supports(layer) is None
-    scaling = head_dim**-0.5
-    poisoned = torch.full((len(lengths), 1, query.shape[1], head_dim), float("nan"), dtype=dtype, device=device)
+    compare(name, layer, query, seed, num_splits=num_splits)
+    return layer
+
+
+def compare(name, layer, query, seed, num_splits=None):
+    """The fused kernel's output for `query` against the fp64 ground truth, at the tolerances of the module doc."""
+    bsz, _, _, head_dim = query.shape
+    dtype, scaling = query.dtype, head_dim**-0.5
+    poisoned = torch.full((bsz, 1, query.shape[1], head_dim), float("nan"), dtype=dtype, device=query.device)
     got = decode.fused_decode(query, layer, scaling, num_splits=num_splits, out=poisoned)
     assert got.data_ptr() == poisoned.data_ptr()
     assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
@@ -99,7 +114,6 @@ def check(name, overrides, *, gqa=4, head_dim=128, dtype=torch.float32, storage=
     else:
         sqnr = float(10 * torch.log10(want.pow(2).sum() / err.pow(2).sum()))
         assert sqnr >= 35, f"{name}: SQNR {sqnr:.1f} dB (seed {seed})"
-    return layer
 
 
 @pytest.mark.parametrize("case", sorted(FORMAT_CASES))
@@ -129,7 +143,7 @@ def test_split_counts_merge_to_the_same_answer(num_splits):
     check("mixkvq", FORMAT_CASES["mixkvq"][1], num_splits=num_splits, steps=10)
 
 
-@pytest.mark.parametrize("case", ["kivi-2", "mixkvq-sink-sliding"])
+@pytest.mark.parametrize("case", ["kivi-2", "mixkvq-sink-sliding", "kvmix-k3v4", "pmkvq"])
 def test_fake_storage_is_read_as_dense_tokens(case):
     name, overrides = FORMAT_CASES[case]
     check(name, overrides, storage="fake", steps=10)
@@ -139,13 +153,74 @@ def test_rows_shorter_than_a_tile_and_one_token_rows():
     check("kivi", [], lengths=(5, 1, 33), steps=3)
 
 
-@pytest.mark.parametrize("name,overrides,why", [
-    ("kvmix", ["method.layer_bits={key:[3],value:[4]}"], "11-codes-per-word"),
-    ("pmkvq", ["method.allocation=uniform", "method.reparameterize=false"], "ProgressiveTokenStore"),
-])
-def test_formats_without_a_kernel_are_refused_by_name(name, overrides, why):
-    method = build(name, overrides, kv_heads=2, q_heads=4, head_dim=128, dtype=torch.float32, device="cpu")
-    assert why in decode.supports(method.new_cache(1).layers[0])
+def pmkvq_rows_at_their_own_widths(dtype, device):
+    """PM-KVQ rows at 2, 16 and 4 bits after the layer's own budget shrinks, then after a shrink between calls."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    method = build("pmkvq", [*PMKVQ, "method.max_len=512"], kv_heads=2, q_heads=8, head_dim=128, dtype=dtype,
+                   device=device)
+    # 250, 60 and 150 tokens against a budget of 512 tokens at 2 bits: row 0 went 16 -> 8 -> 4 -> 2 (its blocks were
+    # written at the width of their time, then shifted), row 1 is still at 16 bits, row 2 at 4.
+    layer, query = filled_layer(method, lengths=[230, 40, 130], steps=20, gen=gen, device=device)
+    stores = (layer.key_stream.store, layer.value_stream.store)
+    for st in stores:
+        assert st.packed and st.row_bits.tolist() == [2, 16, 4] and st.tokens().tolist() == [224, 32, 128]
+        assert st.codes.data.shape[-1] == 128 * 16 // 32  # the widest row's words; narrower rows use a prefix
+    assert decode.supports(layer) is None
+    compare("pmkvq", layer, query, seed)
+    # Widths travel with every call: shrink rows 1 and 2 once more (the container narrows to 8-bit words).
+    for st in stores:
+        st.shrink(torch.tensor([1, 2]), "equivalent")
+        assert st.row_bits.tolist() == [2, 8, 2] and st.codes.data.shape[-1] == 128 * 8 // 32
+    compare("pmkvq after a shrink", layer, query, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pmkvq_rows_are_read_at_their_own_widths(dtype):
+    pmkvq_rows_at_their_own_widths(dtype, "cpu")
+
+
+def test_pmkvq_and_kvmix_layouts_take_the_generic_path():
+    from kernels import resolve_decode_kernel
+
+    shape = dict(kv_heads=2, q_heads=4, head_dim=128, dtype=torch.float32, device="cpu")
+    cases = {  # what the key and value stores of each layer are read as
+        "kvmix-k3v4": (dict(FMT=1, PACK11=True, P=11, G=11, BITS=3, FAST=False), dict(FMT=2, BITS=4, FAST=True)),
+        "pmkvq": (dict(FMT=2, ROW_BITS=True, FAST=False), dict(FMT=2, ROW_BITS=True, FAST=False)),
+    }
+    for case, wants in cases.items():
+        name, overrides = FORMAT_CASES[case]
+        layer = build(name, overrides, **shape).new_cache(1).layers[0]
+        assert decode.supports(layer) is None
+        assert resolve_decode_kernel("auto", torch.device("cuda"), layer) is decode.decode_attention
+        for stream, want in zip((layer.key_stream, layer.value_stream), wants):
+            _, consts = decode._store_args(stream.store, stream.window.data)
+            assert consts.items() >= want.items(), (case, consts)
+    _, consts = decode._store_args(build("kivi", [], **shape).new_cache(1).layers[0].key_stream.store, None)
+    assert consts["FAST"] is True and not consts["PACK11"] and not consts["ROW_BITS"]
+
+
+def test_layouts_without_a_kernel_format_are_refused_by_name():
+    from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
+
+    spec = QuantSpec("half_even", "clamp", 1e-5, torch.float32)
+    args = dict(batch=1, heads=2, dim=128, dtype=torch.float32, device="cpu", spec=spec, packed=True)
+
+    class OtherTokens(TokenGroupStore):
+        pass
+
+    stores = {
+        "11-codes-per-word 3-bit layout in a mixed-width": ChannelGroupStore(**args, block=33, group=11,
+                                                                             uniform_width=None, pack11=True),
+        "mixed-width channel block 48": ChannelGroupStore(**args, block=48, group=16, uniform_width=None),
+        "per-row token widths [3]": ProgressiveTokenStore(**args, group=128, bits=3),
+        "store OtherTokens has no kernel format": OtherTokens(**args, group=128, bits=2),
+    }
+    for why, store in stores.items():
+        layer = build("mixkvq", [], kv_heads=2, q_heads=4, head_dim=128, dtype=torch.float32,
+                      device="cpu").new_cache(1).layers[0]
+        layer.key_stream.store = store
+        assert why in (decode.supports(layer) or ""), (why, decode.supports(layer))
 
 
 def test_kernels_that_cannot_read_a_layer_say_why():
@@ -162,16 +237,27 @@ def test_kernels_that_cannot_read_a_layer_say_why():
         assert resolve_decode_kernel("auto", torch.device("cuda"), layer) is resolve_decode_kernel("torch", None)
 
 
-def test_generate_gives_the_same_tokens_with_the_fused_kernel():
+GENERATE_CASES = {  # method overrides and new tokens for the generate equality tests (no calibration artifacts)
+    "mixkvq": ([], 24),
+    "kvmix": (["method.layer_bits={key:[3],value:[4]}"], 12),  # the repo's 11-per-word 3-bit keys
+    "pmkvq": ([*PMKVQ, "method.max_len=400"], 12),  # both rows at 4 bits after prefill, row 1 shrinks to 2
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATE_CASES))
+def test_generate_gives_the_same_tokens_with_the_fused_kernel(name):
     # Short, because the interpreter is slow: row 0 flushes its first key block during decode, row 1 at prefill.
     model = tiny_model("qwen2", q_heads=8, kv_heads=2, layers=1)
     ids, mask = left_pad(random_prompts([110, 140], seed=7))
-    method = method_for(model, "mixkvq")
-    gen = dict(max_new_tokens=24, min_new_tokens=24)
+    overrides, new_tokens = GENERATE_CASES[name]
+    method = method_for(model, name, overrides=overrides)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     fused, cache = generate(model, method, ids, mask, decode_kernel="triton", **gen)
     ref, _ = generate(model, method, ids, mask, decode_kernel="torch", **gen)
     assert all(layer.decode_fn is decode.decode_attention for layer in cache.layers)
     assert torch.equal(fused, ref)
+    if name == "pmkvq":
+        assert cache.layers[0].beta.tolist() == [4, 2]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -188,16 +274,33 @@ def test_every_store_format_on_cuda(case, dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", ["kivi", "kivi4", "mixkvq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pmkvq_rows_are_read_at_their_own_widths_on_cuda(dtype):
+    pmkvq_rows_at_their_own_widths(dtype, "cuda")
+
+
+CUDA_GENERATE_CASES = {
+    "kivi": [], "kivi4": [], "mixkvq": [], "kvmix": GENERATE_CASES["kvmix"][0],
+    "pmkvq": [*PMKVQ, "method.max_len=1024"],  # rows end at 4, 2 and 4 bits (no budget stop)
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", sorted(CUDA_GENERATE_CASES))
 def test_generate_gives_the_same_tokens_with_the_fused_kernel_on_cuda(name):
     # fp32, so that only the summation order differs (bf16 greedy on a random model flips near-ties; the real-model
     # check in bf16 is scripts/gpu_kernel_equality.py)
     model = tiny_model("qwen2", dtype=torch.float32, q_heads=14, kv_heads=2, head_dim=128).to("cuda")
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
-    method = method_for(model, name)
-    fused, _ = generate(model, method, ids, mask, decode_kernel="triton", max_new_tokens=300, min_new_tokens=300)
+    method = method_for(model, name, overrides=CUDA_GENERATE_CASES[name])
+    fused, cache = generate(model, method, ids, mask, decode_kernel="triton", max_new_tokens=300,
+                            min_new_tokens=300)
     ref, _ = generate(model, method, ids, mask, decode_kernel="torch", max_new_tokens=300, min_new_tokens=300)
+    assert all(layer.decode_fn is decode.decode_attention for layer in cache.layers)
     assert torch.equal(fused, ref)
+    if name == "pmkvq":
+        assert cache.layers[0].beta.tolist() == [4, 2, 4]
 
 
 @pytest.mark.parametrize("name", ["kivi", "mixkvq"])
