@@ -45,6 +45,11 @@ TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P 
 MAX_SPLITS = 256
 NUM_WARPS = 4
 MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
+# Whole tiles go to a kernel of their own (PART 1, no generic path: fewer registers) and the rest to a second one
+# (PART 2) when the layer holds at least this many whole tiles over its rows and KV heads; None: never. The extra
+# launch costs host time, which only pays at large batch x context.
+LEAN_MIN_TILES: int | None = None
+LEAN_MAX_REGISTERS = None  # registers per thread of the whole-tile kernel
 # Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
 # widths (the widths of per-row-width stores; 0 for the others).
 LENS_COLS = tl.constexpr(6)
@@ -284,10 +289,17 @@ def _decode_split_kernel(
     V_NG: tl.constexpr, V_FAST: tl.constexpr,
     FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
     K_ROW_BITS: tl.constexpr, K_PACK11: tl.constexpr, V_ROW_BITS: tl.constexpr, V_PACK11: tl.constexpr,
+    PART: tl.constexpr,
 ):
+    """PART 0: split s of a row's tokens, whole tiles and the rest. PART 1: only the whole tiles of split s
+    (no generic path compiled in: fewer registers, more programs per SM). PART 2: one program per (row, head) for
+    the rest (sink, and the tokens after the last whole tile), written as the last split."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.program_id(2)
+    if PART == 2:
+        s = n_splits - 1
+    else:
+        s = tl.program_id(2)
     n_sink = tl.load(lens + b * LENS_COLS + 0)
     k_store = tl.load(lens + b * LENS_COLS + 1)
     v_store = tl.load(lens + b * LENS_COLS + 2)
@@ -306,8 +318,8 @@ def _decode_split_kernel(
     t_ar = tl.arange(0, BT)
     all_ok = t_ar < BT
 
-    if HAS_SINK:
-        if s == 0:
+    if HAS_SINK and PART != 1:
+        if s == 0 or PART == 2:
             for t0 in range(0, n_sink, BT):
                 t = t0 + t_ar
                 ok = t < n_sink
@@ -316,12 +328,17 @@ def _decode_split_kernel(
                 m_i, l_i, acc = _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
 
     n_after = total - n_sink
-    u_lo = s * split_tokens
-    u_hi = tl.minimum(u_lo + split_tokens, n_after)
     # Main region: whole tiles whose keys and values are both in the stores (no windows, no masks).
     both = tl.minimum(k_store, v_store)
-    main_end = tl.maximum(tl.minimum(u_hi, both - both % BT), u_lo)
-    if K_FAST and V_FAST:
+    whole = both - both % BT
+    if PART == 2:
+        u_lo = whole
+        u_hi = n_after
+    else:
+        u_lo = s * split_tokens
+        u_hi = tl.minimum(u_lo + split_tokens, n_after)
+    main_end = tl.maximum(tl.minimum(u_hi, whole), u_lo)
+    if K_FAST and V_FAST and PART != 2:
         # Software pipelining by hand: the packed words of tile i+1 are in flight while tile i is decoded.
         first = u_lo < main_end
         if K_FMT == 1:
@@ -364,39 +381,40 @@ def _decode_split_kernel(
     else:
         main_end = u_lo
     # The rest: any mix of store and window per token, per stream.
-    for u0 in range(main_end, u_hi, BT):
-        u = u0 + t_ar
-        ok = u < u_hi
-        k_in = u < k_store
-        kt = _fp_tile_t(kw, kw_sb, kw_sh, kw_st, b, h, u - k_store, d, ok & (u >= k_store))
-        if K_FMT == 1:
-            kq = _channel_tile_t(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh, kwid_st,
-                                 koff, koff_sb, koff_sh, koff_st, b, h, u0, u, d, ok & k_in, u0 < k_store,
-                                 K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, MODEL_DTYPE, D, K_PACK11)
-            kt = tl.where(k_in[None, :], kq, kt)
-        elif K_FMT == 2:
-            kq = tl.trans(_token_tile(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u, d,
-                                      ok & k_in, k_bits, K_BITS, K_G, MODEL_DTYPE, K_ROW_BITS))
-            kt = tl.where(k_in[None, :], kq, kt)
-        elif K_FMT == 3:
-            kq = _fp_tile_t(kc, kc_sb, kc_sh, kc_st, b, h, u, d, ok & k_in)
-            kt = tl.where(k_in[None, :], kq, kt)
-        v_in = u < v_store
-        vt = _fp_tile(vw, vw_sb, vw_sh, vw_st, b, h, u - v_store, d, ok & (u >= v_store))
-        if V_FMT == 1:
-            vq = tl.trans(_channel_tile_t(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb, vwid_sh,
-                                          vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u0, u, d, ok & v_in,
-                                          u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, MODEL_DTYPE, D,
-                                          V_PACK11))
-            vt = tl.where(v_in[:, None], vq, vt)
-        elif V_FMT == 2:
-            vq = _token_tile(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u, d, ok & v_in,
-                             v_bits, V_BITS, V_G, MODEL_DTYPE, V_ROW_BITS)
-            vt = tl.where(v_in[:, None], vq, vt)
-        elif V_FMT == 3:
-            vq = _fp_tile(vc, vc_sb, vc_sh, vc_st, b, h, u, d, ok & v_in)
-            vt = tl.where(v_in[:, None], vq, vt)
-        m_i, l_i, acc = _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
+    if PART != 1:
+        for u0 in range(main_end, u_hi, BT):
+            u = u0 + t_ar
+            ok = u < u_hi
+            k_in = u < k_store
+            kt = _fp_tile_t(kw, kw_sb, kw_sh, kw_st, b, h, u - k_store, d, ok & (u >= k_store))
+            if K_FMT == 1:
+                kq = _channel_tile_t(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh, kwid_st,
+                                     koff, koff_sb, koff_sh, koff_st, b, h, u0, u, d, ok & k_in, u0 < k_store,
+                                     K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, MODEL_DTYPE, D, K_PACK11)
+                kt = tl.where(k_in[None, :], kq, kt)
+            elif K_FMT == 2:
+                kq = tl.trans(_token_tile(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u, d,
+                                          ok & k_in, k_bits, K_BITS, K_G, MODEL_DTYPE, K_ROW_BITS))
+                kt = tl.where(k_in[None, :], kq, kt)
+            elif K_FMT == 3:
+                kq = _fp_tile_t(kc, kc_sb, kc_sh, kc_st, b, h, u, d, ok & k_in)
+                kt = tl.where(k_in[None, :], kq, kt)
+            v_in = u < v_store
+            vt = _fp_tile(vw, vw_sb, vw_sh, vw_st, b, h, u - v_store, d, ok & (u >= v_store))
+            if V_FMT == 1:
+                vq = tl.trans(_channel_tile_t(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb, vwid_sh,
+                                              vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u0, u, d, ok & v_in,
+                                              u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, MODEL_DTYPE, D,
+                                              V_PACK11))
+                vt = tl.where(v_in[:, None], vq, vt)
+            elif V_FMT == 2:
+                vq = _token_tile(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u, d, ok & v_in,
+                                 v_bits, V_BITS, V_G, MODEL_DTYPE, V_ROW_BITS)
+                vt = tl.where(v_in[:, None], vq, vt)
+            elif V_FMT == 3:
+                vq = _fp_tile(vc, vc_sb, vc_sh, vc_st, b, h, u, d, ok & v_in)
+                vt = tl.where(v_in[:, None], vq, vt)
+            m_i, l_i, acc = _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -540,10 +558,11 @@ def _row_bits(store, like: torch.Tensor) -> torch.Tensor:
 
 
 def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, lean: bool | None = None) -> torch.Tensor:
     """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's sink + store + window.
 
-    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result.
+    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result; `lean`
+    forces (True) or forbids (False) the two-kernel split of whole tiles and the rest (None: `LEAN_MIN_TILES`).
     """
     # `supports(layer)` was checked when the kernel was bound to the layer (kernels.resolve_decode_kernel).
     bsz, hq, qlen, dim = query.shape
@@ -555,33 +574,44 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     lens_host = _lens(layer)
     # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
     lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
-    n_after = int((lens_host[:, 3] - lens_host[:, 0]).max())
-    tiles = max(1, -(-n_after // TILE_TOKENS))
+    dummy = ks.window.data
+    k_args, kc = _store_args(ks.store, dummy)
+    v_args, vc = _store_args(vs.store, dummy)
+    whole = torch.minimum(lens_host[:, 1], lens_host[:, 2])
+    whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores
+    if lean is None:
+        lean = LEAN_MIN_TILES is not None and int(whole.sum()) // TILE_TOKENS * n_kv >= LEAN_MIN_TILES
+    lean = bool(lean and kc["FAST"] and vc["FAST"] and int(whole.max()) > 0)
+    # Splits cover the tokens after the sink (one kernel) or the whole tiles (lean; the rest is one more split).
+    n_split = int(whole.max()) if lean else int((lens_host[:, 3] - lens_host[:, 0]).max())
+    tiles = max(1, -(-n_split // TILE_TOKENS))
     if num_splits is None:
         want = -(-4 * _sm_count(dev) // (bsz * n_kv))
         num_splits = max(1, min(tiles, want, MAX_SPLITS))
     split_tokens = -(-tiles // num_splits) * TILE_TOKENS
-    num_splits = max(1, -(-n_after // split_tokens))
-    dummy = ks.window.data
-    k_args, kc = _store_args(ks.store, dummy)
-    v_args, vc = _store_args(vs.store, dummy)
+    num_splits = max(1, -(-n_split // split_tokens)) + int(lean)
     o_part = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=dev)
     lse_part = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=dev)
     model_dtype = ks.window.data.dtype
     # The interpreter's bf16 dot is wrong (DESIGN.md "Kernels"): it multiplies in fp32.
     dot_dtype = _TL_DTYPES[model_dtype] if _ROUNDED_MUL else tl.float32
     fp_bits = torch.empty((), dtype=model_dtype).element_size() * 8
-    _decode_split_kernel[(bsz, n_kv, num_splits)](
-        query, query.stride(0), query.stride(1), lens, o_part, lse_part, scaling * math.log2(math.e), split_tokens,
-        num_splits,
-        *_buffer_args(ks.sink, dummy), *_buffer_args(ks.window, dummy), *k_args,
-        *_buffer_args(vs.sink, dummy), *_buffer_args(vs.window, dummy), *v_args,
-        GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
-        **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
-        FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
-        num_warps=NUM_WARPS, num_stages=1,  # the main loop prefetches by hand; more stages only cost shared memory
-        **({} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)),
-    )
+    args = [query, query.stride(0), query.stride(1), lens, o_part, lse_part, scaling * math.log2(math.e),
+            split_tokens, num_splits,
+            *_buffer_args(ks.sink, dummy), *_buffer_args(ks.window, dummy), *k_args,
+            *_buffer_args(vs.sink, dummy), *_buffer_args(vs.window, dummy), *v_args]
+    consts = dict(GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
+                  **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
+                  FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
+                  num_warps=NUM_WARPS, num_stages=1)  # the main loop prefetches by hand; stages only cost shared memory
+    if lean:
+        regs = {} if LEAN_MAX_REGISTERS is None else dict(maxnreg=LEAN_MAX_REGISTERS)
+        _decode_split_kernel[(bsz, n_kv, num_splits - 1)](*args, **consts, PART=1, **regs)
+        regs = {} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)
+        _decode_split_kernel[(bsz, n_kv, 1)](*args, **consts, PART=2, **regs)
+    else:
+        regs = {} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)
+        _decode_split_kernel[(bsz, n_kv, num_splits)](*args, **consts, PART=0, **regs)
     if out is None:
         out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)
     _merge_splits_kernel[(bsz * hq,)](o_part, lse_part, out, num_splits, D=dim,

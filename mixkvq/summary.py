@@ -3,7 +3,7 @@ bytes, tokens/s and peak memory).
 
 Rows are run rows (run.parquet) with keys: method, label, model, task, storage, pass1, pass1_se,
 majority, agree_answer, payload_bits_mean, storage_bits_mean, truncation_rate (samples cut at the token limit),
-budget_truncation_rate (samples a KV budget ended: a line under the table), kv_bytes_vs_bf16, tokens_per_s, peak_mem_bytes, n_problems,
+budget_truncation_rate (samples a KV budget ended: a line under the table when any), kv_bytes_vs_bf16, tokens_per_s, peak_mem_bytes, n_problems,
 n_samples. Missing or null values print as '-'.
 """
 
@@ -64,8 +64,8 @@ def format_summary(rows: list[dict]) -> str:
             last = _group(row)
             out.append(f"[{last}]")
         out.append(line)
-    budgeted = [r for r in rows if _get(r, "budget_truncation_rate") is not None]
-    if budgeted:  # methods with a KV budget (PM-KVQ): how many samples it ended, zero included
+    budgeted = [r for r in rows if _get(r, "budget_truncation_rate")]
+    if budgeted:  # a KV budget (PM-KVQ) ended samples early: never silently
         out.append("KV budget ended: " + ", ".join(
             f"{_cells(r)['method']} {100 * r['budget_truncation_rate']:.1f}% of samples" for r in budgeted))
     return "\n".join(out)

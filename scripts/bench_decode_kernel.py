@@ -30,6 +30,14 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 SHAPES = [(1, 4096), (1, 32768), (8, 32768), (64, 32768)]
 # name -> config overrides. MixKVQ's `target_bits` is the mean over K and V codes with 2-bit values, so the
 # keys average 2 * target - 2 bits: 2.15 -> 2.3 key bits, 2.35 -> 2.7 key bits.
+# Kernel configurations a run can compare side by side (`--configs`): module settings of kernels/decode.py.
+CONFIGS = {
+    "default": {},
+    "one-kernel": dict(LEAN_MIN_TILES=None),  # whole tiles and the rest in one kernel
+    "lean": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=None),  # whole tiles in their own kernel
+    "lean-r168": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=168),
+    "lean-r128": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=128),
+}
 METHODS = {
     "kivi-2": ["method=kivi"],
     "kivi-4": ["method=kivi4"],
@@ -67,7 +75,18 @@ def bench_sdpa(bsz: int, ctx: int, gen) -> tuple[float, int]:
     return ms, 2 * k.numel() * 2 + q.numel() * 2
 
 
-def bench_method(overrides, bsz: int, ctx: int, gen) -> dict:
+def bench_method(overrides, bsz: int, ctx: int, gen, config: dict | None = None) -> dict:
+    saved = {k: getattr(decode, k) for k in (config or {})}
+    for k, v in (config or {}).items():
+        setattr(decode, k, v)
+    try:
+        return _bench_method(overrides, bsz, ctx, gen)
+    finally:
+        for k, v in saved.items():
+            setattr(decode, k, v)
+
+
+def _bench_method(overrides, bsz: int, ctx: int, gen) -> dict:
     method = build(overrides)
     layer = method.new_cache(bsz).layers[0]
     fill_layer(layer, ctx, Q_HEADS, gen)
@@ -102,11 +121,16 @@ def main() -> None:
     ap.add_argument("--num-warps", type=int, default=decode.NUM_WARPS, help="warps per program of the split kernel")
     ap.add_argument("--max-registers", type=int, default=decode.MAX_REGISTERS,
                     help="registers per thread of the split kernel (fewer: more programs resident per SM)")
+    ap.add_argument("--configs", default="default",
+                    help=f"kernel configurations timed side by side, comma-separated, from {list(CONFIGS)}")
     ap.add_argument("--tile", type=int, default=decode.TILE_TOKENS, help="tokens per tile (divides 128)")
     args = ap.parse_args()
     decode.NUM_WARPS, decode.TILE_TOKENS, decode.MAX_REGISTERS = args.num_warps, args.tile, args.max_registers
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     names = args.methods.split(",")
+    configs = args.configs.split(",")
+    if sorted(set(configs) - set(CONFIGS)):
+        raise SystemExit(f"unknown config(s) {sorted(set(configs) - set(CONFIGS))}; choose from {list(CONFIGS)}")
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -120,9 +144,12 @@ def main() -> None:
         rows.append(dict(method="bf16-sdpa", B=bsz, L=ctx, ms=sdpa_ms, bytes=sdpa_bytes, speedup=1.0,
                          gbs=sdpa_bytes / sdpa_ms / 1e6, key_bits=16.0))
         for name in names:
-            r = bench_method(METHODS[name], bsz, ctx, gen)
-            rows.append(dict(method=name, B=bsz, L=ctx, speedup=sdpa_ms / r["ms"], gbs=r["bytes"] / r["ms"] / 1e6, **r))
-            print(f"B={bsz:3d} L={ctx:6d} {name:12s} {r['ms'] * 1e3:8.1f} us  x{sdpa_ms / r['ms']:.2f}", flush=True)
+            for config in configs:
+                r = bench_method(METHODS[name], bsz, ctx, gen, CONFIGS[config])
+                label = name if config == "default" else f"{name} [{config}]"
+                rows.append(dict(method=label, B=bsz, L=ctx, speedup=sdpa_ms / r["ms"], gbs=r["bytes"] / r["ms"] / 1e6,
+                                 **r))
+                print(f"B={bsz:3d} L={ctx:6d} {label:24s} {r['ms'] * 1e3:8.1f} us  x{sdpa_ms / r['ms']:.2f}", flush=True)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, copy_gbs=copy_gbs, num_warps=args.num_warps,
                 tile=args.tile, max_registers=args.max_registers)

@@ -86,7 +86,7 @@ def ground_truth(query, layer, scaling):
 
 
 def check(name, overrides, *, gqa=4, head_dim=128, dtype=torch.float32, storage="packed", num_splits=None,
-          lengths=(301, 250, 77), steps=45, device="cpu"):
+          lengths=(301, 250, 77), steps=45, device="cpu", lean=None):
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     kv_heads = 2
@@ -94,16 +94,16 @@ def check(name, overrides, *, gqa=4, head_dim=128, dtype=torch.float32, storage=
                    device=device, storage=storage)
     layer, query = filled_layer(method, lengths=list(lengths), steps=steps, gen=gen, device=device)
     assert decode.supports(layer) is None
-    compare(name, layer, query, seed, num_splits=num_splits)
+    compare(name, layer, query, seed, num_splits=num_splits, lean=lean)
     return layer
 
 
-def compare(name, layer, query, seed, num_splits=None):
+def compare(name, layer, query, seed, num_splits=None, lean=None):
     """The fused kernel's output for `query` against the fp64 ground truth, at the tolerances of the module doc."""
     bsz, _, _, head_dim = query.shape
     dtype, scaling = query.dtype, head_dim**-0.5
     poisoned = torch.full((bsz, 1, query.shape[1], head_dim), float("nan"), dtype=dtype, device=query.device)
-    got = decode.fused_decode(query, layer, scaling, num_splits=num_splits, out=poisoned)
+    got = decode.fused_decode(query, layer, scaling, num_splits=num_splits, out=poisoned, lean=lean)
     assert got.data_ptr() == poisoned.data_ptr()
     assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
     want = ground_truth(query, layer, scaling)
@@ -136,6 +136,13 @@ def test_gqa_ratios_and_head_dims(case, gqa, head_dim):
 def test_bf16_models(case):
     name, overrides = FORMAT_CASES[case]
     check(name, overrides, dtype=torch.bfloat16, gqa=7, steps=20)
+
+
+@pytest.mark.parametrize("case", ["kivi-2", "mixkvq-sink-sliding", "kvmix-k2v2"])
+def test_whole_tiles_in_their_own_kernel(case):
+    """The two-kernel form (whole tiles, then sink and the rest as one more split) gives the same answer."""
+    name, overrides = FORMAT_CASES[case]
+    check(name, overrides, lean=True, steps=10, num_splits=2)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 17])

@@ -238,5 +238,6 @@ def test_summary_table():
     assert "12.0" not in fake and "90.0" in fake  # no speed figure from fake storage
     assert format_summary([]) == "(no runs)"
     assert "KV budget" not in text  # neither method has a budget
+    assert "KV budget" not in format_summary([{**rows_[0], "budget_truncation_rate": 0.0}])
     pm = {**rows_[0], "method": "pmkvq", "label": "pmkvq-Fbit-2", "budget_truncation_rate": 0.25}
     assert format_summary([rows_[0], pm]).splitlines()[-1] == "KV budget ended: pmkvq-Fbit-2 25.0% of samples"
