@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 import torch
 import triton
 import triton.language as tl
@@ -577,13 +579,14 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     dummy = ks.window.data
     k_args, kc = _store_args(ks.store, dummy)
     v_args, vc = _store_args(vs.store, dummy)
-    whole = torch.minimum(lens_host[:, 1], lens_host[:, 2])
+    ln = lens_host.numpy()  # host arithmetic in numpy: a few microseconds less per call than torch ops
+    whole = np.minimum(ln[:, 1], ln[:, 2])
     whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores
     if lean is None:
         lean = LEAN_MIN_TILES is not None and int(whole.sum()) // TILE_TOKENS * n_kv >= LEAN_MIN_TILES
     lean = bool(lean and kc["FAST"] and vc["FAST"] and int(whole.max()) > 0)
     # Splits cover the tokens after the sink (one kernel) or the whole tiles (lean; the rest is one more split).
-    n_split = int(whole.max()) if lean else int((lens_host[:, 3] - lens_host[:, 0]).max())
+    n_split = int(whole.max()) if lean else int((ln[:, 3] - ln[:, 0]).max())
     tiles = max(1, -(-n_split // TILE_TOKENS))
     if num_splits is None:
         want = -(-4 * _sm_count(dev) // (bsz * n_kv))
