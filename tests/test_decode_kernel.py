@@ -287,7 +287,8 @@ def test_pmkvq_rows_are_read_at_their_own_widths_on_cuda(dtype):
 
 
 CUDA_GENERATE_CASES = {
-    "kivi": [], "kivi4": [], "mixkvq": [], "kvmix": GENERATE_CASES["kvmix"][0],
+    "kivi": [], "kivi4": [], "mixkvq": [],
+    "kvmix": ["method.layer_bits={key:[3,2],value:[4,2]}"],  # two layers: the repo's 3-bit keys, then 2-bit
     "pmkvq": [*PMKVQ, "method.max_len=1024"],  # rows end at 4, 2 and 4 bits (no budget stop)
 }
 
