@@ -49,5 +49,12 @@ def resolve_decode_kernel(name: str, device: torch.device, layer=None):
     return DECODE_KERNELS.get("torch")
 
 
+def kernels_in_use(layers) -> str:
+    """The registered names of the decode functions bound to these layers, e.g. "triton" or "torch+triton"."""
+    names = {name for name in DECODE_KERNELS.names() for layer in layers
+             if getattr(layer, "decode_fn", None) is DECODE_KERNELS.get(name)}
+    return "+".join(sorted(names)) or "none"
+
+
 def decode_kernel_names() -> list[str]:
     return ["auto", *DECODE_KERNELS.names()]

@@ -390,8 +390,8 @@ def _decode_split_kernel(
             k_in = u < k_store
             kt = _fp_tile_t(kw, kw_sb, kw_sh, kw_st, b, h, u - k_store, d, ok & (u >= k_store))
             if K_FMT == 1:
-                kq = _channel_tile_t(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh, kwid_st,
-                                     koff, koff_sb, koff_sh, koff_st, b, h, u0, u, d, ok & k_in, u0 < k_store,
+                kq = _channel_tile_t(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh,
+                                     kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, u0, u, d, ok & k_in, u0 < k_store,
                                      K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, MODEL_DTYPE, D, K_PACK11)
                 kt = tl.where(k_in[None, :], kq, kt)
             elif K_FMT == 2:
@@ -404,10 +404,10 @@ def _decode_split_kernel(
             v_in = u < v_store
             vt = _fp_tile(vw, vw_sb, vw_sh, vw_st, b, h, u - v_store, d, ok & (u >= v_store))
             if V_FMT == 1:
-                vq = tl.trans(_channel_tile_t(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb, vwid_sh,
-                                              vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u0, u, d, ok & v_in,
-                                              u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, MODEL_DTYPE, D,
-                                              V_PACK11))
+                vq = tl.trans(_channel_tile_t(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
+                                              vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u0, u, d,
+                                              ok & v_in, u0 < v_store, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS,
+                                              MODEL_DTYPE, D, V_PACK11))
                 vt = tl.where(v_in[:, None], vq, vt)
             elif V_FMT == 2:
                 vq = _token_tile(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u, d, ok & v_in,

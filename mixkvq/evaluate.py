@@ -112,6 +112,7 @@ def evaluate(cfg: DictConfig) -> dict:
                     "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
                     "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
                     "seed": seed, "gen_seconds": out.seconds, "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes,
+                    "decode_kernels": out.decode_kernels,
                     **out.cache_stats[s],
                 }
                 for s in range(len(out.texts))
@@ -138,6 +139,9 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
         "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
+        # what `decode_kernel` resolved to: the kernels that produced the speed figures (older samples lack it)
+        "decode_kernels_used": "+".join(sorted(set(samples["decode_kernels"].dropna())))
+        if "decode_kernels" in samples else None,
         **metrics.summarize(samples),
     }
     reference = find_reference(cfg.results_dir, cfg)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from kernels import kernels_in_use
 from mixkvq.attention import bind
 from mixkvq.methods import Method
 
@@ -49,6 +50,7 @@ class Generation:
     seconds: float
     cache_stats: list[dict]
     kv_peak_allocated_bytes: int | None
+    decode_kernels: str  # what `attention.decode_kernel` resolved to over the layers, e.g. "triton"
 
 
 def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen: dict, seed: int,
@@ -61,6 +63,7 @@ def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen:
     torch.manual_seed(seed)
     start = time.perf_counter()
     with bind(model, cache, decode_kernel), torch.no_grad():
+        kernels = kernels_in_use(cache.layers)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, num_return_sequences=n,
                              pad_token_id=tokenizer.pad_token_id or min(stop), eos_token_id=sorted(stop),
                              stopping_criteria=StoppingCriteriaList([CacheStop(cache)]), **gen)
@@ -81,4 +84,4 @@ def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen:
     for row_stats, budget in zip(stats, by_budget):
         row_stats["truncated_by_budget"] = budget
     peak = cache.peak_allocated_bytes if method.storage == "packed" else None
-    return Generation(tokens, texts, truncated, seconds, stats, peak)
+    return Generation(tokens, texts, truncated, seconds, stats, peak, kernels)

@@ -244,6 +244,18 @@ def test_kernels_that_cannot_read_a_layer_say_why():
         assert resolve_decode_kernel("auto", torch.device("cuda"), layer) is resolve_decode_kernel("torch", None)
 
 
+def test_a_run_names_the_kernels_its_layers_resolved_to():
+    from kernels import kernels_in_use, resolve_decode_kernel
+
+    layers = [build("kivi", [], kv_heads=2, q_heads=4, head_dim=hd, dtype=torch.float32,
+                    device="cpu").new_cache(1).layers[0] for hd in (128, 96)]
+    with pytest.warns(UserWarning, match="head_dim 96"):
+        for layer in layers:
+            layer.decode_fn = resolve_decode_kernel("auto", torch.device("cuda"), layer)
+    assert kernels_in_use(layers) == "torch+triton"  # the 96-wide layer fell back
+    assert kernels_in_use(layers[:1]) == "triton" and kernels_in_use([]) == "none"
+
+
 GENERATE_CASES = {  # method overrides and new tokens for the generate equality tests (no calibration artifacts)
     "mixkvq": ([], 24),
     "kvmix": (["method.layer_bits={key:[3],value:[4]}"], 12),  # the repo's 11-per-word 3-bit keys

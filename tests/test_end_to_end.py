@@ -47,6 +47,8 @@ def test_default_job_writes_its_result_files_and_summary(tmp_path):
     row = pd.read_parquet(rd / "run.parquet").iloc[0]
     assert row["method"] == "mixkvq" and row["storage"] == "packed" and row["model"] == "smollm2-135m"
     assert row["git_sha"] and row["device"] and "transformers" in row["versions"]
+    # on CPU `auto` resolves to the PyTorch reference for every layer, and the run says so
+    assert (samples["decode_kernels"] == "torch").all() and row["decode_kernels_used"] == "torch"
     assert (rd / "config.yaml").exists()
     assert "pass@1" in proc.stdout and "mixkvq" in proc.stdout  # the summary table
 
