@@ -34,7 +34,6 @@ import math
 import os
 
 import numpy as np
-
 import torch
 import triton
 import triton.language as tl
@@ -47,9 +46,9 @@ TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P 
 MAX_SPLITS = 256
 NUM_WARPS = 4
 MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
-# Whole tiles go to a kernel of their own (PART 1, no generic path: fewer registers) and the rest to a second one
-# (PART 2) when the layer holds at least this many whole tiles over its rows and KV heads; None: never. The extra
-# launch costs host time, which only pays at large batch x context.
+# Whole tiles go to a kernel of their own (PART 1, no generic path: 182 instead of 254 registers) and the rest to a
+# second one (PART 2) when the layer holds at least this many whole tiles over its rows and KV heads; None: never.
+# Off: on an H200 it gained nothing (results/bench/sweeps-2026-12-02); kept to repeat the experiment.
 LEAN_MIN_TILES: int | None = None
 LEAN_MAX_REGISTERS = None  # registers per thread of the whole-tile kernel
 # Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
