@@ -46,14 +46,19 @@ TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P 
 MAX_SPLITS = 256
 NUM_WARPS = 4
 MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
-# Whole tiles go to a kernel of their own (PART 1, no generic path: 182 instead of 254 registers) and the rest to a
-# second one (PART 2) when the layer holds at least this many whole tiles over its rows and KV heads; None: never.
-# Off: on an H200 it gained nothing (results/bench/sweeps-2026-12-02); kept to repeat the experiment.
-LEAN_MIN_TILES: int | None = None
+# Whole tiles go to a kernel of their own (PART 1, no generic path: with the word-major unpack 128 instead of 255
+# registers for KIVI, so 4 programs per SM instead of 2) and the rest to a second one (PART 2) when the layer holds
+# at least this many whole tiles over its rows and KV heads; None: never. On an H200 (results/bench/sweeps-2026-12-02b)
+# it takes 7-11% off at B=64, L=32k (262144 tiles), is even at B=8 and loses at B=1, where the second launch costs
+# more than it saves.
+LEAN_MIN_TILES: int | None = 65536
 LEAN_MAX_REGISTERS = None  # registers per thread of the whole-tile kernel
 # Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
 # widths (the widths of per-row-width stores; 0 for the others).
 LENS_COLS = tl.constexpr(6)
+# Whole tiles unpack each word in the thread that loaded it, with one scale and zero per word (`_word_major`);
+# False: the earlier broadcast unpack, kept to measure the two side by side (scripts/bench_decode_kernel.py).
+WORD_MAJOR = True
 
 
 @triton.jit
@@ -77,13 +82,17 @@ _ROUNDED_MUL = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 @triton.jit
 def _dequant(raw, sc, zr, MODEL_DTYPE: tl.constexpr):
-    """zero + code * scale in fp32 with separately rounded operations, then rounded to the model dtype."""
+    """zero + code * scale in fp32 with separately rounded operations, rounded to (and left in) the model dtype.
+
+    Left in the model dtype: the dots take it as is.
+    """
+    raw = raw.to(tl.float32)
     if _ROUNDED_MUL:
         prod = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [raw, sc], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
         prod = raw * sc
-    return (prod + zr).to(MODEL_DTYPE).to(tl.float32)
+    return (prod + zr).to(MODEL_DTYPE)
 
 
 @triton.jit
@@ -127,13 +136,13 @@ def _channel_tile_t(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_
     s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + g
     sc = tl.load(scale + s_off, mask=m2, other=0.0).to(tl.float32)
     zr = tl.load(zero + s_off, mask=m2, other=0.0).to(tl.float32)
-    val = _dequant(raw.to(tl.float32), sc, zr, MODEL_DTYPE)
+    val = _dequant(raw, sc, zr, MODEL_DTYPE)
     if MIXED:
         if FP_BITS == 32:
             fp = word.to(tl.float32, bitcast=True)
         else:
             fp = raw.to(tl.int16).to(MODEL_DTYPE, bitcast=True).to(tl.float32)
-        val = tl.where(is_fp[:, None], fp, val)
+        val = tl.where(is_fp[:, None], fp.to(val.dtype), val)
     return val
 
 
@@ -156,14 +165,14 @@ def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, id
     s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (d // G)[None, :]
     sc = tl.load(scale + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
     zr = tl.load(zero + s_off, mask=mask[:, None], other=0.0).to(tl.float32)
-    return _dequant(raw.to(tl.float32), sc, zr, MODEL_DTYPE)
+    return _dequant(raw, sc, zr, MODEL_DTYPE)
 
 
 @triton.jit
 def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb, w_sh, w_st, offsets, o_sb, o_sh,
                   o_st, b, h, u0, d, valid,
                   BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
-                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
     """Raw words, scales, zeros (and width codes) of a whole channel-group tile; decoded by `_channel_decode`.
 
     Split from the decode so the main loop can fetch the next tile while it computes this one.
@@ -171,7 +180,11 @@ def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb
     NGT: tl.constexpr = BT // G if BT > G else 1  # scale groups the tile spans
     blk = u0 // P
     t0 = u0 % P
-    s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + t0 // G + tl.arange(0, NGT)[None, :]
+    if MIXED or not (WM and G % (32 // BITS) == 0):
+        s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + t0 // G + tl.arange(0, NGT)[None, :]
+    else:  # one scale and zero per word, in the words' shape [D, NW] (see `_word_major`)
+        s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + \
+            (t0 + tl.arange(0, BT // (32 // BITS)) * (32 // BITS))[None, :] // G
     sc = tl.load(scale + s_off, mask=valid, other=0.0)
     zr = tl.load(zero + s_off, mask=valid, other=0.0)
     if MIXED:
@@ -197,9 +210,24 @@ def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb
 
 
 @triton.jit
+def _word_major(word, sc, zr, BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr):
+    """[R, W] words with one scale and zero each -> dequantized [R, W * 32 // BITS], first code lowest.
+
+    Unpacked along a leading code axis, then permuted: each thread keeps the codes of the words it loaded in its
+    own registers, with their one scale and zero. (Codes along a trailing axis put a word's codes on 32 // BITS
+    threads, each converting its own copy of the scale and zero: about a third of the loop's instructions.)
+    """
+    CPW: tl.constexpr = 32 // BITS
+    raw = (word[None, :, :] >> (tl.arange(0, CPW) * BITS)[:, None, None]) & ((1 << BITS) - 1)
+    val = _dequant(raw, sc.to(tl.float32)[None, :, :], zr.to(tl.float32)[None, :, :], MODEL_DTYPE)
+    val = tl.permute(val, (1, 2, 0))
+    return tl.reshape(val, [val.shape[0], val.shape[1] * CPW])
+
+
+@triton.jit
 def _channel_decode(word, sc, zr, wcode, u0,
                     BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, FP_BITS: tl.constexpr,
-                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
     """A whole tile of a channel-group store as a dequantized [D, BT] tile."""
     NGT: tl.constexpr = BT // G if BT > G else 1
     if MIXED:
@@ -214,27 +242,38 @@ def _channel_decode(word, sc, zr, wcode, u0,
             fp = word.to(tl.float32, bitcast=True)
         else:
             fp = raw.to(tl.int16).to(MODEL_DTYPE, bitcast=True).to(tl.float32)
+        val = _group_dequant(raw, sc, zr, MODEL_DTYPE, D, NGT, BT)
+        val = tl.where(is_fp[:, None], fp.to(val.dtype), val)
+    elif WM and G % (32 // BITS) == 0:
+        val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
     else:
-        CPW: tl.constexpr = 32 // BITS
-        raw = (word[:, :, None] >> (tl.arange(0, CPW) * BITS)[None, None, :]) & ((1 << BITS) - 1)
-    raw = tl.reshape(raw, [D, NGT, BT // NGT]).to(tl.float32)
-    sc3 = tl.broadcast_to(sc.to(tl.float32)[:, :, None], [D, NGT, BT // NGT])
-    zr3 = tl.broadcast_to(zr.to(tl.float32)[:, :, None], [D, NGT, BT // NGT])
-    val = tl.reshape(_dequant(raw, sc3, zr3, MODEL_DTYPE), [D, BT])
-    if MIXED:
-        val = tl.where(is_fp[:, None], fp, val)
+        raw = (word[:, :, None] >> (tl.arange(0, 32 // BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        val = _group_dequant(raw, sc, zr, MODEL_DTYPE, D, NGT, BT)
     return val
 
 
 @triton.jit
+def _group_dequant(raw, sc, zr, MODEL_DTYPE: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, C: tl.constexpr):
+    """Codes [R, C] (any shape of R * C elements) with scales and zeros [R, NG] (groups of C // NG along C)."""
+    raw = tl.reshape(raw, [R, NG, C // NG])
+    sc3 = tl.broadcast_to(sc.to(tl.float32)[:, :, None], [R, NG, C // NG])
+    zr3 = tl.broadcast_to(zr.to(tl.float32)[:, :, None], [R, NG, C // NG])
+    return tl.reshape(_dequant(raw, sc3, zr3, MODEL_DTYPE), [R, C])
+
+
+@triton.jit
 def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0, valid,
-                BITS: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+                BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                WM: tl.constexpr):
     """Raw words, scales and zeros of a whole per-token tile (power-of-two codes per word)."""
     WPT: tl.constexpr = D // (32 // BITS)
     idx = u0 + tl.arange(0, BT)
     word = tl.load(codes + b * c_sb + h * c_sh + idx[:, None] * c_st + tl.arange(0, WPT)[None, :], mask=valid,
                    other=0)
-    s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + tl.arange(0, NG)[None, :]
+    if WM and G % (32 // BITS) == 0:  # one scale and zero per word, in the words' shape [BT, WPT] (`_word_major`)
+        s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (tl.arange(0, WPT) * (32 // BITS) // G)[None, :]
+    else:
+        s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + tl.arange(0, NG)[None, :]
     sc = tl.load(scale + s_off, mask=valid, other=0.0)
     zr = tl.load(zero + s_off, mask=valid, other=0.0)
     return word, sc, zr
@@ -242,21 +281,21 @@ def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0
 
 @triton.jit
 def _token_decode(word, sc, zr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                  D: tl.constexpr, BT: tl.constexpr):
+                  D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
     """A whole per-token tile as a dequantized [BT, D] tile, unpacked by broadcasting."""
-    CPW: tl.constexpr = 32 // BITS
-    raw = (word[:, :, None] >> (tl.arange(0, CPW) * BITS)[None, None, :]) & ((1 << BITS) - 1)
-    raw = tl.reshape(raw, [BT, NG, G]).to(tl.float32)
-    sc3 = tl.broadcast_to(sc.to(tl.float32)[:, :, None], [BT, NG, G])
-    zr3 = tl.broadcast_to(zr.to(tl.float32)[:, :, None], [BT, NG, G])
-    return tl.reshape(_dequant(raw, sc3, zr3, MODEL_DTYPE), [BT, D])
+    if WM and G % (32 // BITS) == 0:
+        val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
+    else:
+        raw = (word[:, :, None] >> (tl.arange(0, 32 // BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        val = _group_dequant(raw, sc, zr, MODEL_DTYPE, BT, NG, D)
+    return val
 
 
 @triton.jit
 def _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE: tl.constexpr):
     """Online-softmax update with one tile (exp2 domain; fully masked tiles leave the state unchanged)."""
     if DOT_DTYPE == tl.float32:
-        sc = tl.dot(qv, kt, input_precision="ieee")
+        sc = tl.dot(qv, kt.to(tl.float32), input_precision="ieee")
     else:
         sc = tl.dot(qv, kt.to(DOT_DTYPE))
     sc = tl.where(ok[None, :], sc * sm_scale_log2, float("-inf"))
@@ -266,7 +305,7 @@ def _attend(qv, kt, vt, ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE: tl.constexp
     p = tl.exp2(sc - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DOT_DTYPE == tl.float32:
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE))
     return m_new, l_i, acc
@@ -290,7 +329,7 @@ def _decode_split_kernel(
     V_NG: tl.constexpr, V_FAST: tl.constexpr,
     FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
     K_ROW_BITS: tl.constexpr, K_PACK11: tl.constexpr, V_ROW_BITS: tl.constexpr, V_PACK11: tl.constexpr,
-    PART: tl.constexpr,
+    PART: tl.constexpr, WORD_MAJOR: tl.constexpr,
 ):
     """PART 0: split s of a row's tokens, whole tiles and the rest. PART 1: only the whole tiles of split s
     (no generic path compiled in: fewer registers, more programs per SM). PART 2: one program per (row, head) for
@@ -345,39 +384,42 @@ def _decode_split_kernel(
         if K_FMT == 1:
             kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh,
                                                kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, u_lo, d, first,
-                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
+                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT, WORD_MAJOR)
         else:
             kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u_lo, first,
-                                        K_BITS, K_NG, D, BT)
+                                        K_BITS, K_G, K_NG, D, BT, WORD_MAJOR)
         if V_FMT == 2:
             vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u_lo, first,
-                                        V_BITS, V_NG, D, BT)
+                                        V_BITS, V_G, V_NG, D, BT, WORD_MAJOR)
         else:
             vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
                                                vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u_lo, d, first,
-                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
+                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT, WORD_MAJOR)
         for u0 in range(u_lo, main_end, BT):
             nxt = u0 + BT
             more = nxt < main_end
             if K_FMT == 1:
-                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT)
+                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT,
+                                     WORD_MAJOR)
                 kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb,
                                                    kwid_sh, kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, nxt, d,
-                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
+                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT,
+                                                   WORD_MAJOR)
             else:
-                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT))
+                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT, WORD_MAJOR))
                 kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, nxt,
-                                            more, K_BITS, K_NG, D, BT)
+                                            more, K_BITS, K_G, K_NG, D, BT, WORD_MAJOR)
             if V_FMT == 2:
-                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT)
+                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT, WORD_MAJOR)
                 vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, nxt,
-                                            more, V_BITS, V_NG, D, BT)
+                                            more, V_BITS, V_G, V_NG, D, BT, WORD_MAJOR)
             else:
                 vt = tl.trans(_channel_decode(vw_, vs_, vz_, vx_, u0, V_BITS, V_MIXED, V_P, V_G, FP_BITS,
-                                              MODEL_DTYPE, D, BT))
+                                              MODEL_DTYPE, D, BT, WORD_MAJOR))
                 vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
                                                    vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, nxt, d,
-                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
+                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT,
+                                                   WORD_MAJOR)
             m_i, l_i, acc = _attend(qv, kt, vt, all_ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
     else:
         main_end = u_lo
@@ -605,6 +647,7 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     consts = dict(GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
                   **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
                   FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
+                  WORD_MAJOR=WORD_MAJOR,
                   num_warps=NUM_WARPS, num_stages=1)  # the main loop prefetches by hand; stages only cost shared memory
     if lean:
         regs = {} if LEAN_MAX_REGISTERS is None else dict(maxnreg=LEAN_MAX_REGISTERS)

@@ -28,16 +28,19 @@ from mixkvq.synthetic import fill_layer
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 SHAPES = [(1, 4096), (1, 32768), (8, 32768), (64, 32768)]
-# name -> config overrides. MixKVQ's `target_bits` is the mean over K and V codes with 2-bit values, so the
-# keys average 2 * target - 2 bits: 2.15 -> 2.3 key bits, 2.35 -> 2.7 key bits.
 # Kernel configurations a run can compare side by side (`--configs`): module settings of kernels/decode.py.
 CONFIGS = {
     "default": {},
+    "broadcast-unpack": dict(WORD_MAJOR=False),  # a word's codes spread over threads (the kernel before 2026-12-02)
     "one-kernel": dict(LEAN_MIN_TILES=None),  # whole tiles and the rest in one kernel
     "lean": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=None),  # whole tiles in their own kernel
     "lean-r168": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=168),
     "lean-r128": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=128),
+    "lean-r96": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=96),
+    "lean-r80": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=80),
 }
+# name -> config overrides. MixKVQ's `target_bits` is the mean over K and V codes with 2-bit values, so the
+# keys average 2 * target - 2 bits: 2.15 -> 2.3 key bits, 2.35 -> 2.7 key bits.
 METHODS = {
     "kivi-2": ["method=kivi"],
     "kivi-4": ["method=kivi4"],
