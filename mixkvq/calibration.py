@@ -170,8 +170,8 @@ def kvmix_profile(model, tokenizer, prompts: list[torch.Tensor], mode: str) -> d
                 model.zero_grad(set_to_none=True)
                 lm_loss(model, ids[None], pad).backward()
                 for i in layers:
-                    keys[i] += mods[i].k_proj.weight.grad.double().norm()
-                    values[i] += mods[i].v_proj.weight.grad.double().norm()
+                    keys[i] += mods[i].k_proj.weight.grad.double().norm().item()
+                    values[i] += mods[i].v_proj.weight.grad.double().norm().item()
                     mods[i].k_proj.weight.requires_grad_(False)
                     mods[i].v_proj.weight.requires_grad_(False)
     finally:

@@ -174,3 +174,16 @@ def test_missing_artifact_names_the_calibration_command(tmp_path):
     shape = _shape(30)
     with pytest.raises(ConfigError, match="scripts/calibrate.py method=kvmix model=smollm2-135m"):
         build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_profile_runs_on_cuda_with_the_cpu_numbers():
+    """The scores accumulate on the host whatever the model's device (they once mixed devices and raised)."""
+    model = tiny_model("llama", layers=2)
+    prompts = random_prompts([20, 31], seed=8)
+    cpu = kvmix_profile(model, None, prompts, "single_backward")
+    gpu = kvmix_profile(model.cuda(), None, prompts, "single_backward")
+    torch.testing.assert_close(torch.tensor(gpu["key_scores"]), torch.tensor(cpu["key_scores"]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(gpu["value_scores"]), torch.tensor(cpu["value_scores"]), rtol=1e-3,
+                               atol=0)
