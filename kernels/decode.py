@@ -44,13 +44,16 @@ from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupS
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
 MAX_SPLITS = 256
+# The sequence is split until there are about this many programs per SM (CUDA): many short programs leave little
+# of the last wave idle (H200, B=64, L=32k, KIVI-2 in the two-kernel form: 1742 us at 4, 1618 us at 32).
+SPLIT_PROGRAMS_PER_SM = 32
 NUM_WARPS = 4
 MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
 # Whole tiles go to a kernel of their own (PART 1, no generic path: with the word-major unpack 128 instead of 255
 # registers for KIVI, so 4 programs per SM instead of 2) and the rest to a second one (PART 2) when the layer holds
-# at least this many whole tiles over its rows and KV heads; None: never. On an H200 (results/bench/sweeps-2026-12-02b)
-# it takes 7-11% off at B=64, L=32k (262144 tiles), is even at B=8 and loses at B=1, where the second launch costs
-# more than it saves.
+# at least this many whole tiles over its rows and KV heads; None: never. On an H200 at B=64, L=32k (262144 tiles)
+# it takes KIVI-2 from 1906 to 1618 us; at B=1 its second launch costs more than it saves
+# (results/bench/sweeps-2026-12-02b).
 LEAN_MIN_TILES: int | None = 65536
 LEAN_MAX_REGISTERS = None  # registers per thread of the whole-tile kernel
 # Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
@@ -630,7 +633,8 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     n_split = int(whole.max()) if lean else int((ln[:, 3] - ln[:, 0]).max())
     tiles = max(1, -(-n_split // TILE_TOKENS))
     if num_splits is None:
-        want = -(-4 * _sm_count(dev) // (bsz * n_kv))
+        per_sm = SPLIT_PROGRAMS_PER_SM if dev.type == "cuda" else 4  # the interpreter: a few splits, few programs
+        want = -(-per_sm * _sm_count(dev) // (bsz * n_kv))
         num_splits = max(1, min(tiles, want, MAX_SPLITS))
     split_tokens = -(-tiles // num_splits) * TILE_TOKENS
     num_splits = max(1, -(-n_split // split_tokens)) + int(lean)

@@ -38,6 +38,12 @@ CONFIGS = {
     "lean-r128": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=128),
     "lean-r96": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=96),
     "lean-r80": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=80),
+    "pps8": dict(SPLIT_PROGRAMS_PER_SM=8),  # more, shorter programs: less idle SM time in the last wave
+    "pps16": dict(SPLIT_PROGRAMS_PER_SM=16),
+    "pps32": dict(SPLIT_PROGRAMS_PER_SM=32),
+    "lean-pps8": dict(LEAN_MIN_TILES=0, SPLIT_PROGRAMS_PER_SM=8),
+    "lean-pps16": dict(LEAN_MIN_TILES=0, SPLIT_PROGRAMS_PER_SM=16),
+    "lean-pps32": dict(LEAN_MIN_TILES=0, SPLIT_PROGRAMS_PER_SM=32),
 }
 # name -> config overrides. MixKVQ's `target_bits` is the mean over K and V codes with 2-bit values, so the
 # keys average 2 * target - 2 bits: 2.15 -> 2.3 key bits, 2.35 -> 2.7 key bits.
