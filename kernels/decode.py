@@ -231,7 +231,8 @@ def _word_major(word, sc, zr, BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr):
 def _channel_decode(word, sc, zr, wcode, u0,
                     BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, FP_BITS: tl.constexpr,
                     MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
-    """A whole tile of a channel-group store as a dequantized [D, BT] tile."""
+    """A whole tile of a channel-group store as a dequantized [D, BT] tile (word-major when every word lies in one
+    group and the width is uniform)."""
     NGT: tl.constexpr = BT // G if BT > G else 1
     if MIXED:
         t_in = u0 % P + tl.arange(0, BT)
@@ -285,7 +286,7 @@ def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0
 @triton.jit
 def _token_decode(word, sc, zr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, MODEL_DTYPE: tl.constexpr,
                   D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
-    """A whole per-token tile as a dequantized [BT, D] tile, unpacked by broadcasting."""
+    """A whole per-token tile as a dequantized [BT, D] tile (word-major when every word lies in one group)."""
     if WM and G % (32 // BITS) == 0:
         val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
     else:
