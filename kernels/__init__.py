@@ -1,8 +1,10 @@
 """Decode-attention kernels over a layer's stores, looked up by name (`attention.decode_kernel`).
 
-`torch` is the PyTorch reference: it dequantizes the layer's packed stores and runs SDPA. `triton` is the fused
-kernel (kernels/decode.py) that reads packed codes directly. `auto` picks, per device, the first registered
-kernel in `AUTO_ORDER` that can read the layer's formats.
+`torch` is the PyTorch reference: it dequantizes the layer's packed stores and runs SDPA. `cuda` is the CUDA
+kernel over fragment pages (kernels/fragment.py: uniform 2/4-bit keys and values, e.g. KIVI); it puts a fresh
+layer's stores into its page layout when bound (`KERNEL_PREPARE`). `triton` is the fused kernel (kernels/decode.py)
+that reads every other packed format directly. `auto` picks, per device, the first registered kernel in
+`AUTO_ORDER` that can read the layer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import warnings
 
 import torch
 
-from kernels import decode
+from kernels import decode, fragment
 from kernels.reference import decode_attention as reference_decode_attention
 from mixkvq.errors import ConfigError
 from mixkvq.registry import Registry
@@ -19,12 +21,15 @@ from mixkvq.registry import Registry
 DECODE_KERNELS = Registry("attention.decode_kernel")
 DECODE_KERNELS.register("torch")(reference_decode_attention)
 DECODE_KERNELS.register("triton")(decode.decode_attention)
+DECODE_KERNELS.register("cuda")(fragment.decode_attention)
 
 # Why a kernel cannot serve a layer (None: it can). Kernels without an entry serve every layer.
-KERNEL_SUPPORT = {"triton": decode.supports}
+KERNEL_SUPPORT = {"triton": decode.supports, "cuda": fragment.supports}
+# What a kernel does to a fresh layer before it serves it (its storage layout).
+KERNEL_PREPARE = {"cuda": fragment.prepare}
 
 # Preference order for `auto` per device type; only registered kernels are considered.
-AUTO_ORDER = {"cuda": ["triton", "torch"], "cpu": ["torch"]}
+AUTO_ORDER = {"cuda": ["cuda", "triton", "torch"], "cpu": ["torch"]}
 
 
 def _unsupported(name: str, layer) -> str | None:
@@ -32,20 +37,28 @@ def _unsupported(name: str, layer) -> str | None:
     return check(layer) if check is not None and layer is not None else None
 
 
+def _bound(name: str, layer):
+    prepare = KERNEL_PREPARE.get(name)
+    if prepare is not None and layer is not None:
+        prepare(layer)
+    return DECODE_KERNELS.get(name)
+
+
 def resolve_decode_kernel(name: str, device: torch.device, layer=None):
     """The decode function for `layer`: `auto` skips kernels that cannot read it; a named one must."""
     if name != "auto":
-        fn = DECODE_KERNELS.get(name)
+        DECODE_KERNELS.get(name)  # an unknown name fails here, naming the choices
         why = _unsupported(name, layer)
         if why is not None:
             raise ConfigError(f"attention.decode_kernel={name!r} cannot serve this cache: {why}; use 'torch' or 'auto'")
-        return fn
+        return _bound(name, layer)
     for candidate in AUTO_ORDER.get(device.type, ["torch"]):
         if candidate in DECODE_KERNELS:
             why = _unsupported(candidate, layer)
             if why is None:
-                return DECODE_KERNELS.get(candidate)
-            warnings.warn(f"decode kernel {candidate!r} skipped: {why}", stacklevel=2)
+                return _bound(candidate, layer)
+            if candidate != "cuda":  # the CUDA kernel serves only uniform 2/4-bit layers: not a surprise
+                warnings.warn(f"decode kernel {candidate!r} skipped: {why}", stacklevel=2)
     return DECODE_KERNELS.get("torch")
 
 

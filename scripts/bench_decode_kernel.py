@@ -8,6 +8,11 @@ Bytes read are the layer's live bytes (codes, scales, zeros, width maps, full-pr
 GB/s is bytes / time; the device-to-device copy bandwidth is measured in the same process for reference.
 
     python scripts/bench_decode_kernel.py --out results/bench            # writes decode_kernel.{json,md}
+    python scripts/bench_decode_kernel.py --out results/bench --kernels triton,cuda   # both kernels, side by side
+    python scripts/bench_decode_kernel.py --out results/bench --gates    # the CUDA kernel's gates: fragment_gates.*
+
+`--kernels` names the kernels timed per method: `triton` (kernels/decode.py) and `cuda` (kernels/fragment.py, the
+uniform 2/4-bit formats on fragment pages; other methods are skipped for it).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 from pathlib import Path
 
 import torch
 import triton
 
-from kernels import decode
+from kernels import decode, fragment
 from mixkvq.config import load_config
 from mixkvq.methods import ModelShape, build_method
 from mixkvq.quantizer import QuantSpec
@@ -71,6 +77,8 @@ def copy_bandwidth() -> float:
 
 def key_bits(layer) -> float:
     store = layer.key_stream.store
+    if not hasattr(store, "block_widths"):  # fragment pages: one width
+        return float(store.bits)
     widths = store.block_widths()[:, :, : int(store.nblocks.min())].to(torch.int64)
     return float(torch.where(widths == 0, 16, widths).float().mean())
 
@@ -84,34 +92,149 @@ def bench_sdpa(bsz: int, ctx: int, gen) -> tuple[float, int]:
     return ms, 2 * k.numel() * 2 + q.numel() * 2
 
 
-def bench_method(overrides, bsz: int, ctx: int, gen, config: dict | None = None) -> dict:
+def bench_method(overrides, bsz: int, ctx: int, gen, config: dict | None = None, kernel: str = "triton") -> dict:
     saved = {k: getattr(decode, k) for k in (config or {})}
     for k, v in (config or {}).items():
         setattr(decode, k, v)
     try:
-        return _bench_method(overrides, bsz, ctx, gen)
+        return _bench_method(overrides, bsz, ctx, gen, kernel)
     finally:
         for k, v in saved.items():
             setattr(decode, k, v)
 
 
-def _bench_method(overrides, bsz: int, ctx: int, gen) -> dict:
+def wall_us(fn, n: int = 200) -> float:
+    """Microseconds per call of `fn` called back to back, host time included (what a decode step pays)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def filled(overrides, bsz: int, ctx: int, gen, kernel: str):
     method = build(overrides)
     layer = method.new_cache(bsz).layers[0]
+    if kernel == "cuda":
+        why = fragment.supports(layer)
+        if why is not None:
+            return None, None
+        fragment.prepare(layer)
     fill_layer(layer, ctx, Q_HEADS, gen)
+    return method, layer
+
+
+KERNEL_FNS = {"triton": decode.fused_decode, "cuda": fragment.fragment_decode}
+
+
+def _bench_method(overrides, bsz: int, ctx: int, gen, kernel: str) -> dict | None:
+    method, layer = filled(overrides, bsz, ctx, gen, kernel)
+    if layer is None:
+        return None
+    run = KERNEL_FNS[kernel]
     q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     scaling = HEAD_DIM**-0.5
-    out = decode.fused_decode(q, layer, scaling)
+    out = run(q, layer, scaling)
     ref = reference_output(q, layer, scaling) if bsz * ctx <= 8 * 32768 else None
-    ms = triton.testing.do_bench(lambda: decode.fused_decode(q, layer, scaling))
+    ms = triton.testing.do_bench(lambda: run(q, layer, scaling))
     nbytes = int(layer.live_bytes().sum()) + q.numel() * 2
-    row = dict(ms=ms, bytes=nbytes, key_bits=key_bits(layer))
+    row = dict(ms=ms, bytes=nbytes, key_bits=key_bits(layer), wall_us=wall_us(lambda: run(q, layer, scaling)))
     if ref is not None:
         err = (out.float() - ref).double()
         row["sqnr_db"] = float(10 * torch.log10(ref.double().pow(2).sum() / err.pow(2).sum()))
     del layer, method
     torch.cuda.empty_cache()
     return row
+
+
+def sdpa_wall(bsz: int, ctx: int, gen) -> float:
+    q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(bsz, KV_HEADS, ctx, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    f = torch.nn.functional.scaled_dot_product_attention
+    return wall_us(lambda: f(q, k, v, enable_gqa=True))
+
+
+def gates(out: Path) -> None:
+    """The CUDA kernel's gates (KERNEL-ANCHORS.md section 6), each side by side with bf16 SDPA in this process."""
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbs = copy_bandwidth()
+    scaling = HEAD_DIM**-0.5
+    rows = []
+
+    def add(gate, what, bsz, ctx, us, nbytes, sdpa_us, target, ok, **extra):
+        rows.append(dict(gate=gate, what=what, B=bsz, L=ctx, us=us, bytes=nbytes, tbs=nbytes / us / 1e6,
+                         sdpa_us=sdpa_us, speedup=sdpa_us / us if sdpa_us else None, target=target, met=bool(ok),
+                         **extra))
+        print(f"gate {gate} {what:34s} B={bsz:3d} L={ctx:6d} {us:8.1f} us {nbytes / us / 1e6:6.2f} TB/s "
+              f"{'' if not sdpa_us else f'x{sdpa_us / us:.2f} '}[{target}] {'met' if ok else 'MISSED'}", flush=True)
+
+    sdpa = {}
+    for bsz, ctx in [(64, 32768), (8, 32768), (1, 4096), (1, 32768)]:
+        sdpa[(bsz, ctx)] = bench_sdpa(bsz, ctx, gen)[0] * 1e3
+    for name in ("kivi-2", "kivi-4"):
+        _, layer = filled(METHODS[name], 64, 32768, gen, "cuda")
+        pages = layer.key_stream.store.pages.data
+        q = torch.randn(64, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        run = lambda: fragment.fragment_decode(q, layer, scaling)  # noqa: E731
+        nbytes = int(layer.live_bytes().sum()) + q.numel() * 2
+        if name == "kivi-2":
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            us = triton.testing.do_bench(lambda: fragment.read_pages(pages, sms * 8)) * 1e3
+            add(1, "stream read of the pages", 64, 32768, us, pages.numel() * 4, None, "<= 230 us, >= 3.6 TB/s",
+                us <= 230)
+            us = triton.testing.do_bench(lambda: fragment.fragment_decode(q, layer, scaling, keys_only=True)) * 1e3
+            key_bytes = int(layer.key_stream.live_bytes().sum())
+            add(2, "keys only (QK)", 64, 32768, us, key_bytes, None, "<= 130 us", us <= 130)
+        us = triton.testing.do_bench(run) * 1e3
+        ref = reference_output(q, layer, scaling)
+        err = (run().float() - ref).double()
+        sqnr = float(10 * torch.log10(ref.double().pow(2).sum() / err.pow(2).sum()))
+        target = 4.0 if name == "kivi-2" else 2.5
+        add(3, f"{name} decode attention", 64, 32768, us, nbytes, sdpa[(64, 32768)], f">= {target}x SDPA",
+            sdpa[(64, 32768)] / us >= target, sqnr_db=sqnr)
+        del layer, pages
+        torch.cuda.empty_cache()
+    for bsz, ctx in [(8, 32768), (1, 4096), (1, 32768)]:
+        _, layer = filled(METHODS["kivi-2"], bsz, ctx, gen, "cuda")
+        q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        run = lambda: fragment.fragment_decode(q, layer, scaling)  # noqa: E731
+        nbytes = int(layer.live_bytes().sum()) + q.numel() * 2
+        if bsz == 8:
+            us = triton.testing.do_bench(run) * 1e3
+            add(3, "kivi-2 decode attention", bsz, ctx, us, nbytes, sdpa[(bsz, ctx)], ">= 3x SDPA",
+                sdpa[(bsz, ctx)] / us >= 3)
+        else:
+            us = wall_us(run)
+            sdpa_us = sdpa_wall(bsz, ctx, gen)
+            target = "<= 25 us per call, host included" if ctx == 4096 else "<= 2x SDPA per call, host included"
+            ok = us <= 25 if ctx == 4096 else us <= 2 * sdpa_us
+            add(4, "kivi-2 call, host included", bsz, ctx, us, nbytes, sdpa_us, target, ok,
+                gpu_us=triton.testing.do_bench(run) * 1e3)
+        del layer
+        torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                copy_gbs=copy_gbs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fragment_gates.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# CUDA decode kernel gates, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}; 28 query heads, 4 KV heads, head_dim 128, bf16; device copy bandwidth "
+             f"{copy_gbs:.0f} GB/s (read + write). Times: do_bench medians, except gate 4 (wall time per call, back "
+             "to back, host included). TB/s: the bytes the step must read over its time.", "",
+             "| gate | what | B | L | time (us) | TB/s | SDPA (us) | speedup | target | met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        sd = f"{r['sdpa_us']:.1f}" if r["sdpa_us"] else "-"
+        lines.append(f"| {r['gate']} | {r['what']} | {r['B']} | {r['L']} | {r['us']:.1f} | {r['tbs']:.2f} | {sd} | "
+                     f"{sp} | {r['target']} | {'yes' if r['met'] else 'no'} |")
+    (out / "fragment_gates.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def reference_output(q, layer, scaling):
@@ -133,7 +256,11 @@ def main() -> None:
     ap.add_argument("--configs", default="default",
                     help=f"kernel configurations timed side by side, comma-separated, from {list(CONFIGS)}")
     ap.add_argument("--tile", type=int, default=decode.TILE_TOKENS, help="tokens per tile (divides 128)")
+    ap.add_argument("--kernels", default="triton", help=f"kernels timed per method, from {list(KERNEL_FNS)}")
+    ap.add_argument("--gates", action="store_true", help="measure the CUDA kernel's gates (fragment_gates.{json,md})")
     args = ap.parse_args()
+    if args.gates:
+        return gates(args.out)
     decode.NUM_WARPS, decode.TILE_TOKENS, decode.MAX_REGISTERS = args.num_warps, args.tile, args.max_registers
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     names = args.methods.split(",")
@@ -151,11 +278,14 @@ def main() -> None:
     for bsz, ctx in shapes:
         sdpa_ms, sdpa_bytes = bench_sdpa(bsz, ctx, gen)
         rows.append(dict(method="bf16-sdpa", B=bsz, L=ctx, ms=sdpa_ms, bytes=sdpa_bytes, speedup=1.0,
-                         gbs=sdpa_bytes / sdpa_ms / 1e6, key_bits=16.0))
+                         gbs=sdpa_bytes / sdpa_ms / 1e6, key_bits=16.0, wall_us=sdpa_wall(bsz, ctx, gen)))
         for name in names:
-            for config in configs:
-                r = bench_method(METHODS[name], bsz, ctx, gen, CONFIGS[config])
+            for config, kernel in [(c, k) for c in configs for k in args.kernels.split(",")]:
+                r = bench_method(METHODS[name], bsz, ctx, gen, CONFIGS[config], kernel)
+                if r is None:
+                    continue
                 label = name if config == "default" else f"{name} [{config}]"
+                label = label if kernel == "triton" else f"{label} [{kernel}]"
                 rows.append(dict(method=label, B=bsz, L=ctx, speedup=sdpa_ms / r["ms"], gbs=r["bytes"] / r["ms"] / 1e6,
                                  **r))
                 print(f"B={bsz:3d} L={ctx:6d} {label:24s} {r['ms'] * 1e3:8.1f} us  x{sdpa_ms / r['ms']:.2f}", flush=True)
@@ -168,12 +298,14 @@ def main() -> None:
              f"torch {meta['torch']}, triton {meta['triton']}; 28 query heads, 4 KV heads, head_dim 128, bf16. "
              f"Measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write). "
              "Bytes: what the kernel must read (packed codes, scales, zeros, width maps, bf16 windows, query).", "",
-             "| B | L | method | key bits | time (us) | MB read | GB/s | % of copy BW | speedup vs SDPA | SQNR dB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "`time`: GPU time (do_bench median); `call`: wall time per call back to back, host included.", "",
+             "| B | L | method | key bits | time (us) | call (us) | MB read | GB/s | % of copy BW | speedup vs SDPA "
+             "| SQNR dB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sq = f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else "-"
         lines.append(f"| {r['B']} | {r['L']} | {r['method']} | {r['key_bits']:.2f} | {r['ms'] * 1e3:.1f} | "
-                     f"{r['bytes'] / 1e6:.1f} | {r['gbs']:.0f} | {100 * r['gbs'] / copy_gbs:.0f}% | "
+                     f"{r['wall_us']:.1f} | {r['bytes'] / 1e6:.1f} | {r['gbs']:.0f} | {100 * r['gbs'] / copy_gbs:.0f}% | "
                      f"{r['speedup']:.2f}x | {sq} |")
     (args.out / "decode_kernel.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

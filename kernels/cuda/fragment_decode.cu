@@ -1,0 +1,155 @@
+// PyTorch binding of the fragment-page decode kernel (fragment_decode.cuh): one call per layer and decode step.
+// Built by torch.utils.cpp_extension.load at first use (kernels/fragment.py).
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fragment_decode.cuh"
+
+namespace {
+
+constexpr int WARPS = 4;
+constexpr int STAGES = 4;
+
+template <typename T, int D, int KB, int VB, int VG, bool KEYS_ONLY>
+void launch(fpd::Params& p, int batch, size_t smem, cudaStream_t stream) {
+  auto split = fpd::fpd_split<T, D, KB, VB, VG, WARPS, STAGES, KEYS_ONLY>;
+  static bool configured = false;  // one attribute call per instantiation
+  if (!configured) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
+    configured = true;
+  }
+  split<<<dim3(p.n_splits, p.n_kv, batch), WARPS * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!KEYS_ONLY) {
+    fpd::fpd_merge<T, D><<<batch * p.n_kv, D, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int D>
+void dispatch_bits(fpd::Params& p, int batch, size_t smem, cudaStream_t s, int kb, int vb, int vg) {
+#define FPD_CASE(KB, VB, VG)                                          \
+  if (kb == KB && vb == VB && vg == VG) {                             \
+    if constexpr (D % VG == 0) return launch<T, D, KB, VB, VG, false>(p, batch, smem, s); \
+  }
+  FPD_CASE(2, 2, 32) FPD_CASE(4, 4, 32) FPD_CASE(2, 4, 32) FPD_CASE(4, 2, 32)
+  FPD_CASE(2, 2, 64) FPD_CASE(4, 4, 64) FPD_CASE(2, 2, 128) FPD_CASE(4, 4, 128)
+#undef FPD_CASE
+  TORCH_CHECK(false, "fragment decode: no kernel for key bits ", kb, ", value bits ", vb, ", value group ", vg);
+}
+
+int64_t page_bytes(int d, int kb, int vb, int vg) {
+  auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
+  const int64_t ncg = d / vg;
+  return up(32LL * d * kb / 8) + 2 * up(d * 2LL) + up(32LL * d * vb / 8) + 2 * up(32 * ncg * 2);
+}
+
+}  // namespace
+
+// q [B, Hq, 1, D]; pages [B, H, NP, W] int32; windows and sinks [B, H, T, D]; lens [B, 4] int32 on the host
+// (sink, key store, value store, tokens after the sink); returns [B, 1, Hq, D]. `pages_per_split` and
+// `tail_per_split` size the splits (kernels/fragment.py picks them); keys_only times the key product alone.
+torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, torch::Tensor vwin,
+                     c10::optional<torch::Tensor> ksink, c10::optional<torch::Tensor> vsink, torch::Tensor lens,
+                     double scale_log2, int64_t key_bits, int64_t value_bits, int64_t value_group,
+                     int64_t pages_per_split, int64_t tail_per_split, bool keys_only) {
+  const int batch = q.size(0), hq = q.size(1), d = q.size(3), n_kv = pages.size(1);
+  TORCH_CHECK(batch <= fpd::MAX_ROWS, "fragment decode: batch ", batch, " > ", fpd::MAX_ROWS);
+  TORCH_CHECK(q.stride(3) == 1 && pages.is_contiguous() && pages.scalar_type() == torch::kInt32);
+  TORCH_CHECK(pages.size(3) * 4 == page_bytes(d, key_bits, value_bits, value_group), "fragment decode: page size");
+  TORCH_CHECK(lens.device().is_cpu() && lens.scalar_type() == torch::kInt32 && lens.is_contiguous());
+  const c10::cuda::CUDAGuard guard(q.device());
+  fpd::Params p{};
+  p.pages = pages.data_ptr<int32_t>();
+  p.pg_sb = pages.stride(0);
+  p.pg_sh = pages.stride(1);
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.kwin = kwin.data_ptr(); p.kw_sb = kwin.stride(0); p.kw_sh = kwin.stride(1); p.kw_st = kwin.stride(2);
+  p.vwin = vwin.data_ptr(); p.vw_sb = vwin.stride(0); p.vw_sh = vwin.stride(1); p.vw_st = vwin.stride(2);
+  if (ksink.has_value()) {
+    p.ksink = ksink->data_ptr(); p.ksk_sb = ksink->stride(0); p.ksk_sh = ksink->stride(1); p.ksk_st = ksink->stride(2);
+    p.vsink = vsink->data_ptr(); p.vsk_sb = vsink->stride(0); p.vsk_sh = vsink->stride(1); p.vsk_st = vsink->stride(2);
+  } else {
+    p.ksink = p.kwin; p.vsink = p.vwin;
+  }
+  p.gqa = hq / n_kv;
+  TORCH_CHECK(p.gqa * n_kv == hq && p.gqa <= fpd::HEADS, "fragment decode: ", hq, " query heads over ", n_kv,
+              " KV heads (at most ", fpd::HEADS, " per KV head)");
+  p.n_kv = n_kv;
+  p.scale_log2 = static_cast<float>(scale_log2);
+  const int32_t* ln = lens.data_ptr<int32_t>();
+  int max_full = 0, max_tail = 0;
+  for (int b = 0; b < batch; ++b) {
+    p.lens[b] = make_int4(ln[4 * b], ln[4 * b + 1], ln[4 * b + 2], ln[4 * b + 3]);
+    const int full = std::min(ln[4 * b + 1], ln[4 * b + 2]) / fpd::PAGE_TOKENS;
+    max_full = std::max(max_full, full);
+    max_tail = std::max(max_tail, ln[4 * b] + ln[4 * b + 3] - full * fpd::PAGE_TOKENS);
+  }
+  p.pages_per_split = std::max<int64_t>(pages_per_split, 1);
+  p.tail_per_split = std::max<int64_t>(tail_per_split, 1);
+  p.n_main = (max_full + p.pages_per_split - 1) / p.pages_per_split;
+  const int n_tail = keys_only ? 0 : (max_tail + p.tail_per_split - 1) / p.tail_per_split;
+  p.n_splits = std::max(p.n_main + n_tail, 1);
+  auto f32 = q.options().dtype(torch::kFloat32);
+  auto part_o = torch::empty({batch, n_kv, p.n_splits, fpd::HEADS, d}, f32);
+  auto part_ml = torch::empty({batch, n_kv, p.n_splits, fpd::HEADS, 2}, f32);
+  auto out = torch::empty({batch, 1, hq, d}, q.options());
+  p.part_o = part_o.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+  p.out = out.data_ptr();
+  const int64_t pb = page_bytes(d, key_bits, value_bits, value_group);
+  const int64_t key_pb = (32LL * d * key_bits / 8 + 15) / 16 * 16 + 2 * ((d * 2LL + 15) / 16 * 16);
+  const size_t ring = size_t(WARPS) * STAGES * (keys_only ? key_pb : pb);
+  const size_t combine = size_t(WARPS) * fpd::HEADS * (2 + d) * sizeof(float);
+  const size_t smem = std::max(ring, combine);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool bf16 = q.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == torch::kHalf, "fragment decode: bf16 or fp16 queries");
+#define FPD_DTYPE(T, D) dispatch_bits<T, D>(p, batch, smem, stream, key_bits, value_bits, value_group);
+  if (keys_only) {  // gate 2 only: KIVI-2 keys, bf16, head_dim 128
+    TORCH_CHECK(bf16 && d == 128 && key_bits == 2 && value_bits == 2 && value_group == 32, "keys_only: KIVI-2 bf16");
+    launch<__nv_bfloat16, 128, 2, 2, 32, true>(p, batch, smem, stream);
+  } else if (d == 128) {
+    if (bf16) { FPD_DTYPE(__nv_bfloat16, 128) } else { FPD_DTYPE(__half, 128) }
+  } else {
+    TORCH_CHECK(d == 64, "fragment decode: head_dim 64 or 128");
+    if (bf16) { FPD_DTYPE(__nv_bfloat16, 64) } else { FPD_DTYPE(__half, 64) }
+  }
+#undef FPD_DTYPE
+  return keys_only ? part_ml : out;
+}
+
+// Gate 1: read every page of the given rows once (16-byte loads) and fold them into one word per CTA.
+__global__ void stream_read(const int4* __restrict__ pages, int64_t n16, int64_t per_cta, int* __restrict__ sink) {
+  const int64_t first = blockIdx.x * per_cta, last = min(first + per_cta, n16);
+  int4 acc = make_int4(0, 0, 0, 0);
+  for (int64_t i = first + threadIdx.x; i < last; i += blockDim.x) {
+    int4 v;
+    asm volatile("ld.global.cs.v4.s32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(pages + i));
+    acc.x ^= v.x; acc.y ^= v.y; acc.z ^= v.z; acc.w ^= v.w;
+  }
+  int x = acc.x ^ acc.y ^ acc.z ^ acc.w;
+  for (int o = 16; o > 0; o >>= 1) x ^= __shfl_xor_sync(0xffffffffu, x, o);
+  if ((threadIdx.x & 31) == 0) atomicXor(sink, x);
+}
+
+torch::Tensor read_pages(torch::Tensor pages, int64_t ctas) {
+  const c10::cuda::CUDAGuard guard(pages.device());
+  TORCH_CHECK(pages.is_contiguous() && (pages.numel() * pages.element_size()) % 16 == 0);
+  auto sink = torch::zeros({1}, pages.options().dtype(torch::kInt32));
+  const int64_t n16 = pages.numel() * pages.element_size() / 16;
+  const int64_t per = (n16 + ctas - 1) / ctas;
+  stream_read<<<ctas, 512, 0, at::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const int4*>(pages.data_ptr()),
+                                                                    n16, per, sink.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return sink;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", &decode, "decode attention over fragment pages");
+  m.def("read_pages", &read_pages, "stream every byte of a page buffer once (bandwidth gate)");
+}

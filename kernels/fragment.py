@@ -1,0 +1,221 @@
+"""The CUDA decode kernel over fragment pages (kernels/cuda/fragment_decode.cuh), registered as `cuda`.
+
+It serves layers whose key and value stores are uniform 2/4-bit formats that fit a `FragmentPageLayout`
+(KIVI-2, KIVI-4; mixkvq/paged.py converts a fresh layer's stores when the kernel is bound). The extension is
+compiled by `torch.utils.cpp_extension.load` the first time a CUDA layer asks for it (about a minute; cached by
+torch afterwards) and imported lazily, so machines without a GPU or a compiler never touch it.
+
+Per call the host reads each row's lengths (kept on the host by the stores), picks the split sizes and makes two
+launches (splits, merge); the lengths travel in the kernel's parameters, so no copy precedes them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixkvq.layout import PackingFormat
+from mixkvq.paged import page_problems, to_pages
+
+SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
+SOURCES = ("fragment_decode.cu",)
+HEADER = "fragment_decode.cuh"
+MAX_ROWS = 512  # fpd::MAX_ROWS
+MAX_GQA = 8  # fpd::HEADS
+LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a call is split (values, not globals: benchmarks pass their own)."""
+
+    ctas_per_sm: int = 3  # resident CTAs of the split kernel per SM (its registers allow three of 128 threads)
+    max_splits: int = 64  # most main splits per (row, KV head)
+    tail_tokens_min: int = 32  # fewest tail tokens per CTA (a tail split's warps take one token each in turn)
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}a" if major == 9 else f"{major}.{minor}"
+
+
+_EXT = None
+
+
+def extension(device: torch.device | None = None):
+    """The compiled extension (built on first use for the current GPU)."""
+    global _EXT
+    if _EXT is None:
+        from torch.utils.cpp_extension import load
+
+        device = device or torch.device("cuda", torch.cuda.current_device())
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _arch(device))
+        _EXT = load(name="fragment_decode", sources=[str(SOURCE_DIR / s) for s in SOURCES],
+                    extra_include_paths=[str(SOURCE_DIR)], extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+                    verbose=False)
+    return _EXT
+
+
+def compiler_available() -> bool:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return shutil.which("nvcc") is not None or (cuda_home is not None and (Path(cuda_home) / "bin" / "nvcc").exists())
+
+
+def _page_layout(layer):
+    ks = layer.key_stream.store
+    lay = ks.layout() if hasattr(ks, "layout") else None
+    return lay.page if lay is not None and lay.format is PackingFormat.FRAGMENT_PAGES else None
+
+
+def supports(layer) -> str | None:
+    """Why the CUDA kernel cannot serve this layer (None: it can, after `prepare`)."""
+    if _page_layout(layer) is None:
+        problems = page_problems(layer)
+        if problems:
+            return "; ".join(problems)
+        if int(layer.key_stream.tokens().max()) > 0:
+            return "the cache already holds tokens in another layout"
+    ks, vs = layer.key_stream, layer.value_stream
+    if (ks.sink is None) != (vs.sink is None):
+        return "keys and values need the same sink"
+    if ks.window.data.dtype not in (torch.bfloat16, torch.float16):
+        return f"model dtype {ks.window.data.dtype} is not bf16 or fp16"
+    if len(layer.pad) > MAX_ROWS:
+        return f"batch {len(layer.pad)} is over {MAX_ROWS} rows"
+    if not ks.window.data.is_cuda:
+        return "the cache is not on a CUDA device"
+    if not compiler_available():
+        return "no CUDA compiler (nvcc) to build the kernel"
+    return None
+
+
+def prepare(layer) -> None:
+    """Put a fresh layer's stores into fragment pages (once, when the kernel is bound)."""
+    if _page_layout(layer) is None:
+        to_pages(layer)
+
+
+def _lens(layer) -> torch.Tensor:
+    """[B, 4] int32 on the host: sink, key store, value store, tokens after the sink."""
+    ks, vs = layer.key_stream, layer.value_stream
+    window = ks.window.lens.numpy()
+    sink = ks.sink.lens.numpy() if ks.sink is not None else np.zeros_like(window)
+    kq, vq = ks.store.tokens().numpy(), vs.store.tokens().numpy()
+    return torch.from_numpy(np.stack([sink, kq, vq, kq + window], axis=1).astype(np.int32))
+
+
+@lru_cache(maxsize=4096)
+def plan_splits(pairs: int, full_pages: int, tail_tokens: int, sms: int, tuning: Tuning = DEFAULT_TUNING) -> tuple:
+    """(pages per main split, tail tokens per split) for `pairs` (row, KV head) pairs.
+
+    Main splits: the count whose waves of resident CTAs finish soonest (waves x pages per split), fewer splits
+    on ties (each writes a partial the merge reads). Tail: enough CTAs to fill what the main splits leave idle.
+    """
+    slots = sms * tuning.ctas_per_sm
+    best, pps = None, max(full_pages, 1)
+    for n in range(1, tuning.max_splits + 1):
+        per = -(-full_pages // n)
+        if per == 0:
+            break
+        cost = -(-pairs * n // slots) * per
+        if best is None or cost < best:
+            best, pps = cost, per
+    tail_ctas = max(1, min(8, slots // max(pairs, 1) // 4))
+    tail = max(tuning.tail_tokens_min, -(-tail_tokens // tail_ctas))
+    return pps, tail
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def fragment_decode(query: torch.Tensor, layer, scaling: float, tuning: Tuning = DEFAULT_TUNING,
+                    keys_only: bool = False) -> torch.Tensor:
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] (keys_only: the splits' [max, sum] partials of the key product)."""
+    ks, vs = layer.key_stream, layer.value_stream
+    page = ks.store.pages
+    pl = page.layout
+    lens = _lens(layer)
+    ln = lens.numpy()
+    full = np.minimum(ln[:, 1], ln[:, 2]) // 32
+    tail = ln[:, 0] + ln[:, 3] - full * 32
+    pps, tps = plan_splits(len(ln) * layer.heads, int(full.max()), int(tail.max()), _sm_count(query.device), tuning)
+    ksink = ks.sink.data if ks.sink is not None else None
+    vsink = vs.sink.data if vs.sink is not None else None
+    return extension(query.device).decode(query, page.data, ks.window.data, vs.window.data, ksink, vsink, lens,
+                                          scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group, pps, tps,
+                                          keys_only)
+
+
+def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """The registered `cuda` decode kernel (same signature as the PyTorch reference)."""
+    return fragment_decode(query, layer, scaling)
+
+
+def read_pages(pages: torch.Tensor, ctas: int) -> torch.Tensor:
+    """Gate 1: stream every byte of a page buffer once (a read-and-fold microbenchmark)."""
+    return extension(pages.device).read_pages(pages, ctas)
+
+
+# ---- offline compilation (no GPU needed): tests and SASS reading ---------------------------------------------
+
+# Instantiations compiled without torch, for the CPU compile test and `scripts/kernel_sass.py`-style reading.
+OFFLINE_KERNELS = {
+    "kivi2_bf16_d128": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, false",
+    "kivi4_bf16_d128": "__nv_bfloat16, 128, 4, 4, 32, 4, 4, false",
+    "kivi2_fp16_d64": "__half, 64, 2, 2, 32, 4, 4, false",
+    "kivi2_keys_only": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, true",
+}
+
+
+def nvcc_path() -> Path | None:
+    """nvcc from CUDA_HOME, PATH or the `nvidia-cuda-nvcc` wheel (the test extra installs it)."""
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    try:
+        import nvidia.cu13 as cu  # the wheel's namespace package
+
+        cand = Path(list(cu.__path__)[0]) / "bin" / "nvcc"
+        return cand if cand.exists() else None
+    except ImportError:
+        return None
+
+
+def compile_offline(out_dir: Path, arch: str = "sm_90a") -> tuple[Path, str]:
+    """Compile the kernels of OFFLINE_KERNELS to a cubin; returns (cubin, ptxas report)."""
+    import subprocess
+
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (pip install nvidia-cuda-nvcc, or set CUDA_HOME)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tu = out_dir / "fragment_offline.cu"
+    lines = [f'#include "{HEADER}"']
+    for args in OFFLINE_KERNELS.values():
+        lines.append(f"template __global__ void fpd::fpd_split<{args}>(const __grid_constant__ fpd::Params);")
+    lines.append("template __global__ void fpd::fpd_merge<__nv_bfloat16, 128>(const __grid_constant__ fpd::Params);")
+    tu.write_text("\n".join(lines) + "\n")
+    cubin = out_dir / "fragment_offline.cubin"
+    cmd = [str(nvcc), "-std=c++17", f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", f"-I{SOURCE_DIR}",
+           "-o", str(cubin), str(tu)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed:\n{res.stderr[-4000:]}")
+    return cubin, res.stderr

@@ -1,0 +1,232 @@
+"""Packed layouts as data: what a store holds and in what order, for stores, kernels and the reference alike.
+
+Each packed store answers `layout()` with a `Layout`: its `PackingFormat` and the numbers a reader needs (bits,
+groups, block). Kernels and the reference decoder read layouts and buffers; they do not reach into store classes.
+
+`FragmentPageLayout` is the layout made for the CUDA decode kernel (kernels/cuda): per (row, KV head, 32-token
+page) one contiguous page holding the page's key codes, key scales and zeros, value codes, value scales and zeros.
+Codes are written in the order a warp's tensor-core fragments read them, so the kernel loads each thread's share of
+a 16-token tile with one vector load and converts it in registers. `code_order` is the single definition of that
+order; the packer, the unpacker and the kernel's generic path (kernels/cuda/fragment_decode.cuh) follow it.
+
+The fragments are those of `mma.sync.m16n8k16` with 16-bit A operands: thread `lane` (g = lane // 4,
+t = lane % 4) holds four 32-bit registers per 16x16 A tile, register `reg` holding the element pair
+(row g + 8 * (reg & 1), columns 2t + 8 * (reg >> 1) + {0, 1}). Keys are the A operand with tokens as rows and
+channels as columns (one tile per 16 channels: a "k-step"); values are the A operand transposed (channels as rows,
+tokens as columns; one tile per 16 channels: an "m-tile").
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+class PackingFormat(enum.Enum):
+    """How a store lays out its codes (one entry per store kind; `Layout.format`)."""
+
+    CHANNEL_GROUPS = "channel_groups"  # per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ/KVmix keys)
+    TOKEN_GROUPS = "token_groups"  # per-token groups of G channels, one width (values; per-token keys)
+    ROW_WIDTH_TOKEN_GROUPS = "row_width_token_groups"  # token groups at one width per batch row (PM-KVQ)
+    DENSE = "dense"  # dequantized tokens in the model dtype (storage=fake)
+    FRAGMENT_PAGES = "fragment_pages"  # keys and values of 32 tokens per page in fragment order (CUDA kernel)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A store's packing format and the numbers that locate its codes."""
+
+    format: PackingFormat
+    bits: int | None = None  # one code width (None: mixed per block and channel, or per row)
+    group: int | None = None  # tokens (channel groups) or channels (token groups) per scale and zero
+    block: int | None = None  # tokens per block (channel groups)
+    pack11: bool = False  # KVmix's 3-bit words of 11 codes
+    page: "FragmentPageLayout | None" = None  # FRAGMENT_PAGES only
+
+
+PAGE_TOKENS = 32  # tokens per page: one key group (per-channel scales) and two 16-token tiles
+TILE_TOKENS = 16  # tokens per tensor-core tile (the K dimension of the value product, the M of the key product)
+PAGE_BITS = (2, 4)  # code widths the fragment order packs (a register pair per lop3 conversion)
+PAGE_HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True)
+class FragmentPageLayout:
+    """One page: [key codes | key scale | key zero | value codes | value scale | value zero], 16-byte sections.
+
+    - key codes: two 16-token tiles; tile m, lane l: `key_words_per_lane` int32 words (fragment order).
+    - key scale and zero: `head_dim` values each (one 32-token group per channel), in `channel_meta_order`.
+    - value codes: two 16-token tiles (k-steps of the value product) in fragment order, likewise.
+    - value scale and zero: 32 tokens x `head_dim // value_group` groups each, in `token_meta_order`.
+    Scales and zeros are in the model dtype (16-bit), which the kernel multiplies into its operands.
+    """
+
+    head_dim: int
+    key_bits: int
+    value_bits: int
+    value_group: int  # channels per value scale (per-token groups)
+    meta_bytes: int = 2
+
+    def __post_init__(self):
+        problems = check_page_layout(self.head_dim, self.key_bits, self.value_bits, self.value_group)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def value_groups(self) -> int:
+        return self.head_dim // self.value_group
+
+    @staticmethod
+    def words_per_lane(head_dim: int, bits: int) -> int:
+        return head_dim * bits // 64  # 16 tokens x head_dim codes over 32 lanes, 32 bits per word
+
+    @property
+    def key_words_per_lane(self) -> int:
+        return self.words_per_lane(self.head_dim, self.key_bits)
+
+    @property
+    def value_words_per_lane(self) -> int:
+        return self.words_per_lane(self.head_dim, self.value_bits)
+
+    def sections(self) -> dict[str, tuple[int, int]]:
+        """name -> (byte offset, bytes) within a page."""
+        d, m = self.head_dim, self.meta_bytes
+        sizes = [("key_codes", PAGE_TOKENS * d * self.key_bits // 8), ("key_scale", d * m), ("key_zero", d * m),
+                 ("value_codes", PAGE_TOKENS * d * self.value_bits // 8),
+                 ("value_scale", PAGE_TOKENS * self.value_groups * m), ("value_zero", PAGE_TOKENS * self.value_groups * m)]
+        out, at = {}, 0
+        for name, n in sizes:
+            out[name] = (at, n)
+            at += -(-n // 16) * 16
+        return out
+
+    @property
+    def page_bytes(self) -> int:
+        off, n = list(self.sections().values())[-1]
+        return off + -(-n // 16) * 16
+
+    @property
+    def page_words(self) -> int:
+        return self.page_bytes // 4
+
+    def key_bytes(self) -> int:
+        """Bytes of a page's key part (codes, scales, zeros): what the key store accounts for."""
+        s = self.sections()
+        return sum(s[k][1] for k in ("key_codes", "key_scale", "key_zero"))
+
+    def value_bytes_per_token(self) -> int:
+        return self.head_dim * self.value_bits // 8 + 2 * self.value_groups * self.meta_bytes
+
+
+def check_page_layout(head_dim: int, key_bits: int, value_bits: int, value_group: int) -> list[str]:
+    """Why these numbers have no fragment page layout (empty when they do)."""
+    out = []
+    if head_dim not in PAGE_HEAD_DIMS:
+        out.append(f"head_dim {head_dim} is not one of {list(PAGE_HEAD_DIMS)}")
+    for what, bits in (("key", key_bits), ("value", value_bits)):
+        if bits not in PAGE_BITS:
+            out.append(f"{what} width {bits} is not one of {list(PAGE_BITS)}")
+    if value_group % 16 or head_dim % value_group:
+        out.append(f"value group {value_group} is not a multiple of 16 dividing head_dim {head_dim}")
+    return out
+
+
+# ---- the fragment order ------------------------------------------------------------------------------------
+
+
+def register_element(lane: int, reg: int, half: int) -> tuple[int, int]:
+    """(row, column) within a 16x16 A tile of the element in half `half` of register `reg` of thread `lane`."""
+    g, t = lane // 4, lane % 4
+    return g + 8 * (reg & 1), 2 * t + 8 * (reg >> 1) + half
+
+
+@lru_cache(maxsize=None)
+def code_order(head_dim: int, bits: int, kind: str) -> torch.Tensor:
+    """For one 16-token tile: the (token, channel) of every code slot, as an int64 tensor [32, W, R, 2, 2].
+
+    Slot (lane, word, j, half) is bits [16 * half + j * bits, ... + bits) of word `word` of lane `lane`'s
+    W = head_dim * bits / 64 words; its register index is r = word * R + j (R = 16 / bits registers per word),
+    the tile's k-step (keys) or m-tile (values) is r // 4 and the fragment register r % 4. `kind` is "key"
+    (rows are tokens, columns channels) or "value" (rows are channels, columns tokens).
+    """
+    if kind not in ("key", "value"):
+        raise ValueError(f"kind={kind!r}: 'key' or 'value'")
+    w = FragmentPageLayout.words_per_lane(head_dim, bits)
+    rpw = 16 // bits
+    out = torch.empty(32, w, rpw, 2, 2, dtype=torch.int64)
+    for lane in range(32):
+        for word in range(w):
+            for j in range(rpw):
+                r = word * rpw + j
+                tile, reg = r // 4, r % 4
+                for half in range(2):
+                    row, col = register_element(lane, reg, half)
+                    if kind == "key":
+                        token, chan = row, 16 * tile + col
+                    else:
+                        token, chan = col, 16 * tile + row
+                    out[lane, word, j, half] = torch.tensor([token, chan])
+    return out
+
+
+@lru_cache(maxsize=None)
+def _flat_order(head_dim: int, bits: int, kind: str) -> torch.Tensor:
+    o = code_order(head_dim, bits, kind)
+    return (o[..., 0] * head_dim + o[..., 1]).reshape(-1)  # slot -> token * head_dim + channel
+
+
+def pack_tile(codes: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+    """Codes [..., 16, head_dim] (integers < 2**bits) -> int32 words [..., 32 * W] in fragment order."""
+    d = codes.shape[-1]
+    flat = codes.reshape(*codes.shape[:-2], TILE_TOKENS * d).to(torch.int64)
+    slots = flat[..., _flat_order(d, bits, kind).to(codes.device)]  # [..., 32*W*R*2]
+    w, rpw = FragmentPageLayout.words_per_lane(d, bits), 16 // bits
+    slots = slots.reshape(*codes.shape[:-2], 32 * w, rpw, 2)
+    shift = (torch.arange(rpw, device=codes.device)[:, None] * bits
+             + 16 * torch.arange(2, device=codes.device)[None, :])
+    words = (slots << shift).sum(dim=(-1, -2))
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_tile(words: torch.Tensor, head_dim: int, bits: int, kind: str) -> torch.Tensor:
+    """Inverse of `pack_tile`: int32 words [..., 32 * W] -> codes [..., 16, head_dim] (int64)."""
+    rpw = 16 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shift = (torch.arange(rpw, device=words.device)[:, None] * bits
+             + 16 * torch.arange(2, device=words.device)[None, :])
+    slots = ((w[..., None, None] >> shift) & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
+    out = torch.empty_like(slots)
+    out[..., _flat_order(head_dim, bits, kind).to(words.device)] = slots
+    return out.reshape(*words.shape[:-1], TILE_TOKENS, head_dim)
+
+
+@lru_cache(maxsize=None)
+def channel_meta_order(head_dim: int) -> torch.Tensor:
+    """Key scales and zeros of a page: position i holds channel order[i].
+
+    Quad t (lanes with lane % 4 == t) reads head_dim / 4 contiguous values: for each k-step kk the channels
+    16 kk + 2t + {0, 1} and 16 kk + 2t + 8 + {0, 1}: the B-operand rows of its query fragment, and the A-operand
+    columns of the zero row that yields the key bias.
+    """
+    t = torch.arange(4)[:, None, None]
+    kk = torch.arange(head_dim // 16)[None, :, None]
+    i = torch.arange(4)[None, None, :]
+    return (16 * kk + 2 * t + (i & 1) + 8 * (i >> 1)).reshape(-1)
+
+
+@lru_cache(maxsize=None)
+def token_meta_order(value_groups: int) -> torch.Tensor:
+    """Value scales and zeros of a page: position i holds (token, group) = divmod(order[i], value_groups).
+
+    For each 16-token k-step ks and quad t: every group's four tokens 16 ks + 2t + {0, 1} and 16 ks + 2t + 8 + {0, 1}
+    (the B-operand rows of the probability fragment), so one vector load fetches a thread's scales of a k-step.
+    """
+    ks = torch.arange(2)[:, None, None, None]
+    t = torch.arange(4)[None, :, None, None]
+    grp = torch.arange(value_groups)[None, None, :, None]
+    i = torch.arange(4)[None, None, None, :]
+    token = 16 * ks + 2 * t + (i & 1) + 8 * (i >> 1)
+    return (token * value_groups + grp).reshape(-1)

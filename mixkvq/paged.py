@@ -1,0 +1,253 @@
+"""Fragment pages: a layer's uniform-width key and value stores in the layout of the CUDA decode kernel.
+
+`FragmentPages` is one [B, H, pages, page_words] int32 buffer (mixkvq/layout.py `FragmentPageLayout`); a layer's
+key stream and value stream each write their half of every page through a store of their own, so the window rules,
+flush timing and byte accounting of the method are unchanged:
+
+- `PagedKeyStore` stands in for a uniform `ChannelGroupStore` (per-channel groups of 32 tokens, blocks of P tokens):
+  each released block fills P / 32 pages' key sections at once.
+- `PagedValueStore` stands in for a `TokenGroupStore` (per-token groups): tokens fill a page's value section
+  one by one (KIVI's sliding window releases one per step), OR-ed into their tile's words.
+
+Both quantize with the same `quantize` call as the stores they replace, so codes, scales and zeros are bit for bit
+the same, and `ragged()` dequantizes with the same `dequantize`: the reference decoder and fake storage see the
+same tokens. `to_pages(layer)` swaps a fresh layer's stores when `page_problems(layer)` finds none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
+                           check_page_layout, pack_tile, token_meta_order, unpack_tile)
+from mixkvq.quantizer import QuantSpec, dequantize, quantize
+from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow
+
+
+class FragmentPages:
+    """The page buffer of one layer, shared by its key and value stores."""
+
+    def __init__(self, batch: int, heads: int, layout: FragmentPageLayout, device):
+        self.layout = layout
+        self.data = torch.zeros(batch, heads, 0, layout.page_words, dtype=torch.int32, device=device)
+        sec = layout.sections()
+        self.words = {name: (off // 4, n // 4) for name, (off, n) in sec.items()}  # int32 offsets and sizes
+
+    def reserve(self, pages: int) -> None:
+        self.data = _grow(self.data, 2, pages)
+
+    def section(self, name: str) -> torch.Tensor:
+        """[B, H, pages, words] view of one section of every page."""
+        off, n = self.words[name]
+        return self.data[..., off:off + n]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """[B, H, pages, values] 16-bit view of a scale or zero section (int16 bits)."""
+        return self.section(name).contiguous().view(torch.int16)
+
+
+def _to_bits16(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int16)
+
+
+class PagedKeyStore:
+    """Per-channel key groups of 32 tokens, in blocks of `block` tokens, written into fragment pages."""
+
+    def __init__(self, pages: FragmentPages, batch: int, heads: int, block: int, bits: int, dtype: torch.dtype,
+                 spec: QuantSpec):
+        self.pages, self.b, self.h, self.d = pages, batch, heads, pages.layout.head_dim
+        self.block, self.bits, self.dtype, self.spec = block, bits, dtype, spec
+        self.p = PAGE_TOKENS  # the unit `ragged(start)` accepts (the reference decoder reads from page starts)
+        self.g = PAGE_TOKENS
+        self.packed = True
+        self.nblocks = torch.zeros(batch, dtype=torch.int64)
+        self.tier_counts: dict[int, int] = {}
+        self.version = 0
+        self._order = channel_meta_order(self.d)
+        self._inverse = torch.argsort(self._order)
+
+    def layout(self) -> Layout:
+        return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=PAGE_TOKENS, block=self.block,
+                      page=self.pages.layout)
+
+    def append(self, r: Ragged, widths_fn=None) -> None:
+        nb = r.lens // self.block
+        assert bool((nb * self.block == r.lens).all()), "key pages take whole blocks"
+        if int(nb.sum()) == 0:
+            return
+        rows = torch.repeat_interleave(torch.arange(self.b), nb)
+        first = torch.cumsum(nb, 0) - nb
+        local = torch.arange(len(rows)) - first[rows]
+        dev = r.data.device
+        grid = r.data[:, :, : int(nb.max()) * self.block].reshape(self.b, self.h, -1, self.block, self.d)
+        blocks = grid[rows.to(dev), :, local.to(dev)]  # [N, H, P, D]
+        n, per = len(rows), self.block // PAGE_TOKENS
+        chans = blocks.transpose(2, 3).reshape(n, self.h, self.d, per, PAGE_TOKENS)
+        codes, scale, zero = quantize(chans, self.bits, self.spec)  # [N, H, D, per, 32], [N, H, D, per]
+        # -> per page: [N, H, per, 2 tiles, 16 tokens, D]
+        tiles = codes.permute(0, 1, 3, 4, 2).reshape(n, self.h, per, 2, TILE_TOKENS, self.d)
+        words = pack_tile(tiles, self.bits, "key").reshape(n, self.h, per, -1)
+        page = ((self.nblocks[rows] + local)[:, None] * per + torch.arange(per)[None, :]).to(dev)  # [N, per]
+        self.pages.reserve(int(page.max()) + 1)
+        pg = self.pages
+        row_d = rows.to(dev)[:, None, None]
+        head = torch.arange(self.h, device=dev)[None, :, None]
+        page_d = page[:, None, :]
+        off, nw = pg.words["key_codes"]
+        pg.data[row_d, head, page_d, off:off + nw] = words
+        order = self._order.to(dev)
+        for name, meta in (("key_scale", scale), ("key_zero", zero)):
+            bits16 = _to_bits16(meta.permute(0, 1, 3, 2)[..., order])  # [N, H, per, D] in channel_meta_order
+            off, nw = pg.words[name]
+            pg.data[row_d, head, page_d, off:off + nw] = bits16.view(torch.int32)
+        self.nblocks += nb
+
+    def tokens(self) -> torch.Tensor:
+        return self.nblocks * self.block
+
+    @property
+    def code_bits(self) -> torch.Tensor:
+        return self.tokens().to(torch.float64) * self.h * self.d * self.bits
+
+    @property
+    def live_bytes(self) -> torch.Tensor:
+        return self.tokens() // PAGE_TOKENS * self.h * self.pages.layout.key_bytes()
+
+    def ragged(self, start: int = 0) -> Ragged:
+        """Dequantized tokens start.. of every row (start a multiple of 32)."""
+        first = start // PAGE_TOKENS
+        lens = (self.tokens() - start).clamp_min(0)
+        n = int(self.tokens().max()) // PAGE_TOKENS - first
+        dev = self.pages.data.device
+        if n <= 0:
+            return Ragged(torch.zeros(self.b, self.h, 0, self.d, dtype=self.dtype, device=dev), lens)
+        pg = self.pages
+        words = pg.section("key_codes")[:, :, first:first + n].reshape(self.b, self.h, n, 2, -1)
+        codes = unpack_tile(words, self.d, self.bits, "key").reshape(self.b, self.h, n, PAGE_TOKENS, self.d)
+        inv = self._inverse.to(dev)
+        scale, zero = (pg.meta(name)[:, :, first:first + n][..., inv].view(self.spec.meta_dtype)
+                       for name in ("key_scale", "key_zero"))  # [B, H, n, D]
+        vals = dequantize(codes.transpose(3, 4), scale, zero, self.dtype)  # groups along the page's tokens
+        return Ragged(vals.transpose(3, 4).reshape(self.b, self.h, n * PAGE_TOKENS, self.d), lens)
+
+    def allocated_bytes(self) -> int:
+        return self.pages.data.numel() * 4  # the whole page buffer; the value store counts none of it
+
+
+class PagedValueStore:
+    """Per-token value groups written token by token into fragment pages."""
+
+    def __init__(self, pages: FragmentPages, batch: int, heads: int, group: int, bits: int, dtype: torch.dtype,
+                 spec: QuantSpec):
+        self.pages, self.b, self.h, self.d = pages, batch, heads, pages.layout.head_dim
+        self.g, self.bits, self.dtype, self.spec = group, bits, dtype, spec
+        self.packed = True
+        self.count = torch.zeros(batch, dtype=torch.int64)
+        self.version = 0
+        self.groups = self.d // group
+        self._inverse = torch.argsort(token_meta_order(self.groups))  # (token * groups + group) -> position
+        self.bytes_per_token = heads * pages.layout.value_bytes_per_token()
+
+    def layout(self) -> Layout:
+        return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=self.g, page=self.pages.layout)
+
+    def append(self, r: Ragged, widths_fn=None) -> None:
+        if int(r.lens.max()) == 0:
+            return
+        dev = r.data.device
+        lead = r.data.shape[:3]
+        codes, scale, zero = quantize(r.data.reshape(*lead, self.groups, self.g), self.bits, self.spec)
+        codes = codes.reshape(*lead, self.d)
+        valid = torch.arange(lead[2])[None, :] < r.lens[:, None]
+        b, j = valid.nonzero(as_tuple=True)
+        pos = self.count[b] + j  # position of each new token in its row's value store
+        self.pages.reserve(int(pos.max()) // PAGE_TOKENS + 1)
+        pg = self.pages
+        bd, jd = b.to(dev), j.to(dev)
+        # Codes: pack every touched 16-token tile with only the new tokens' codes and add the words: the slots of
+        # tokens stored earlier are zero here and disjoint from them, so the sum is their bitwise OR.
+        tile = b * (1 << 40) + pos // TILE_TOKENS
+        uniq, which = torch.unique(tile, return_inverse=True)
+        img = torch.zeros(len(uniq), self.h, TILE_TOKENS, self.d, dtype=torch.int64, device=dev)
+        img[which.to(dev), :, (pos % TILE_TOKENS).to(dev)] = codes[bd, :, jd].to(torch.int64)
+        words = pack_tile(img, self.bits, "value")  # [U, H, 32 * W]
+        ub, ut = uniq // (1 << 40), uniq % (1 << 40)
+        off, nw = pg.words["value_codes"]
+        half = nw // 2  # words of one 16-token tile
+        flat = pg.data.view(self.b, self.h, -1)
+        col = ((ut // 2) * pg.layout.page_words + off + (ut % 2) * half).to(dev)
+        idx = col[:, None, None] + torch.arange(half, device=dev)[None, None, :]
+        flat.index_put_((ub.to(dev)[:, None, None], torch.arange(self.h, device=dev)[None, :, None], idx),
+                        words, accumulate=True)
+        # Scales and zeros: one 16-bit value per (token, group), at the token's slot of token_meta_order.
+        flat16 = pg.data.view(self.b, self.h, -1).view(torch.int16)
+        at = self._inverse.to(dev)[((pos % PAGE_TOKENS)[:, None] * self.groups
+                                    + torch.arange(self.groups)[None, :]).to(dev)]  # [Nt, groups]
+        for name, meta in (("value_scale", scale), ("value_zero", zero)):
+            off, _ = pg.words[name]
+            col16 = (pos // PAGE_TOKENS).to(dev)[:, None] * (2 * pg.layout.page_words) + 2 * off + at
+            flat16[bd[:, None, None], torch.arange(self.h, device=dev)[None, :, None], col16[:, None, :]] = \
+                _to_bits16(meta[bd, :, jd])
+        self.count += r.lens
+
+    def tokens(self) -> torch.Tensor:
+        return self.count
+
+    @property
+    def code_bits(self) -> torch.Tensor:
+        return self.count.to(torch.float64) * self.h * self.d * self.bits
+
+    @property
+    def live_bytes(self) -> torch.Tensor:
+        return self.count * self.bytes_per_token
+
+    def ragged(self, start: int = 0) -> Ragged:
+        lens = (self.count - start).clamp_min(0)
+        top = int(self.count.max())
+        dev = self.pages.data.device
+        if top <= start:
+            return Ragged(torch.zeros(self.b, self.h, 0, self.d, dtype=self.dtype, device=dev), lens)
+        first, last = start // PAGE_TOKENS, -(-top // PAGE_TOKENS)
+        n = last - first
+        pg = self.pages
+        words = pg.section("value_codes")[:, :, first:last].reshape(self.b, self.h, n, 2, -1)
+        codes = unpack_tile(words, self.d, self.bits, "value").reshape(self.b, self.h, n * PAGE_TOKENS, self.d)
+        inv = self._inverse.to(dev)
+        scale, zero = (pg.meta(name)[:, :, first:last][..., inv].view(self.spec.meta_dtype)
+                       .reshape(self.b, self.h, n * PAGE_TOKENS, self.groups) for name in ("value_scale", "value_zero"))
+        codes = codes.reshape(self.b, self.h, n * PAGE_TOKENS, self.groups, self.g)
+        vals = dequantize(codes, scale, zero, self.dtype).reshape(self.b, self.h, n * PAGE_TOKENS, self.d)
+        cut = start - first * PAGE_TOKENS
+        return Ragged(vals[:, :, cut:top - first * PAGE_TOKENS], lens)
+
+    def allocated_bytes(self) -> int:
+        return 0  # counted by the key store, which reports the whole page buffer
+
+
+def page_problems(layer) -> list[str]:
+    """Why this layer's stores have no fragment page layout (empty when they do)."""
+    ks, vs = layer.key_stream.store, layer.value_stream.store
+    out = []
+    if type(ks) is not ChannelGroupStore or not ks.packed or ks.uniform_width is None or ks.pack11 or ks.g != PAGE_TOKENS:
+        out.append("keys are not one packed width in per-channel groups of 32 tokens")
+    if type(vs) is not TokenGroupStore or not vs.packed:
+        out.append("values are not packed per-token groups of one width")
+    if out:
+        return out
+    if ks.p % PAGE_TOKENS:
+        out.append(f"key block {ks.p} is not a multiple of {PAGE_TOKENS}")
+    if ks.spec.meta_dtype != ks.dtype or ks.dtype not in (torch.bfloat16, torch.float16):
+        out.append("scales are not in the model dtype, or the model dtype is not bf16/fp16")
+    out += check_page_layout(layer.dim, ks.uniform_width, vs.bits, vs.g)
+    return out
+
+
+def to_pages(layer) -> None:
+    """Replace a fresh layer's key and value stores by fragment-page stores (`page_problems` must be empty)."""
+    ks, vs = layer.key_stream.store, layer.value_stream.store
+    assert not page_problems(layer) and int(ks.nblocks.max()) == 0 and int(vs.tokens().max()) == 0
+    meta_bytes = ks.spec.meta_dtype.itemsize
+    pl = FragmentPageLayout(layer.dim, ks.uniform_width, vs.bits, vs.g, meta_bytes)
+    pages = FragmentPages(ks.b, ks.h, pl, ks.device)
+    layer.key_stream.store = PagedKeyStore(pages, ks.b, ks.h, ks.p, ks.uniform_width, ks.dtype, ks.spec)
+    layer.value_stream.store = PagedValueStore(pages, vs.b, vs.h, vs.g, vs.bits, vs.dtype, vs.spec)

@@ -1,0 +1,189 @@
+"""Fragment pages on CPU: the permutation, the packer and the paged stores against the stores they replace.
+
+The paged stores must hold exactly what the flat stores hold (codes, scales, zeros, hence dequantized tokens and
+the reference decoder's output), count the same bits and bytes, and follow the method's flush timing.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels import fragment, resolve_decode_kernel
+from kernels.reference import decode_attention as reference_decode
+from mixkvq.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, channel_meta_order, code_order,
+                           pack_tile, register_element, token_meta_order, unpack_tile)
+from mixkvq.paged import PagedKeyStore, PagedValueStore, page_problems, to_pages
+from test_decode_kernel import build, ground_truth
+
+
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("head_dim,bits", [(64, 2), (64, 4), (128, 2), (128, 4)])
+def test_code_order_is_a_bijection_onto_the_tile(head_dim, bits, kind):
+    order = code_order(head_dim, bits, kind)
+    flat = order[..., 0] * head_dim + order[..., 1]
+    assert sorted(flat.reshape(-1).tolist()) == list(range(16 * head_dim))
+
+
+def test_code_order_follows_the_mma_fragments():
+    # Lane 5 (g=1, t=1), register 3 holds rows 9 and columns 2t+8+{0,1} = 10, 11 of its 16x16 tile.
+    assert register_element(5, 3, 0) == (9, 10) and register_element(5, 3, 1) == (9, 11)
+    order = code_order(128, 2, "key")  # 2-bit: 8 registers per word, so word 0's j=5 is k-step 1, register 1
+    assert order[5, 0, 5, 0].tolist() == [9, 16 + 2]  # key tiles: row = token, column = channel
+    order = code_order(128, 2, "value")
+    assert order[5, 0, 5, 0].tolist() == [2, 16 + 9]  # value tiles: row = channel, column = token
+
+
+@pytest.mark.parametrize("head_dim,bits", [(64, 2), (128, 4)])
+def test_pack_and_unpack_tiles_round_trip(head_dim, bits):
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << bits, (3, 2, 16, head_dim), generator=gen)
+    for kind in ("key", "value"):
+        words = pack_tile(codes, bits, kind)
+        assert words.dtype == torch.int32 and words.shape[-1] == 32 * head_dim * bits // 64
+        assert torch.equal(unpack_tile(words, head_dim, bits, kind), codes)
+
+
+def test_meta_orders_are_permutations():
+    assert sorted(channel_meta_order(128).tolist()) == list(range(128))
+    assert sorted(token_meta_order(4).tolist()) == list(range(32 * 4))
+    # Quad t=1 reads channels 2, 3, 10, 11 for k-step 0: its query fragment's rows.
+    assert channel_meta_order(128)[32:36].tolist() == [2, 3, 10, 11]
+
+
+def test_page_layout_sizes_match_the_formats_bits():
+    lay = FragmentPageLayout(128, 2, 2, 32)
+    assert lay.page_bytes == 3072  # 0.375 bytes per element of K and V: 2-bit codes, bf16 scale+zero per 32
+    assert lay.key_bytes() == 1024 + 512 and lay.value_bytes_per_token() * PAGE_TOKENS == 1024 + 512
+    with pytest.raises(ValueError, match="head_dim 96"):
+        FragmentPageLayout(96, 2, 2, 32)
+
+
+KIVI_CASES = {
+    "kivi-2": ("kivi", []),
+    "kivi-4": ("kivi4", []),
+    "kivi-2-r64": ("kivi", ["method.residual_length=64"]),
+}
+
+
+def _twin_layers(name, overrides, dtype, head_dim, gqa, lengths, steps, seed):
+    """The same token stream through a flat layer and a paged one (same seed, same tokens)."""
+    out = []
+    for paged in (False, True):
+        gen = torch.Generator().manual_seed(seed)
+        method = build(name, overrides, kv_heads=2, q_heads=2 * gqa, head_dim=head_dim, dtype=dtype, device="cpu")
+        layer, query = _filled(method, lengths, steps, gen, paged)
+        out.append((layer, query))
+    return out
+
+
+def _filled(method, lengths, steps, gen, paged):
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
+    layer = method.new_cache(len(lengths), pad).layers[0]
+    if paged:
+        assert page_problems(layer) == []
+        to_pages(layer)
+    layer2, query = filled_layer_into(layer, method, lengths, steps, gen)
+    return layer2, query
+
+
+def filled_layer_into(layer, method, lengths, steps, gen):
+    s = method.shape
+
+    def rand(*shape):
+        x = torch.randn(*shape, generator=gen) * (1 + 3 * torch.rand(shape[-1], generator=gen))
+        return (x + torch.randn(shape[-1], generator=gen)).to(s.dtype)
+
+    for t in [max(lengths)] + [1] * steps:
+        layer.update(rand(len(lengths), s.kv_heads, t, s.head_dim), rand(len(lengths), s.kv_heads, t, s.head_dim))
+        layer.observe_queries(rand(len(lengths), s.q_heads, t, s.head_dim))
+        layer.after_attention()
+    return layer, rand(len(lengths), s.q_heads, 1, s.head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(KIVI_CASES))
+def test_paged_stores_hold_exactly_what_the_flat_stores_hold(case, dtype):
+    name, overrides = KIVI_CASES[case]
+    seed = random.randrange(2**31)
+    (flat, q), (paged, q2) = _twin_layers(name, overrides, dtype, 128, 4, [301, 250, 77], 75, seed)
+    assert torch.equal(q, q2)
+    assert isinstance(paged.key_stream.store, PagedKeyStore) and isinstance(paged.value_stream.store, PagedValueStore)
+    for stream in ("key_stream", "value_stream"):
+        a, b = getattr(flat, stream), getattr(paged, stream)
+        assert torch.equal(a.store.tokens(), b.store.tokens()), f"{stream} (seed {seed})"
+        ra, rb = a.store.ragged(), b.store.ragged()
+        assert torch.equal(ra.lens, rb.lens)
+        for row, n in enumerate(ra.lens.tolist()):  # bit for bit: same codes, scales and zeros
+            assert torch.equal(ra.data[row, :, :n], rb.data[row, :, :n]), f"{stream} row {row} (seed {seed})"
+        assert torch.equal(a.code_bits(), b.code_bits()) and torch.equal(a.live_bytes(), b.live_bytes())
+    assert int(paged.key_stream.store.tokens().max()) >= 256  # several flushed blocks, the value window slid
+    # The reference decoder's inputs (stream_tokens) are the same, so attention over them is too.
+    assert torch.equal(ground_truth(q, flat, 128**-0.5), ground_truth(q, paged, 128**-0.5))
+
+
+def test_paged_value_store_reads_from_any_start():
+    seed = random.randrange(2**31)
+    (_, _), (paged, _) = _twin_layers("kivi", [], torch.bfloat16, 64, 2, [100, 40], 70, seed)
+    vs = paged.value_stream.store
+    whole = vs.ragged()
+    for start in (0, 32, 64):
+        part = vs.ragged(start)
+        assert torch.equal(part.lens, (whole.lens - start).clamp_min(0))
+        for row, n in enumerate(part.lens.tolist()):
+            assert torch.equal(part.data[row, :, :n], whole.data[row, :, start:start + n])
+
+
+def test_layers_the_pages_cannot_hold_are_named():
+    for name, overrides, why in [
+        ("kivi", ["method.k_bits=3"], "width 3"),
+        ("mixkvq", [], "one packed width"),
+        ("kivi", ["method.group_size=64"], "per-channel groups of 32"),
+    ]:
+        method = build(name, overrides, kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu")
+        layer = method.new_cache(1).layers[0]
+        assert any(why in p for p in page_problems(layer)), (name, overrides, page_problems(layer))
+    method = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.float32, device="cpu")
+    assert any("model dtype" in p for p in page_problems(method.new_cache(1).layers[0]))
+
+
+def test_layout_is_data_the_kernel_reads():
+    method = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu")
+    layer = method.new_cache(2).layers[0]
+    to_pages(layer)
+    lay = layer.key_stream.store.layout()
+    assert lay.format is PackingFormat.FRAGMENT_PAGES and lay.page == FragmentPageLayout(128, 2, 2, 32)
+    assert layer.value_stream.store.layout().page is lay.page
+
+
+def test_the_cuda_kernel_is_not_picked_on_cpu_and_says_why():
+    method = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu")
+    layer = method.new_cache(1).layers[0]
+    assert "CUDA" in fragment.supports(layer)
+    fn = resolve_decode_kernel("auto", torch.device("cpu"), layer)
+    assert fn is reference_decode and type(layer.key_stream.store).__name__ == "ChannelGroupStore"
+
+
+def test_split_plans_fill_the_gpu_and_cover_every_page():
+    for pairs, pages in [(256, 1024), (4, 128), (4, 1024), (1, 1), (512, 3)]:
+        pps, tail = fragment.plan_splits(pairs, pages, 160, 132)
+        assert pps >= 1 and tail >= 32
+        assert -(-pages // pps) <= fragment.DEFAULT_TUNING.max_splits
+    # Batch 1 at 4k (128 pages, 4 KV heads): split finely, to use most SMs.
+    pps, _ = fragment.plan_splits(4, 128, 160, 132)
+    assert 4 * -(-128 // pps) >= 132
+
+
+@pytest.mark.skipif(fragment.nvcc_path() is None, reason="no CUDA compiler (pip install -e '.[test]' brings one)")
+def test_the_kernel_compiles_for_hopper_without_spills(tmp_path):
+    cubin, report = fragment.compile_offline(tmp_path)
+    assert cubin.stat().st_size > 0
+    entries = [chunk for chunk in report.split("Compiling entry function")[1:]]
+    assert len(entries) == len(fragment.OFFLINE_KERNELS) + 1
+    for chunk in entries:
+        assert "0 bytes spill stores" in chunk, chunk
+        regs = int(chunk.split("Used ")[1].split(" registers")[0])
+        assert regs <= 168, chunk  # three CTAs of 128 threads per SM
