@@ -1,7 +1,7 @@
 // PyTorch binding of the fragment-page decode kernel (fragment_decode.cuh): one call per layer and decode step.
 // Built by torch.utils.cpp_extension.load at first use (kernels/fragment.py).
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -106,7 +106,7 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
   const size_t ring = size_t(WARPS) * STAGES * (keys_only ? key_pb : pb);
   const size_t combine = size_t(WARPS) * fpd::HEADS * (2 + d) * sizeof(float);
   const size_t smem = std::max(ring, combine);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || q.scalar_type() == torch::kHalf, "fragment decode: bf16 or fp16 queries");
 #define FPD_DTYPE(T, D) dispatch_bits<T, D>(p, batch, smem, stream, key_bits, value_bits, value_group);
@@ -143,7 +143,7 @@ torch::Tensor read_pages(torch::Tensor pages, int64_t ctas) {
   auto sink = torch::zeros({1}, pages.options().dtype(torch::kInt32));
   const int64_t n16 = pages.numel() * pages.element_size() / 16;
   const int64_t per = (n16 + ctas - 1) / ctas;
-  stream_read<<<ctas, 512, 0, at::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const int4*>(pages.data_ptr()),
+  stream_read<<<ctas, 512, 0, c10::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const int4*>(pages.data_ptr()),
                                                                     n16, per, sink.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return sink;
