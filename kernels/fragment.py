@@ -36,9 +36,14 @@ LOG2E = math.log2(math.e)
 class Tuning:
     """How a call is split (values, not globals: benchmarks pass their own)."""
 
-    ctas_per_sm: int = 3  # resident CTAs of the split kernel per SM (its registers allow three of 128 threads)
+    ctas_per_sm: int = 4  # resident CTAs of the split kernel per SM (fpd MIN_CTAS: 128 registers per thread)
     max_splits: int = 64  # most main splits per (row, KV head)
     tail_tokens_min: int = 32  # fewest tail tokens per CTA (a tail split's warps take one token each in turn)
+    variant: int = 0  # benchmarks only: another (pages in flight, CTAs per SM) build of the KIVI-2 kernel, see VARIANTS
+
+
+# Benchmark variants of the KIVI-2 bf16 kernel (fragment_decode.cu): variant -> (pages in flight per warp, CTAs per SM).
+VARIANTS = {0: (4, 4), 1: (4, 3), 2: (6, 3), 3: (3, 4), 4: (2, 5), 5: (8, 2)}
 
 
 DEFAULT_TUNING = Tuning()
@@ -160,7 +165,7 @@ def fragment_decode(query: torch.Tensor, layer, scaling: float, tuning: Tuning =
     vsink = vs.sink.data if vs.sink is not None else None
     return extension(query.device).decode(query, page.data, ks.window.data, vs.window.data, ksink, vsink, lens,
                                           scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group, pps, tps,
-                                          keys_only)
+                                          keys_only, tuning.variant)
 
 
 def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
@@ -176,11 +181,11 @@ def read_pages(pages: torch.Tensor, ctas: int) -> torch.Tensor:
 # ---- offline compilation (no GPU needed): tests and SASS reading ---------------------------------------------
 
 # Instantiations compiled without torch, for the CPU compile test and `scripts/kernel_sass.py`-style reading.
-OFFLINE_KERNELS = {
-    "kivi2_bf16_d128": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, false",
-    "kivi4_bf16_d128": "__nv_bfloat16, 128, 4, 4, 32, 4, 4, false",
-    "kivi2_fp16_d64": "__half, 64, 2, 2, 32, 4, 4, false",
-    "kivi2_keys_only": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, true",
+OFFLINE_KERNELS = {  # template arguments as the binding instantiates them (WARPS 4, STAGES 4, MIN_CTAS 4)
+    "kivi2_bf16_d128": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, false, 4",
+    "kivi4_bf16_d128": "__nv_bfloat16, 128, 4, 4, 32, 4, 4, false, 4",
+    "kivi2_fp16_d64": "__half, 64, 2, 2, 32, 4, 4, false, 4",
+    "kivi2_keys_only": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, true, 4",
 }
 
 

@@ -198,6 +198,14 @@ def gates(out: Path) -> None:
         target = 4.0 if name == "kivi-2" else 2.5
         add(3, f"{name} decode attention", 64, 32768, us, nbytes, sdpa[(64, 32768)], f">= {target}x SDPA",
             sdpa[(64, 32768)] / us >= target, sqnr_db=sqnr)
+        if name == "kivi-2":  # other (pages in flight, CTAs per SM) builds, side by side
+            for v, (stages, ctas) in fragment.VARIANTS.items():
+                if v == 0:
+                    continue
+                tune = fragment.Tuning(ctas_per_sm=ctas, variant=v)
+                us = triton.testing.do_bench(lambda: fragment.fragment_decode(q, layer, scaling, tune)) * 1e3
+                add("3v", f"{name} [{stages} pages in flight, {ctas} CTAs/SM]", 64, 32768, us, nbytes,
+                    sdpa[(64, 32768)], f">= {target}x SDPA", sdpa[(64, 32768)] / us >= target)
         del layer, pages
         torch.cuda.empty_cache()
     for bsz, ctx in [(8, 32768), (1, 4096), (1, 32768)]:

@@ -12,29 +12,33 @@
 namespace {
 
 constexpr int WARPS = 4;
-constexpr int STAGES = 4;
+constexpr int STAGES = 4;     // pages in flight per warp
+constexpr int MIN_CTAS = 4;   // resident CTAs per SM the register budget is cut for (128 registers)
 
-template <typename T, int D, int KB, int VB, int VG, bool KEYS_ONLY>
-void launch(fpd::Params& p, int batch, size_t smem, cudaStream_t stream) {
-  auto split = fpd::fpd_split<T, D, KB, VB, VG, WARPS, STAGES, KEYS_ONLY>;
+template <typename T, int D, int KB, int VB, int VG, bool KEYS_ONLY, int ST = STAGES, int MC = MIN_CTAS>
+void launch(fpd::Params& p, int batch, cudaStream_t stream) {
+  auto split = fpd::fpd_split<T, D, KB, VB, VG, WARPS, ST, KEYS_ONLY, MC>;
+  constexpr size_t page = fpd::Page<D, KB, VB, VG>::BYTES, key_page = fpd::Page<D, KB, VB, VG>::KEY_BYTES;
+  const size_t smem = std::max(size_t(WARPS) * ST * (KEYS_ONLY ? key_page : page),
+                               size_t(WARPS) * fpd::HEADS * (2 + D) * sizeof(float));
   static bool configured = false;  // one attribute call per instantiation
   if (!configured) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     configured = true;
   }
   split<<<dim3(p.n_splits, p.n_kv, batch), WARPS * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!KEYS_ONLY) {
-    fpd::fpd_merge<T, D><<<batch * p.n_kv, D, 0, stream>>>(p);
+    fpd::fpd_merge<T, D><<<batch * p.n_kv, D, fpd::HEADS * p.n_splits * sizeof(float), stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int D>
-void dispatch_bits(fpd::Params& p, int batch, size_t smem, cudaStream_t s, int kb, int vb, int vg) {
+void dispatch_bits(fpd::Params& p, int batch, cudaStream_t s, int kb, int vb, int vg) {
 #define FPD_CASE(KB, VB, VG)                                          \
   if (kb == KB && vb == VB && vg == VG) {                             \
-    if constexpr (D % VG == 0) return launch<T, D, KB, VB, VG, false>(p, batch, smem, s); \
+    if constexpr (D % VG == 0) return launch<T, D, KB, VB, VG, false>(p, batch, s); \
   }
   FPD_CASE(2, 2, 32) FPD_CASE(4, 4, 32) FPD_CASE(2, 4, 32) FPD_CASE(4, 2, 32)
   FPD_CASE(2, 2, 64) FPD_CASE(4, 4, 64) FPD_CASE(2, 2, 128) FPD_CASE(4, 4, 128)
@@ -56,7 +60,7 @@ int64_t page_bytes(int d, int kb, int vb, int vg) {
 torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, torch::Tensor vwin,
                      c10::optional<torch::Tensor> ksink, c10::optional<torch::Tensor> vsink, torch::Tensor lens,
                      double scale_log2, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                     int64_t pages_per_split, int64_t tail_per_split, bool keys_only) {
+                     int64_t pages_per_split, int64_t tail_per_split, bool keys_only, int64_t variant) {
   const int batch = q.size(0), hq = q.size(1), d = q.size(3), n_kv = pages.size(1);
   TORCH_CHECK(batch <= fpd::MAX_ROWS, "fragment decode: batch ", batch, " > ", fpd::MAX_ROWS);
   TORCH_CHECK(q.stride(3) == 1 && pages.is_contiguous() && pages.scalar_type() == torch::kInt32);
@@ -101,18 +105,25 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
   p.part_o = part_o.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
   p.out = out.data_ptr();
-  const int64_t pb = page_bytes(d, key_bits, value_bits, value_group);
-  const int64_t key_pb = (32LL * d * key_bits / 8 + 15) / 16 * 16 + 2 * ((d * 2LL + 15) / 16 * 16);
-  const size_t ring = size_t(WARPS) * STAGES * (keys_only ? key_pb : pb);
-  const size_t combine = size_t(WARPS) * fpd::HEADS * (2 + d) * sizeof(float);
-  const size_t smem = std::max(ring, combine);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || q.scalar_type() == torch::kHalf, "fragment decode: bf16 or fp16 queries");
-#define FPD_DTYPE(T, D) dispatch_bits<T, D>(p, batch, smem, stream, key_bits, value_bits, value_group);
+#define FPD_DTYPE(T, D) dispatch_bits<T, D>(p, batch, stream, key_bits, value_bits, value_group);
+  const bool kivi2 = bf16 && d == 128 && key_bits == 2 && value_bits == 2 && value_group == 32;
+  TORCH_CHECK(variant == 0 || kivi2, "kernel variants: KIVI-2 bf16 head_dim 128 only");
   if (keys_only) {  // gate 2 only: KIVI-2 keys, bf16, head_dim 128
-    TORCH_CHECK(bf16 && d == 128 && key_bits == 2 && value_bits == 2 && value_group == 32, "keys_only: KIVI-2 bf16");
-    launch<__nv_bfloat16, 128, 2, 2, 32, true>(p, batch, smem, stream);
+    TORCH_CHECK(kivi2, "keys_only: KIVI-2 bf16 head_dim 128 only");
+    launch<__nv_bfloat16, 128, 2, 2, 32, true>(p, batch, stream);
+  } else if (variant != 0) {  // benchmark-only (STAGES, MIN_CTAS) settings, timed side by side with the default
+    using B16 = __nv_bfloat16;
+    switch (variant) {
+      case 1: launch<B16, 128, 2, 2, 32, false, 4, 3>(p, batch, stream); break;
+      case 2: launch<B16, 128, 2, 2, 32, false, 6, 3>(p, batch, stream); break;
+      case 3: launch<B16, 128, 2, 2, 32, false, 3, 4>(p, batch, stream); break;
+      case 4: launch<B16, 128, 2, 2, 32, false, 2, 5>(p, batch, stream); break;
+      case 5: launch<B16, 128, 2, 2, 32, false, 8, 2>(p, batch, stream); break;
+      default: TORCH_CHECK(false, "kernel variant ", variant, " unknown (0-5)");
+    }
   } else if (d == 128) {
     if (bf16) { FPD_DTYPE(__nv_bfloat16, 128) } else { FPD_DTYPE(__half, 128) }
   } else {

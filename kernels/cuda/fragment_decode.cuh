@@ -320,8 +320,8 @@ __device__ void tail_split(const Params& p, int b, int h, int tsplit, char* smem
 
 // ---- the main splits: whole pages on tensor cores -----------------------------------------------------------
 
-template <typename T, int D, int KB, int VB, int VG, int WARPS, int STAGES, bool KEYS_ONLY>
-__global__ void __launch_bounds__(WARPS * 32) fpd_split(const __grid_constant__ Params p) {
+template <typename T, int D, int KB, int VB, int VG, int WARPS, int STAGES, bool KEYS_ONLY, int MIN_CTAS = 1>
+__global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_constant__ Params p) {
   using P = Page<D, KB, VB, VG>;
   constexpr bool BF16 = sizeof(T) == 2 && Num<T>::MANT == 7;
   constexpr int KK = D / 16;  // k-steps of the key product, m-tiles of the value product
@@ -384,19 +384,19 @@ __global__ void __launch_bounds__(WARPS * 32) fpd_split(const __grid_constant__ 
     // -- scores: bias from the zeros, q' from the scales, then the codes --
     const uint32_t* ksc = reinterpret_cast<const uint32_t*>(pg + P::KS) + t * (D / 8);
     const uint32_t* kzr = reinterpret_cast<const uint32_t*>(pg + P::KZ) + t * (D / 8);
-    float bias[4] = {0.f, 0.f, 0.f, 0.f};
+    // Two accumulators per product halve the chains of dependent MMAs (latency, not throughput, bounds a page).
+    float bias[2][4] = {};
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
       uint32_t a[4] = {g == 0 ? kzr[2 * kk] : 0u, 0u, g == 0 ? kzr[2 * kk + 1] : 0u, 0u};
-      mma16816(bias, a, qb[kk][0], qb[kk][1], BF16);
+      mma16816(bias[kk & 1], a, qb[kk][0], qb[kk][1], BF16);
     }
-    // bias[0..1] of lane (0, t): heads 2t, 2t + 1 of the zero row; every row of the page adds it.
-    const float b0 = __shfl_sync(0xffffffffu, bias[0], t), b1 = __shfl_sync(0xffffffffu, bias[1], t);
-    float s[2][4];
+    float s[2][4], s2[2][4] = {};
     const uint32_t* kc = reinterpret_cast<const uint32_t*>(pg + P::KC);
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      s[m][0] = b0; s[m][1] = b1; s[m][2] = b0; s[m][3] = b1;
+#pragma unroll
+      for (int x = 0; x < 4; ++x) s[m][x] = 0.f;
       uint32_t w[P::KW];
       load_words<P::KW>(w, kc + (m * 32 + lane) * P::KW);
 #pragma unroll
@@ -408,7 +408,16 @@ __global__ void __launch_bounds__(WARPS * 32) fpd_split(const __grid_constant__ 
           a[reg] = Unpack<T, KB>::get(w[r / Unpack<T, KB>::RPW], r % Unpack<T, KB>::RPW);
         }
         const uint32_t q0 = mul2<T>(qb[kk][0], ksc[2 * kk]), q1 = mul2<T>(qb[kk][1], ksc[2 * kk + 1]);
-        mma16816(s[m], a, q0, q1, BF16);
+        mma16816(kk & 1 ? s2[m] : s[m], a, q0, q1, BF16);
+      }
+    }
+    {
+      // bias of lane (0, t): heads 2t, 2t + 1 of the zero row; every token of the page adds it.
+      const float b0 = __shfl_sync(0xffffffffu, bias[0][0] + bias[1][0], t);
+      const float b1 = __shfl_sync(0xffffffffu, bias[0][1] + bias[1][1], t);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        s[m][0] += s2[m][0] + b0; s[m][1] += s2[m][1] + b1; s[m][2] += s2[m][2] + b0; s[m][3] += s2[m][3] + b1;
       }
     }
     if (KEYS_ONLY) {  // gate 2: the key product alone (a sum keeps the compiler from dropping it)
@@ -517,25 +526,37 @@ __global__ void __launch_bounds__(WARPS * 32) fpd_split(const __grid_constant__ 
   write_partial<D, WARPS>(p, b, h, split, smax, ssum, so);
 }
 
-// One CTA of D threads per (row, KV head): the splits' partials into the normalized output.
+// One CTA of D threads per (row, KV head): the splits' partials into the normalized output. Warps first turn each
+// head's (max, sum) pairs into weights in shared memory (lanes over splits), then every thread sums its channel's
+// partials with independent loads: no chain of dependent loads per split.
 template <typename T, int D>
 __global__ void fpd_merge(const __grid_constant__ Params p) {
+  extern __shared__ float weight[];  // [HEADS][n_splits]
   const int b = blockIdx.x / p.n_kv, h = blockIdx.x % p.n_kv, d = threadIdx.x;
-  const size_t base = (size_t(b) * p.n_kv + h) * p.n_splits;
-  for (int n = 0; n < p.gqa; ++n) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, S = p.n_splits;
+  const size_t base = (size_t(b) * p.n_kv + h) * S;
+  for (int n = warp; n < p.gqa; n += D / 32) {
     float m = -INFINITY;
-    for (int s = 0; s < p.n_splits; ++s) m = fmaxf(m, p.part_ml[((base + s) * HEADS + n) * 2]);
-    float o = 0.f, l = 0.f;
-    for (int s = 0; s < p.n_splits; ++s) {
-      const size_t at = (base + s) * HEADS + n;
-      const float ms = p.part_ml[at * 2];
-      if (ms == -INFINITY) continue;
-      const float a = exp2f(ms - m);
-      o += a * p.part_o[at * D + d];
-      l += a * p.part_ml[at * 2 + 1];
+    for (int s = lane; s < S; s += 32) m = fmaxf(m, p.part_ml[((base + s) * HEADS + n) * 2]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.f;
+    for (int s = lane; s < S; s += 32) {
+      const size_t at = ((base + s) * HEADS + n) * 2;
+      const float ms = p.part_ml[at];
+      const float a = ms == -INFINITY ? 0.f : exp2f(ms - m);
+      weight[n * S + s] = a;
+      l += a * p.part_ml[at + 1];
     }
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    for (int s = lane; s < S; s += 32) weight[n * S + s] /= l;
+  }
+  __syncthreads();
+  for (int n = 0; n < p.gqa; ++n) {
+    float o = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < S; ++s) o += weight[n * S + s] * p.part_o[((base + s) * HEADS + n) * D + d];
     T* out = reinterpret_cast<T*>(p.out) + (size_t(b) * p.n_kv * p.gqa + h * p.gqa + n) * D + d;
-    *out = Num<T>::from_f(o / l);
+    *out = Num<T>::from_f(o);
   }
 }
 
