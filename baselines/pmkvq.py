@@ -31,6 +31,7 @@ from mixkvq.storage import SHRINK_RULES, ProgressiveTokenStore
 MIB = 2**20  # the repo's "MB" (the worked value of §6.3: Mem(2) = 8 MiB per layer for R1-Qwen-7B)
 LADDER = (16, 8, 4, 2)
 LOWEST = LADDER[-1]
+HALVINGS = ("per_step", "until_within_budget")  # β halvings a layer may make in one step (§6.2)
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,10 @@ class PMKVQConfig:
     on_budget_overflow: str
     budget_counts_metadata: bool
     shrink_rule: str
+    halving: str
     group_size: int
     scale_clamp: list
+    rep_scale_clamp: list
     sink_tokens: int
     window_tokens: int
     init_bits: int
@@ -112,6 +115,23 @@ def brute_force_allocation(cost, mem, budget) -> list[int]:
 
 
 # ---- reparameterization folded into the projections (§6.4) ---------------------------------------------------
+
+
+def rep_clamp_range(value) -> tuple[float, float]:
+    """`pmkvq.rep_scale_clamp` as (low, high), checked."""
+    try:
+        lo, hi = (float(x) for x in value)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not 0 < lo < hi:
+        raise ConfigError(f"pmkvq.rep_scale_clamp={value!r} must be [low, high] with 0 < low < high")
+    return lo, hi
+
+
+def rep_scales_for(kmax: torch.Tensor, alpha: float, clamp: tuple[float, float]) -> torch.Tensor:
+    """λ = (max |K|)^α clamped to `clamp`, as the repo's search computes it: a dead channel pair (max 0) gets the
+    low end and an extreme key maximum the high end instead of folding 0 or a huge factor into the weights."""
+    return (kmax.double() ** alpha).clamp(*clamp).to(kmax.dtype)
 
 
 def tile_pairs(half: torch.Tensor) -> torch.Tensor:
@@ -186,10 +206,20 @@ class PMKVQLayer(QuantizedLayer):
         super().after_attention()
         self.enforce_budget()
 
+    def over_budget(self) -> torch.Tensor:
+        """Rows whose bytes exceed the budget after this step's halving (and not stopped): `per_step` leaves a
+        row over budget until later steps have halved enough."""
+        return (self.budget_bytes() > self.budget) & ~self.overflowed
+
     def enforce_budget(self) -> None:
+        """Halve β of the rows over budget; a row over budget at the lowest width is stopped (or raises).
+
+        `per_step` (both reference backends) halves at most once per step, so a prefill that needs two halvings
+        takes two steps and stays over budget in between; `until_within_budget` halves until it fits.
+        """
         rule = self.method.cfg.shrink_rule
         while True:
-            over = (self.budget_bytes() > self.budget) & ~self.overflowed
+            over = self.over_budget()
             if not bool(over.any()):
                 return
             stuck = over & (self.beta <= LOWEST)
@@ -205,6 +235,8 @@ class PMKVQLayer(QuantizedLayer):
             if len(shrink):
                 self.key_stream.store.shrink(shrink, rule)
                 self.value_stream.store.shrink(shrink, rule)
+            if self.method.cfg.halving == "per_step" or not len(shrink):
+                return
 
 
 @register_method("pmkvq")
@@ -216,6 +248,7 @@ class PMKVQ(Method):
         check_choice("pmkvq.allocation", c.allocation, ("blockwise", "uniform"))
         check_choice("pmkvq.on_budget_overflow", c.on_budget_overflow, ("stop", "error"))
         check_choice("pmkvq.shrink_rule", c.shrink_rule, SHRINK_RULES)
+        check_choice("pmkvq.halving", c.halving, HALVINGS)
         check_choice("pmkvq.sensitivity_reduce", c.sensitivity_reduce, ("mean", "sum"))
         check_choice("pmkvq.init_bits", c.init_bits, LADDER)
         self.group = min(c.group_size, s.head_dim)  # one group per (token, head) on models with D < 128
@@ -227,6 +260,7 @@ class PMKVQ(Method):
         lo, hi = (float(x) for x in c.scale_clamp)
         if not 0 < lo < hi:
             raise ConfigError(f"pmkvq.scale_clamp={list(c.scale_clamp)} must be [low, high] with 0 < low < high")
+        self.rep_clamp = rep_clamp_range(c.rep_scale_clamp)
         # PM-KVQ's own scale clamp (its upper end, 1e5, is never reached by bf16 activations' ranges).
         self.pm_quant = dataclasses.replace(self.quant, min_scale=lo)
         max_len = c.max_len
@@ -320,11 +354,14 @@ class PMKVQ(Method):
     # -- model and cache -------------------------------------------------------------------------------------------
 
     def key_scales(self) -> torch.Tensor | None:
+        """λ as folded: the artifact's scales (their square root with `rep_scale_bug`), clamped to
+        `rep_scale_clamp` as the repo's fold does, so an artifact searched without the clamp folds the same."""
         if not self.cfg.reparameterize:
             return None
         lam = torch.tensor(self.artifact["rep_scales"], dtype=torch.float64)
         # As shipped, the repo passes the scales where max-keys are expected and raises them to 0.5 (§6.8 item 1).
-        return lam.sqrt() if self.cfg.rep_scale_bug else lam
+        lam = lam.sqrt() if self.cfg.rep_scale_bug else lam
+        return lam.clamp(*self.rep_clamp)
 
     def prepare_model(self, model) -> None:
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -9,10 +9,14 @@ Two layouts, the two stores of mixkvq/storage.py:
   full-precision channels (width code 0) as raw 16/32-bit patterns (`pack_float`), so one launch per width
   present covers the uniform (KIVI) and mixed (MixKVQ) cases.
 
-Bit-exactness with the PyTorch path rests on doing the same fp32 operations in the same order:
-- (x - zero) / scale is an IEEE division (`div_rn`; Triton's `/` is approximate on GPU);
-- (hi - lo) / levels follows torch, which multiplies by the fp32 reciprocal on CUDA and divides on CPU
-  (`_scalar_division_is_reciprocal` asks the device once instead of assuming);
+Bit-exactness with the PyTorch path (`quantize`, on any device) rests on doing the same fp32 operations in the same
+order, each rounded once:
+- both divisions, (hi - lo) / levels and (x - zero) / scale, are IEEE divisions. `quantize` divides by a tensor on
+  every device (ATen turns a division by a Python scalar into a multiply by the fp32 reciprocal on CUDA only, which
+  made CUDA scales differ from CPU ones in the last bit); compiled here they are `div.rn.f32` in inline PTX, so the
+  compiler can neither approximate them, flush subnormals nor rewrite them as a reciprocal multiply;
+- the one product that feeds a sum (the parity test of half-to-even rounding) is exact on integers, so a fused
+  multiply-add cannot change it;
 - scale and zero are rounded to the metadata dtype to nearest-even; bf16 by integer arithmetic on the fp32
   bits, because the interpreter truncates bf16 casts while the GPU rounds;
 - half-to-even rounding of the codes is built from floor (no rint in the interpreter), exact for any fp32.
@@ -22,7 +26,7 @@ Importing this module imports Triton but never touches CUDA.
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
 
 import torch
 import triton
@@ -32,6 +36,18 @@ from mixkvq.quantizer import QuantSpec, check_bits, words_for
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TILE = 4096  # elements of a program's tile: keeps the fp32 tile in registers
+# Compiled: divisions in inline PTX (the interpreter runs no PTX; its numpy division is IEEE already).
+_PTX_DIV = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _div(a, b):
+    """a / b, IEEE round-to-nearest with subnormals kept: what torch computes for a tensor divisor on CPU and CUDA."""
+    if _PTX_DIV:
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -58,13 +74,9 @@ def _round(v, HALF_EVEN: tl.constexpr):
 
 
 @triton.jit
-def _scale_zero(lo, hi, min_scale, inv_levels, LEVELS: tl.constexpr, UNIT_SCALE: tl.constexpr,
-                RECIP: tl.constexpr, META: tl.constexpr):
+def _scale_zero(lo, hi, min_scale, LEVELS: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr):
     """Scale and zero of groups with these min/max, as fp32 values of the meta dtype."""
-    if RECIP:
-        s = (hi - lo) * inv_levels
-    else:
-        s = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + LEVELS)
+    s = _div(hi - lo, tl.zeros_like(hi) + LEVELS)
     if UNIT_SCALE:
         s = tl.where(hi > lo, s, 1.0)
     else:
@@ -74,7 +86,7 @@ def _scale_zero(lo, hi, min_scale, inv_levels, LEVELS: tl.constexpr, UNIT_SCALE:
 
 @triton.jit
 def _codes(x, scale, zero, valid, LEVELS: tl.constexpr, HALF_EVEN: tl.constexpr):
-    q = _round(tl.math.div_rn(x - zero, scale), HALF_EVEN)
+    q = _round(_div(x - zero, scale), HALF_EVEN)
     q = tl.minimum(tl.maximum(q, 0.0), LEVELS)
     return tl.where(valid, q.to(tl.int32), 0)
 
@@ -85,10 +97,10 @@ def _tokens_kernel(
     codes_ptr, scb, sch, sct,
     scale_ptr, zero_ptr, ssb, ssh, sst,
     start_ptr, count_ptr, start0, T,
-    min_scale, inv_levels,
+    min_scale,
     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
     NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr, BT: tl.constexpr,
-    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, RECIP: tl.constexpr, META: tl.constexpr,
+    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr,
     RAGGED: tl.constexpr,
 ):
     h = tl.program_id(1).to(tl.int64)
@@ -116,7 +128,7 @@ def _tokens_kernel(
         in_g = valid & (grp == g)
         lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=2), axis=1)
         hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=2), axis=1)
-        s, z = _scale_zero(lo, hi, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
+        s, z = _scale_zero(lo, hi, min_scale, LEVELS, UNIT_SCALE, META)
         tl.store(scale_ptr + meta_off + g, s, mask=live)
         tl.store(zero_ptr + meta_off + g, z, mask=live)
         scale = tl.where(in_g, s[:, None, None], scale)
@@ -135,12 +147,12 @@ def _blocks_kernel(
     widths_ptr, base_ptr, rows_ptr, slots_ptr,
     pool_ptr, spb, sph,
     scale_ptr, zero_ptr, ssb, ssh, sss, ssd,
-    min_scale, inv_levels,
+    min_scale,
     H: tl.constexpr, D: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
     WCODE: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr,
     NW_PAD: tl.constexpr, CPW_PAD: tl.constexpr, BD: tl.constexpr,
     RAW: tl.constexpr, HAS_WIDTHS: tl.constexpr,
-    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, RECIP: tl.constexpr, META: tl.constexpr,
+    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -173,7 +185,7 @@ def _blocks_kernel(
             in_g = valid & (grp == g)
             lo = tl.min(tl.min(tl.where(in_g, xf, float("inf")), axis=1), axis=0)
             hi = tl.max(tl.max(tl.where(in_g, xf, float("-inf")), axis=1), axis=0)
-            s, z = _scale_zero(lo, hi, min_scale, inv_levels, LEVELS, UNIT_SCALE, RECIP, META)
+            s, z = _scale_zero(lo, hi, min_scale, LEVELS, UNIT_SCALE, META)
             tl.store(scale_ptr + meta_off + g, s, mask=sel)
             tl.store(zero_ptr + meta_off + g, z, mask=sel)
             scale = tl.where(in_g, s[None, None, :], scale)
@@ -191,31 +203,13 @@ def _blocks_kernel(
 # ---- launchers --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _scalar_division_is_reciprocal(device: torch.device) -> bool:
-    """Whether torch computes `tensor / python_scalar` as tensor * (1/scalar) on this device.
-
-    `quantize` computes (hi - lo) / levels that way; ATen multiplies by the fp32 reciprocal on CUDA and divides
-    on CPU. Asked once per device rather than assumed, since it decides the last bit of every scale."""
-    a = torch.linspace(1.0, 2.0, 4097, dtype=torch.float32, device=device)
-    by_scalar = a / 3
-    if torch.equal(by_scalar, a / torch.full_like(a, 3.0)):
-        return False
-    if torch.equal(by_scalar, a * (torch.ones((), device=device) / 3)):
-        return True
-    raise RuntimeError(f"torch divides by a scalar on {device} in a way the pack kernels do not reproduce")
-
-
-def _numerics(spec: QuantSpec, bits: int, device: torch.device) -> dict:
+def _numerics(spec: QuantSpec) -> dict:
     if spec.meta_dtype not in _META:
         raise ValueError(f"meta dtype {spec.meta_dtype} is not supported by the pack kernels")
-    levels = (1 << bits) - 1
     return dict(
-        min_scale=float(spec.min_scale),
-        inv_levels=float(torch.tensor(1.0) / levels),  # the fp32 reciprocal, exactly as a Python float
+        min_scale=float(spec.min_scale),  # an fp32 kernel argument, as torch's clamp_min casts it
         HALF_EVEN=spec.rounding == "half_even",
         UNIT_SCALE=spec.degenerate_group == "unit_scale",
-        RECIP=_scalar_division_is_reciprocal(device),
         META=_META[spec.meta_dtype],
     )
 
@@ -227,11 +221,6 @@ def _pow2(n: int) -> int:
 def _on_device_of(t: torch.Tensor):
     # Triton launches on the current CUDA device; with layers spread over GPUs that need not be the tensor's.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _device(t: torch.Tensor) -> torch.device:
-    # functools.cache keys: cuda:0 and cuda behave alike, and CPU tensors run in the interpreter
-    return torch.device(t.device.type)
 
 
 def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, codes: torch.Tensor,
@@ -264,7 +253,7 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
         _tokens_kernel[(triton.cdiv(t, bt), h, b)](
             x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, start0, t,
             D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
-            **_numerics(spec, bits, _device(x)), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
+            **_numerics(spec), num_warps=1 if bt * nw_pad * cpw_pad <= 256 else 4,
         )
 
 
@@ -338,8 +327,7 @@ def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tenso
                 blocks, *blocks.stride(), width_map if width_map is not None else word_base, word_base, rows,
                 slots, pool, *pool.stride()[:2], scale, zero, *scale.stride()[:4],
                 H=h, D=d, P=p, G=group, WCODE=w, BITS=bits, CPW=cpw, NW=nw, NW_PAD=nw_pad, CPW_PAD=cpw_pad,
-                BD=bd, RAW=raw, HAS_WIDTHS=width_map is not None, **_numerics(spec, 2 if raw else bits,
-                                                                             _device(blocks)), num_warps=4,
+                BD=bd, RAW=raw, HAS_WIDTHS=width_map is not None, **_numerics(spec), num_warps=4,
             )
 
 

@@ -154,6 +154,10 @@ class QuantizedLayer(CacheLayerMixin):
         self.key_stream.release()
         self.value_stream.release()
 
+    def over_budget(self) -> torch.Tensor | None:
+        """Per row: whether the layer holds more than a method's byte budget after this step (None: no budget)."""
+        return None
+
     # -- accounting --------------------------------------------------------------------------------------------
 
     def tokens(self) -> torch.Tensor:
@@ -197,11 +201,17 @@ class QuantizedCache(Cache):
         """Called after each layer's attention; after the last layer the step's totals are recorded."""
         if layer_idx != len(self.layers) - 1:
             return
+        over = torch.zeros(len(self.stop_step), dtype=torch.bool)
+        for layer in self.layers:
+            flags = layer.over_budget()
+            if flags is not None:
+                over |= flags.cpu()
         self.snapshots.append(
             {
                 "code_bits": sum(layer.code_bits() for layer in self.layers),
                 "live_bytes": sum(layer.live_bytes() for layer in self.layers),
                 "elements": sum(layer.elements() for layer in self.layers),
+                "over_budget": over,
             }
         )
         if self.storage == "packed":
@@ -219,6 +229,7 @@ class QuantizedCache(Cache):
         if not self.snapshots:
             return [{} for _ in n_generated]
         stacked = {k: torch.stack([s[k] for s in self.snapshots]).to(torch.float64) for k in self.snapshots[0]}
+        over = stacked["over_budget"]
         payload = stacked["code_bits"] / stacked["elements"]
         storage = stacked["live_bytes"] * 8 / stacked["elements"]
         out = []
@@ -234,6 +245,8 @@ class QuantizedCache(Cache):
                     "storage_bits_mean": float(storage[steps, b].mean()),
                     "kv_bytes_final": int(stacked["live_bytes"][last, b]) if self.storage == "packed" else None,
                     "kv_bytes_bf16_final": int(elements) * 2,
+                    # Steps that ended with some layer over its KV budget (PM-KVQ halves once per step).
+                    "budget_over_steps": int(over[: last + 1, b].sum()),
                 }
             )
         return out

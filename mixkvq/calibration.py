@@ -246,14 +246,15 @@ def _attention(q, k, v, groups: int) -> torch.Tensor:
 
 @torch.no_grad()
 def pmkvq_rep_scales(model, chunks: torch.Tensor, group: int, spec: QuantSpec, pi_scale: int, alpha_points: int,
-                     rep_bits: int) -> dict:
+                     rep_bits: int, clamp: tuple[float, float]) -> dict:
     """λ per (layer, KV head, RoPE pair) = (max |K| over calibration tokens and both pair members)^α.
 
     α per layer from {1.0, 0.95, ..., 0.05}: the one minimizing the MSE between the layer's attention output
     and its output with RTN `rep_bits`-bit per-token K/V after the reparameterization. Inputs come from the
-    original model, so layers see unquantized inputs.
+    original model, so layers see unquantized inputs. Every candidate λ is clamped to `clamp` (`pmkvq.rep_scale_clamp`)
+    before it is tried, as in the repo's search.
     """
-    from baselines.pmkvq import tile_pairs
+    from baselines.pmkvq import rep_scales_for, tile_pairs
 
     n_layers = model.config.num_hidden_layers
     alphas = [round(1.0 - 0.05 * i, 2) for i in range(alpha_points)]
@@ -277,7 +278,7 @@ def pmkvq_rep_scales(model, chunks: torch.Tensor, group: int, spec: QuantSpec, p
         ref = _attention(q, k, v, groups)
         vq = per_token_fake(v, rep_bits, group, spec)
         for j, a in enumerate(alphas):
-            lam = tile_pairs(kmax[layer].clamp_min(1e-5) ** a)[None, :, None, :]  # [1, H_kv, 1, D]
+            lam = tile_pairs(rep_scales_for(kmax[layer], a, clamp))[None, :, None, :]  # [1, H_kv, 1, D]
             lam_q = lam.repeat_interleave(groups, dim=1)
             out = _attention(q * lam_q, per_token_fake(k / lam, rep_bits, group, spec), vq, groups)
             mse[layer, j] += float(((out - ref) ** 2).mean())
@@ -287,7 +288,7 @@ def pmkvq_rep_scales(model, chunks: torch.Tensor, group: int, spec: QuantSpec, p
             model(input_ids=ids[None].to(model.device), position_ids=_pi_positions(len(ids), pi_scale, model.device),
                   use_cache=False)
     best = mse.argmin(dim=1)
-    scales = [(kmax[i].clamp_min(1e-5) ** alphas[int(best[i])]).tolist() for i in range(n_layers)]
+    scales = [rep_scales_for(kmax[i], alphas[int(best[i])], clamp).tolist() for i in range(n_layers)]
     return {"rep_scales": scales, "alpha": [alphas[int(j)] for j in best], "alpha_grid": alphas,
             "rep_mse": mse.tolist()}
 

@@ -56,6 +56,8 @@ def summarize(samples: pd.DataFrame) -> dict:
         # Samples a KV budget ended (PM-KVQ at its lowest width); None for methods without a budget.
         "budget_truncation_rate": (float(s["truncated_by_budget"].astype(float).mean())
                                    if n and "truncated_by_budget" in s else None),
+        # Steps a sample spent over a layer's KV budget while PM-KVQ halved once per step (0 for the others).
+        "budget_over_steps_mean": _mean(s, "budget_over_steps"),
     }
     for col in ("payload_bits_mean", "storage_bits_mean", "payload_bits_final", "storage_bits_final"):
         out[col] = _mean(s, col)

@@ -2,8 +2,9 @@
 
 Asymmetric uniform quantization of a group x of b bits:
     m = min(x), M = max(x), s = (M - m) / (2^b - 1), q = clamp(round((x - m) / s), 0, 2^b - 1), x̂ = m + q·s
-The scale and zero are rounded to the metadata dtype *before* they are used to quantize, so the codes,
-the stored metadata and every dequantization (fake storage, packed storage, kernels) agree exactly.
+Every step is an fp32 operation rounded once (s and q by IEEE division, on every device). The scale and zero
+are rounded to the metadata dtype *before* they are used to quantize, so the codes, the stored metadata and
+every dequantization (fake storage, packed storage, kernels) agree exactly.
 
 Groups always lie along the last dimension: the caller arranges per-channel key groups (G tokens of one
 channel) or per-token groups (G channels of one token) so that the group is the last axis.
@@ -69,7 +70,9 @@ def quantize(x: torch.Tensor, bits: int, spec: QuantSpec) -> tuple[torch.Tensor,
     lo = xf.amin(dim=-1)
     hi = xf.amax(dim=-1)
     levels = (1 << bits) - 1
-    scale = (hi - lo) / levels
+    # Divide by a tensor, not a Python number: ATen computes `t / number` as t * fp32(1/number) on CUDA but as a
+    # true division on CPU, so scales would differ in the last bit between devices (and from the pack kernels).
+    scale = (hi - lo) / torch.full_like(hi, levels)
     if spec.degenerate_group == "clamp":
         scale = scale.clamp_min(spec.min_scale)
     else:  # unit_scale: a constant group gets s = 1 and every code 0

@@ -24,10 +24,9 @@ from mixkvq.quantizer import PACK11, QuantSpec, clamp_slot11, dequantize, pack, 
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
 # Packed writes through the Triton kernels of kernels/pack.py: "auto" on CUDA tensors, "on" everywhere (CPU runs
-# them in the Triton interpreter: tests), "off" never. Off by default: in the interpreter they store the same bits
-# as the PyTorch path, but compiled for an H200 (triton 3.6) a few scales and codes differ in the last bit, which
-# breaks fake == packed token equality on CUDA (tests/test_pack_kernels.py [cuda]). Benchmarks turn them on.
-PACK_KERNELS = "off"
+# them in the Triton interpreter: tests), "off" never. They store the bits `quantize` + `pack` store, on CPU and on
+# CUDA (both divide with IEEE division; tests/test_pack_kernels.py), so fake storage still gives the same tokens.
+PACK_KERNELS = "auto"
 
 
 def _pack_kernels(t: torch.Tensor) -> bool:

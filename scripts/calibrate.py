@@ -63,7 +63,7 @@ def _pmkvq(cfg, loaded, method) -> tuple[dict, dict]:
     payload = pmkvq_sensitivity(loaded.model, chunks, list(c.sensitivity_bits), method.group, spec, int(c.pi_scale))
     t1 = time.perf_counter()
     payload.update(pmkvq_rep_scales(loaded.model, chunks, method.group, spec, int(c.pi_scale), int(c.alpha_grid),
-                                    int(c.rep_bits)))
+                                    int(c.rep_bits), method.rep_clamp))
     payload["seconds"] = {"sensitivity": t1 - t0, "rep_scales": time.perf_counter() - t1}
     return payload, data
 

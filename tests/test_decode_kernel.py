@@ -31,6 +31,8 @@ FORMAT_CASES = {  # every store format and code width the kernel reads
     "kivi-2": ("kivi", []),
     "kivi-4-g64": ("kivi4", ["method.group_size=64"]),
     "kivi-k3v8": ("kivi", ["method.k_bits=3", "method.v_bits=8"]),
+    # no residual (Table 1/3 rows): 32-token key blocks, every value quantized
+    "kivi-no-residual": ("kivi", ["method.residual_length=0"]),
     "kivi-token-keys-channel-values": ("kivi", ["method.key_axis=token", "method.value_axis=channel",
                                                 "method.value_window=flush", "method.k_bits=4"]),
     "mixkvq": ("mixkvq", []),

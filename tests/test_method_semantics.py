@@ -61,6 +61,80 @@ def test_kivi_windows_hold_the_specified_token_counts_at_every_step(variant, val
         n = n + 1
 
 
+@pytest.mark.parametrize("key_axis,value_axis", [("channel", "token"), ("token", "token"), ("channel", "channel"),
+                                                  ("token", "channel")])
+def test_kivi_without_residual_quantizes_every_group_once_complete(key_axis, value_axis):
+    # KIVI Table 1/3 rows (METHODS.md §4.7 item 6): no full-precision residual. Per-token groups are complete at
+    # once, so their tokens are all quantized after each step; per-channel groups wait for G tokens.
+    over = ["method.residual_length=0", f"method.key_axis={key_axis}", f"method.value_axis={value_axis}"]
+    m = method("kivi", *over, *(["method.value_window=flush"] if value_axis == "channel" else []))
+    g = m.group
+    pad = torch.tensor([0, 37, 150])
+    layer = m.make_layer(0, 3, pad)
+    gen = torch.Generator().manual_seed(0)
+    step(layer, 200, gen)
+    n = 200 - pad
+    for i in range(2 * g + 7):
+        for stream, axis in ((layer.key_stream, key_axis), (layer.value_stream, value_axis)):
+            w, q = windows(stream)
+            waiting = n % g if axis == "channel" else torch.zeros_like(n)  # the incomplete group, full precision
+            assert torch.equal(w, waiting) and torch.equal(q, n - waiting), f"step {i} {axis}"
+        step(layer, 1, gen)
+        n = n + 1
+    assert m.nominal_bits == f"2bit (K-{key_axis[0].upper()},V-{value_axis[0].upper()})"
+
+
+@pytest.mark.parametrize("storage", ["packed", "fake"])
+def test_kivi_without_residual_generates_with_every_token_quantized(storage):
+    from tiny import generate, method_for, random_prompts, tiny_model
+
+    model = tiny_model("llama", q_heads=4, kv_heads=2, head_dim=64)
+    ids = torch.stack(random_prompts([45], seed=9))
+    m = method_for(model, "kivi", storage, ["method.residual_length=0"])
+    out, cache = generate(model, m, ids, max_new_tokens=20, min_new_tokens=20)
+    for layer in cache.layers:
+        keys, values = layer.key_stream, layer.value_stream
+        assert int(keys.window.lens[0]) == (45 + 19) % 32 and int(values.window.lens[0]) == 0
+        assert int(values.store.tokens()[0]) == 45 + 19
+    stats = cache.sequence_stats(torch.tensor([20]))[0]
+    assert stats["payload_bits_final"] < 2 + 14 * 32 / (45 + 19) / 2  # only the waiting key group is at 16 bits
+
+
+def _kivi_step_state(variant: str, prompt: int):
+    """A KIVI layer after a `prompt`-token prefill and the next step's update, before that step's attention."""
+    from kernels.reference import stream_tokens
+
+    m = method("kivi", f"method.variant={variant}")
+    layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
+    gen = torch.Generator().manual_seed(4)
+    step(layer, prompt, gen)
+    k, v = torch.randn(1, H, 1, D, generator=gen), torch.randn(1, H, 1, D, generator=gen)
+    layer.update(k, v)
+    return layer, stream_tokens(layer, "key_stream").data[0, :, -1], k[0, :, 0], m.residual
+
+
+@pytest.mark.parametrize("variant", ["pmkvq", "paper"])
+def test_kivi_pmkvq_variant_quantizes_the_group_the_new_token_completes_before_attending(variant):
+    # PM-KVQ's KIVI baseline (its kivi_modeling_qwen2.py): when the new token completes a 128-token group, the
+    # group, that token included, is quantized before the step's attention. KIVI's own code attends first.
+    layer, attended, exact, r = _kivi_step_state(variant, 2 * 128 - 1)
+    keys = layer.key_stream
+    if variant == "pmkvq":
+        assert int(keys.window.lens[0]) == 0 and int(keys.store.tokens()[0]) == 2 * r
+        assert int(layer.value_stream.window.lens[0]) == 0  # values flush with the keys in this variant
+        assert not torch.equal(attended, exact)  # the step attends over the quantized new key
+    else:
+        assert int(keys.window.lens[0]) == 128 and int(keys.store.tokens()[0]) == 128  # R = 128: the full window
+        assert torch.equal(attended, exact)  # the new key is attended at full precision
+    layer.after_attention()  # after the step both variants hold the same split
+    assert int(keys.window.lens[0]) == 2 * 128 % r and int(keys.store.tokens()[0]) == 2 * 128 - 2 * 128 % r
+
+
+def test_kivi_pmkvq_variant_keeps_full_precision_until_the_group_is_complete():
+    layer, attended, exact, _ = _kivi_step_state("pmkvq", 128)  # the new token starts the next group
+    assert int(layer.key_stream.window.lens[0]) == 1 and torch.equal(attended, exact)
+
+
 def test_mixkvq_accumulators_see_every_real_query():
     m = method("mixkvq")
     pad = torch.tensor([0, 5])
@@ -193,7 +267,8 @@ def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
     [
         ("kivi", "method.k_bits=5", "k_bits"),
         ("kivi", "method.group_size=48", "group_size"),
-        ("kivi", "method.residual_length=0", "residual_length"),
+        ("kivi", "method.residual_length=-32", "residual_length"),
+        ("kivi", "method.quantize_at=never", "quantize_at"),
         ("kivi", "method.variant=vllm", "vllm"),
         ("mixkvq", "method.key_group_size=96", "key_group_size"),
         ("mixkvq", "method.target_bits=1.5", "target_bits"),

@@ -124,29 +124,31 @@ def test_allocating_token_launcher_matches_quantize_pack(monkeypatch, device, bi
         assert_same_bits(g.cpu(), w, what)
 
 
-def test_reciprocal_scale_path_matches_torch_reciprocal_division(monkeypatch):
-    """torch on CUDA computes (hi - lo) / levels as a product with the fp32 reciprocal; the kernels' path for that
-    is checked here against that formula, since only CPU (true division) can be compared with `quantize` here."""
-    if not INTERPRET:
-        pytest.skip("CPU interpreter check")
-    gen = torch.Generator().manual_seed(SEED)
+TORCH_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", TORCH_DEVICES)
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_divides_correctly_rounded_on_every_device(device, bits):
+    """s = (hi - lo) / levels and the codes come from IEEE divisions on every device, so CPU, CUDA and the pack
+    kernels store the same bits. ATen computes `tensor / number` on CUDA as a product with the fp32 reciprocal,
+    which misses the correctly rounded quotient in a third (2 bits) to 70% (8 bits) of the scales."""
+    gen = torch.Generator().manual_seed(SEED + bits)
     spec = QuantSpec("half_even", "clamp", 1e-6, torch.float32)
-    x = token_inputs(gen, (2, 2, 3, 64), 32, 3, torch.float32)
-    groups = x.reshape(2, 2, 3, 2, 32)
+    x = token_inputs(gen, (4, 2, 64, 128), 32, bits, torch.float32)
+    codes, scale, zero = quantize(x.to(device).reshape(4, 2, 64, 4, 32), bits, spec)
+    groups = x.reshape(4, 2, 64, 4, 32)
     lo, hi = groups.amin(-1), groups.amax(-1)
-    scale = ((hi - lo) * (torch.tensor(1.0) / 7)).clamp_min(spec.min_scale)
-    assert not torch.equal(scale, ((hi - lo) / 7).clamp_min(spec.min_scale)), f"seed {SEED}: paths agree"
-    codes = _round((groups - lo[..., None]) / scale[..., None], spec.rounding).clamp_(0, 7).to(torch.uint8)
-    monkeypatch.setattr(pk, "_scalar_division_is_reciprocal", lambda device: True)
-    got = pk.quantize_pack_tokens(x, 3, 32, spec)
-    for g, w, what in zip(got, (pack(codes.reshape(2, 2, 3, 64), 3), scale, lo), ("codes", "scale", "zero")):
-        assert_same_bits(g, w, what)
-
-
-def test_this_devices_scalar_division_is_detected():
-    assert pk._scalar_division_is_reciprocal(torch.device("cpu")) is False  # ATen divides on CPU
-    if torch.cuda.is_available():
-        assert isinstance(pk._scalar_division_is_reciprocal(torch.device("cuda")), bool)
+    levels = (1 << bits) - 1
+    # fp64 quotient of the fp32 operands, rounded once to fp32: the correctly rounded fp32 division.
+    want = ((hi - lo).double() / levels).float().clamp_min(spec.min_scale)
+    assert_same_bits(scale.cpu(), want, "scale")
+    q = ((groups - lo[..., None]).double() / want.double()[..., None]).float()  # IEEE fp32 (x - m) / s
+    assert_same_bits(codes.cpu(), _round(q, "half_even").clamp_(0, levels).to(torch.uint8), "codes")
+    # Reciprocal products really differ from that here, so this test can tell the two apart.
+    recip = ((hi - lo) * (torch.tensor(1.0) / levels)).clamp_min(spec.min_scale)
+    assert not torch.equal(recip, want), f"seed {SEED}"
 
 
 # ---- stores: kernel writes against the PyTorch writes, from identically poisoned buffers ----------------------

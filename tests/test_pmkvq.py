@@ -121,6 +121,45 @@ def test_layer_shrinks_16_8_4_2_at_its_budget_then_stops_the_row():
             lay.after_attention()
 
 
+def _steps(m, tokens: list[int], storage_rows: int = 1):
+    """Drive a whole cache (no model): per step, every layer stores `t` new tokens, attends (skipped), releases."""
+    cache = m.new_cache(storage_rows)
+    gen = torch.Generator().manual_seed(7)
+    betas = []
+    for t in tokens:
+        for i, layer in enumerate(cache.layers):
+            layer.cache = cache
+            layer.update(torch.randn(storage_rows, H, t, D, generator=gen), torch.randn(storage_rows, H, t, D,
+                                                                                   generator=gen))
+            layer.after_attention()
+            cache.step_done(i)
+        betas.append(int(cache.layers[0].beta[0]))
+    return cache, betas
+
+
+@pytest.mark.parametrize("halving,betas,over_steps", [("per_step", [8, 4, 4], 1),
+                                                      ("until_within_budget", [4, 4, 4], 0)])
+def test_a_prefill_needing_two_halvings_halves_once_per_step_and_the_overrun_is_recorded(halving, betas, over_steps):
+    # Budget Mem(2) at max_len 2048 holds 256 tokens at 16 bits. A 651-token prefill leaves 1 sink token,
+    # 5 blocks of 128 in the main cache and 10 in the window: 640 main tokens fit only at 4 bits (16 -> 8 -> 4).
+    m = _method("method.fbit=2", "method.max_len=2048", f"method.halving={halving}")
+    cache, seen = _steps(m, [651, 1, 1])
+    assert seen == betas  # the repo's backends halve at most once per step: 8 after the prefill, 4 one step later
+    layer = cache.layers[0]
+    assert not bool(layer.over_budget().any()) and not bool(cache.stopped().any())
+    stats = cache.sequence_stats(torch.tensor([3]))[0]
+    assert stats["budget_over_steps"] == over_steps  # per_step: the prefill step ended over budget, recorded
+    prefill = cache.sequence_stats(torch.tensor([1]))[0]  # the prefill step's snapshot: main cache at its β
+    assert prefill["payload_bits_final"] == pytest.approx((640 * betas[0] + 11 * 16) / 651)
+
+
+def test_per_step_halving_still_stops_a_row_that_is_over_budget_at_the_lowest_width():
+    m = _method("method.fbit=2", "method.max_len=256")  # 32 tokens at 16 bits: nothing but the window fits
+    cache, seen = _steps(m, [300] + [1] * 5)
+    assert seen[:4] == [8, 4, 2, 2]
+    assert int(cache.stop_step[0]) == 3  # over at 2 bits after the third step's halving: stopped at the fourth
+
+
 @pytest.mark.parametrize("rule", ["equivalent", "modified"])
 def test_fake_and_packed_give_the_same_tokens_through_shrinks_and_budget_stops(rule):
     model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=4, kv_heads=2, head_dim=128)
@@ -223,6 +262,46 @@ def test_reparameterization_keeps_scores_and_logits(family):
     torch.testing.assert_close(logits_after, logits_before, rtol=1e-9, atol=1e-9)
 
 
+def test_calibrated_key_scales_are_clamped_for_dead_and_extreme_key_channels():
+    from mixkvq.calibration import pmkvq_rep_scales
+
+    model = tiny_model("llama", dtype=torch.float32, q_heads=4, kv_heads=2, head_dim=64)
+    half = 32
+    with torch.no_grad():
+        k = model.model.layers[0].self_attn.k_proj.weight  # rows: KV head 0 is rows 0..63
+        k[[0, half]] = 0.0  # RoPE pair 0 of head 0 never fires: max |K| = 0
+        k[[1, 1 + half]] *= 1e6  # pair 1: an extreme key maximum
+    ids = torch.stack(random_prompts([24, 24], seed=8))
+    out = pmkvq_rep_scales(model, ids, 64, SPEC, pi_scale=1, alpha_points=1, rep_bits=4, clamp=(1e-4, 1e4))
+    lam = torch.tensor(out["rep_scales"])  # [layers, H_kv, D/2]; alpha 1: λ = max |K| before the clamp
+    assert out["alpha"] == [1.0, 1.0]
+    assert float(lam[0, 0, 0]) == pytest.approx(1e-4, rel=1e-6)  # not 0 (nor the former floor 1e-5)
+    assert float(lam[0, 0, 1]) == pytest.approx(1e4, rel=1e-6)
+    assert bool(((lam >= 1e-4 * (1 - 1e-6)) & (lam <= 1e4 * (1 + 1e-6))).all())
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_folded_key_scales_are_clamped_as_the_repo_folds_them(tmp_path, bug):
+    model = tiny_model("llama", dtype=torch.float64, q_heads=4, kv_heads=2, head_dim=64)
+    shape = ModelShape.of(model)
+    lam = torch.ones(2, 2, 32, dtype=torch.float64)
+    lam[0, 0, 0], lam[0, 0, 1], lam[1, 1, 5] = 1e12, 1e-12, 3.0  # an artifact searched without the clamp
+    save_artifact(tmp_path, method="pmkvq", model="m", shape=shape, data={}, config_yaml="", seconds=0.0,
+                  payload={"rep_scales": lam.tolist()})
+    cfg = load_config(["method=pmkvq", "storage=packed", "~model", "~task", "~logger", "method.allocation=uniform",
+                       f"method.artifact={tmp_path}", f"method.rep_scale_bug={str(bug).lower()}"])
+    m = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
+    got = m.key_scales()
+    want = (lam.sqrt() if bug else lam).clamp(1e-4, 1e4)
+    assert torch.equal(got, want) and float(got[0, 0, 0]) == 1e4 and float(got[0, 0, 1]) == 1e-4
+    before = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
+    m.prepare_model(model)
+    after = model.model.layers[0].self_attn.k_proj.weight
+    torch.testing.assert_close(after[0], before[0] / 1e4, rtol=1e-12, atol=0)  # channel 0 and its pair 32
+    torch.testing.assert_close(after[32], before[32] / 1e4, rtol=1e-12, atol=0)
+    torch.testing.assert_close(after[1], before[1] * 1e4, rtol=1e-12, atol=0)
+
+
 def test_artifacts_are_refused_for_another_model_or_when_missing(tmp_path):
     save_artifact(tmp_path / "a", method="pmkvq", model="smollm2-135m", shape=SHAPE, payload={}, data={},
                   config_yaml="", seconds=0.0)
@@ -240,7 +319,8 @@ def test_artifacts_are_refused_for_another_model_or_when_missing(tmp_path):
     "override,match",
     [("method.shrink_rule=floor", "shrink_rule"), ("method.fbit=3", "fbit"), ("method.allocation=greedy", "allocation"),
      ("method.on_budget_overflow=ignore", "on_budget_overflow"), ("method.group_size=48", "group_size"),
-     ("method.max_len=null", "max_len")],
+     ("method.max_len=null", "max_len"), ("method.halving=twice", "halving"),
+     ("method.rep_scale_clamp=[1.0e4,1.0e-4]", "rep_scale_clamp")],
 )
 def test_impossible_settings_are_refused_by_name(override, match):
     with pytest.raises(ConfigError, match=match):
