@@ -204,6 +204,24 @@ def unpack_tile(words: torch.Tensor, head_dim: int, bits: int, kind: str) -> tor
 
 
 @lru_cache(maxsize=None)
+def token_slots(head_dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each code of one token of a value tile goes: (word within the tile, bit shift), each [16, head_dim].
+
+    Row c is the token in column c of the tile, so a token's codes are written into words that already hold other
+    tokens' codes by adding `code << shift` at `word` (the slots are disjoint): no tile needs repacking.
+    """
+    order = code_order(head_dim, bits, "value")  # [32, W, R, 2, 2]: (token, channel) of each slot
+    w, rpw = order.shape[1], order.shape[2]
+    lane, word, j, half = torch.meshgrid(torch.arange(32), torch.arange(w), torch.arange(rpw), torch.arange(2),
+                                         indexing="ij")
+    word_idx, shift = torch.empty(16, head_dim, dtype=torch.int64), torch.empty(16, head_dim, dtype=torch.int64)
+    token, chan = order[..., 0], order[..., 1]
+    word_idx[token, chan] = lane * w + word
+    shift[token, chan] = j * bits + 16 * half
+    return word_idx, shift
+
+
+@lru_cache(maxsize=None)
 def channel_meta_order(head_dim: int) -> torch.Tensor:
     """Key scales and zeros of a page: position i holds channel order[i].
 

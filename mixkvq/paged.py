@@ -7,7 +7,7 @@ flush timing and byte accounting of the method are unchanged:
 - `PagedKeyStore` stands in for a uniform `ChannelGroupStore` (per-channel groups of 32 tokens, blocks of P tokens):
   each released block fills P / 32 pages' key sections at once.
 - `PagedValueStore` stands in for a `TokenGroupStore` (per-token groups): tokens fill a page's value section
-  one by one (KIVI's sliding window releases one per step), OR-ed into their tile's words.
+  one by one (KIVI's sliding window releases one per step), each code added into its slot of its tile's words.
 
 Both quantize with the same `quantize` call as the stores they replace, so codes, scales and zeros are bit for bit
 the same, and `ragged()` dequantizes with the same `dequantize`: the reference decoder and fake storage see the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
-                           check_page_layout, pack_tile, token_meta_order, unpack_tile)
+                           check_page_layout, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow
 
@@ -146,6 +146,7 @@ class PagedValueStore:
         self.version = 0
         self.groups = self.d // group
         self._inverse = torch.argsort(token_meta_order(self.groups))  # (token * groups + group) -> position
+        self._slots = token_slots(self.d, bits)
         self.bytes_per_token = heads * pages.layout.value_bytes_per_token()
 
     def layout(self) -> Layout:
@@ -164,21 +165,18 @@ class PagedValueStore:
         self.pages.reserve(int(pos.max()) // PAGE_TOKENS + 1)
         pg = self.pages
         bd, jd = b.to(dev), j.to(dev)
-        # Codes: pack every touched 16-token tile with only the new tokens' codes and add the words: the slots of
-        # tokens stored earlier are zero here and disjoint from them, so the sum is their bitwise OR.
-        tile = b * (1 << 40) + pos // TILE_TOKENS
-        uniq, which = torch.unique(tile, return_inverse=True)
-        img = torch.zeros(len(uniq), self.h, TILE_TOKENS, self.d, dtype=torch.int64, device=dev)
-        img[which.to(dev), :, (pos % TILE_TOKENS).to(dev)] = codes[bd, :, jd].to(torch.int64)
-        words = pack_tile(img, self.bits, "value")  # [U, H, 32 * W]
-        ub, ut = uniq // (1 << 40), uniq % (1 << 40)
-        off, nw = pg.words["value_codes"]
-        half = nw // 2  # words of one 16-token tile
+        # Codes: add each new code, shifted into its slot, to its word (slots are disjoint and start at zero, so
+        # the sum is the bitwise OR with the codes stored before); a decode step writes B x H x D slots this way.
+        word, shift = (x.to(dev) for x in self._slots)
+        col = (pos % TILE_TOKENS).to(dev)  # the token's column in its tile
+        tile_base = ((pos // PAGE_TOKENS) * pg.layout.page_words + pg.words["value_codes"][0]
+                     + (pos % PAGE_TOKENS) // TILE_TOKENS * pg.words["value_codes"][1] // 2).to(dev)
+        idx = tile_base[:, None] + word[col]  # [Nt, D] int32 word of each code in the row's flat pages
+        add = codes[bd, :, jd].to(torch.int64) << shift[col][:, None, :]  # [Nt, H, D]
+        add = torch.where(add >= 1 << 31, add - (1 << 32), add).to(torch.int32)
         flat = pg.data.view(self.b, self.h, -1)
-        col = ((ut // 2) * pg.layout.page_words + off + (ut % 2) * half).to(dev)
-        idx = col[:, None, None] + torch.arange(half, device=dev)[None, None, :]
-        flat.index_put_((ub.to(dev)[:, None, None], torch.arange(self.h, device=dev)[None, :, None], idx),
-                        words, accumulate=True)
+        flat.index_put_((bd[:, None, None], torch.arange(self.h, device=dev)[None, :, None], idx[:, None, :]), add,
+                        accumulate=True)
         # Scales and zeros: one 16-bit value per (token, group), at the token's slot of token_meta_order.
         flat16 = pg.data.view(self.b, self.h, -1).view(torch.int16)
         at = self._inverse.to(dev)[((pos % PAGE_TOKENS)[:, None] * self.groups
