@@ -5,7 +5,7 @@ It serves layers whose key and value stores are uniform 2/4-bit formats that fit
 compiled by `torch.utils.cpp_extension.load` the first time a CUDA layer asks for it (about a minute; cached by
 torch afterwards) and imported lazily, so machines without a GPU or a compiler never touch it.
 
-Per call the host reads each row's lengths (kept on the host by the stores), picks the split sizes and makes two
+Per call the extension reads each row's counters (kept on the host by the stores), plans the splits and makes two
 launches (splits, merge); the lengths travel in the kernel's parameters, so no copy precedes them.
 """
 
@@ -15,10 +15,8 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mixkvq.layout import PackingFormat
@@ -110,62 +108,21 @@ def prepare(layer) -> None:
         to_pages(layer)
 
 
-def _lens(layer) -> torch.Tensor:
-    """[B, 4] int32 on the host: sink, key store, value store, tokens after the sink."""
-    ks, vs = layer.key_stream, layer.value_stream
-    window = ks.window.lens.numpy()
-    sink = ks.sink.lens.numpy() if ks.sink is not None else np.zeros_like(window)
-    kq, vq = ks.store.tokens().numpy(), vs.store.tokens().numpy()
-    return torch.from_numpy(np.stack([sink, kq, vq, kq + window], axis=1).astype(np.int32))
-
-
-@lru_cache(maxsize=4096)
-def plan_splits(pairs: int, full_pages: int, tail_tokens: int, sms: int, tuning: Tuning = DEFAULT_TUNING) -> tuple:
-    """(pages per main split, tail tokens per split) for `pairs` (row, KV head) pairs.
-
-    Main splits: the count whose waves of resident CTAs finish soonest (waves x pages per split), fewer splits
-    on ties (each writes a partial the merge reads). Tail: enough CTAs to fill what the main splits leave idle.
-    """
-    slots = sms * tuning.ctas_per_sm
-    best, pps = None, max(full_pages, 1)
-    for n in range(1, tuning.max_splits + 1):
-        per = -(-full_pages // n)
-        if per == 0:
-            break
-        cost = -(-pairs * n // slots) * per
-        if best is None or cost < best:
-            best, pps = cost, per
-    tail_ctas = max(1, min(8, slots // max(pairs, 1) // 4))
-    tail = max(tuning.tail_tokens_min, -(-tail_tokens // tail_ctas))
-    return pps, tail
-
-
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
 def fragment_decode(query: torch.Tensor, layer, scaling: float, tuning: Tuning = DEFAULT_TUNING,
                     keys_only: bool = False) -> torch.Tensor:
-    """query [B, Hq, 1, D] -> [B, 1, Hq, D] (keys_only: the splits' [max, sum] partials of the key product)."""
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] (keys_only: the splits' [max, sum] partials of the key product).
+
+    The host work is the extension's: it reads the layer's per-row counters and plans the splits in C++.
+    """
     ks, vs = layer.key_stream, layer.value_stream
-    page = ks.store.pages
-    pl = page.layout
-    lens = _lens(layer)
-    ln = lens.numpy()
-    full = np.minimum(ln[:, 1], ln[:, 2]) // 32
-    tail = ln[:, 0] + ln[:, 3] - full * 32
-    pps, tps = plan_splits(len(ln) * layer.heads, int(full.max()), int(tail.max()), _sm_count(query.device), tuning)
-    ksink = ks.sink.data if ks.sink is not None else None
-    vsink = vs.sink.data if vs.sink is not None else None
-    return extension(query.device).decode(query, page.data, ks.window.data, vs.window.data, ksink, vsink, lens,
-                                          scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group, pps, tps,
-                                          keys_only, tuning.variant)
+    kst = ks.store
+    pl = kst.pages.layout
+    sink = ks.sink
+    return extension(query.device).decode(
+        query, kst.pages.data, ks.window.data, vs.window.data, sink.data if sink is not None else None,
+        vs.sink.data if sink is not None else None, sink.lens if sink is not None else None, kst.count,
+        vs.store.count, ks.window.lens, scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group,
+        [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min], keys_only, tuning.variant)
 
 
 def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:

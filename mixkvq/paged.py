@@ -61,6 +61,7 @@ class PagedKeyStore:
         self.g = PAGE_TOKENS
         self.packed = True
         self.nblocks = torch.zeros(batch, dtype=torch.int64)
+        self.count = torch.zeros(batch, dtype=torch.int64)  # tokens per row (the kernel reads it every step)
         self.tier_counts: dict[int, int] = {}
         self.version = 0
         self._order = channel_meta_order(self.d)
@@ -101,9 +102,10 @@ class PagedKeyStore:
             off, nw = pg.words[name]
             pg.data[row_d, head, page_d, off:off + nw] = bits16.view(torch.int32)
         self.nblocks += nb
+        self.count += nb * self.block
 
     def tokens(self) -> torch.Tensor:
-        return self.nblocks * self.block
+        return self.count
 
     @property
     def code_bits(self) -> torch.Tensor:

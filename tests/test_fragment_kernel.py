@@ -113,6 +113,17 @@ def test_auto_binds_the_cuda_kernel_and_its_next_tokens_match_the_reference_deco
     assert agree >= 0.97, f"the CUDA kernel's greedy token matches the reference decoder's at {agree:.1%} of steps"
 
 
+def test_split_plans_fill_the_gpu_and_cover_every_page():
+    ext = fragment.extension()
+    tune = fragment.DEFAULT_TUNING
+    for pairs, pages in [(256, 1024), (4, 128), (4, 1024), (1, 1), (512, 3)]:
+        pps, tail = ext.plan(pairs, pages, 160, 132, tune.ctas_per_sm, tune.max_splits, tune.tail_tokens_min)
+        assert pps >= 1 and tail >= tune.tail_tokens_min and -(-pages // pps) <= tune.max_splits
+    # Batch 1 at 4k (128 pages, 4 KV heads): split finely, to use most SMs.
+    pps, _ = ext.plan(4, 128, 160, 132, tune.ctas_per_sm, tune.max_splits, tune.tail_tokens_min)
+    assert 4 * -(-128 // pps) >= 132
+
+
 def test_named_cuda_kernel_refuses_what_it_cannot_read():
     method = build("mixkvq", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda")
     layer = method.new_cache(1).layers[0]

@@ -167,16 +167,6 @@ def test_the_cuda_kernel_is_not_picked_on_cpu_and_says_why():
     assert fn is reference_decode and type(layer.key_stream.store).__name__ == "ChannelGroupStore"
 
 
-def test_split_plans_fill_the_gpu_and_cover_every_page():
-    for pairs, pages in [(256, 1024), (4, 128), (4, 1024), (1, 1), (512, 3)]:
-        pps, tail = fragment.plan_splits(pairs, pages, 160, 132)
-        assert pps >= 1 and tail >= 32
-        assert -(-pages // pps) <= fragment.DEFAULT_TUNING.max_splits
-    # Batch 1 at 4k (128 pages, 4 KV heads): split finely, to use most SMs.
-    pps, _ = fragment.plan_splits(4, 128, 160, 132)
-    assert 4 * -(-128 // pps) >= 132
-
-
 @pytest.mark.skipif(fragment.nvcc_path() is None, reason="no CUDA compiler (pip install -e '.[test]' brings one)")
 def test_the_kernel_compiles_for_hopper_without_spills(tmp_path):
     cubin, report = fragment.compile_offline(tmp_path)

@@ -54,18 +54,54 @@ int64_t page_bytes(int d, int kb, int vb, int vg) {
 
 }  // namespace
 
-// q [B, Hq, 1, D]; pages [B, H, NP, W] int32; windows and sinks [B, H, T, D]; lens [B, 4] int32 on the host
-// (sink, key store, value store, tokens after the sink); returns [B, 1, Hq, D]. `pages_per_split` and
-// `tail_per_split` size the splits (kernels/fragment.py picks them); keys_only times the key product alone.
+// How a call is split over CTAs. Main splits: the count whose waves of resident CTAs finish soonest (waves x pages
+// per split), fewer splits on ties (each writes a partial the merge reads). Tail: enough CTAs to fill what the main
+// splits leave idle, at least `tail_min` tokens each. Returns (pages per main split, tail tokens per split).
+std::pair<int, int> plan_splits(int64_t pairs, int64_t full_pages, int64_t tail_tokens, int64_t sms,
+                                int64_t ctas_per_sm, int64_t max_splits, int64_t tail_min) {
+  const int64_t slots = sms * ctas_per_sm;
+  int64_t best = -1, pps = std::max<int64_t>(full_pages, 1);
+  for (int64_t n = 1; n <= max_splits; ++n) {
+    const int64_t per = (full_pages + n - 1) / n;
+    if (per == 0) break;
+    const int64_t cost = (pairs * n + slots - 1) / slots * per;
+    if (best < 0 || cost < best) { best = cost; pps = per; }
+  }
+  const int64_t tail_ctas = std::max<int64_t>(1, std::min<int64_t>(8, slots / std::max<int64_t>(pairs, 1) / 4));
+  const int64_t tail = std::max<int64_t>(tail_min, (tail_tokens + tail_ctas - 1) / tail_ctas);
+  return {int(pps), int(tail)};
+}
+
+std::vector<int64_t> plan(int64_t pairs, int64_t full_pages, int64_t tail_tokens, int64_t sms, int64_t ctas_per_sm,
+                          int64_t max_splits, int64_t tail_min) {
+  auto r = plan_splits(pairs, full_pages, tail_tokens, sms, ctas_per_sm, max_splits, tail_min);
+  return {r.first, r.second};
+}
+
+int sm_count(int device) {
+  static int counts[64] = {};
+  if (counts[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  return counts[device];
+}
+
+// q [B, Hq, 1, D]; pages [B, H, NP, W] int32; windows and sinks [B, H, T, D]; per-row token counts as int64 host
+// tensors [B] (sink, key store, value store, key window; the layer's own counters, read here so the Python side
+// does no arithmetic); returns [B, 1, Hq, D]. `tuning`: CTAs per SM, most splits, fewest tail tokens per split
+// (kernels/fragment.py Tuning); keys_only times the key product alone.
 torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, torch::Tensor vwin,
-                     c10::optional<torch::Tensor> ksink, c10::optional<torch::Tensor> vsink, torch::Tensor lens,
+                     c10::optional<torch::Tensor> ksink, c10::optional<torch::Tensor> vsink,
+                     c10::optional<torch::Tensor> sink_lens, torch::Tensor key_store_lens,
+                     torch::Tensor value_store_lens, torch::Tensor key_window_lens,
                      double scale_log2, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                     int64_t pages_per_split, int64_t tail_per_split, bool keys_only, int64_t variant) {
+                     std::vector<int64_t> tuning, bool keys_only, int64_t variant) {
   const int batch = q.size(0), hq = q.size(1), d = q.size(3), n_kv = pages.size(1);
   TORCH_CHECK(batch <= fpd::MAX_ROWS, "fragment decode: batch ", batch, " > ", fpd::MAX_ROWS);
   TORCH_CHECK(q.stride(3) == 1 && pages.is_contiguous() && pages.scalar_type() == torch::kInt32);
   TORCH_CHECK(pages.size(3) * 4 == page_bytes(d, key_bits, value_bits, value_group), "fragment decode: page size");
-  TORCH_CHECK(lens.device().is_cpu() && lens.scalar_type() == torch::kInt32 && lens.is_contiguous());
+  for (const auto* t : {&key_store_lens, &value_store_lens, &key_window_lens})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == batch,
+                "fragment decode: per-row counts are int64 host tensors of the batch size");
+  TORCH_CHECK(tuning.size() == 3, "fragment decode: tuning is (CTAs per SM, most splits, fewest tail tokens)");
   const c10::cuda::CUDAGuard guard(q.device());
   fpd::Params p{};
   p.pages = pages.data_ptr<int32_t>();
@@ -85,16 +121,22 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
               " KV heads (at most ", fpd::HEADS, " per KV head)");
   p.n_kv = n_kv;
   p.scale_log2 = static_cast<float>(scale_log2);
-  const int32_t* ln = lens.data_ptr<int32_t>();
+  const int64_t* kq = key_store_lens.data_ptr<int64_t>();
+  const int64_t* vq = value_store_lens.data_ptr<int64_t>();
+  const int64_t* kw = key_window_lens.data_ptr<int64_t>();
+  const int64_t* sk = sink_lens.has_value() ? sink_lens->data_ptr<int64_t>() : nullptr;
   int max_full = 0, max_tail = 0;
   for (int b = 0; b < batch; ++b) {
-    p.lens[b] = make_int4(ln[4 * b], ln[4 * b + 1], ln[4 * b + 2], ln[4 * b + 3]);
-    const int full = std::min(ln[4 * b + 1], ln[4 * b + 2]) / fpd::PAGE_TOKENS;
+    const int sink = sk ? int(sk[b]) : 0, total = int(kq[b] + kw[b]);
+    p.lens[b] = make_int4(sink, int(kq[b]), int(vq[b]), total);
+    const int full = int(std::min(kq[b], vq[b])) / fpd::PAGE_TOKENS;
     max_full = std::max(max_full, full);
-    max_tail = std::max(max_tail, ln[4 * b] + ln[4 * b + 3] - full * fpd::PAGE_TOKENS);
+    max_tail = std::max(max_tail, sink + total - full * fpd::PAGE_TOKENS);
   }
-  p.pages_per_split = std::max<int64_t>(pages_per_split, 1);
-  p.tail_per_split = std::max<int64_t>(tail_per_split, 1);
+  const auto split = plan_splits(int64_t(batch) * n_kv, max_full, max_tail, sm_count(q.get_device()), tuning[0],
+                                 tuning[1], tuning[2]);
+  p.pages_per_split = split.first;
+  p.tail_per_split = split.second;
   p.n_main = (max_full + p.pages_per_split - 1) / p.pages_per_split;
   const int n_tail = keys_only ? 0 : (max_tail + p.tail_per_split - 1) / p.tail_per_split;
   p.n_splits = std::max(p.n_main + n_tail, 1);
@@ -163,4 +205,5 @@ torch::Tensor read_pages(torch::Tensor pages, int64_t ctas) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "decode attention over fragment pages");
   m.def("read_pages", &read_pages, "stream every byte of a page buffer once (bandwidth gate)");
+  m.def("plan", &plan, "(pages per main split, tail tokens per split) for a call's shape");
 }
