@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixkvq.layout import Layout, PackingFormat
 from mixkvq.quantizer import PACK11, QuantSpec, clamp_slot11, dequantize, pack, pack11, pack_float, quantize, unpack, words_for
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
@@ -178,6 +179,12 @@ class ChannelGroupStore:
         self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
 
     # -- layout arithmetic -------------------------------------------------------------------------------
+
+    def layout(self) -> Layout:
+        if not self.packed:
+            return Layout(PackingFormat.DENSE)
+        return Layout(PackingFormat.CHANNEL_GROUPS, bits=self.uniform_width, group=self.g, block=self.p,
+                      pack11=self.pack11)
 
     def channel_words(self, widths: torch.Tensor) -> torch.Tensor:
         """int32 words one channel of one block occupies, per width code."""
@@ -396,6 +403,10 @@ class TokenGroupStore:
     def tokens(self) -> torch.Tensor:
         return (self.codes if self.packed else self.values).lens
 
+    def layout(self) -> Layout:
+        return Layout(PackingFormat.TOKEN_GROUPS, bits=self.bits, group=self.g) if self.packed \
+            else Layout(PackingFormat.DENSE)
+
     @property
     def code_bits(self) -> torch.Tensor:
         return self.tokens().to(torch.float64) * self.h * self.d * self.bits
@@ -477,6 +488,10 @@ class ProgressiveTokenStore(TokenGroupStore):
     @property
     def container_bits(self) -> int:
         return int(self.row_bits.max())
+
+    def layout(self) -> Layout:
+        return Layout(PackingFormat.ROW_WIDTH_TOKEN_GROUPS, group=self.g) if self.packed \
+            else Layout(PackingFormat.DENSE)
 
     def _width(self, bits: int) -> int:
         return words_for(self.d, bits) if self.packed else self.d

@@ -177,3 +177,22 @@ def test_the_kernel_compiles_for_hopper_without_spills(tmp_path):
         assert "0 bytes spill stores" in chunk, chunk
         regs = int(chunk.split("Used ")[1].split(" registers")[0])
         assert regs <= 128, chunk  # four CTAs of 128 threads per SM
+
+
+@pytest.mark.parametrize("name,overrides,formats", [
+    ("kivi", [], ("CHANNEL_GROUPS", "TOKEN_GROUPS")),
+    ("mixkvq", [], ("CHANNEL_GROUPS", "TOKEN_GROUPS")),
+    ("pmkvq", ["method.allocation=uniform", "method.reparameterize=false"], ("ROW_WIDTH_TOKEN_GROUPS",) * 2),
+    ("kivi", ["storage=fake"], ("DENSE", "DENSE")),
+])
+def test_every_store_describes_its_layout(name, overrides, formats):
+    method = build(name, overrides, kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu",
+                   storage="fake" if "storage=fake" in overrides else "packed")
+    layer = method.new_cache(1).layers[0]
+    got = tuple(s.store.layout().format.name for s in (layer.key_stream, layer.value_stream))
+    assert got == formats
+    if name == "kivi" and formats[0] == "CHANNEL_GROUPS":
+        lay = layer.key_stream.store.layout()
+        assert (lay.bits, lay.group, lay.block, lay.pack11) == (2, 32, 128, False)
+    if name == "mixkvq":
+        assert layer.key_stream.store.layout().bits is None  # widths mixed per block and channel
