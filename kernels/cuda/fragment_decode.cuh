@@ -129,6 +129,14 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
   }
 }
 
+// 2^x on the special-function unit, without exp2f's range fix-up: x <= 0 here, and the result is rounded to
+// 16 bits right after.
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 __device__ __forceinline__ uint32_t movmatrix_t(uint32_t x) {
   uint32_t r;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
@@ -439,7 +447,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_c
       mx[x] = fmaxf(mx[x], mrow[x]);
     }
     if (__any_sync(0xffffffffu, mx[0] != mrow[0] || mx[1] != mrow[1])) {
-      const float a0 = exp2f(mrow[0] - mx[0]), a1 = exp2f(mrow[1] - mx[1]);
+      const float a0 = ex2(mrow[0] - mx[0]), a1 = ex2(mrow[1] - mx[1]);
       lrow[0] *= a0; lrow[1] *= a1;
 #pragma unroll
       for (int i2 = 0; i2 < KK; ++i2) {
@@ -453,7 +461,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_c
     for (int m = 0; m < 2; ++m) {
       float e[4];
 #pragma unroll
-      for (int x = 0; x < 4; ++x) e[x] = exp2f(s[m][x] - mrow[x & 1]);
+      for (int x = 0; x < 4; ++x) e[x] = ex2(s[m][x] - mrow[x & 1]);
       lrow[0] += e[0] + e[2];
       lrow[1] += e[1] + e[3];
       pb[m][0] = movmatrix_t(Num<T>::pack2(e[0], e[1]));
