@@ -5,7 +5,7 @@
 set -euo pipefail
 model=$1 data=$2 out=$3
 common=(method=kivi model=deepseek-r1-distill-7b model.random_init=true "model.path=$model"
-        "+model.config_overrides.num_hidden_layers=4" task=gsm8k "task.data_files=$data" task.limit=2 task.n_samples=4
+        "+model.config_overrides.num_hidden_layers=4" task=gsm8k "task.data_files=$data" task.limit=2 task.n_samples=1
         generation.do_sample=false generation.max_new_tokens=512 logger.mode=disabled grading_workers=0 progress=false)
 for kernel in auto torch; do
     python3 run.py "${common[@]}" attention.decode_kernel=$kernel "results_dir=$out/$kernel"

@@ -81,5 +81,6 @@ def test_fake_and_packed_storage_give_the_same_tokens_on_cuda(model, name):
     fake, _ = generate(model, method_for(model, name, "fake"), ids, mask, decode_kernel="torch", **LONG)
     differ = (packed != fake).nonzero()
     assert torch.equal(packed, fake), f"first differing (row, position): {differ[:3].tolist()}"
-    assert all(s["storage_bits_final"] < 8 for s in cache.sequence_stats(torch.full((3,), 300)))
+    # Quantized, not bf16 in disguise: the 128-token bf16 window weighs on 320-token rows (KIVI-4: about 9.4 bits)
+    assert all(s["storage_bits_final"] < 12 for s in cache.sequence_stats(torch.full((3,), 300)))
     assert cache.peak_allocated_bytes > 0
