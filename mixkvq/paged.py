@@ -21,7 +21,7 @@ import torch
 from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
                            check_page_layout, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.quantizer import QuantSpec, dequantize, quantize
-from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow
+from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow, whole_blocks
 
 
 class FragmentPages:
@@ -72,16 +72,11 @@ class PagedKeyStore:
                       page=self.pages.layout)
 
     def append(self, r: Ragged, widths_fn=None) -> None:
-        nb = r.lens // self.block
-        assert bool((nb * self.block == r.lens).all()), "key pages take whole blocks"
-        if int(nb.sum()) == 0:
+        split = whole_blocks(r, self.block)
+        if split is None:
             return
-        rows = torch.repeat_interleave(torch.arange(self.b), nb)
-        first = torch.cumsum(nb, 0) - nb
-        local = torch.arange(len(rows)) - first[rows]
+        nb, rows, local, blocks = split  # blocks [N, H, P, D]
         dev = r.data.device
-        grid = r.data[:, :, : int(nb.max()) * self.block].reshape(self.b, self.h, -1, self.block, self.d)
-        blocks = grid[rows.to(dev), :, local.to(dev)]  # [N, H, P, D]
         n, per = len(rows), self.block // PAGE_TOKENS
         chans = blocks.transpose(2, 3).reshape(n, self.h, self.d, per, PAGE_TOKENS)
         codes, scale, zero = quantize(chans, self.bits, self.spec)  # [N, H, D, per, 32], [N, H, D, per]

@@ -143,6 +143,22 @@ class RaggedBuffer:
         return self.data.numel() * self.data.element_size()
 
 
+def whole_blocks(r: Ragged, block: int):
+    """The released tokens of each row (a multiple of `block` per row) as blocks: (blocks per row [B], row of each
+    block [N], its index among its row's new blocks [N], blocks [N, H, block, D]), or None when there are none."""
+    nb = r.lens // block
+    assert bool((nb * block == r.lens).all()), "channel-group stores take whole blocks"
+    if int(nb.sum()) == 0:
+        return None
+    b, h, _, d = r.data.shape
+    rows = torch.repeat_interleave(torch.arange(b), nb)
+    first = torch.cumsum(nb, 0) - nb
+    local = torch.arange(len(rows)) - first[rows]
+    dev = r.data.device
+    grid = r.data[:, :, : int(nb.max()) * block].reshape(b, h, -1, block, d)
+    return nb, rows, local, grid[rows.to(dev), :, local.to(dev)]
+
+
 def _fp_bits(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() * 8
 
@@ -213,16 +229,11 @@ class ChannelGroupStore:
 
     def append(self, r: Ragged, widths_fn) -> None:
         """Store the released tokens of each row (a multiple of `block` per row) as whole blocks."""
-        nb = r.lens // self.p
-        assert bool((nb * self.p == r.lens).all()), "channel-group stores take whole blocks"
-        if int(nb.sum()) == 0:
+        split = whole_blocks(r, self.p)
+        if split is None:
             return
-        rows = torch.repeat_interleave(torch.arange(self.b), nb)
-        first = torch.cumsum(nb, 0) - nb
-        local = torch.arange(len(rows)) - first[rows]
+        nb, rows, local, blocks = split
         dev = r.data.device
-        grid = r.data[:, :, : int(nb.max()) * self.p].reshape(self.b, self.h, -1, self.p, self.d)
-        blocks = grid[rows.to(dev), :, local.to(dev)]  # [N, H, P, D]
         if self.uniform_width is not None:
             widths = torch.full((len(rows), self.h, self.d), self.uniform_width, dtype=torch.uint8, device=dev)
         else:
