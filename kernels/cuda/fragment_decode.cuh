@@ -182,45 +182,38 @@ struct Page {
 
 // ---- the tail: exact element-wise dequantization, CUDA cores ------------------------------------------------
 
-// The code at (row, col) of A tile `kk` of 16-token tile `tile` in a section of fragment-ordered words
-// (mixkvq/layout.py code_order: the lane, register and half that hold the element).
-template <int BITS, int W>
-__device__ __forceinline__ uint32_t fragment_code(const uint32_t* codes, int tile, int kk, int row, int col) {
-  constexpr int RPW = 16 / BITS;
-  const int r = kk * 4 + ((row >> 3) | ((col >> 3) << 1));
-  const int lane = (row & 7) * 4 + ((col & 7) >> 1);
-  const uint32_t word = codes[(tile * 32 + lane) * W + r / RPW];
-  return (word >> (16 * (col & 1) + (r % RPW) * BITS)) & ((1u << BITS) - 1u);
-}
-
-// code * scale + zero in fp32 (each rounded), then to the model dtype: the reference's dequantization.
-template <typename T>
-__device__ __forceinline__ float dequantize(uint32_t code, const int32_t* page, int scale_at, int zero_at, int i) {
-  const T* s = reinterpret_cast<const T*>(reinterpret_cast<const char*>(page) + scale_at);
-  const T* z = reinterpret_cast<const T*>(reinterpret_cast<const char*>(page) + zero_at);
-  return Num<T>::to_f(Num<T>::from_f(__fadd_rn(__fmul_rn(float(code), Num<T>::to_f(s[i])), Num<T>::to_f(z[i]))));
-}
-
-// Key u (of the page's 32), channel d: tokens are the rows of the key tiles.
 template <typename T, int D, int KB, int VB, int VG>
 __device__ __forceinline__ float key_element(const int32_t* page, int u, int d) {
   using P = Page<D, KB, VB, VG>;
-  const int col = d & 15;
-  const uint32_t code = fragment_code<KB, P::KW>(reinterpret_cast<const uint32_t*>(page + P::KC / 4), u >> 4,
-                                                 d >> 4, u & 15, col);
-  const int at = ((col & 7) >> 1) * (D / 4) + (d >> 4) * 4 + (col & 1) + 2 * (col >> 3);  // channel_meta_order
-  return dequantize<T>(code, page, P::KS, P::KZ, at);
+  constexpr int RPW = 16 / KB;
+  const int m = u >> 4, row = u & 15, col = d & 15, kk = d >> 4;
+  const int reg = (row >> 3) | ((col >> 3) << 1), half = col & 1;
+  const int lane = (row & 7) * 4 + ((col & 7) >> 1);
+  const int r = kk * 4 + reg;
+  const uint32_t word = reinterpret_cast<const uint32_t*>(page + P::KC / 4)[(m * 32 + lane) * P::KW + r / RPW];
+  const uint32_t code = (word >> (16 * half + (r % RPW) * KB)) & ((1u << KB) - 1u);
+  const int t = (col & 7) >> 1, i = half + 2 * (col >> 3);
+  const int at = t * (D / 4) + kk * 4 + i;  // channel_meta_order
+  const T* s = reinterpret_cast<const T*>(reinterpret_cast<const char*>(page) + P::KS);
+  const T* z = reinterpret_cast<const T*>(reinterpret_cast<const char*>(page) + P::KZ);
+  return Num<T>::to_f(Num<T>::from_f(__fadd_rn(__fmul_rn(float(code), Num<T>::to_f(s[at])), Num<T>::to_f(z[at]))));
 }
 
-// Value u, channel d: tokens are the columns of the value tiles.
 template <typename T, int D, int KB, int VB, int VG>
 __device__ __forceinline__ float value_element(const int32_t* page, int u, int d) {
   using P = Page<D, KB, VB, VG>;
-  const int col = u & 15;
-  const uint32_t code = fragment_code<VB, P::VW>(reinterpret_cast<const uint32_t*>(page + P::VC / 4), u >> 4,
-                                                 d >> 4, d & 15, col);
-  const int at = (((u >> 4) * 4 + ((col & 7) >> 1)) * P::NCG + d / VG) * 4 + (col & 1) + 2 * (col >> 3);  // token_meta_order
-  return dequantize<T>(code, page, P::VS, P::VZ, at);
+  constexpr int RPW = 16 / VB;
+  const int ks = u >> 4, col = u & 15, row = d & 15, mt = d >> 4;
+  const int reg = (row >> 3) | ((col >> 3) << 1), half = col & 1;
+  const int lane = (row & 7) * 4 + ((col & 7) >> 1);
+  const int r = mt * 4 + reg;
+  const uint32_t word = reinterpret_cast<const uint32_t*>(page + P::VC / 4)[(ks * 32 + lane) * P::VW + r / RPW];
+  const uint32_t code = (word >> (16 * half + (r % RPW) * VB)) & ((1u << VB) - 1u);
+  const int t = (col & 7) >> 1, i = half + 2 * (col >> 3), cg = d / VG;
+  const int at = ((ks * 4 + t) * P::NCG + cg) * 4 + i;  // token_meta_order
+  const T* s = reinterpret_cast<const T*>(reinterpret_cast<const char*>(page) + P::VS);
+  const T* z = reinterpret_cast<const T*>(reinterpret_cast<const char*>(page) + P::VZ);
+  return Num<T>::to_f(Num<T>::from_f(__fadd_rn(__fmul_rn(float(code), Num<T>::to_f(s[at])), Num<T>::to_f(z[at]))));
 }
 
 // Combine the warps' (max, sum, output) of one CTA through shared memory and write the split's partial.
