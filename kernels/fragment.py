@@ -2,8 +2,8 @@
 
 It serves layers whose key and value stores are uniform 2/4-bit formats that fit a `FragmentPageLayout`
 (KIVI-2, KIVI-4; mixkvq/paged.py converts a fresh layer's stores when the kernel is bound). The extension is
-compiled by `torch.utils.cpp_extension.load` the first time a CUDA layer asks for it (about a minute; cached by
-torch afterwards) and imported lazily, so machines without a GPU or a compiler never touch it.
+compiled by `torch.utils.cpp_extension.load` the first time a CUDA layer asks for it (about 45 s on an H200;
+cached by torch afterwards) and imported lazily, so machines without a GPU or a compiler never touch it.
 
 Per call the extension reads each row's counters (kept on the host by the stores), plans the splits and makes two
 launches (splits, merge); the lengths travel in the kernel's parameters, so no copy precedes them.
@@ -93,6 +93,9 @@ def supports(layer) -> str | None:
         return "keys and values need the same sink"
     if ks.window.data.dtype not in (torch.bfloat16, torch.float16):
         return f"model dtype {ks.window.data.dtype} is not bf16 or fp16"
+    groups = getattr(layer, "query_groups", None)  # set by attention.bind from the attention module
+    if groups is not None and groups > MAX_GQA:
+        return f"{groups} query heads per KV head (the kernel holds at most {MAX_GQA})"
     if len(layer.pad) > MAX_ROWS:
         return f"batch {len(layer.pad)} is over {MAX_ROWS} rows"
     if not ks.window.data.is_cuda:

@@ -63,6 +63,7 @@ def bind(model, cache: QuantizedCache, decode_kernel: str = "auto"):
     device = next(model.parameters()).device
     previous = model.config._attn_implementation
     for mod, layer in zip(mods, cache.layers):
+        layer.query_groups = getattr(mod, "num_key_value_groups", None)  # what a kernel may need to know of GQA
         layer.decode_fn, layer.cache = resolve_decode_kernel(decode_kernel, device, layer), cache
         mod.kv_cache_layer = layer
     model.set_attn_implementation(ATTENTION_NAME)

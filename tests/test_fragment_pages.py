@@ -196,3 +196,10 @@ def test_every_store_describes_its_layout(name, overrides, formats):
         assert (lay.bits, lay.group, lay.block, lay.pack11) == (2, 32, 128, False)
     if name == "mixkvq":
         assert layer.key_stream.store.layout().bits is None  # widths mixed per block and channel
+
+
+def test_more_query_heads_per_kv_head_than_the_kernel_holds_are_named():
+    method = build("kivi", [], kv_heads=1, q_heads=16, head_dim=128, dtype=torch.bfloat16, device="cpu")
+    layer = method.new_cache(1).layers[0]
+    layer.query_groups = 16
+    assert "16 query heads per KV head" in fragment.supports(layer)
