@@ -95,6 +95,7 @@ def test_summaries_are_means_percentiles_and_position_buckets_of_the_tokens():
     assert s["kl_p95"] == pytest.approx(np.percentile([0, 1, 2, 4], 95))
     assert s["dnll"] == pytest.approx((0 + 1 + 2 - 1) / 4) and s["budget_truncation_rate"] == 0.5
     assert s["past_eos_share"] == 0.25  # the third token of the first row comes after bf16's own EOS
+    assert s["n_tokens_answer"] == 3 and s["kl_mean_answer"] == pytest.approx(5 / 3)
     by_pos = json.loads(s["by_position"])
     assert [(b["lo"], b["hi"], b["n_tokens"]) for b in by_pos] == [(0, 1, 2), (1, 4, 2)]
     assert by_pos[0]["kl_mean"] == 2.0 and by_pos[1]["kl_mean"] == 1.5
