@@ -155,8 +155,7 @@ def reference_key(cfg: DictConfig) -> str:
     bf16 greedy numerics, so the batch size is part of the key)."""
     f = cfg.fidelity
     node = {"model": cfg.model, "task": cfg.task, "prompt": cfg.prompt, "reference": f.reference,
-            "tokens": f.tokens, "continue_past_eos": f.continue_past_eos, "batch_size": f.batch_size,
-            "quant": None}
+            "tokens": f.tokens, "continue_past_eos": f.continue_past_eos, "batch_size": f.batch_size}
     return config_hash(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(node), resolve=True)))
 
 
