@@ -272,7 +272,7 @@ def fidelity_table(fidelity: pd.DataFrame) -> pd.DataFrame:
 def fidelity_positions(fidelity: pd.DataFrame) -> pd.DataFrame:
     """Mean KL by reference-position bucket, one row per fidelity run (the long-context question)."""
     out = []
-    for _, r in fidelity.iterrows():
+    for _, r in fidelity.sort_values(["reference_length", "storage_bits_mean"], ascending=[True, False]).iterrows():
         cells = {"reference": _setting(r), "method": r["label"]}
         for b in json.loads(r["by_position"] or "[]"):
             cells[f"{b['lo']}-{b['hi']}"] = f"{b['kl_mean']:.4f}"
