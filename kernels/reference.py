@@ -50,8 +50,11 @@ def stream_tokens(layer, name: str) -> Ragged:
 
 def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
     """query [B, Hq, 1, D] -> output [B, 1, Hq, D] over the layer's sink + quantized store + window."""
-    keys = stream_tokens(layer, "key_stream")
-    values = stream_tokens(layer, "value_stream")
+    return attend(module, query, stream_tokens(layer, "key_stream"), stream_tokens(layer, "value_stream"), scaling)
+
+
+def attend(module, query: torch.Tensor, keys: Ragged, values: Ragged, scaling: float) -> torch.Tensor:
+    """SDPA of a one-token query over per-row key/value runs (also the fidelity probe's exact attention)."""
     lens = keys.lens
     mask = None
     if int(lens.min()) != keys.data.shape[2]:  # rows of different lengths: hide each row's tail

@@ -33,6 +33,8 @@ def quantized_kv_attention(module, query, key, value, attention_mask, scaling=No
                                         **kwargs)
     else:
         out = layer.decode_fn(module, query, layer, scaling)
+        if layer.probe is not None:
+            layer.probe.on_decode(module, query, scaling, out)
     layer.after_attention()
     layer.cache.step_done(layer.layer_idx)
     return out, None

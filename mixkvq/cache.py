@@ -102,6 +102,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.is_prefill = True  # set by each update(): the first one is the prefill
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
+        self.probe = None  # fidelity diagnostics (mixkvq/fidelity.py): sees the exact K/V and each decode output
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.is_initialized = True
@@ -121,6 +122,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.query_start = start
         self.key_stream.append(left_align(key_states, start))
         self.value_stream.append(left_align(value_states, start))
+        if self.probe is not None:
+            self.probe.on_update(key_states, value_states, start)
         self.on_keys(key_states, start)
         self.seq_len += key_states.shape[2]
         return key_states, value_states

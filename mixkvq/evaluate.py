@@ -139,6 +139,8 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
         "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
+        # agreement with bf16 means chance under sampling, a deterministic comparison under greedy decoding
+        "decoding": "sampled" if cfg.generation.do_sample else "greedy",
         # what `decode_kernel` resolved to: the kernels that produced the speed figures (older samples lack it)
         "decode_kernels_used": "+".join(sorted(set(samples["decode_kernels"].dropna())))
         if "decode_kernels" in samples else None,

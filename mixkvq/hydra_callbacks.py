@@ -54,8 +54,14 @@ class MultirunSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         if not self.rows:  # jobs ran elsewhere: read what they wrote
             self.rows = rows_of_sweep(config.hydra.sweep.dir)
-        if self.rows:
-            print("\n" + format_summary(fill_agreement(self.rows)))
+        fidelity = [r for r in self.rows if r.get("kind") == "fidelity"]  # scripts/fidelity.py sweeps
+        evaluation = [r for r in self.rows if r.get("kind") != "fidelity"]
+        if evaluation:
+            print("\n" + format_summary(fill_agreement(evaluation)))
+        if fidelity:
+            from mixkvq.fidelity import format_table
+
+            print("\n" + format_table(fidelity))
 
 
 class ExperimentPlan(Callback):

@@ -4,7 +4,7 @@ bytes, tokens/s and peak memory).
 Rows are run rows (run.parquet) with keys: method, label, model, task, storage, pass1, pass1_se,
 majority, agree_answer, payload_bits_mean, storage_bits_mean, truncation_rate (samples cut at the token limit),
 budget_truncation_rate (samples a KV budget ended: a line under the table when any), kv_bytes_vs_bf16, tokens_per_s, peak_mem_bytes, n_problems,
-n_samples. Missing or null values print as '-'.
+n_samples, decoding (sampled | greedy: marks the agreement). Missing or null values print as '-'.
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ def _fmt(v, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "-" if v is None else f"{v * scale:{spec}}{suffix}"
 
 
+# How the answers compared with bf16's were decoded: sampled answers differ between two bf16 runs by chance.
+DECODING_MARK = {"sampled": "s", "greedy": "g"}
+
+
+def _agree(row: dict) -> str:
+    cell = _fmt(_get(row, "agree_answer"), ".1f", 100)
+    mark = DECODING_MARK.get(_get(row, "decoding"))
+    return cell if cell == "-" or mark is None else f"{cell} {mark}"
+
+
 def _cells(row: dict) -> dict:
     packed = row.get("storage") != "fake"  # fake storage saves nothing: no memory or speed figures
     p, se = _get(row, "pass1"), _get(row, "pass1_se")
@@ -34,7 +44,7 @@ def _cells(row: dict) -> dict:
         "storage": _get(row, "storage") or "-",
         "pass@1%": "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f"±{100 * se:.1f}"),
         "maj%": _fmt(_get(row, "majority"), ".1f", 100),
-        "agree%": _fmt(_get(row, "agree_answer"), ".1f", 100),
+        "agree%": _agree(row),
         "payload b": _fmt(_get(row, "payload_bits_mean"), ".2f"),
         "storage b": _fmt(_get(row, "storage_bits_mean"), ".2f"),
         "KV/bf16": _fmt(_get(row, "kv_bytes_vs_bf16") if packed else None, ".2f", suffix="x"),
@@ -64,6 +74,9 @@ def format_summary(rows: list[dict]) -> str:
             last = _group(row)
             out.append(f"[{last}]")
         out.append(line)
+    if any(_get(r, "agree_answer") is not None and _get(r, "decoding") in DECODING_MARK for r in rows):
+        out.append("agree%: final answer equal to the bf16 run's; s = sampled (two bf16 runs also disagree by "
+                   "chance), g = greedy. Teacher-forced KL: scripts/fidelity.py")
     budgeted = [r for r in rows if _get(r, "budget_truncation_rate")]
     if budgeted:  # a KV budget (PM-KVQ) ended samples early: never silently
         out.append("KV budget ended: " + ", ".join(

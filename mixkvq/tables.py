@@ -1,9 +1,11 @@
 """Aggregation of result folders into tables and plots, shared by scripts/make_tables.py and notebooks/.
 
 Reads every run under a folder (any depth), reports damaged or unfinished runs by name and goes on with the
-rest, and builds: the method x task table (pass@1 +- s.e., bits, memory), our numbers beside the papers'
-published ones (results/papers/*.csv), and the plots (accuracy vs storage bits, memory and throughput vs
-context). Pure functions of DataFrames; only the `plot_*` functions import matplotlib.
+rest, and builds: the method x task table (pass@1 +- s.e., bits, memory, and the teacher-forced fidelity of the
+same method setting), our numbers beside the papers' published ones (results/papers/*.csv), the fidelity table
+(KL, top-1, ΔNLL beside bits; scripts/fidelity.py runs) and the plots (accuracy and fidelity vs storage bits,
+memory and throughput vs context, per-layer error, KL by position). Pure functions of DataFrames; only the
+`plot_*` functions import matplotlib.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tabulate import tabulate
 
+from mixkvq.fidelity_metrics import TOKEN_COLUMNS
+from mixkvq.fidelity_metrics import summarize as summarize_fidelity
 from mixkvq.results import CONFIG_FILE, RUN_FILE, SAMPLES_FILE
+
+# Fidelity runs (scripts/fidelity.py) as mixkvq/fidelity.py writes them; not imported from there (torch).
+FIDELITY_KIND = "fidelity"
+LAYERS_FILE = "layers.parquet"
 
 MIB = 2**20
 
@@ -50,9 +58,11 @@ PAPER_TABLES = {
 
 @dataclass
 class Collected:
-    runs: pd.DataFrame                       # one row per finished run (run.parquet + label columns)
+    runs: pd.DataFrame                       # one row per finished evaluation run (run.parquet + label columns)
     samples: pd.DataFrame                    # every sample row of those runs, with run_name
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong), reported, skipped
+    fidelity: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per finished fidelity run
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)    # their per-layer rows (layers.parquet), run_name
 
     def report(self) -> str:
         return "\n".join(f"skipped {path}: {why}" for path, why in self.problems)
@@ -86,7 +96,7 @@ def collect(root: str | Path) -> Collected:
     """Every run under `root` (any depth). Damaged files and unfinished runs are reported and skipped."""
     root = Path(root)
     problems: list[tuple[str, str]] = []
-    runs, samples = [], []
+    runs, samples, fidelity, layers = [], [], [], []
     dirs = sorted({p.parent for name in (RUN_FILE, SAMPLES_FILE) for p in root.rglob(name)
                    if "wandb" not in p.relative_to(root).parts})
     for d in dirs:
@@ -94,6 +104,19 @@ def collect(root: str | Path) -> Collected:
             problems.append((str(d), "unfinished run (no run.parquet); rerun its config to complete it"))
             continue
         row = _read(d / RUN_FILE, problems)
+        if row is not None and row.get("kind", pd.Series([None])).iloc[0] == FIDELITY_KIND:
+            lay = _read(d / LAYERS_FILE, problems) if (d / LAYERS_FILE).exists() else pd.DataFrame()
+            tok = _read(d / SAMPLES_FILE, problems, TOKEN_COLUMNS) if (d / SAMPLES_FILE).exists() else None
+            if lay is None or (tok is None and (d / SAMPLES_FILE).exists()):
+                continue
+            row = row.iloc[:1].copy()
+            if tok is not None:  # the per-token rows are the source: metrics added since the run are filled in
+                for k, v in summarize_fidelity(tok, json.loads(row["position_buckets"].iloc[0])).items():
+                    row[k] = [v]
+            row["run_dir"], row["run_name"], row["method_key"] = str(d), d.name, _method_key(d)
+            fidelity.append(row)
+            layers.append(lay.assign(run_name=d.name))
+            continue
         s = _read(d / SAMPLES_FILE, problems, SAMPLE_COLUMNS) if (d / SAMPLES_FILE).exists() else pd.DataFrame()
         if row is None or s is None:
             continue  # a run with a damaged file is left out whole, never reported half
@@ -102,9 +125,22 @@ def collect(root: str | Path) -> Collected:
         runs.append(row)
         samples.append(s.assign(run_name=d.name))
     runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
-    if not runs_df.empty:
-        runs_df["label"] = _labels(runs_df)
-    return Collected(runs_df, pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(), problems)
+    fid_df = pd.concat(fidelity, ignore_index=True) if fidelity else pd.DataFrame()
+    relabel(runs_df, fid_df)
+    return Collected(runs_df, pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(), problems,
+                     fid_df, pd.concat(layers, ignore_index=True) if layers else pd.DataFrame())
+
+
+def relabel(runs: pd.DataFrame, fidelity: pd.DataFrame) -> None:
+    """Labels over evaluation and fidelity runs together, so one method setting has one label in both."""
+    frames = [f for f in (runs, fidelity) if not f.empty]
+    if not frames:
+        return
+    labels = _labels(pd.concat([f[["run_name", "method_key"]] for f in frames], ignore_index=True))
+    start = 0
+    for f in frames:
+        f["label"] = labels[start:start + len(f)]
+        start += len(f)
 
 
 def _labels(runs: pd.DataFrame) -> list[str]:
@@ -135,9 +171,11 @@ def _pm(p, se) -> str:
     return "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
-def method_task_table(runs: pd.DataFrame) -> pd.DataFrame:
+def method_task_table(runs: pd.DataFrame, fidelity: pd.DataFrame | None = None) -> pd.DataFrame:
     """Rows (model, method label, storage), a pass@1% ± s.e. column per task, then bits and memory (means over
-    tasks; memory only from packed storage)."""
+    tasks; memory only from packed storage), then the teacher-forced fidelity of the same method setting when
+    `fidelity` runs are given: KL(bf16 || method), top-1 agreement and ΔNLL, means over every token of its
+    fidelity runs ('-' where none)."""
     if runs.empty:
         return pd.DataFrame()
     tasks = list(dict.fromkeys(runs["task"]))
@@ -161,7 +199,85 @@ def method_task_table(runs: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(out)
     order = ["model", "method", "storage", *tasks, *[f"n {t}" for t in tasks if f"n {t}" in df],
              "payload bits", "storage bits", "KV/bf16", "peak MiB"]
-    return df[order].fillna("-")
+    df = df[order]
+    if fidelity is not None and not fidelity.empty:
+        pooled = pooled_fidelity(fidelity)
+        df = df.merge(pooled, on=["model", "method", "storage"], how="left")
+    return df.fillna("-")
+
+
+def pooled_fidelity(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method label, storage): KL, top-1 and ΔNLL weighted by tokens over its fidelity runs."""
+    out = []
+    for (model, label, storage), g in fidelity.groupby(["model", "label", "storage"], sort=False):
+        w = g["n_tokens"].astype(float)
+        mean = {k: float((g[k].astype(float) * w).sum() / w.sum()) for k in ("kl_mean", "top1", "dnll")}
+        out.append({"model": model, "method": label, "storage": storage, "KL (tf)": f"{mean['kl_mean']:.4f}",
+                    "top-1 % (tf)": f"{100 * mean['top1']:.1f}", "ΔNLL (tf)": f"{mean['dnll']:+.4f}"})
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------- fidelity tables
+
+
+def _setting(r) -> str:
+    return f"{r['task']} {r['reference']} {int(r['reference_length'])}"
+
+
+FIDELITY_JSON_KEYS = ("method", "nominal_bits", "payload_bits", "storage_bits", "kl_mean", "kl_p95", "top1", "dnll",
+                      "dnll_p95", "n_tokens", "n_problems", "kl_mean_answer", "top1_answer", "dnll_answer",
+                      "n_tokens_answer", "attn_rel_err_mean", "budget_truncation_rate", "past_eos_share", "model",
+                      "task", "reference", "reference_length", "storage")
+_FLOATS = ("kl_mean", "kl_p95", "top1", "dnll", "dnll_p95", "kl_mean_answer", "top1_answer", "dnll_answer",
+           "attn_rel_err_mean", "budget_truncation_rate", "past_eos_share")
+
+
+def fidelity_rows(fidelity: pd.DataFrame) -> list[dict]:
+    """fidelity.json: one plain row per fidelity run, sorted by setting then storage bits."""
+    rows = []
+    for _, r in fidelity.iterrows():
+        rows.append({
+            "method": r["label"], "nominal_bits": str(r["nominal_bits"]),
+            "payload_bits": _num(r["payload_bits_mean"]), "storage_bits": _num(r["storage_bits_mean"]),
+            **{k: _num(r.get(k)) for k in _FLOATS},
+            "n_tokens": int(r["n_tokens"]), "n_problems": int(r["n_problems"]),
+            "n_tokens_answer": None if _num(r.get("n_tokens_answer")) is None else int(r["n_tokens_answer"]),
+            "model": r["model"],
+            "task": r["task"], "reference": r["reference"], "reference_length": int(r["reference_length"]),
+            "storage": r["storage"],
+        })
+    return sorted(rows, key=lambda x: (x["model"], x["task"], x["reference"], x["reference_length"],
+                                       -(x["storage_bits"] or 0)))
+
+
+def fidelity_table(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """One row per fidelity run: bits beside KL(bf16 || method) mean and 95th percentile, top-1 agreement, ΔNLL
+    (nats per token), the KL and top-1 over the bf16 model's own answers only (before its natural EOS), mean
+    attention-output error, problems x mean tokens scored."""
+    if fidelity.empty:
+        return pd.DataFrame()
+    out = []
+    for r in fidelity_rows(fidelity):
+        f = lambda k, spec, scale=1.0: "-" if r[k] is None else f"{r[k] * scale:{spec}}"  # noqa: E731
+        out.append({"model": r["model"], "reference": f"{r['task']} {r['reference']} {r['reference_length']}",
+                    "method": r["method"], "nominal": r["nominal_bits"], "payload bits": f("payload_bits", ".2f"),
+                    "storage bits": f("storage_bits", ".2f"), "KL mean": f("kl_mean", ".4f"),
+                    "KL p95": f("kl_p95", ".4f"), "top-1 %": f("top1", ".1f", 100), "ΔNLL": f("dnll", "+.4f"),
+                    "KL answer": f("kl_mean_answer", ".4f"), "top-1 % answer": f("top1_answer", ".1f", 100),
+                    "attn err": f("attn_rel_err_mean", ".4f"),
+                    "n": f"{r['n_problems']}x{r['n_tokens'] // max(r['n_problems'], 1)}"})  # problems x mean tokens
+    return pd.DataFrame(out)
+
+
+def fidelity_positions(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """Mean KL by reference-position bucket, one row per fidelity run (the long-context question)."""
+    out = []
+    for _, r in fidelity.sort_values(["reference_length", "storage_bits_mean"], ascending=[True, False]).iterrows():
+        cells = {"reference": _setting(r), "method": r["label"]}
+        for b in json.loads(r["by_position"] or "[]"):
+            cells[f"{b['lo']}-{b['hi']}"] = f"{b['kl_mean']:.4f}"
+        out.append(cells)
+    return pd.DataFrame(out).fillna("-") if out else pd.DataFrame()
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -331,6 +447,99 @@ def plot_vs_papers(comparison: pd.DataFrame, path: str | Path, title: str = ""):
     ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=6)
     ax.set(ylabel="accuracy (%)", title=title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fidelity_groups(fidelity: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    if fidelity.empty:
+        return []
+    keys = fidelity.apply(lambda r: f"{r['model']} / {_setting(r)}", axis=1)
+    return [(k, fidelity[keys == k]) for k in dict.fromkeys(keys)]
+
+
+def plot_fidelity_pareto(fidelity: pd.DataFrame, path: str | Path, bits: str = "storage_bits_mean"):
+    """KL(bf16 || method) and top-1 agreement against stored bits per element, one row of panels per model and
+    reference setting; the dashed line is the Pareto front (no other point has fewer bits and less KL)."""
+    plt = _pyplot()
+    groups = _fidelity_groups(fidelity)
+    fig, axes = plt.subplots(max(1, len(groups)), 2, figsize=(11, 4.2 * max(1, len(groups))), squeeze=False)
+    for (name, g), (kl_ax, top_ax) in zip(groups, axes):
+        pts = []
+        for i, (_, r) in enumerate(g.iterrows()):
+            x, kl, top = _num(r[bits]), _num(r["kl_mean"]), _num(r["top1"])
+            if x is None or kl is None:
+                continue
+            colour = f"C{i % 10}"
+            kl_ax.plot(x, max(kl, 1e-6), "o", color=colour, label=r["label"])
+            top_ax.plot(x, 100 * top, "o", color=colour, label=r["label"])
+            pts.append((x, -max(kl, 1e-6)))
+        front = pareto_front(pts)
+        if front:
+            kl_ax.plot([b for b, _ in front], [-k for _, k in front], "k--", lw=1, alpha=0.6, label="Pareto front")
+        kl_ax.set(yscale="log", title=f"{name}: KL(bf16 || method)", xlabel="storage bits per KV element",
+                  ylabel="mean KL per token (nats)")
+        top_ax.set(title=f"{name}: top-1 agreement", xlabel="storage bits per KV element", ylabel="top-1 (%)")
+        for ax in (kl_ax, top_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity_layers(fidelity: pd.DataFrame, layers: pd.DataFrame, path: str | Path):
+    """Where the error comes from: per layer, the decode attention output's relative L2 error against exact
+    attention over the same history, and the SQNR of the dequantized keys and values; a line per method."""
+    plt = _pyplot()
+    groups = _fidelity_groups(fidelity)
+    fig, axes = plt.subplots(max(1, len(groups)), 3, figsize=(15, 4 * max(1, len(groups))), squeeze=False)
+    for (name, g), (err_ax, k_ax, v_ax) in zip(groups, axes):
+        for i, (_, r) in enumerate(g.iterrows()):
+            lay = layers[layers["run_name"] == r["run_name"]].sort_values("layer") if not layers.empty else layers
+            if lay.empty:
+                continue
+            style = dict(marker="o", ms=3, color=f"C{i % 10}", label=r["label"])
+            err_ax.plot(lay["layer"], lay["attn_rel_err"], **style)
+            k_ax.plot(lay["layer"], lay["key_sqnr_db"].astype(float), **style)  # None (lossless) is not drawn
+            v_ax.plot(lay["layer"], lay["value_sqnr_db"].astype(float), **style)
+        err_ax.set(title=f"{name}: attention output error", xlabel="layer", ylabel="relative L2 error vs exact",
+                   yscale="log")
+        k_ax.set(title="keys: SQNR of dequantized cache", xlabel="layer", ylabel="SQNR (dB)")
+        v_ax.set(title="values: SQNR of dequantized cache", xlabel="layer", ylabel="SQNR (dB)")
+        for ax in (err_ax, k_ax, v_ax):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity_positions(fidelity: pd.DataFrame, path: str | Path):
+    """Mean KL per reference-position bucket: does the error grow with the length of the context?"""
+    plt = _pyplot()
+    groups = _fidelity_groups(fidelity)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.2), squeeze=False)
+    for (name, g), ax in zip(groups, axes[0]):
+        for i, (_, r) in enumerate(g.iterrows()):
+            buckets = json.loads(r["by_position"] or "[]")
+            if not buckets:
+                continue
+            # the middle of the part of each bucket the references reach (tokens per problem in it)
+            mid = [b["lo"] + min(b["hi"] - b["lo"], b["n_tokens"] / max(int(r["n_problems"]), 1)) / 2
+                   for b in buckets]
+            ax.plot(mid, [max(b["kl_mean"], 1e-6) for b in buckets], marker="o", ms=3, color=f"C{i % 10}",
+                    label=r["label"])
+        ax.set(title=name, xlabel="position in the reference (tokens, bucket middle)", ylabel="mean KL (nats)",
+               yscale="log", xscale="log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,6 +25,7 @@ class Problem:
     id: str  # stable and unique within the task
     question: str
     answer: str  # gold final answer
+    solution: str | None = None  # the source's answer field as written (GSM8K: the worked solution)
 
 
 Loader = Callable[[DictConfig], list[Problem]]
@@ -149,7 +150,7 @@ def _problems(cfg: DictConfig, rows: Iterable[Row], gold: Callable[[Any], str]) 
             answer = gold(raw)
         except ValueError as e:
             raise ConfigError(f"task {cfg.name!r}: bad gold answer in {where}: {e}") from e
-        problems.append(Problem(pid, question, answer))
+        problems.append(Problem(pid, question, answer, str(raw)))
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

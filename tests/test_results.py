@@ -241,3 +241,8 @@ def test_summary_table():
     assert "KV budget" not in format_summary([{**rows_[0], "budget_truncation_rate": 0.0}])
     pm = {**rows_[0], "method": "pmkvq", "label": "pmkvq-Fbit-2", "budget_truncation_rate": 0.25}
     assert format_summary([rows_[0], pm]).splitlines()[-1] == "KV budget ended: pmkvq-Fbit-2 25.0% of samples"
+    # agreement says how it was decoded: sampled answers disagree between two bf16 runs by chance
+    sampled, greedy = {**rows_[1], "decoding": "sampled"}, {**rows_[1], "label": "kivi-g", "decoding": "greedy"}
+    marked = format_summary([rows_[0], sampled, greedy]).splitlines()
+    assert "90.0 s" in marked[-3] and "90.0 g" in marked[-2] and marked[-1].startswith("agree%: final answer")
+    assert "agree%: final" not in text  # rows without the field (older runs) stay unmarked

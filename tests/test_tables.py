@@ -1,12 +1,14 @@
 """Aggregation into tables and plots (mixkvq/tables.py, scripts/make_tables.py) and the notebook that uses it.
 
 tests/fixtures/results holds real runs of the default model (bf16, KIVI, MixKVQ on GSM-Symbolic and GSM8K; 2
-problems x 2 samples, 32 new tokens), written by run.py.
+problems x 2 samples, 32 new tokens), written by run.py; tests/fixtures/fidelity the run rows, layer tables and
+configs of two committed fidelity runs (results/fidelity/runs: bf16 and KIVI-2, 20 GSM8K problems x 512 tokens).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ from mixkvq import tables
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "results"
+FIDELITY_FIXTURE = REPO / "tests" / "fixtures" / "fidelity"  # run rows and layer tables of results/fidelity/runs
 PAPERS = REPO / "results" / "papers"
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -105,14 +108,64 @@ def test_the_paper_tables_notebook_runs_headless(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(REPO / "notebooks" / "paper_tables.ipynb", as_version=4)
     os.environ["MIXKVQ_RESULTS"], os.environ["MIXKVQ_TABLES_OUT"] = str(FIXTURE), str(tmp_path)
+    os.environ["MIXKVQ_FIDELITY"] = str(FIDELITY_FIXTURE)
     try:
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                 resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     finally:
-        del os.environ["MIXKVQ_RESULTS"], os.environ["MIXKVQ_TABLES_OUT"]
+        del os.environ["MIXKVQ_RESULTS"], os.environ["MIXKVQ_TABLES_OUT"], os.environ["MIXKVQ_FIDELITY"]
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
     assert "every run readable" in text and "smollm2-135m" in text and "PM-KVQ Table 2" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2 + len(tables.PAPER_TABLES)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2 + 3 + len(tables.PAPER_TABLES)
     assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG
+    assert "2 fidelity runs readable" in text and "KL (tf)" in text and "KL p95" in text
+    assert (tmp_path / "fidelity_pareto.png").read_bytes()[:8] == PNG
+
+
+
+def test_fidelity_runs_are_kept_apart_and_reported_beside_bits():
+    c = tables.collect(FIDELITY_FIXTURE)
+    assert c.runs.empty and c.problems == [] and set(c.fidelity["method"]) == {"bf16", "kivi"}
+    assert set(c.layers["run_name"]) == set(c.fidelity["run_name"]) and len(c.layers) == 30 * len(c.fidelity)
+    rows = tables.fidelity_rows(c.fidelity)
+    for r in rows:
+        assert set(tables.FIDELITY_JSON_KEYS) <= set(r) and r["n_tokens"] >= 512 * r["n_problems"] * 0.5
+    bf16 = next(r for r in rows if r["method"].startswith("bf16"))
+    kivi = next(r for r in rows if r["method"].startswith("kivi"))
+    assert bf16["storage_bits"] == 16 and kivi["storage_bits"] < 16 and kivi["kl_mean"] > 10 * bf16["kl_mean"]
+    table = tables.fidelity_table(c.fidelity)
+    cell = table[table["method"] == kivi["method"]].iloc[0]
+    assert cell["KL mean"] == f"{kivi['kl_mean']:.4f}" and cell["top-1 %"] == f"{100 * kivi['top1']:.1f}"
+    positions = tables.fidelity_positions(c.fidelity)
+    assert list(positions.columns[:4]) == ["reference", "method", "0-64", "64-128"]
+
+
+def test_the_method_table_joins_fidelity_by_method_setting(tmp_path):
+    # An evaluation run and a fidelity run of the same method setting share a label; a setting without a
+    # fidelity run shows '-'.
+    c = tables.collect(FIXTURE)
+    fid = tables.collect(FIDELITY_FIXTURE).fidelity
+    runs = c.runs.copy()
+    key = dict(zip(fid["method"], fid["method_key"]))
+    runs["method_key"] = [key.get(m, k) for m, k in zip(runs["method"], runs["method_key"])]
+    tables.relabel(runs, fid)
+    table = tables.method_task_table(runs, fid)
+    kivi = fid[fid["method"] == "kivi"].iloc[0]
+    row = table[table["method"] == kivi["label"]].iloc[0]
+    assert row["KL (tf)"] == f"{kivi['kl_mean']:.4f}" and row["ΔNLL (tf)"] == f"{kivi['dnll']:+.4f}"
+    assert (table[table["method"].str.startswith("mixkvq")]["KL (tf)"] == "-").all()
+
+
+def test_make_tables_writes_the_fidelity_files_from_fidelity_runs_alone(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "scripts/make_tables.py", str(FIDELITY_FIXTURE), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 runs, 0 skipped, 2 fidelity runs" in proc.stderr and not (out / "table.md").exists()
+    rows = json.loads((out / "fidelity.json").read_text())
+    assert {r["method"].split("-")[0] for r in rows} == {"bf16", "kivi"}
+    assert "KL mean" in (out / "fidelity.md").read_text() and "KL mean" in proc.stdout
+    for name in ("fidelity_pareto.png", "fidelity_layers.png", "fidelity_positions.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
