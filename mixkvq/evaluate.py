@@ -43,14 +43,19 @@ def generation_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def check_static(cfg: DictConfig) -> None:
-    """Checks that need no model: fail fast, before any loading."""
+def check_cache_config(cfg: DictConfig) -> None:
+    """The method, decode kernel and storage settings every entry point shares, checked without a model."""
     method_config(cfg.method)
     if cfg.attention.decode_kernel not in decode_kernel_names():
         raise ConfigError(f"attention.decode_kernel={cfg.attention.decode_kernel!r} is not available; "
                           f"choose one of {decode_kernel_names()}")
     if cfg.storage not in ("packed", "fake"):
         raise ConfigError(f"storage={cfg.storage!r} is not valid; choose one of ['packed', 'fake']")
+
+
+def check_static(cfg: DictConfig) -> None:
+    """Checks that need no model: fail fast, before any loading."""
+    check_cache_config(cfg)
     generation_kwargs(cfg)
 
 

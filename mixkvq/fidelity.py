@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
@@ -34,13 +33,14 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kernels import decode_kernel_names, kernels_in_use
+from kernels import kernels_in_use
 from kernels.reference import attend
 from mixkvq import provenance
 from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
+from mixkvq.evaluate import check_cache_config
 from mixkvq.fidelity_metrics import layer_table, summarize
-from mixkvq.methods import Method, ModelShape, build_method, method_config
+from mixkvq.methods import Method, ModelShape, build_method
 from mixkvq.models import check_context, load_model
 from mixkvq.protocol import build_prompt, eos_ids
 from mixkvq.quantizer import QuantSpec
@@ -302,12 +302,7 @@ def drive(model, ref_model, method: Method, refs: list[Reference], pad_id: int, 
 
 def check_static(cfg: DictConfig) -> None:
     """Every config error before a model is loaded."""
-    method_config(cfg.method)
-    if cfg.attention.decode_kernel not in decode_kernel_names():
-        raise ConfigError(f"attention.decode_kernel={cfg.attention.decode_kernel!r} is not available; "
-                          f"choose one of {decode_kernel_names()}")
-    if cfg.storage not in ("packed", "fake"):
-        raise ConfigError(f"storage={cfg.storage!r} is not valid; choose one of ['packed', 'fake']")
+    check_cache_config(cfg)
     f = cfg.fidelity
     REFERENCES.get(f.reference)
     if f.reference == "gold":
