@@ -39,6 +39,7 @@ class Stream:
         self.sink = RaggedBuffer(batch, heads, dim, dtype, device) if sink else None
         self.store = store
         self.widths_fn = widths_fn
+        self.reserved_tokens: int | None = None  # set by reserve()
         self.fp_bits = torch.empty((), dtype=dtype).element_size() * 8
         self.fp_token_bytes = heads * dim * self.fp_bits // 8
 
@@ -48,6 +49,17 @@ class Stream:
             head, r = split_front(r, torch.minimum(room, r.lens))
             self.sink.append(head)
         self.window.append(r)
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` tokens per row, allocated now: the sink, the window when it keeps everything (bf16),
+        and the store. Other windows hold a residual's worth after the prefill and keep growing as needed."""
+        self.reserved_tokens = tokens
+        if self.sink is not None:
+            self.sink.reserve(self.sink_tokens)
+        if self.window_rule is WINDOW_RULES["keep"]:
+            self.window.reserve(tokens)
+        if self.store is not None:
+            self.store.reserve(tokens)
 
     def release(self) -> None:
         n = self.window_rule(self.window.lens, self.residual)
@@ -178,6 +190,10 @@ class QuantizedLayer(CacheLayerMixin):
     def allocated_bytes(self) -> int:
         return self.key_stream.allocated_bytes() + self.value_stream.allocated_bytes()
 
+    def reserve(self, tokens: int) -> None:
+        self.key_stream.reserve(tokens)
+        self.value_stream.reserve(tokens)
+
 
 class QuantizedCache(Cache):
     """All layers of one generate call, plus per-step statistics for the bits accounting (METHODS.md §2)."""
@@ -222,6 +238,12 @@ class QuantizedCache(Cache):
 
     def allocated_bytes(self) -> int:
         return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate every layer for `tokens` tokens per row (prompt + max_new_tokens, known when generate starts)."""
+        self.capacity = tokens
+        for layer in self.layers:
+            layer.reserve(tokens)
 
     def sequence_stats(self, n_generated: torch.Tensor) -> list[dict]:
         """Bits and bytes of each row at its own end (`*_final`) and averaged over its decode steps (`*_mean`).

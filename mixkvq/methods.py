@@ -75,11 +75,15 @@ class Method:
     def make_layer(self, idx: int, batch: int, pad: torch.Tensor) -> QuantizedLayer:
         raise NotImplementedError
 
-    def new_cache(self, batch: int, pad: torch.Tensor | None = None) -> QuantizedCache:
-        """A fresh cache for `batch` rows; `pad[b]` is row b's left padding in the prompt."""
+    def new_cache(self, batch: int, pad: torch.Tensor | None = None, capacity: int | None = None) -> QuantizedCache:
+        """A fresh cache for `batch` rows; `pad[b]` is row b's left padding in the prompt; `capacity` (tokens per
+        row, pads included: prompt + max_new_tokens) allocates the stores once instead of growing them."""
         pad = torch.zeros(batch, dtype=torch.int64) if pad is None else pad.to("cpu", torch.int64)
         layers = [self.make_layer(i, batch, pad) for i in range(self.shape.layers)]
-        return QuantizedCache(layers, self.cfg.name, self.storage)
+        cache = QuantizedCache(layers, self.cfg.name, self.storage)
+        if capacity is not None:
+            cache.reserve(capacity)
+        return cache
 
     # -- building blocks for subclasses ------------------------------------------------------------------------
 

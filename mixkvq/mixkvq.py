@@ -20,7 +20,7 @@ from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
 from mixkvq.methods import Method, check_choice, check_group, register_method
 from mixkvq.quantizer import check_bits
-from mixkvq.storage import FULL_PRECISION
+from mixkvq.storage import FULL_PRECISION, to_device
 
 TIER_BITS = (16, 4, 2)  # full precision counts 16 bits in the `codes` measure (§5.7 item 7)
 
@@ -107,21 +107,29 @@ class MixKVQLayer(QuantizedLayer):
         self.key_stream.widths_fn = self.key_widths
 
     def observe_queries(self, query: torch.Tensor) -> None:
-        valid = (torch.arange(query.shape[2])[None, :] >= self.query_start[:, None]).to(query.device)
-        self.q_abs_sum += (query.float().abs() * valid[:, None, :, None]).sum(dim=2)
-        self.q_count += valid.sum(dim=1).cpu()
+        # Counted on the host (query_start lives there); a decode step (no padding) needs no mask at all.
+        valid = torch.arange(query.shape[2])[None, :] >= self.query_start[:, None]
+        self.q_count += valid.sum(dim=1)
+        q = query.float().abs()
+        if int(self.query_start.max()) > 0:
+            q = q * to_device(valid, query.device)[:, None, :, None]
+        self.q_abs_sum += q.sum(dim=2)
 
     def on_keys(self, keys: torch.Tensor, start: torch.Tensor) -> None:
         if self.method.cfg.sensitivity_tokens != "all":
             return
-        valid = (torch.arange(keys.shape[2])[None, :] >= start[:, None]).to(keys.device)[:, None, :, None]
         k = keys.float()
-        self.key_lo = torch.minimum(self.key_lo, torch.where(valid, k, float("inf")).amin(dim=2))
-        self.key_hi = torch.maximum(self.key_hi, torch.where(valid, k, float("-inf")).amax(dim=2))
+        lo, hi = k, k
+        if int(start.max()) > 0:  # left padding of a prefill: pads take no part in the range
+            valid = to_device(torch.arange(keys.shape[2])[None, :] >= start[:, None], keys.device)[:, None, :, None]
+            lo, hi = torch.where(valid, k, float("inf")), torch.where(valid, k, float("-inf"))
+        self.key_lo = torch.minimum(self.key_lo, lo.amin(dim=2))
+        self.key_hi = torch.maximum(self.key_hi, hi.amax(dim=2))
 
     def importance(self, rows: torch.Tensor) -> torch.Tensor:
         """I_d per (row, KV head, channel): the running mean |Q_d| reduced over the query heads of each group."""
-        mean = self.q_abs_sum[rows.to(self.q_abs_sum.device)] / self.q_count[rows].clamp_min(1).to(self.q_abs_sum)[:, None, None]
+        count = to_device(self.q_count[rows].clamp_min(1), self.q_abs_sum.device).to(self.q_abs_sum)
+        mean = self.q_abs_sum[to_device(rows, self.q_abs_sum.device)] / count[:, None, None]
         grouped = mean.reshape(len(rows), self.heads, -1, self.dim)
         return grouped.mean(dim=2) if self.method.cfg.gqa_reduce == "mean" else grouped.amax(dim=2)
 
@@ -130,8 +138,8 @@ class MixKVQLayer(QuantizedLayer):
         if c.sensitivity_tokens == "block":
             a = salience(self.importance(rows), blocks, None, None, c.sensitivity_bits, c.salience_norm)
         else:
-            dev = self.key_lo.device
-            a = salience(self.importance(rows), None, self.key_lo[rows.to(dev)], self.key_hi[rows.to(dev)],
+            rows_d = to_device(rows, self.key_lo.device)
+            a = salience(self.importance(rows), None, self.key_lo[rows_d], self.key_hi[rows_d],
                          c.sensitivity_bits, c.salience_norm)
         tau_bf16, tau_uint4 = self.method.taus
         if c.tier_rule == "threshold":

@@ -21,7 +21,7 @@ import torch
 from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
                            check_page_layout, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.quantizer import QuantSpec, dequantize, quantize
-from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow, whole_blocks
+from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow, reserve, to_device, whole_blocks
 
 
 class FragmentPages:
@@ -33,8 +33,9 @@ class FragmentPages:
         sec = layout.sections()
         self.words = {name: (off // 4, n // 4) for name, (off, n) in sec.items()}  # int32 offsets and sizes
 
-    def reserve(self, pages: int) -> None:
-        self.data = _grow(self.data, 2, pages)
+    def reserve(self, pages: int, exact: bool = False) -> None:
+        """Room for `pages` pages per (row, head): exactly (a known final size), or by amortised doubling."""
+        self.data = (reserve if exact else _grow)(self.data, 2, pages)
 
     def section(self, name: str) -> torch.Tensor:
         """[B, H, pages, words] view of one section of every page."""
@@ -64,8 +65,10 @@ class PagedKeyStore:
         self.count = torch.zeros(batch, dtype=torch.int64)  # tokens per row (the kernel reads it every step)
         self.tier_counts: dict[int, int] = {}
         self.version = 0
-        self._order = channel_meta_order(self.d)
-        self._inverse = torch.argsort(self._order)
+        dev = pages.data.device
+        self._order = to_device(channel_meta_order(self.d), dev)
+        self._inverse = to_device(torch.argsort(channel_meta_order(self.d)), dev)
+        self._heads = torch.arange(heads, device=dev)
 
     def layout(self) -> Layout:
         return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=PAGE_TOKENS, block=self.block,
@@ -83,17 +86,16 @@ class PagedKeyStore:
         # -> per page: [N, H, per, 2 tiles, 16 tokens, D]
         tiles = codes.permute(0, 1, 3, 4, 2).reshape(n, self.h, per, 2, TILE_TOKENS, self.d)
         words = pack_tile(tiles, self.bits, "key").reshape(n, self.h, per, -1)
-        page = ((self.nblocks[rows] + local)[:, None] * per + torch.arange(per)[None, :]).to(dev)  # [N, per]
+        page = (self.nblocks[rows] + local)[:, None] * per + torch.arange(per)[None, :]  # [N, per]
         self.pages.reserve(int(page.max()) + 1)
         pg = self.pages
-        row_d = rows.to(dev)[:, None, None]
-        head = torch.arange(self.h, device=dev)[None, :, None]
-        page_d = page[:, None, :]
+        rows_pages = to_device(torch.cat((rows[:, None], page), dim=1), dev)
+        row_d, page_d = rows_pages[:, 0, None, None], rows_pages[:, None, 1:]
+        head = self._heads[None, :, None]
         off, nw = pg.words["key_codes"]
         pg.data[row_d, head, page_d, off:off + nw] = words
-        order = self._order.to(dev)
         for name, meta in (("key_scale", scale), ("key_zero", zero)):
-            bits16 = _to_bits16(meta.permute(0, 1, 3, 2)[..., order])  # [N, H, per, D] in channel_meta_order
+            bits16 = _to_bits16(meta.permute(0, 1, 3, 2)[..., self._order])  # [N, H, per, D] in channel_meta_order
             off, nw = pg.words[name]
             pg.data[row_d, head, page_d, off:off + nw] = bits16.view(torch.int32)
         self.nblocks += nb
@@ -101,6 +103,9 @@ class PagedKeyStore:
 
     def tokens(self) -> torch.Tensor:
         return self.count
+
+    def reserve(self, tokens: int) -> None:
+        self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
 
     @property
     def code_bits(self) -> torch.Tensor:
@@ -121,7 +126,7 @@ class PagedKeyStore:
         pg = self.pages
         words = pg.section("key_codes")[:, :, first:first + n].reshape(self.b, self.h, n, 2, -1)
         codes = unpack_tile(words, self.d, self.bits, "key").reshape(self.b, self.h, n, PAGE_TOKENS, self.d)
-        inv = self._inverse.to(dev)
+        inv = self._inverse
         scale, zero = (pg.meta(name)[:, :, first:first + n][..., inv].view(self.spec.meta_dtype)
                        for name in ("key_scale", "key_zero"))  # [B, H, n, D]
         vals = dequantize(codes.transpose(3, 4), scale, zero, self.dtype)  # groups along the page's tokens
@@ -142,8 +147,12 @@ class PagedValueStore:
         self.count = torch.zeros(batch, dtype=torch.int64)
         self.version = 0
         self.groups = self.d // group
-        self._inverse = torch.argsort(token_meta_order(self.groups))  # (token * groups + group) -> position
-        self._slots = token_slots(self.d, bits)
+        dev = pages.data.device
+        # Index tables on the pages' device, made once: the decode step only gathers from them.
+        self._inverse = to_device(torch.argsort(token_meta_order(self.groups)), dev)  # (token*groups+group) -> slot
+        self._word, self._shift = (to_device(x, dev) for x in token_slots(self.d, bits))
+        self._heads = torch.arange(heads, device=dev)[None, :, None]
+        self._group_ids = torch.arange(self.groups, device=dev)[None, :]
         self.bytes_per_token = heads * pages.layout.value_bytes_per_token()
 
     def layout(self) -> Layout:
@@ -161,32 +170,32 @@ class PagedValueStore:
         pos = self.count[b] + j  # position of each new token in its row's value store
         self.pages.reserve(int(pos.max()) // PAGE_TOKENS + 1)
         pg = self.pages
-        bd, jd = b.to(dev), j.to(dev)
+        bd, jd, pos = to_device(torch.stack((b, j, pos)), dev)  # one copy; the index arithmetic runs there
         # Codes: add each new code, shifted into its slot, to its word (slots are disjoint and start at zero, so
         # the sum is the bitwise OR with the codes stored before); a decode step writes B x H x D slots this way.
-        word, shift = (x.to(dev) for x in self._slots)
-        col = (pos % TILE_TOKENS).to(dev)  # the token's column in its tile
-        tile_base = ((pos // PAGE_TOKENS) * pg.layout.page_words + pg.words["value_codes"][0]
-                     + (pos % PAGE_TOKENS) // TILE_TOKENS * pg.words["value_codes"][1] // 2).to(dev)
-        idx = tile_base[:, None] + word[col]  # [Nt, D] int32 word of each code in the row's flat pages
-        add = codes[bd, :, jd].to(torch.int64) << shift[col][:, None, :]  # [Nt, H, D]
+        col = pos % TILE_TOKENS  # the token's column in its tile
+        page, in_page = pos // PAGE_TOKENS, pos % PAGE_TOKENS
+        tile_base = (page * pg.layout.page_words + pg.words["value_codes"][0]
+                     + in_page // TILE_TOKENS * pg.words["value_codes"][1] // 2)
+        idx = tile_base[:, None] + self._word[col]  # [Nt, D] int32 word of each code in the row's flat pages
+        add = codes[bd, :, jd].to(torch.int64) << self._shift[col][:, None, :]  # [Nt, H, D]
         add = torch.where(add >= 1 << 31, add - (1 << 32), add).to(torch.int32)
         flat = pg.data.view(self.b, self.h, -1)
-        flat.index_put_((bd[:, None, None], torch.arange(self.h, device=dev)[None, :, None], idx[:, None, :]), add,
-                        accumulate=True)
+        flat.index_put_((bd[:, None, None], self._heads, idx[:, None, :]), add, accumulate=True)
         # Scales and zeros: one 16-bit value per (token, group), at the token's slot of token_meta_order.
         flat16 = pg.data.view(self.b, self.h, -1).view(torch.int16)
-        at = self._inverse.to(dev)[((pos % PAGE_TOKENS)[:, None] * self.groups
-                                    + torch.arange(self.groups)[None, :]).to(dev)]  # [Nt, groups]
+        at = self._inverse[in_page[:, None] * self.groups + self._group_ids]  # [Nt, groups]
         for name, meta in (("value_scale", scale), ("value_zero", zero)):
             off, _ = pg.words[name]
-            col16 = (pos // PAGE_TOKENS).to(dev)[:, None] * (2 * pg.layout.page_words) + 2 * off + at
-            flat16[bd[:, None, None], torch.arange(self.h, device=dev)[None, :, None], col16[:, None, :]] = \
-                _to_bits16(meta[bd, :, jd])
+            col16 = page[:, None] * (2 * pg.layout.page_words) + 2 * off + at
+            flat16[bd[:, None, None], self._heads, col16[:, None, :]] = _to_bits16(meta[bd, :, jd])
         self.count += r.lens
 
     def tokens(self) -> torch.Tensor:
         return self.count
+
+    def reserve(self, tokens: int) -> None:
+        self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
 
     @property
     def code_bits(self) -> torch.Tensor:
@@ -207,7 +216,7 @@ class PagedValueStore:
         pg = self.pages
         words = pg.section("value_codes")[:, :, first:last].reshape(self.b, self.h, n, 2, -1)
         codes = unpack_tile(words, self.d, self.bits, "value").reshape(self.b, self.h, n * PAGE_TOKENS, self.d)
-        inv = self._inverse.to(dev)
+        inv = self._inverse
         scale, zero = (pg.meta(name)[:, :, first:last][..., inv].view(self.spec.meta_dtype)
                        .reshape(self.b, self.h, n * PAGE_TOKENS, self.groups) for name in ("value_scale", "value_zero"))
         codes = codes.reshape(self.b, self.h, n * PAGE_TOKENS, self.groups, self.g)
@@ -246,3 +255,6 @@ def to_pages(layer) -> None:
     pages = FragmentPages(ks.b, ks.h, pl, ks.device)
     layer.key_stream.store = PagedKeyStore(pages, ks.b, ks.h, ks.p, ks.uniform_width, ks.dtype, ks.spec)
     layer.value_stream.store = PagedValueStore(pages, vs.b, vs.h, vs.g, vs.bits, vs.dtype, vs.spec)
+    tokens = layer.key_stream.reserved_tokens
+    if tokens is not None:  # the cache was reserved before the kernel was bound: the pages take its place
+        pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)

@@ -11,6 +11,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from kernels import kernels_in_use
 from mixkvq.attention import bind
 from mixkvq.methods import Method
+from mixkvq.storage import to_device
 
 THINK = "<think>\n"
 
@@ -39,7 +40,7 @@ class CacheStop(StoppingCriteria):
         self.cache = cache
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return self.cache.stopped().to(input_ids.device)
+        return to_device(self.cache.stopped(), input_ids.device)
 
 
 @dataclass
@@ -58,7 +59,7 @@ def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen:
     """n samples of one prompt in one generate call: no padding inside a problem, a fresh cache."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    cache = method.new_cache(n)
+    cache = method.new_cache(n, capacity=ids.shape[1] + gen["max_new_tokens"])
     stop = eos_ids(model, tokenizer)
     torch.manual_seed(seed)
     start = time.perf_counter()

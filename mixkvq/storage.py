@@ -34,6 +34,18 @@ def _pack_kernels(t: torch.Tensor) -> bool:
     return PACK_KERNELS == "on" or (PACK_KERNELS == "auto" and t.is_cuda)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor (indices, lengths) on `device` without stalling the host.
+
+    A plain `.to("cuda")` of pageable memory synchronizes the stream: on the decode path that is one stall per
+    call, hundreds per step. Through pinned memory the copy is queued like a kernel (the pinned block is not
+    reused before the copy has run: PyTorch's host allocator records the stream).
+    """
+    if t.device.type != "cpu" or torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Ragged:
     """Left-aligned per-row runs: row b's tokens are data[b, :, :lens[b]] (lens: int64 on the host)."""
@@ -52,7 +64,7 @@ def left_align(x: torch.Tensor, start: torch.Tensor) -> Ragged:
     t = x.shape[2]
     if int(start.max()) == 0:
         return Ragged(x, torch.full_like(start, t))
-    idx = (torch.arange(t)[None, :] + start[:, None]).clamp_max(t - 1).to(x.device)
+    idx = to_device((torch.arange(t)[None, :] + start[:, None]).clamp_max(t - 1), x.device)
     return Ragged(x.gather(2, _token_index(idx, x)), t - start)
 
 
@@ -61,8 +73,10 @@ def split_front(r: Ragged, n: torch.Tensor) -> tuple[Ragged, Ragged]:
     head = Ragged(r.data[:, :, : max(int(n.max()), 0)], n.clone())
     rest = r.lens - n
     width = max(int(rest.max()), 0)
-    idx = (torch.arange(width)[None, :] + n[:, None]).clamp_max(max(r.data.shape[2] - 1, 0)).to(r.data.device)
-    return head, Ragged(r.data.gather(2, _token_index(idx, r.data)), rest)
+    if bool((n == n[0]).all()):  # every row gives up as many tokens (a decode step): the rest is a slice
+        return head, Ragged(r.data[:, :, int(n[0]):int(n[0]) + width], rest)
+    idx = (torch.arange(width)[None, :] + n[:, None]).clamp_max(max(r.data.shape[2] - 1, 0))
+    return head, Ragged(r.data.gather(2, _token_index(to_device(idx, r.data.device), r.data)), rest)
 
 
 def _rectangular(r: Ragged) -> bool:
@@ -85,7 +99,7 @@ def ragged_cat(parts: list[Ragged]) -> Ragged:
         idx = torch.where(inside, base + j - offset[:, None], idx)
         base += p.data.shape[2]
         offset = offset + p.lens
-    return Ragged(cat.gather(2, _token_index(idx.to(cat.device), cat)), lens)
+    return Ragged(cat.gather(2, _token_index(to_device(idx, cat.device), cat)), lens)
 
 
 def _from(r: Ragged, start: int) -> Ragged:
@@ -103,8 +117,20 @@ def _grow(t: torch.Tensor, dim: int, need: int) -> torch.Tensor:
     return grown
 
 
+def reserve(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """`t` with room for exactly n entries along `dim` (unchanged when it has them): a known final size is
+    allocated once, so no doubling slack is held or counted."""
+    if t.shape[dim] >= n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
 class RaggedBuffer:
-    """A growable [B, H, capacity, X] tensor with per-row lengths."""
+    """A growable [B, H, capacity, X] tensor with per-row lengths (`reserve` sets the capacity once)."""
 
     def __init__(self, batch: int, heads: int, width: int, dtype: torch.dtype, device, capacity: int = 0):
         self.data = torch.zeros(batch, heads, capacity, width, dtype=dtype, device=device)
@@ -121,10 +147,12 @@ class RaggedBuffer:
             return
         valid = torch.arange(r.data.shape[2])[None, :] < r.lens[:, None]
         b, j = valid.nonzero(as_tuple=True)
-        dst = self.lens[b] + j
-        dev = self.data.device
-        self.data[b.to(dev), :, dst.to(dev)] = r.data[b.to(dev), :, j.to(dev)]
+        b, dst, j = to_device(torch.stack((b, self.lens[b] + j, j)), self.data.device)
+        self.data[b, :, dst] = r.data[b, :, j]
         self.lens += r.lens
+
+    def reserve(self, tokens: int) -> None:
+        self.data = reserve(self.data, 2, tokens)
 
     def view(self) -> Ragged:
         return Ragged(self.data[:, :, : int(self.lens.max())], self.lens)
@@ -132,7 +160,8 @@ class RaggedBuffer:
     def pop_front(self, n: torch.Tensor) -> Ragged:
         head, rest = split_front(self.view(), n)
         head = Ragged(head.data.clone(), head.lens)
-        self.data[:, :, : rest.data.shape[2]] = rest.data
+        # The rest may be a view of this buffer (split_front's slice): copy it out before it is moved over.
+        self.data[:, :, : rest.data.shape[2]] = rest.data.clone()
         self.lens = rest.lens
         keep = 2 * max(int(self.lens.max()), 16)
         if self.data.shape[2] > max(keep, 1024):  # a prefill's worth left the window: give its room back
@@ -156,7 +185,8 @@ def whole_blocks(r: Ragged, block: int):
     local = torch.arange(len(rows)) - first[rows]
     dev = r.data.device
     grid = r.data[:, :, : int(nb.max()) * block].reshape(b, h, -1, block, d)
-    return nb, rows, local, grid[rows.to(dev), :, local.to(dev)]
+    rows_d, local_d = to_device(torch.stack((rows, local)), dev)
+    return nb, rows, local, grid[rows_d, :, local_d]
 
 
 def _fp_bits(dtype: torch.dtype) -> int:
@@ -279,15 +309,18 @@ class ChannelGroupStore:
         first = torch.cumsum(per_row, 0) - per_row
         start = self.used[rows] + excl - excl[first[rows]]  # [N, H]
         added = torch.zeros_like(self.used).index_add_(0, rows, total)
-        self.pool = _grow(self.pool, 2, int((self.used + added).max()))
+        need = int((self.used + added).max())
+        if need > self.pool.shape[2]:
+            self.pool = reserve(self.pool, 2, self._pool_need(need, int((self.nblocks + per_row).max())))
         nslots = int((slot + 1).max())
-        self.scale = _grow(self.scale, 2, nslots)
+        self.scale = _grow(self.scale, 2, nslots)  # (no-ops within a reservation)
         self.zero = _grow(self.zero, 2, nslots)
         flat_pool = self.pool.view(self.b * self.h, -1)
         heads = torch.arange(self.h)
-        row_head = (rows[:, None, None] * self.h + heads[None, :, None]).expand(widths.shape).to(dev)
-        base = start.to(dev)[:, :, None] + chan_off  # [N, H, D] word offset of each channel
-        rows_d, slot_d = rows.to(dev), slot.to(dev)
+        row_head = to_device((rows[:, None, None] * self.h + heads[None, :, None]).expand(widths.shape), dev)
+        start_d = to_device(start, dev)
+        base = start_d[:, :, None] + chan_off  # [N, H, D] word offset of each channel
+        rows_d, slot_d = to_device(torch.stack((rows, slot)), dev)
         if _pack_kernels(blocks) and not self.pack11:  # the kernels know the 10-per-word 3-bit layout only
             from kernels.pack import write_channel_blocks
 
@@ -304,7 +337,7 @@ class ChannelGroupStore:
             self.widths = _grow(self.widths, 2, nslots)
             self.offsets = _grow(self.offsets, 2, nslots)
             self.widths[rows_d, :, slot_d] = widths
-            self.offsets[rows_d, :, slot_d] = start.to(dev)
+            self.offsets[rows_d, :, slot_d] = start_d
         self.used += added
 
     def _write_fake(self, blocks, widths, rows, slot):
@@ -319,7 +352,8 @@ class ChannelGroupStore:
                 if self._is11(w):
                     codes = clamp_slot11(codes.reshape(len(x), self.p)).reshape(codes.shape)
                 chans[mask] = dequantize(codes, scale, zero, self.dtype).reshape(len(x), self.p)
-        self.values[rows.to(dev), :, slot.to(dev)] = chans.transpose(2, 3)
+        rows_d, slot_d = to_device(torch.stack((rows, slot)), dev)
+        self.values[rows_d, :, slot_d] = chans.transpose(2, 3)
 
     # -- reads ---------------------------------------------------------------------------------------------
 
@@ -379,6 +413,27 @@ class ChannelGroupStore:
     def tokens(self) -> torch.Tensor:
         return self.nblocks * self.p
 
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` tokens per row. Mixed widths (MixKVQ) cannot know their pool's final size: the pool
+        then grows by extrapolating its words per block so far to the reserved blocks (`_pool_need`)."""
+        blocks = -(-tokens // self.p)
+        self.reserved_blocks = blocks
+        if not self.packed:
+            self.values = reserve(self.values, 2, blocks)
+            return
+        for name in ("scale", "zero") + (("widths", "offsets") if self.uniform_width is None else ()):
+            setattr(self, name, reserve(getattr(self, name), 2, blocks))
+        if self.uniform_width is not None:
+            words = int(self.channel_words(torch.full((1, 1, self.d), self.uniform_width, dtype=torch.uint8)).sum())
+            self.pool = reserve(self.pool, 2, blocks * words)
+
+    def _pool_need(self, need: int, blocks: int) -> int:
+        """Pool words to allocate for a row that needs `need` words after `blocks` blocks."""
+        reserved = getattr(self, "reserved_blocks", 0)
+        if reserved <= blocks:  # no reservation, or past it: amortised doubling
+            return max(need, 2 * self.pool.shape[2], 16)
+        return -(-need * reserved // blocks)  # the words per block so far, over every reserved block
+
 
 class TokenGroupStore:
     """Per-token groups of `group` channels, one code width for the whole store."""
@@ -413,6 +468,10 @@ class TokenGroupStore:
 
     def tokens(self) -> torch.Tensor:
         return (self.codes if self.packed else self.values).lens
+
+    def reserve(self, tokens: int) -> None:
+        for buf in [self.codes, self.scale, self.zero] if self.packed else [self.values]:
+            buf.reserve(tokens)
 
     def layout(self) -> Layout:
         return Layout(PackingFormat.TOKEN_GROUPS, bits=self.bits, group=self.g) if self.packed \
@@ -484,6 +543,10 @@ class ProgressiveTokenStore(TokenGroupStore):
             self.scale = RaggedBuffer(batch, heads, dim // group, spec.meta_dtype, device)
             self.zero = RaggedBuffer(batch, heads, dim // group, spec.meta_dtype, device)
 
+    def reserve(self, tokens: int) -> None:
+        """Nothing: the store's width falls as it shrinks, so room reserved at its starting width (16 bits)
+        would outlive the shrink; its buffers grow as needed and the layer budget bounds them."""
+
     @property
     def bits(self) -> int:
         """The store's one code width, as TokenGroupStore readers expect; 0 while rows differ (no single width)."""
@@ -515,7 +578,7 @@ class ProgressiveTokenStore(TokenGroupStore):
         scale_out = torch.zeros(*lead, self.d // self.g, dtype=self.spec.meta_dtype, device=r.data.device)
         zero_out = torch.zeros_like(scale_out)
         for bits in self.row_bits.unique().tolist():
-            rows = (self.row_bits == bits).nonzero(as_tuple=True)[0].to(r.data.device)
+            rows = to_device((self.row_bits == bits).nonzero(as_tuple=True)[0], r.data.device)
             x = r.data[rows].reshape(len(rows), *lead[1:], self.d // self.g, self.g)
             codes, scale, zero = quantize(x, bits, self.spec)
             codes = codes.reshape(len(rows), *lead[1:], self.d)
@@ -586,7 +649,7 @@ class ProgressiveTokenStore(TokenGroupStore):
         q = torch.zeros(*lead, self.d, dtype=torch.int32, device=codes.data.device)
         if self.packed:
             for bits in row_bits.unique().tolist():
-                rows = (row_bits == bits).nonzero(as_tuple=True)[0].to(q.device)
+                rows = to_device((row_bits == bits).nonzero(as_tuple=True)[0], q.device)
                 q[rows] = unpack(codes.data[rows][..., : words_for(self.d, bits)], bits, self.d).to(torch.int32)
         else:
             q = codes.data.to(torch.int32)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+WARMUP = 3  # decode steps before the timed ones
 METHODS = {
     "bf16-dynamic": None,
     "bf16": ["method=bf16"],
@@ -41,7 +42,7 @@ def build_model(config_dir: Path):
     return model
 
 
-def new_cache(model, overrides, batch: int, context: int):
+def new_cache(model, overrides, batch: int, context: int, room: int):
     from mixkvq.config import load_config
     from mixkvq.methods import ModelShape, build_method
     from mixkvq.quantizer import QuantSpec
@@ -52,7 +53,7 @@ def new_cache(model, overrides, batch: int, context: int):
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
     shape = ModelShape.of(model)
     method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
-    cache = method.new_cache(batch)
+    cache = method.new_cache(batch, capacity=context + room)  # allocated once, as run.py allocates it
     fill_cache(cache, context, model.config.num_attention_heads, chunk=2048)
     return cache
 
@@ -69,7 +70,7 @@ def dynamic_cache(model, batch: int, context: int):
     return cache
 
 
-def decode_steps(model, cache, batch: int, steps: int, warmup: int = 3) -> float:
+def decode_steps(model, cache, batch: int, steps: int, warmup: int = WARMUP) -> float:
     """Seconds per decode step of the whole model."""
     from mixkvq.attention import bind
     from mixkvq.cache import QuantizedCache
@@ -101,7 +102,7 @@ def measure(model, overrides, batch: int, context: int, steps: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cache = new_cache(model, overrides, batch, context)
+    cache = new_cache(model, overrides, batch, context, room=steps + WARMUP)
     fill_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step = decode_steps(model, cache, batch, steps)

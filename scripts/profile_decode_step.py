@@ -1,0 +1,179 @@
+"""Where a decode step's time goes in a real `generate` call: wall time per step, host (Python) time by function,
+kernel launches and device syncs per step, for bf16 DynamicCache and the harness's methods.
+
+Random-weight model from a config folder (shapes and speed only), one prompt repeated to `--batch` samples
+through `mixkvq.protocol.generate_samples` (the path `run.py` takes), `--new-tokens` sampled tokens.
+
+    python scripts/profile_decode_step.py --config-dir DIR --out results/bench/decode_step_profile   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import pstats
+import time
+from pathlib import Path
+
+import torch
+
+DEVICE = "cuda"
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # the protocol of run.py
+METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16"], "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
+
+
+def build(config_dir: Path, layers: int | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(config_dir)
+    if layers:
+        cfg.num_hidden_layers = layers
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    return model, AutoTokenizer.from_pretrained(config_dir)
+
+
+def make_generate(model, tokenizer, overrides, batch: int):
+    """A function (prompt ids, new tokens) -> seconds, generating `batch` samples the way run.py does."""
+    if overrides is None:
+        def plain(ids, new):
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=batch, **SAMPLING,
+                               max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+            sync()
+            return time.perf_counter() - t0
+        return plain
+
+    from mixkvq.config import load_config
+    from mixkvq.methods import ModelShape, build_method
+    from mixkvq.protocol import generate_samples
+    from mixkvq.quantizer import QuantSpec
+
+    cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
+    shape = ModelShape.of(model)
+    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+    method.prepare_model(model)
+
+    def harness(ids, new):
+        prompt = tokenizer.decode(ids[0])
+        gen = {**SAMPLING, "max_new_tokens": new, "min_new_tokens": new}
+        return generate_samples(model, tokenizer, method, prompt, batch, gen, 0, "auto").seconds
+    return harness
+
+
+def host_profile(fn, ids, new: int, top: int) -> list[dict]:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn(ids, new)
+    prof.disable()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    rows = []
+    for (file, line, name), (cc, nc, tt, ct, _) in stats.stats.items():
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}({name})"
+        rows.append(dict(function=where, calls_per_step=nc / new, self_us_per_step=tt / new * 1e6,
+                         cum_us_per_step=ct / new * 1e6))
+    return sorted(rows, key=lambda r: -r["self_us_per_step"])[:top]
+
+
+def sync_sites(fn, ids, new: int, top: int = 12) -> list[dict]:
+    """Python lines that synchronized the stream, per step (torch's sync debug mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(ids, new)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sites = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    return [dict(site=k, per_step=v / new) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def launch_profile(fn, ids, new: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(ids, new)
+    counts = {}
+    for e in prof.key_averages():
+        counts[e.key] = counts.get(e.key, 0) + e.count
+    keys = {"launches": ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"),
+            "syncs": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
+            "memcpy": ("cudaMemcpyAsync", "cudaMemcpy")}
+    out = {k: sum(counts.get(n, 0) for n in names) / new for k, names in keys.items()}
+    ops = sorted(((k, v / new) for k, v in counts.items() if k.startswith("aten::")), key=lambda kv: -kv[1])[:25]
+    out["aten_ops_per_step"] = dict(ops)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-dir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+
+    model, tokenizer = build(args.config_dir, args.layers)
+    ids = torch.randint(1000, 20000, (1, args.prompt_tokens), device=DEVICE)
+    meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", date=datetime.date.today().isoformat(), torch=torch.__version__,
+                batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                layers=model.config.num_hidden_layers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.methods.split(","):
+        fn = make_generate(model, tokenizer, METHODS[name], args.batch)
+        fn(ids, 4)  # warm-up: kernels built and tuned
+        prefill = min(fn(ids, 1) for _ in range(2))
+        total = fn(ids, args.new_tokens)
+        step_ms = (total - prefill) / (args.new_tokens - 1) * 1e3
+        row = dict(method=name, step_ms=step_ms, prefill_ms=prefill * 1e3,
+                   tok_s=args.batch * args.new_tokens / total, **launch_profile(fn, ids, 16),
+                   host=host_profile(fn, ids, 16, args.top),
+                   sync_sites=sync_sites(fn, ids, 8) if DEVICE == "cuda" else [])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("host", "aten_ops_per_step", "sync_sites")}),
+              flush=True)
+        (args.out / "profile.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# Decode step profile ({meta['device']}, {meta['date']}, torch {meta['torch']})", "",
+             f"Random-weight model, {meta['layers']} layers, batch {args.batch}, prompt {args.prompt_tokens} tokens, "
+             f"{args.new_tokens} sampled new tokens; `python scripts/profile_decode_step.py`.", "",
+             "| method | ms/step | tok/s | launches/step | syncs/step | memcpy/step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
+                     f"{r['syncs']:.0f} | {r['memcpy']:.0f} |")
+    for r in rows:
+        lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
+        lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
+        lines += ["", f"## {r['method']}: host time by function (16 steps, per step)", "",
+                  "| function | calls | self us | cum us |", "|---|---|---|---|"]
+        lines += [f"| `{h['function']}` | {h['calls_per_step']:.0f} | {h['self_us_per_step']:.0f} | "
+                  f"{h['cum_us_per_step']:.0f} |" for h in r["host"]]
+    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
