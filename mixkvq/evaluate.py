@@ -21,7 +21,7 @@ from mixkvq.errors import ConfigError
 from mixkvq.grading import grade_many
 from mixkvq.methods import ModelShape, build_method, method_config
 from mixkvq.models import check_context, load_model
-from mixkvq.protocol import build_prompt, generate_samples
+from mixkvq.protocol import build_prompt, generate_batch
 from mixkvq.quantizer import QuantSpec
 from mixkvq.results import RUN_FILE, RunDir, find_finished, find_reference, twin_key
 from mixkvq.sinks import WandbSink, sweep_group
@@ -37,6 +37,10 @@ def generation_kwargs(cfg: DictConfig) -> dict:
     if not g.do_sample and cfg.task.n_samples != 1:
         raise ConfigError(f"generation.do_sample=false (greedy) gives identical samples; with it set task.n_samples=1, "
                           f"not {cfg.task.n_samples}")
+    batch = g.get("batch_problems", 1)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
+        raise ConfigError(f"generation.batch_problems={batch!r} must be a positive integer (problems per generate "
+                          "call)")
     kwargs = {"do_sample": bool(g.do_sample), "max_new_tokens": max_new}
     if g.do_sample:
         kwargs.update(temperature=float(g.temperature), top_p=float(g.top_p))
@@ -100,35 +104,48 @@ def evaluate(cfg: DictConfig) -> dict:
     label = f"{cfg.method.name}-{method.nominal_bits}"
     with RunDir(cfg.results_dir, cfg, label) as rd:
         done = rd.done_problem_ids()
-        todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
+        # Problems go to generate in fixed groups of `generation.batch_problems` (by index, so a resumed run
+        # samples the same groups with the same seeds); a group's rows are written together.
+        size = cfg.generation.get("batch_problems", 1)
+        groups = [list(range(k, min(k + size, len(problems)))) for k in range(0, len(problems), size)]
+        todo = [g for g in groups if any(problems[i].id not in done for i in g)]
         sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path, sweep_group())
         print(f"[{rd.name}] {len(problems)} problems, {len(done)} already done; writing to {rd.path}", file=sys.stderr)
-        bar = tqdm(todo, desc=label, unit="problem", disable=not cfg.progress, file=sys.stderr)
+        bar = tqdm(total=sum(len(g) for g in todo), desc=label, unit="problem", disable=not cfg.progress,
+                   file=sys.stderr)
         correct = total = 0
-        for index, problem in bar:
-            seed = cfg.seed + index
-            out = generate_samples(model, tokenizer, method, prompts[problem.id], cfg.task.n_samples, gen, seed,
-                                   cfg.attention.decode_kernel)
-            prompt_tokens = len(tokenizer(prompts[problem.id], add_special_tokens=False).input_ids)
-            grades = grade_many(out.texts, [problem.answer] * len(out.texts), cfg.task.grader, cfg.grading_workers)
-            rows = [
-                {
-                    "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
-                    "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
-                    "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
-                    "seed": seed, "gen_seconds": out.seconds, "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes,
-                    "decode_kernels": out.decode_kernels,
-                    **out.cache_stats[s],
-                }
-                for s in range(len(out.texts))
-            ]
+        for group in todo:
+            seed = cfg.seed + group[0]
+            outs = generate_batch(model, tokenizer, method, [prompts[problems[i].id] for i in group],
+                                  cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel)
+            rows, call_tokens = [], 0
+            for index, out in zip(group, outs):
+                problem = problems[index]
+                prompt_tokens = len(tokenizer(prompts[problem.id], add_special_tokens=False).input_ids)
+                grades = grade_many(out.texts, [problem.answer] * len(out.texts), cfg.task.grader,
+                                    cfg.grading_workers)
+                rows += [
+                    {
+                        "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
+                        "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
+                        "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
+                        # gen_seconds: this problem's share of its generate call (`problems_in_call` problems)
+                        "seed": seed, "gen_seconds": out.seconds, "problems_in_call": len(group),
+                        "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes, "decode_kernels": out.decode_kernels,
+                        **out.cache_stats[s],
+                    }
+                    for s in range(len(out.texts))
+                ]
+                correct += sum(g.correct for g in grades)
+                total += len(grades)
+                tokens = sum(len(t) for t in out.token_ids)
+                call_tokens += tokens
+                sink.log_problem({"problem_index": index, "accuracy": sum(g.correct for g in grades) / len(grades),
+                                  "tokens_per_s": tokens / out.seconds})
             rd.append_samples(rows)
-            correct += sum(g.correct for g in grades)
-            total += len(grades)
-            tok_s = sum(r["n_tokens"] for r in rows) / out.seconds
-            bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{tok_s:.0f}")
-            sink.log_problem({"problem_index": index, "accuracy": sum(g.correct for g in grades) / len(grades),
-                              "tokens_per_s": tok_s})
+            bar.update(len(group))
+            bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{call_tokens / (outs[0].seconds * len(group)):.0f}")
+        bar.close()
         row = run_row(cfg, rd, method, loaded, shape.device, started)
         rd.write_run_row(row)
         sink.log_summary(row)

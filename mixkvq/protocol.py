@@ -57,22 +57,39 @@ class Generation:
 def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen: dict, seed: int,
                      decode_kernel: str) -> Generation:
     """n samples of one prompt in one generate call: no padding inside a problem, a fresh cache."""
+    return generate_batch(model, tokenizer, method, [prompt], n, gen, seed, decode_kernel)[0]
+
+
+def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int, gen: dict, seed: int,
+                   decode_kernel: str) -> list[Generation]:
+    """n samples of each prompt in one generate call (prompts left-padded, rows i*n .. i*n+n-1 are prompt i's),
+    through a fresh cache allocated once for the longest prompt + max_new_tokens. Each Generation gets an equal
+    share of the call's seconds, so per-problem seconds add up to the time spent."""
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    cache = method.new_cache(n, capacity=ids.shape[1] + gen["max_new_tokens"])
     stop = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    pad = (mask == 0).sum(dim=1).repeat_interleave(n)
+    cache = method.new_cache(len(encoded) * n, pad, capacity=width + gen["max_new_tokens"])
+    ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
     with bind(model, cache, decode_kernel), torch.no_grad():
         kernels = kernels_in_use(cache.layers)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, num_return_sequences=n,
-                             pad_token_id=tokenizer.pad_token_id or min(stop), eos_token_id=sorted(stop),
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, num_return_sequences=n,
+                             pad_token_id=pad_id, eos_token_id=sorted(stop),
                              stopping_criteria=StoppingCriteriaList([CacheStop(cache)]), **gen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     tokens, truncated, by_budget = [], [], []
-    for row, stop_step in zip(out[:, ids.shape[1]:].tolist(), cache.stop_step.tolist()):
+    for row, stop_step in zip(out[:, width:].tolist(), cache.stop_step.tolist()):
         end = next((i + 1 for i, t in enumerate(row) if t in stop), None)
         # A cache stop before the row's own end truncates it there (recorded apart from the max-token limit).
         budget = stop_step >= 0 and (end is None or stop_step < end)
@@ -85,4 +102,6 @@ def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen:
     for row_stats, budget in zip(stats, by_budget):
         row_stats["truncated_by_budget"] = budget
     peak = cache.peak_allocated_bytes if method.storage == "packed" else None
-    return Generation(tokens, texts, truncated, seconds, stats, peak, kernels)
+    share = seconds / len(encoded)
+    return [Generation(tokens[i:i + n], texts[i:i + n], truncated[i:i + n], share, stats[i:i + n], peak, kernels)
+            for i in range(0, len(tokens), n)]

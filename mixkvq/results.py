@@ -49,8 +49,17 @@ def _container(cfg: DictConfig | dict) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+# Options added after runs were written, with the value those runs had: at that value a key is left out of the
+# hash, so results written before it existed keep their names and resume.
+ADDED_KEYS = {("generation", "batch_problems"): 1}
+
+
 def _canonical(cfg: DictConfig | dict, drop: tuple[str, ...]) -> str:
     data = {k: v for k, v in _container(cfg).items() if k not in drop}
+    for (group, key), value in ADDED_KEYS.items():
+        node = data.get(group)
+        if isinstance(node, dict) and node.get(key, value) == value:
+            data[group] = {k: v for k, v in node.items() if k != key}
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 

@@ -1,0 +1,72 @@
+"""Several problems per generate call (`generation.batch_problems`): left-padded prompts in one cache give each
+problem the tokens it gets alone (greedy, fp32), with its own statistics and a share of the call's time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixkvq.models import load_model
+from mixkvq.protocol import build_prompt, generate_batch, generate_samples
+from test_models import qwen7b_dir, tiny_qwen  # noqa: F401  (fixture)
+from tiny import method_for
+
+GEN = {"do_sample": False, "max_new_tokens": 40, "min_new_tokens": 40}
+
+
+@pytest.fixture(scope="module")
+def loaded(qwen7b_dir):  # noqa: F811
+    loaded = load_model(tiny_qwen(qwen7b_dir))
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(8.0)  # peaky logits: greedy is not decided by rounding noise
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded, shared_data):
+    lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]
+    questions = [json.loads(line)["question"] for line in lines]
+    texts = [build_prompt(loaded.tokenizer, q, "{question}", think_prefix=True) for q in questions]
+    lengths = [len(loaded.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    assert len(set(lengths)) == 3  # different lengths: the batch really is left-padded
+    return texts
+
+
+@pytest.mark.parametrize("name", ["bf16", "kivi"])
+def test_a_batch_of_problems_gives_each_the_tokens_it_gets_alone(loaded, prompts, name):
+    # R=32: the prompts (about 100 tokens) flush blocks at different steps in each row.
+    method = method_for(loaded.model, name, overrides=["method.residual_length=32"] if name == "kivi" else [])
+    batched = generate_batch(loaded.model, loaded.tokenizer, method, prompts, 1, GEN, 0, "auto")
+    assert len(batched) == len(prompts)
+    for prompt, out in zip(prompts, batched):
+        alone = generate_samples(loaded.model, loaded.tokenizer, method, prompt, 1, GEN, 0, "auto")
+        assert out.token_ids == alone.token_ids
+        assert out.cache_stats[0]["storage_bits_final"] == pytest.approx(alone.cache_stats[0]["storage_bits_final"])
+    assert len({out.seconds for out in batched}) == 1  # each problem carries an equal share of the call
+
+
+def test_samples_of_each_problem_stay_together(loaded, prompts):
+    method = method_for(loaded.model, "kivi")
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8}
+    outs = generate_batch(loaded.model, loaded.tokenizer, method, prompts[:2], 3, gen, 0, "auto")
+    assert [len(o.token_ids) for o in outs] == [3, 3] and all(len(o.cache_stats) == 3 for o in outs)
+
+
+def test_the_option_keeps_older_runs_identity_and_is_checked():
+    from omegaconf import OmegaConf
+
+    from mixkvq.config import load_config
+    from mixkvq.errors import ConfigError
+    from mixkvq.evaluate import generation_kwargs
+    from mixkvq.results import config_hash
+
+    cfg = load_config([])
+    older = OmegaConf.to_container(cfg, resolve=True)
+    del older["generation"]["batch_problems"]  # a run written before the option existed
+    assert config_hash(cfg) == config_hash(older)
+    assert config_hash(load_config(["generation.batch_problems=4"])) != config_hash(cfg)
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ConfigError, match="generation.batch_problems"):
+            generation_kwargs(load_config([f"generation.batch_problems={bad}"]))
