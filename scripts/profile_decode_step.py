@@ -28,7 +28,8 @@ def sync():
 
 
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # the protocol of run.py
-METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16"], "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
+METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16"], "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch"],
+           "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
 
 
 def build(config_dir: Path, layers: int | None):
@@ -68,7 +69,7 @@ def make_generate(model, tokenizer, overrides, batch: int):
     def harness(ids, new):
         prompt = tokenizer.decode(ids[0])
         gen = {**SAMPLING, "max_new_tokens": new, "min_new_tokens": new}
-        return generate_samples(model, tokenizer, method, prompt, batch, gen, 0, "auto").seconds
+        return generate_samples(model, tokenizer, method, prompt, batch, gen, 0, cfg.attention.decode_kernel).seconds
     return harness
 
 
