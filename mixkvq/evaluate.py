@@ -22,7 +22,6 @@ from mixkvq.grading import grade_many
 from mixkvq.methods import ModelShape, build_method, method_config
 from mixkvq.models import check_context, load_model
 from mixkvq.protocol import build_prompt, generate_batch
-from mixkvq.quantizer import QuantSpec
 from mixkvq.results import RUN_FILE, RunDir, find_finished, find_reference, twin_key
 from mixkvq.sinks import WandbSink, sweep_group
 from mixkvq.summary import format_summary
@@ -93,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.cpu_threads)
     model, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(model)
-    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+    method = build_method(cfg, shape)
     method.prepare_model(model)
     prompts = {p.id: build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems}
     longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in prompts.values())

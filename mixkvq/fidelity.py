@@ -43,7 +43,6 @@ from mixkvq.fidelity_metrics import layer_table, summarize
 from mixkvq.methods import Method, ModelShape, build_method
 from mixkvq.models import check_context, load_model
 from mixkvq.protocol import build_prompt, eos_ids
-from mixkvq.quantizer import QuantSpec
 from mixkvq.registry import Registry
 from mixkvq.results import RUN_FILE, RunDir, _read_table, _write_table, config_hash, find_finished, twin_key
 from mixkvq.sinks import WandbSink, sweep_group
@@ -334,7 +333,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.cpu_threads)
     model, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(model)
-    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+    method = build_method(cfg, shape)
     # A method that rewrites weights (PM-KVQ folds key scales into q/k projections) gets its own copy: the
     # reference stays the unmodified model.
     rewrites = type(method).prepare_model is not Method.prepare_model

@@ -123,10 +123,14 @@ def method_config(node, extra: dict | None = None):
     return cls(**values)
 
 
-def build_method(method_cfg, shape: ModelShape, quant: QuantSpec, storage: str, model_cfg=None) -> Method:
-    """`model_cfg` supplies per-model paper settings (e.g. MixKVQ's target bits) the method config leaves null."""
-    cfg = method_config(method_cfg)
-    return METHODS.get(cfg.name)(cfg, shape, quant, storage, model_cfg)
+def build_method(cfg, model, method=None) -> Method:
+    """The method of a run config: `cfg.method` (or the `method` node given instead), its storage, and the
+    quantizer settings `cfg.quant` for the model's dtype. `model` is the loaded model or its `ModelShape`.
+    `cfg.model` supplies per-model paper settings (e.g. MixKVQ's target bits) a method config leaves null."""
+    shape = model if isinstance(model, ModelShape) else ModelShape.of(model)
+    quant = QuantSpec.from_config(cfg.quant, shape.dtype)
+    config = method_config(cfg.method if method is None else method)
+    return METHODS.get(config.name)(config, shape, quant, cfg.storage, cfg.get("model"))
 
 
 def check_choice(key: str, value, choices) -> None:

@@ -10,6 +10,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kernels import kernels_in_use
 from mixkvq.attention import bind
+from mixkvq.cache import QuantizedCache
 from mixkvq.methods import Method
 from mixkvq.storage import to_device
 
@@ -52,6 +53,7 @@ class Generation:
     cache_stats: list[dict]
     kv_peak_allocated_bytes: int | None
     decode_kernels: str  # what `attention.decode_kernel` resolved to over the layers, e.g. "triton"
+    cache: QuantizedCache  # the call's cache (rows of every prompt in it), read after generate (MixKVQ's search)
 
 
 def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen: dict, seed: int,
@@ -103,5 +105,5 @@ def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int,
         row_stats["truncated_by_budget"] = budget
     peak = cache.peak_allocated_bytes if method.storage == "packed" else None
     share = seconds / len(encoded)
-    return [Generation(tokens[i:i + n], texts[i:i + n], truncated[i:i + n], share, stats[i:i + n], peak, kernels)
-            for i in range(0, len(tokens), n)]
+    return [Generation(tokens[i:i + n], texts[i:i + n], truncated[i:i + n], share, stats[i:i + n], peak, kernels,
+                       cache) for i in range(0, len(tokens), n)]

@@ -44,15 +44,13 @@ def build_model(config_dir: Path):
 
 def new_cache(model, overrides, batch: int, context: int, room: int):
     from mixkvq.config import load_config
-    from mixkvq.methods import ModelShape, build_method
-    from mixkvq.quantizer import QuantSpec
+    from mixkvq.methods import build_method
     from mixkvq.synthetic import fill_cache
 
     if overrides is None:
         return dynamic_cache(model, batch, context)
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
-    shape = ModelShape.of(model)
-    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+    method = build_method(cfg, model)
     cache = method.new_cache(batch, capacity=context + room)  # allocated once, as run.py allocates it
     fill_cache(cache, context, model.config.num_attention_heads, chunk=2048)
     return cache

@@ -29,7 +29,6 @@ import triton
 from kernels import decode, fragment
 from mixkvq.config import load_config
 from mixkvq.methods import ModelShape, build_method
-from mixkvq.quantizer import QuantSpec
 from mixkvq.synthetic import fill_layer
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
@@ -65,7 +64,7 @@ def build(overrides: list[str]):
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
     shape = ModelShape(layers=1, kv_heads=KV_HEADS, q_heads=Q_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
                        device=torch.device("cuda"))
-    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+    return build_method(cfg, shape)
 
 
 def copy_bandwidth() -> float:

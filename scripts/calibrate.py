@@ -93,17 +93,14 @@ def _mixkvq(cfg, loaded, method) -> tuple[dict, dict]:
     def evaluate_taus(tau_bf16, tau_uint4):
         node = OmegaConf.merge(cfg.method, {"tier_rule": "threshold", "thresholds": "paper", "tau_bf16": tau_bf16,
                                             "tau_uint4": tau_uint4})
-        m = build_method(node, method.shape, method.quant, cfg.storage, cfg.model)
-        caches = []  # keep each generate call's cache to read its key tiers
-        new_cache = m.new_cache
-        m.new_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
+        m = build_method(cfg, method.shape, method=node)
         correct, bits = [], []
         for i, (problem, prompt) in enumerate(zip(problems, prompts)):
             out = generate_samples(loaded.model, loaded.tokenizer, m, prompt, 1, gen, cfg.seed + i,
                                    cfg.attention.decode_kernel)
             grade = grade_many(out.texts, [problem.answer], task.grader, 0)[0]
             correct.append(float(grade.correct))
-            bits.append(codes_bits(caches[-1], int(cfg.method.value_bits)))
+            bits.append(codes_bits(out.cache, int(cfg.method.value_bits)))
         return sum(correct) / len(correct), sum(bits) / len(bits)
 
     payload = mixkvq_search(evaluate_taus, int(s.trials), tuple(s.tau_range), target, int(cfg.calib_seed))
@@ -120,7 +117,6 @@ def calibrate(cfg: DictConfig, loaded=None) -> Path:
     from mixkvq.artifacts import artifact_dir, save_artifact
     from mixkvq.methods import ModelShape, build_method, method_config
     from mixkvq.models import load_model
-    from mixkvq.quantizer import QuantSpec
 
     name = cfg.method.name
     if name not in CALIBRATORS:
@@ -133,8 +129,7 @@ def calibrate(cfg: DictConfig, loaded=None) -> Path:
     # Build the method without the artifact this run is about to make (only its settings are needed).
     skip = {"pmkvq": {"allocation": "uniform", "reparameterize": False}, "kvmix": {"layer_bits": {
         "key": [2] * shape.layers, "value": [2] * shape.layers}}, "mixkvq": {"thresholds": "paper"}}[name]
-    method = build_method(OmegaConf.merge(cfg.method, skip), shape, QuantSpec.from_config(cfg.quant, shape.dtype),
-                          cfg.storage, cfg.model)
+    method = build_method(cfg, shape, method=OmegaConf.merge(cfg.method, skip))
     start = time.perf_counter()
     payload, data = CALIBRATORS[name](cfg, loaded, method)
     seconds = time.perf_counter() - start

@@ -14,10 +14,9 @@ import time
 import torch
 
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
+from mixkvq.methods import build_method
 from mixkvq.models import load_model
 from mixkvq.protocol import build_prompt, generate_samples
-from mixkvq.quantizer import QuantSpec
 
 
 def main() -> None:
@@ -31,8 +30,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config([f"method={args.method}", f"model.dtype={args.dtype}"])
     loaded = load_model(cfg.model)
-    shape = ModelShape.of(loaded.model)
-    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+    method = build_method(cfg, loaded.model)
     prompt = build_prompt(loaded.tokenizer, "What is 17 * 23 + 4?", cfg.prompt, loaded.think_prefix)
     gen = dict(do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     start = time.perf_counter()

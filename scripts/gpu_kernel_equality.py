@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
+from mixkvq.methods import build_method
 from mixkvq.models import load_model
 from mixkvq.protocol import build_prompt, generate_samples
-from mixkvq.quantizer import QuantSpec
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -46,8 +45,7 @@ def main() -> None:
     for name in args.methods.split(","):
         cfg = load_config([f"method={name}", f"model={args.model}", "~task", "~logger"])
         loaded = load_model(cfg.model)
-        shape = ModelShape.of(loaded.model)
-        method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+        method = build_method(cfg, loaded.model)
         gen = dict(do_sample=False, max_new_tokens=args.tokens)
         for i, q in enumerate(questions):
             prompt = build_prompt(loaded.tokenizer, q, cfg.prompt, loaded.think_prefix)

@@ -35,7 +35,6 @@ from bench_decode_kernel import CONFIGS
 from kernels import decode
 from mixkvq.config import load_config
 from mixkvq.methods import ModelShape, build_method
-from mixkvq.quantizer import QuantSpec
 from mixkvq.synthetic import fill_layer
 
 # The shapes and method formats of the GPU benchmark (scripts/bench_decode_kernel.py).
@@ -56,7 +55,7 @@ def capture_launch(overrides: list[str], ctx: int = 1024) -> tuple:
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
     shape = ModelShape(layers=1, kv_heads=KV_HEADS, q_heads=Q_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
                        device=torch.device("cpu"))
-    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, cfg.model)
+    method = build_method(cfg, shape)
     layer = method.new_cache(1).layers[0]
     gen = torch.Generator().manual_seed(0)
     fill_layer(layer, ctx, Q_HEADS, gen)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.quantizer import QuantSpec
+from mixkvq.methods import ModelShape
+from tiny import build
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -80,16 +80,11 @@ def test_fake_and_packed_give_the_same_tokens_on_smollm2(calibrated, name, extra
     gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 150}
     tokens, caches = {}, {}
     for storage in ("packed", "fake"):
-        cfg = load_config([f"method={name}", f"storage={storage}", f"method.calibration_dir={root}", *extra])
         model = copy.deepcopy(loaded.model)  # PM-KVQ folds its key scales into the weights
-        shape = ModelShape.of(model)
-        method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), storage, cfg.model)
+        method = build(name, [f"method.calibration_dir={root}", *extra], model=model, storage=storage)
         method.prepare_model(model)
-        made = []
-        new_cache = method.new_cache
-        method.new_cache = lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]
         out = generate_samples(model, loaded.tokenizer, method, prompt, 2, gen, 0, "torch")
-        tokens[storage], caches[storage] = out.token_ids, made[-1]
+        tokens[storage], caches[storage] = out.token_ids, out.cache
     assert tokens["packed"] == tokens["fake"]
     assert max(len(t) for t in tokens["packed"]) > 60
     layer = caches["packed"].layers[0]
@@ -103,16 +98,12 @@ def test_methods_load_their_artifacts_and_refuse_another_model(calibrated, tmp_p
 
     root, loaded = calibrated
     shape = ModelShape.of(loaded.model)
-
-    def build(*overrides, calibration_dir=root):
-        cfg = load_config([*overrides, f"method.calibration_dir={calibration_dir}"])
-        return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
-
-    assert build("method=kvmix").nominal_bits == "k2.20v2.40"  # 6 of 30 layers high-bit
-    pm = build("method=pmkvq")
+    calibrated_by = [f"method.calibration_dir={root}"]
+    assert build("kvmix", calibrated_by, model=shape).nominal_bits == "k2.20v2.40"  # 6 of 30 layers high-bit
+    pm = build("pmkvq", calibrated_by, model=shape)
     assert len(pm.budgets()) == 30 and set(pm.fbits) <= {2, 4} and pm.nominal_bits == "Fbit=4/2"
     found = json.loads((root / "smollm2-135m" / "mixkvq" / "artifact.json").read_text())["payload"]
-    assert build("method=mixkvq_search").taus == (found["tau_bf16"], found["tau_uint4"])
+    assert build("mixkvq_search", calibrated_by, model=shape).taus == (found["tau_bf16"], found["tau_uint4"])
     # An artifact made for another model is refused with a message naming both.
     other = tmp_path / "smollm2-135m" / "kvmix"
     other.mkdir(parents=True)
@@ -120,7 +111,7 @@ def test_methods_load_their_artifacts_and_refuse_another_model(calibrated, tmp_p
     record["model"] = "deepseek-r1-distill-7b"
     (other / "artifact.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="made for model 'deepseek-r1-distill-7b'.*smollm2-135m"):
-        build("method=kvmix", calibration_dir=tmp_path)
+        build("kvmix", [f"method.calibration_dir={tmp_path}"], model=shape)
 
 
 def test_run_py_loads_the_pmkvq_artifact_and_reports_its_bits(calibrated, tmp_path):

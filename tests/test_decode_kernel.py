@@ -18,14 +18,9 @@ import torch
 
 from kernels import decode
 from kernels.reference import stream_tokens
-from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
 from mixkvq.quantizer import QuantSpec
-from tiny import PAPER, generate, left_pad, method_for, random_prompts, tiny_model
-
-# PM-KVQ without a calibration artifact; a 32-token window and a small budget, so that rows shrink within a few
-# hundred tokens (`max_len=N`: a layer holds N tokens at 2 bits, N/8 at 16; the 16-bit sink and window count).
-PMKVQ = ["method.allocation=uniform", "method.reparameterize=false", "method.window_tokens=32", "method.fbit=2"]
+from method_cases import PMKVQ_NO_ARTIFACT as PMKVQ
+from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 FORMAT_CASES = {  # every store format and code width the kernel reads
     "kivi-2": ("kivi", []),
@@ -45,13 +40,6 @@ FORMAT_CASES = {  # every store format and code width the kernel reads
     # progressive per-token stores, a width per row: at the default lengths rows end at 4, 8 and 16 bits
     "pmkvq": ("pmkvq", [*PMKVQ, "method.max_len=1300"]),
 }
-
-
-def build(name, overrides, *, kv_heads, q_heads, head_dim, dtype, device, storage="packed"):
-    cfg = load_config([f"method={name}", f"storage={storage}", "~model", "~task", "~logger", *overrides])
-    shape = ModelShape(layers=1, kv_heads=kv_heads, q_heads=q_heads, head_dim=head_dim, dtype=dtype,
-                       device=torch.device(device))
-    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, dtype), cfg.storage, PAPER)
 
 
 def filled_layer(method, *, lengths, steps, gen, device):
@@ -271,7 +259,7 @@ def test_generate_gives_the_same_tokens_with_the_fused_kernel(name):
     model = tiny_model("qwen2", q_heads=8, kv_heads=2, layers=1)
     ids, mask = left_pad(random_prompts([110, 140], seed=7))
     overrides, new_tokens = GENERATE_CASES[name]
-    method = method_for(model, name, overrides=overrides)
+    method = build(name, overrides, model=model)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     fused, cache = generate(model, method, ids, mask, decode_kernel="triton", **gen)
     ref, _ = generate(model, method, ids, mask, decode_kernel="torch", **gen)
@@ -315,7 +303,7 @@ def test_generate_gives_the_same_tokens_with_the_fused_kernel_on_cuda(name):
     # check in bf16 is scripts/gpu_kernel_equality.py)
     model = tiny_model("qwen2", dtype=torch.float32, q_heads=14, kv_heads=2, head_dim=128).to("cuda")
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
-    method = method_for(model, name, overrides=CUDA_GENERATE_CASES[name])
+    method = build(name, CUDA_GENERATE_CASES[name], model=model)
     fused, cache = generate(model, method, ids, mask, decode_kernel="triton", max_new_tokens=300,
                             min_new_tokens=300)
     ref, _ = generate(model, method, ids, mask, decode_kernel="torch", max_new_tokens=300, min_new_tokens=300)

@@ -17,7 +17,7 @@ import mixkvq.storage
 from mixkvq import fidelity
 from mixkvq.fidelity import Reference, drive, greedy_references, layer_table, summarize
 from mixkvq.tasks import Problem
-from tiny import method_for, random_prompts, tiny_model
+from tiny import build, random_prompts, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 # Harness bf16 path against plain transformers on a bf16 model: the noise floor of bf16 rounding in a differently
@@ -36,7 +36,7 @@ def bf16_setup():
 
 
 def _score(model, refs, name, every=0):
-    rows = drive(model, model, method_for(model, name), refs, 0, "auto", every)
+    rows = drive(model, model, build(name, model=model), refs, 0, "auto", every)
     return rows, summarize(pd.DataFrame(rows), [0, 128, 256, 512])
 
 

@@ -15,8 +15,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from kernels import fragment, kernels_in_use, resolve_decode_kernel
-from test_decode_kernel import build, ground_truth
-from tiny import generate, left_pad, method_for, random_prompts, tiny_model
+from test_decode_kernel import ground_truth
+from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -100,11 +100,11 @@ def test_auto_binds_the_cuda_kernel_and_its_next_tokens_match_the_reference_deco
     model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=8, kv_heads=2, head_dim=128).to("cuda")
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
     long = dict(max_new_tokens=300, min_new_tokens=300)
-    ref, _ = generate(model, method_for(model, "kivi"), ids, mask, decode_kernel="torch", **long)
+    ref, _ = generate(model, build("kivi", model=model), ids, mask, decode_kernel="torch", **long)
     # Along the reference decoder's own greedy tokens, the CUDA kernel's greedy choice at every step (a free-running
     # comparison would part for good at the first near-tie, the kernel rounding differently).
     force = ForceTokens(ref, ids.shape[1])
-    out, cache = generate(model, method_for(model, "kivi"), ids, mask, decode_kernel="auto",
+    out, cache = generate(model, build("kivi", model=model), ids, mask, decode_kernel="auto",
                           logits_processor=LogitsProcessorList([force]), **long)
     assert kernels_in_use(cache.layers) == "cuda" and torch.equal(out, ref)
     assert int(cache.layers[0].key_stream.store.tokens().min()) >= 128

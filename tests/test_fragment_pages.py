@@ -16,7 +16,7 @@ from kernels.reference import decode_attention as reference_decode
 from mixkvq.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, channel_meta_order, code_order,
                            pack_tile, register_element, token_meta_order, unpack_tile)
 from mixkvq.paged import PagedKeyStore, PagedValueStore, page_problems, to_pages
-from test_decode_kernel import build, ground_truth
+from test_decode_kernel import ground_truth
 
 
 @pytest.mark.parametrize("kind", ["key", "value"])

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from kernels.reference import stream_tokens
-from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.quantizer import QuantSpec
-from tiny import PAPER, generate, generate_dynamic, left_pad, method_for, random_prompts, tiny_model
+from mixkvq.methods import ModelShape
+from tiny import build, generate, generate_dynamic, left_pad, random_prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 LONG = dict(max_new_tokens=300, min_new_tokens=300)
@@ -27,7 +25,7 @@ def test_bf16_method_matches_dynamic_cache_on_cuda(model):
     # by batch size).
     ids = torch.stack(random_prompts([37, 37], seed=1)).cuda()
     # The reference decode runs the same SDPA as DynamicCache; the fused kernel sums in another order.
-    out, _ = generate(model, method_for(model, "bf16"), ids, decode_kernel="torch", **LONG)
+    out, _ = generate(model, build("bf16", model=model), ids, decode_kernel="torch", **LONG)
     assert torch.equal(out, generate_dynamic(model, ids, **LONG))
 
 
@@ -41,9 +39,7 @@ def test_fake_and_packed_stores_hold_the_same_tokens_on_cuda(name):
     pad = torch.tensor([141, 0, 71])
     layers = {}
     for storage in ("packed", "fake"):
-        cfg = load_config([f"method={name}", f"storage={storage}", "~model", "~task", "~logger"])
-        m = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
-        layers[storage] = m.new_cache(3, pad).layers[0]
+        layers[storage] = build(name, model=shape, storage=storage).new_cache(3, pad).layers[0]
     gen = torch.Generator().manual_seed(11)
     for t in [161] + [1] * 300:
         k = torch.randn(3, 2, t, 128, generator=gen) * (1 + 20 * (torch.rand(1, 2, 1, 128, generator=gen) > 0.95))
@@ -67,7 +63,7 @@ def test_fake_and_packed_stores_hold_the_same_tokens_on_cuda(name):
 def test_packed_generation_is_reproducible_on_cuda(model, name):
     # The fake == packed check below needs a forward that gives the same tokens twice on the same inputs.
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
-    runs = [generate(model, method_for(model, name, "packed"), ids, mask, decode_kernel="torch", **LONG)[0]
+    runs = [generate(model, build(name, model=model, storage="packed"), ids, mask, decode_kernel="torch", **LONG)[0]
             for _ in range(2)]
     assert torch.equal(*runs)
 
@@ -77,8 +73,8 @@ def test_fake_and_packed_storage_give_the_same_tokens_on_cuda(model, name):
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
     # The contract holds under the reference decode (DESIGN.md). The fused kernel reads the two layouts through
     # different tile paths and differs in the last bits of its output (results/bench/README.md).
-    packed, cache = generate(model, method_for(model, name, "packed"), ids, mask, decode_kernel="torch", **LONG)
-    fake, _ = generate(model, method_for(model, name, "fake"), ids, mask, decode_kernel="torch", **LONG)
+    packed, cache = generate(model, build(name, model=model), ids, mask, decode_kernel="torch", **LONG)
+    fake, _ = generate(model, build(name, model=model, storage="fake"), ids, mask, decode_kernel="torch", **LONG)
     differ = (packed != fake).nonzero()
     assert torch.equal(packed, fake), f"first differing (row, position): {differ[:3].tolist()}"
     # Quantized, not bf16 in disguise: the 128-token bf16 window weighs on 320-token rows (KIVI-4: about 9.4 bits)

@@ -7,25 +7,16 @@ import torch
 
 from baselines.kvmix import allocate, high_bit_count
 from mixkvq.calibration import kvmix_profile
-from mixkvq.config import load_config
 from mixkvq.errors import ConfigError
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.quantizer import QuantSpec, pack11, unpack11
-from tiny import PAPER, generate, method_for, random_prompts, tiny_model
+from mixkvq.quantizer import pack11, unpack11
+from tiny import build, generate, random_prompts, tiny_model
 
-H, D = 2, 128
-
-
-def _shape(layers):
-    return ModelShape(layers=layers, kv_heads=H, q_heads=4, head_dim=D, dtype=torch.float32, device=torch.device("cpu"))
+H, D = 2, 128  # the shape `build` gives by default
 
 
-def _method(layers, *overrides, storage="packed", bits=None):
-    lb = bits or ([3] + [2] * (layers - 1), [4] + [2] * (layers - 1))
-    given = [] if any("layer_bits" in o for o in overrides) else [f"method.layer_bits={{key:{lb[0]},value:{lb[1]}}}"]
-    cfg = load_config(["method=kvmix", f"storage={storage}", "~model", "~task", "~logger", *given, *overrides])
-    shape = _shape(layers)
-    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
+def layer_bits(key: list[int], value: list[int]) -> str:
+    """The override giving each layer its key and value bits (what calibration would choose)."""
+    return f"method.layer_bits={{key:{key},value:{value}}}"
 
 
 @pytest.mark.parametrize(
@@ -51,7 +42,7 @@ def test_layer_bits_give_the_stated_averages(layers, rule, share, k, v):
 
 
 def test_kvmix_nominal_bits_follow_the_allocation():
-    m = _method(32, bits=([3] * 6 + [2] * 26, [4] * 6 + [2] * 26))
+    m = build("kvmix", [layer_bits([3] * 6 + [2] * 26, [4] * 6 + [2] * 26)], layers=32)
     assert m.nominal_bits == "k2.19v2.38"
 
 
@@ -86,7 +77,7 @@ def _rule(c, r, g):
     ],
 )
 def test_rpc_window_cycles_in_the_stated_band(ratios, k_bits, v_bits, key_band, value_band):
-    m = _method(1, f"method.rpc_ratios={ratios}", bits=([k_bits], [v_bits]))
+    m = build("kvmix", [layer_bits([k_bits], [v_bits]), f"method.rpc_ratios={ratios}"])
     layer, ks, vs = _buffer_band(m, 0)
     r = {("paper", 4): 0.2, ("paper", 3): 0.2, ("paper", 2): 0.1, ("repo", 4): 0.3}
     kg = 11 if k_bits == 3 else 32
@@ -104,7 +95,7 @@ def test_rpc_window_cycles_in_the_stated_band(ratios, k_bits, v_bits, key_band, 
 
 
 def test_prefill_keeps_r_of_the_prompt_plus_the_remainder():
-    m = _method(1, bits=([2], [2]))
+    m = build("kvmix", [layer_bits([2], [2])])
     layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
     layer.update(torch.randn(1, H, 1000, D), torch.randn(1, H, 1000, D))
     assert int(layer.key_stream.window.lens[0]) == _rule(1000, 0.1, 32) == 100 + (900 % 32)
@@ -120,7 +111,7 @@ def test_three_bit_keys_pack_eleven_codes_per_word_with_a_two_bit_last_slot():
     expected[:, 10::11] = expected[:, 10::11].clamp(max=3)
     assert torch.equal(back, expected)
     # Payload: 32/11 bits per element for 3-bit layers (METHODS.md §2); 11-token groups carry their own metadata.
-    m = _method(1, bits=([3], [2]))
+    m = build("kvmix", [layer_bits([3], [2])])
     layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
     layer.update(torch.randn(1, H, 220, D), torch.randn(1, H, 220, D))
     store = layer.key_stream.store
@@ -128,20 +119,20 @@ def test_three_bit_keys_pack_eleven_codes_per_word_with_a_two_bit_last_slot():
     assert n % 11 == 0 and n > 0
     assert float(store.code_bits[0]) == pytest.approx(n * H * D * 32 / 11)
     assert int(store.used.sum()) == (n // 11) * H * D  # one int32 word per channel per 11-token group
-    g32 = _method(1, "method.key3_format=g32", bits=([3], [2])).make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
+    g32 = build("kvmix", [layer_bits([3], [2]), "method.key3_format=g32"]).make_layer(0, 1,
+                                                                                   torch.zeros(1, dtype=torch.int64))
     g32.update(torch.randn(1, H, 220, D), torch.randn(1, H, 220, D))
     assert int(g32.key_stream.store.tokens()[0]) % 32 == 0
 
 
-@pytest.mark.parametrize("overrides", [[], ["method.key3_format=g32", "method.rpc_ratios=repo"]])
-def test_fake_and_packed_give_the_same_tokens(overrides):
+def test_fake_and_packed_give_the_same_tokens_with_g32_keys_and_repo_ratios():
+    # The default layout is in the method matrix (test_cache_contract.py); this is the other 3-bit key layout.
+    over = [layer_bits([3, 2], [4, 2]), "method.key3_format=g32", "method.rpc_ratios=repo"]
     model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=4, kv_heads=2, head_dim=128)
     ids = torch.stack(random_prompts([90], seed=7))
-    lb = "method.layer_bits={key:[3,2],value:[4,2]}"
-    packed, pc = generate(model, method_for(model, "kvmix", "packed", [lb, *overrides]), ids, max_new_tokens=120,
-                          min_new_tokens=120)
-    fake, _ = generate(model, method_for(model, "kvmix", "fake", [lb, *overrides]), ids, max_new_tokens=120,
-                       min_new_tokens=120)
+    new = dict(max_new_tokens=120, min_new_tokens=120)
+    packed, pc = generate(model, build("kvmix", over, model=model), ids, **new)
+    fake, _ = generate(model, build("kvmix", over, model=model, storage="fake"), ids, **new)
     assert torch.equal(packed, fake)
     stats = pc.sequence_stats(torch.tensor([120]))[0]
     assert stats["payload_bits_final"] < 6 and stats["kv_bytes_final"] < 0.5 * stats["kv_bytes_bf16_final"]
@@ -166,14 +157,12 @@ def test_single_backward_profile_equals_the_repo_per_layer_loop():
 )
 def test_impossible_settings_are_refused_by_name(override, match):
     with pytest.raises(ConfigError, match=match):
-        _method(2, override)
+        build("kvmix", [layer_bits([3, 2], [4, 2]), override], layers=2)  # a later override wins
 
 
 def test_missing_artifact_names_the_calibration_command(tmp_path):
-    cfg = load_config(["method=kvmix", "~task", "~logger", f"method.calibration_dir={tmp_path}"])
-    shape = _shape(30)
     with pytest.raises(ConfigError, match="scripts/calibrate.py method=kvmix model=smollm2-135m"):
-        build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+        build("kvmix", [f"method.calibration_dir={tmp_path}"], layers=30)
 
 
 @pytest.mark.gpu

@@ -5,21 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixkvq.config import load_config
 from mixkvq.errors import ConfigError
-from mixkvq.methods import ModelShape, build_method
 from mixkvq.mixkvq import mean_code_bits, paper_tiers, salience
-from mixkvq.quantizer import QuantSpec, words_for
+from mixkvq.quantizer import words_for
 from mixkvq.storage import FULL_PRECISION
-from tiny import PAPER
+from tiny import build, generate, random_prompts, tiny_model
 
-H, HQ, D = 2, 4, 128  # head_dim of every target model
-SHAPE = ModelShape(layers=1, kv_heads=H, q_heads=HQ, head_dim=D, dtype=torch.float32, device=torch.device("cpu"))
-
-
-def method(name, *overrides, storage="packed", shape=SHAPE):
-    cfg = load_config([f"method={name}", f"storage={storage}", "~model", "~task", "~logger", *overrides])
-    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
+H, HQ, D = 2, 4, 128  # head_dim of every target model; the shape `build` gives by default
 
 
 def step(layer, t: int, gen, queries=None):
@@ -39,7 +31,7 @@ def windows(stream):
 
 @pytest.mark.parametrize("variant,value_rule", [("paper", "sliding"), ("pmkvq", "flush"), ("kvmix", "sliding")])
 def test_kivi_windows_hold_the_specified_token_counts_at_every_step(variant, value_rule):
-    m = method("kivi", f"method.variant={variant}")
+    m = build("kivi", [f"method.variant={variant}"])
     r = m.residual
     pad = torch.tensor([0, 37, 150])
     layer = m.make_layer(0, 3, pad)
@@ -67,7 +59,7 @@ def test_kivi_without_residual_quantizes_every_group_once_complete(key_axis, val
     # KIVI Table 1/3 rows (METHODS.md §4.7 item 6): no full-precision residual. Per-token groups are complete at
     # once, so their tokens are all quantized after each step; per-channel groups wait for G tokens.
     over = ["method.residual_length=0", f"method.key_axis={key_axis}", f"method.value_axis={value_axis}"]
-    m = method("kivi", *over, *(["method.value_window=flush"] if value_axis == "channel" else []))
+    m = build("kivi", [*over, *(["method.value_window=flush"] if value_axis == "channel" else [])])
     g = m.group
     pad = torch.tensor([0, 37, 150])
     layer = m.make_layer(0, 3, pad)
@@ -86,11 +78,9 @@ def test_kivi_without_residual_quantizes_every_group_once_complete(key_axis, val
 
 @pytest.mark.parametrize("storage", ["packed", "fake"])
 def test_kivi_without_residual_generates_with_every_token_quantized(storage):
-    from tiny import generate, method_for, random_prompts, tiny_model
-
     model = tiny_model("llama", q_heads=4, kv_heads=2, head_dim=64)
     ids = torch.stack(random_prompts([45], seed=9))
-    m = method_for(model, "kivi", storage, ["method.residual_length=0"])
+    m = build("kivi", ["method.residual_length=0"], model=model, storage=storage)
     out, cache = generate(model, m, ids, max_new_tokens=20, min_new_tokens=20)
     for layer in cache.layers:
         keys, values = layer.key_stream, layer.value_stream
@@ -104,7 +94,7 @@ def _kivi_step_state(variant: str, prompt: int):
     """A KIVI layer after a `prompt`-token prefill and the next step's update, before that step's attention."""
     from kernels.reference import stream_tokens
 
-    m = method("kivi", f"method.variant={variant}")
+    m = build("kivi", [f"method.variant={variant}"])
     layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
     gen = torch.Generator().manual_seed(4)
     step(layer, prompt, gen)
@@ -136,7 +126,7 @@ def test_kivi_pmkvq_variant_keeps_full_precision_until_the_group_is_complete():
 
 
 def test_mixkvq_accumulators_see_every_real_query():
-    m = method("mixkvq")
+    m = build("mixkvq")
     pad = torch.tensor([0, 5])
     layer = m.make_layer(0, 2, pad)
     gen = torch.Generator().manual_seed(1)
@@ -161,7 +151,7 @@ def _flush_one_block(m, queries, keys):
 
 def test_mixkvq_threshold_tiers_follow_salience():
     gen = torch.Generator().manual_seed(2)
-    m = method("mixkvq", "method.tier_rule=threshold", "method.tau_bf16=3.0", "method.tau_uint4=1.2")
+    m = build("mixkvq", ["method.tier_rule=threshold", "method.tau_bf16=3.0", "method.tau_uint4=1.2"])
     q = torch.randn(1, HQ, 128, D, generator=gen)
     q[:, :, :, [3, 17]] *= 30  # query-heavy channels
     k = torch.randn(1, H, 128, D, generator=gen)
@@ -183,7 +173,7 @@ def test_mixkvq_threshold_tiers_follow_salience():
 
 @pytest.mark.parametrize("target", [2.3, 2.7, 3.4])
 def test_mixkvq_target_bits_rule_hits_the_requested_average(target):
-    m = method("mixkvq", f"method.target_bits={target}")
+    m = build("mixkvq", [f"method.target_bits={target}"])
     layer = m.make_layer(0, 2, torch.tensor([0, 3]))
     gen = torch.Generator().manual_seed(3)
     step(layer, 300, gen)
@@ -209,7 +199,7 @@ def _kivi_bytes(n: torch.Tensor, r: int, g: int, bits: int, fp: int, meta: int) 
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_byte_accounting_matches_an_independent_count(bits):
-    m = method("kivi", f"method.k_bits={bits}", f"method.v_bits={bits}")
+    m = build("kivi", [f"method.k_bits={bits}", f"method.v_bits={bits}"])
     layer = m.make_layer(0, 2, torch.tensor([0, 9]))
     gen = torch.Generator().manual_seed(4)
     step(layer, 170, gen)
@@ -224,7 +214,7 @@ def test_kivi_byte_accounting_matches_an_independent_count(bits):
 
 
 def test_mixkvq_byte_accounting_matches_an_independent_count():
-    m = method("mixkvq")
+    m = build("mixkvq")
     layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
     gen = torch.Generator().manual_seed(5)
     step(layer, 300, gen)
@@ -241,7 +231,7 @@ def test_mixkvq_byte_accounting_matches_an_independent_count():
 
 
 def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
-    m = method("mixkvq", "method.sink_tokens=8")
+    m = build("mixkvq", ["method.sink_tokens=8"])
     layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
     step(layer, 260, torch.Generator().manual_seed(6))
     seen, total = set(), 0
@@ -278,7 +268,7 @@ def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
 )
 def test_impossible_settings_are_refused_by_name(name, override, match):
     with pytest.raises(ConfigError, match=match):
-        method(name, override)
+        build(name, [override])
 
 
 def test_unknown_method_lists_the_valid_ones():

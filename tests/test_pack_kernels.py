@@ -17,7 +17,7 @@ import kernels.pack as pk
 import mixkvq.storage as storage
 from mixkvq.quantizer import DEGENERATE, ROUNDINGS, QuantSpec, _round, pack, quantize, words_for
 from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, Ragged, RaggedBuffer, TokenGroupStore
-from tiny import generate, left_pad, method_for, random_prompts, tiny_model
+from tiny import generate, left_pad, build, random_prompts, tiny_model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [
@@ -286,7 +286,7 @@ def test_generate_with_kernel_writes_gives_the_same_cache(monkeypatch, device, n
     model = tiny_model("llama", dtype=torch.bfloat16, layers=1).to(device)
     ids, mask = left_pad([p.to(device) for p in random_prompts([45, 29], seed=SEED % 1000)])
     # R = 32 so that keys flush blocks and (KIVI) the value window slides within a few steps.
-    method = method_for(model, name, "packed", ["method.residual_length=32"])
+    method = build(name, ["method.residual_length=32"], model=model, storage="packed")
     runs = []
     for on in (False, True):
         with_kernels(monkeypatch, on)

@@ -10,12 +10,11 @@ import torch
 
 from baselines.pmkvq import brute_force_allocation, fold_key_scales, solve_allocation
 from mixkvq.artifacts import load_artifact, save_artifact
-from mixkvq.config import load_config
 from mixkvq.errors import ConfigError
-from mixkvq.methods import ModelShape, build_method
+from mixkvq.methods import ModelShape
 from mixkvq.quantizer import QuantSpec, quantize
 from mixkvq.storage import ProgressiveTokenStore, Ragged, shrink_codes
-from tiny import PAPER, generate, method_for, random_prompts, tiny_model
+from tiny import build, generate, random_prompts, tiny_model
 
 H, D = 2, 128
 SHAPE = ModelShape(layers=2, kv_heads=H, q_heads=4, head_dim=D, dtype=torch.bfloat16, device=torch.device("cpu"))
@@ -81,14 +80,9 @@ def test_rows_shrink_independently_and_bytes_follow_each_row():
     assert store.code_bits.tolist() == [13 * H * D * 16, 13 * H * D * 8]
 
 
-def _method(*overrides, storage="packed", shape=SHAPE):
-    cfg = load_config(["method=pmkvq", f"storage={storage}", "~model", "~task", "~logger", *NO_ARTIFACT, *overrides])
-    return build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
-
-
 def test_layer_shrinks_16_8_4_2_at_its_budget_then_stops_the_row():
     # Budget Mem(2) at max_len 2048: 2·(H·D)·2·2048/8 = 262144 bytes per layer (256 tokens at 16 bits).
-    m = _method("method.fbit=2", "method.max_len=2048")
+    m = build("pmkvq", [*NO_ARTIFACT, "method.fbit=2", "method.max_len=2048"], model=SHAPE)
     budget = 2 * H * D * 2 * 2048 // 8
     assert m.budgets() == [budget, budget]
     layer = m.make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
@@ -114,8 +108,8 @@ def test_layer_shrinks_16_8_4_2_at_its_budget_then_stops_the_row():
     assert seen[1][1] == 1 + 128 * (budget * 8 // (2 * H * D * 16) // 128)
     assert stopped_at is not None and used > budget and int(layer.beta[0]) == 2
     with pytest.raises(MemoryError, match="budget"):
-        lay = _method("method.fbit=2", "method.max_len=2048", "method.on_budget_overflow=error").make_layer(
-            0, 1, torch.zeros(1, dtype=torch.int64))
+        over = [*NO_ARTIFACT, "method.fbit=2", "method.max_len=2048", "method.on_budget_overflow=error"]
+        lay = build("pmkvq", over, model=SHAPE).make_layer(0, 1, torch.zeros(1, dtype=torch.int64))
         for _ in range(4000):
             lay.update(torch.randn(1, H, 1, D), torch.randn(1, H, 1, D))
             lay.after_attention()
@@ -142,7 +136,8 @@ def _steps(m, tokens: list[int], storage_rows: int = 1):
 def test_a_prefill_needing_two_halvings_halves_once_per_step_and_the_overrun_is_recorded(halving, betas, over_steps):
     # Budget Mem(2) at max_len 2048 holds 256 tokens at 16 bits. A 651-token prefill leaves 1 sink token,
     # 5 blocks of 128 in the main cache and 10 in the window: 640 main tokens fit only at 4 bits (16 -> 8 -> 4).
-    m = _method("method.fbit=2", "method.max_len=2048", f"method.halving={halving}")
+    m = build("pmkvq", [*NO_ARTIFACT, "method.fbit=2", "method.max_len=2048", f"method.halving={halving}"],
+              model=SHAPE)
     cache, seen = _steps(m, [651, 1, 1])
     assert seen == betas  # the repo's backends halve at most once per step: 8 after the prefill, 4 one step later
     layer = cache.layers[0]
@@ -154,7 +149,8 @@ def test_a_prefill_needing_two_halvings_halves_once_per_step_and_the_overrun_is_
 
 
 def test_per_step_halving_still_stops_a_row_that_is_over_budget_at_the_lowest_width():
-    m = _method("method.fbit=2", "method.max_len=256")  # 32 tokens at 16 bits: nothing but the window fits
+    # 32 tokens at 16 bits: nothing but the window fits
+    m = build("pmkvq", [*NO_ARTIFACT, "method.fbit=2", "method.max_len=256"], model=SHAPE)
     cache, seen = _steps(m, [300] + [1] * 5)
     assert seen[:4] == [8, 4, 2, 2]
     assert int(cache.stop_step[0]) == 3  # over at 2 bits after the third step's halving: stopped at the fourth
@@ -167,7 +163,7 @@ def test_fake_and_packed_give_the_same_tokens_through_shrinks_and_budget_stops(r
     over = ["method.fbit=2", "method.max_len=900", f"method.shrink_rule={rule}"]
     outs = {}
     for storage in ("packed", "fake"):
-        out, cache = generate(model, method_for(model, "pmkvq", storage, NO_ARTIFACT + over), ids,
+        out, cache = generate(model, build("pmkvq", NO_ARTIFACT + over, model=model, storage=storage), ids,
                               max_new_tokens=150)
         outs[storage] = (out, cache)
     (p, pc), (f, fc) = outs["packed"], outs["fake"]
@@ -186,7 +182,7 @@ def test_budget_stop_ends_the_sample_and_is_recorded():
 
     model = tiny_model("llama", q_heads=4, kv_heads=2, head_dim=128)
     ids = torch.stack(random_prompts([100], seed=4))
-    m = method_for(model, "pmkvq", "packed", NO_ARTIFACT + ["method.fbit=2", "method.max_len=1400"])
+    m = build("pmkvq", NO_ARTIFACT + ["method.fbit=2", "method.max_len=1400"], model=model)
     cache = m.new_cache(1)
     with bind(model, cache), torch.no_grad():
         out = model.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=600, pad_token_id=0,
@@ -216,11 +212,11 @@ def test_integer_program_respects_the_budget_and_matches_brute_force():
 
 def test_blockwise_budgets_favour_the_sensitive_layers(tmp_path):
     sens = [[1.0, 0.1, 0.05, 0.01, 0.0], [1.0, 0.5, 0.05, 0.03, 0.0]]  # columns: 1, 2, 4, 8, 16 bits
-    save_artifact(tmp_path, method="pmkvq", model="m", shape=SHAPE, data={"sha256": "x"}, config_yaml="",
+    save_artifact(tmp_path, method="pmkvq", model="smollm2-135m", shape=SHAPE, data={"sha256": "x"}, config_yaml="",
                   seconds=0.0, payload={"bits": [1, 2, 4, 8, 16], "sensitivity": sens, "elements": 10,
                                         "rep_scales": [[[1.0] * (D // 2)] * H] * 2})
-    m = _method("method.allocation=blockwise", f"method.artifact={tmp_path}", "method.max_len=1024",
-                "method.budget_mean_bits=3")
+    m = build("pmkvq", [*NO_ARTIFACT, "method.allocation=blockwise", f"method.artifact={tmp_path}",
+                        "method.max_len=1024", "method.budget_mean_bits=3"], model=SHAPE)
     assert m.budgets() == [m.layer_mem(2), m.layer_mem(4)]  # 3 bits on average: the sensitive layer gets 4
     assert m.fbits == [2, 4]
     assert m.nominal_bits == "Fbit=4/2"
@@ -286,11 +282,10 @@ def test_folded_key_scales_are_clamped_as_the_repo_folds_them(tmp_path, bug):
     shape = ModelShape.of(model)
     lam = torch.ones(2, 2, 32, dtype=torch.float64)
     lam[0, 0, 0], lam[0, 0, 1], lam[1, 1, 5] = 1e12, 1e-12, 3.0  # an artifact searched without the clamp
-    save_artifact(tmp_path, method="pmkvq", model="m", shape=shape, data={}, config_yaml="", seconds=0.0,
+    save_artifact(tmp_path, method="pmkvq", model="smollm2-135m", shape=shape, data={}, config_yaml="", seconds=0.0,
                   payload={"rep_scales": lam.tolist()})
-    cfg = load_config(["method=pmkvq", "storage=packed", "~model", "~task", "~logger", "method.allocation=uniform",
-                       f"method.artifact={tmp_path}", f"method.rep_scale_bug={str(bug).lower()}"])
-    m = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), cfg.storage, PAPER)
+    m = build("pmkvq", ["method.allocation=uniform", f"method.artifact={tmp_path}",
+                        f"method.rep_scale_bug={str(bug).lower()}"], model=shape)
     got = m.key_scales()
     want = (lam.sqrt() if bug else lam).clamp(1e-4, 1e4)
     assert torch.equal(got, want) and float(got[0, 0, 0]) == 1e4 and float(got[0, 0, 1]) == 1e-4
@@ -324,13 +319,14 @@ def test_artifacts_are_refused_for_another_model_or_when_missing(tmp_path):
 )
 def test_impossible_settings_are_refused_by_name(override, match):
     with pytest.raises(ConfigError, match=match):
-        _method(override).budgets()
+        build("pmkvq", [*NO_ARTIFACT, override], model=SHAPE).budgets()
 
 
 def test_kv_budget_takes_a_number_a_list_or_a_file(tmp_path):
-    assert _method("method.kv_budget=0.5").budgets() == [2**19, 2**19]
-    assert _method("method.kv_budget=[0.25,1]").budgets() == [2**18, 2**20]
+    assert build("pmkvq", [*NO_ARTIFACT, "method.kv_budget=0.5"], model=SHAPE).budgets() == [2**19, 2**19]
+    assert build("pmkvq", [*NO_ARTIFACT, "method.kv_budget=[0.25,1]"], model=SHAPE).budgets() == [2**18, 2**20]
     (tmp_path / "budgets.txt").write_text("0.5\n2\n")
-    assert _method(f"method.kv_budget={tmp_path / 'budgets.txt'}").budgets() == [2**19, 2**21]
+    from_file = build("pmkvq", [*NO_ARTIFACT, f"method.kv_budget={tmp_path / 'budgets.txt'}"], model=SHAPE)
+    assert from_file.budgets() == [2**19, 2**21]
     with pytest.raises(ConfigError, match="kv_budget"):
-        _method("method.kv_budget=[1,2,3]").budgets()
+        build("pmkvq", [*NO_ARTIFACT, "method.kv_budget=[1,2,3]"], model=SHAPE).budgets()

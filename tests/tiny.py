@@ -1,19 +1,17 @@
-"""Tiny random-weight models of each supported family and a helper to run a method through generate."""
+"""Tiny random-weight models of each supported family, the one method builder of the tests, and helpers to run a
+method through generate."""
 
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from mixkvq.attention import bind
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.quantizer import QuantSpec
+from mixkvq.methods import Method, ModelShape, build_method
 
 FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
-PAPER = OmegaConf.create({"mixkvq": {"target_bits": 2.5, "tau_bf16": 1.44, "tau_uint4": 0.79}})
 
 
 def tiny_model(family: str = "llama", dtype=torch.float32, layers: int = 2, q_heads: int = 4, kv_heads: int = 2,
@@ -31,12 +29,19 @@ def tiny_model(family: str = "llama", dtype=torch.float32, layers: int = 2, q_he
     return model
 
 
-def method_for(model, name: str, storage: str = "packed", overrides: list[str] | None = None):
-    # Methods need only their own group and the shared quantizer settings, not a model, task or logger.
-    cfg = load_config([f"method={name}", f"storage={storage}", "~model", "~task", "~logger", *(overrides or [])])
-    shape = ModelShape.of(model)
-    quant = QuantSpec.from_config(cfg.quant, shape.dtype)
-    return build_method(cfg.method, shape, quant, cfg.storage, PAPER)
+def model_shape(layers: int = 1, kv_heads: int = 2, q_heads: int = 4, head_dim: int = 128, dtype=torch.float32,
+                device: str = "cpu") -> ModelShape:
+    """A model's shape without a model: what step-by-step and kernel tests build caches for."""
+    return ModelShape(layers, kv_heads, q_heads, head_dim, dtype, torch.device(device))
+
+
+def build(name: str, overrides=(), *, model=None, storage: str = "packed", **shape_fields) -> Method:
+    """The method of `configs/method/<name>.yaml` with Hydra `overrides`, for `model` (a model or a ModelShape;
+    default `model_shape(**shape_fields)`). The one way tests build methods: the run's own `build_method` on the
+    small model's config (for its per-model MixKVQ settings), without a task or logger."""
+    cfg = load_config([f"method={name}", f"storage={storage}", "model=smollm2-135m", "~task", "~logger",
+                       *overrides])
+    return build_method(cfg, model_shape(**shape_fields) if model is None else model)
 
 
 def generate(model, method, input_ids, attention_mask=None, decode_kernel="auto", **gen):
