@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from method_cases import METHOD_CASES, MethodCase
+
 # Small models on small CPUs decode several times faster on one thread than on two (see configs cpu_threads).
 torch.set_num_threads(1)
 
@@ -24,6 +26,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent; set MIXKVQ_SHARED_DATA to point at it")
     return path
+
+
+@pytest.fixture(params=sorted(METHOD_CASES))
+def method_case(request) -> MethodCase:
+    """Each row of the method matrix (tests/method_cases.py); `method_case.build(model, storage)` builds it."""
+    return METHOD_CASES[request.param]
+
 
 # Triton kernels run in the interpreter where there is no GPU. It is read when a kernel is decorated, so it is set
 # here, before any test module imports the kernels.

@@ -1,13 +1,14 @@
-"""Contract of the cache framework on tiny models built from config (greedy, CPU)."""
+"""Contract of the cache framework on tiny models built from config (greedy, CPU), over every method of the
+matrix in tests/method_cases.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tiny import FAMILIES, generate, generate_dynamic, left_pad, method_for, random_prompts, tiny_model
+from method_cases import METHOD_CASES
+from tiny import FAMILIES, build, generate, generate_dynamic, left_pad, model_shape, random_prompts, tiny_model
 
-QUANTIZED = ["kivi", "kivi4", "mixkvq"]
 # Long enough that KIVI and MixKVQ flush several R=128 blocks and the value window slides.
 LONG = dict(max_new_tokens=300, min_new_tokens=300)
 
@@ -21,27 +22,50 @@ def model(request):
 def test_bf16_method_matches_dynamic_cache(family):
     model = tiny_model(family)
     ids = torch.stack(random_prompts([37, 37], seed=1))
-    expected = generate_dynamic(model, ids, **LONG)
-    out, _ = generate(model, method_for(model, "bf16"), ids, **LONG)
+    new = dict(max_new_tokens=150, min_new_tokens=150)  # the bf16 store doubles twice; it has nothing to flush
+    expected = generate_dynamic(model, ids, **new)
+    out, _ = generate(model, build("bf16", model=model), ids, **new)
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("name", QUANTIZED)
-def test_fake_and_packed_storage_give_the_same_tokens(model, name):
-    ids = torch.stack(random_prompts([150], seed=2))
-    packed, pc = generate(model, method_for(model, name, "packed"), ids, **LONG)
-    fake, fc = generate(model, method_for(model, name, "fake"), ids, **LONG)
+def test_every_registered_method_has_a_case():
+    from mixkvq.methods import METHODS, import_methods
+
+    import_methods()
+    covered = {case.build(model_shape(layers=2)).cfg.name for case in METHOD_CASES.values()}
+    missing = sorted(set(METHODS.names()) - covered)
+    assert not missing, f"registered methods without a row in tests/method_cases.py: {missing}"
+
+
+@pytest.fixture(scope="module")
+def bf16_gqa_model():
+    return tiny_model("qwen2", dtype=torch.bfloat16, q_heads=8, kv_heads=2)  # GQA ratio 4
+
+
+def test_fake_and_packed_storage_give_the_same_tokens(bf16_gqa_model, method_case):
+    # A bf16 model, as every target model: fake storage rounds through the same bf16 scales and zeros as packed.
+    model = bf16_gqa_model
+    ids = torch.stack(random_prompts([140], seed=6))
+    new = dict(max_new_tokens=150, min_new_tokens=150)
+    packed, pc = generate(model, method_case.build(model, "packed"), ids, **new)
+    fake, fc = generate(model, method_case.build(model, "fake"), ids, **new)
     assert torch.equal(packed, fake)
-    # The quantized store really holds tokens: this is not the bf16 path in disguise.
-    assert int(pc.layers[0].key_stream.store.tokens()[0]) >= 256
     assert pc.storage == "packed" and fc.storage == "fake"
+    if method_case.quantized:
+        # The quantized store really holds tokens: this is not the bf16 path in disguise.
+        for layer in pc.layers:
+            assert int(layer.key_stream.store.tokens()[0]) >= method_case.min_stored
+        stats = pc.sequence_stats(torch.tensor([150]))[0]
+        # bf16 cache of the same tokens: 16 bits per element. Quantized storage must be well below it.
+        assert stats["storage_bits_final"] < 12
+        assert stats["kv_bytes_final"] < 0.75 * stats["kv_bytes_bf16_final"]
 
 
-@pytest.mark.parametrize("name", ["bf16", *QUANTIZED])
-def test_left_padded_batch_matches_prompts_run_one_by_one(model, name):
+def test_left_padded_batch_matches_prompts_run_one_by_one(method_case):
+    model = tiny_model("llama")
     prompts = random_prompts([20, 161, 90], seed=3)
     ids, mask = left_pad(prompts)
-    method = method_for(model, name)
+    method = method_case.build(model)
     batched, cache = generate(model, method, ids, mask, **LONG)
     width = ids.shape[1]
     for i, p in enumerate(prompts):
@@ -58,7 +82,7 @@ def test_left_padded_batch_matches_prompts_run_one_by_one(model, name):
 def test_lengths_and_masks_stay_consistent_through_prefill_and_decode(model, name):
     prompts = random_prompts([12, 30], seed=4)
     ids, mask = left_pad(prompts)
-    out, cache = generate(model, method_for(model, name), ids, mask, max_new_tokens=9, min_new_tokens=9)
+    out, cache = generate(model, build(name, model=model), ids, mask, max_new_tokens=9, min_new_tokens=9)
     # transformers counts the rectangular length (pads included); the cache agrees at every layer.
     assert all(layer.get_seq_length() == ids.shape[1] + 8 for layer in cache.layers)
     assert cache.get_seq_length() == out.shape[1] - 1
@@ -68,30 +92,21 @@ def test_lengths_and_masks_stay_consistent_through_prefill_and_decode(model, nam
 
 def test_sampling_with_num_return_sequences(model):
     ids = torch.stack(random_prompts([25], seed=5))
-    out, cache = generate(model, method_for(model, "mixkvq"), ids, do_sample=True, temperature=0.6, top_p=0.95,
+    out, cache = generate(model, build("mixkvq", model=model), ids, do_sample=True, temperature=0.6, top_p=0.95,
                           num_return_sequences=3, max_new_tokens=140, min_new_tokens=140)
     assert out.shape == (3, 25 + 140)
     assert torch.equal(out[:, :25], ids.expand(3, -1))
-    assert len(cache.layers[0].pad) == 3
+    assert len({tuple(row) for row in out[:, 25:].tolist()}) == 3  # three samples, not one copied
+    for layer in cache.layers:  # every row holds its 164 fed tokens, the first R=128 of them quantized
+        assert layer.key_stream.tokens().tolist() == [164] * 3
+        assert layer.key_stream.store.tokens().tolist() == [128] * 3
+    # fp32 model: the 36 window tokens are at 32 bits, yet the row is well below a bf16 cache of the same tokens
     stats = cache.sequence_stats(torch.full((3,), 140))
-    assert all(s["kv_bytes_final"] < s["kv_bytes_bf16_final"] * 2 for s in stats)
-
-
-@pytest.mark.parametrize("name", QUANTIZED)
-def test_bf16_models_run_and_fake_equals_packed(name):
-    model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=8, kv_heads=2)  # GQA ratio 4
-    ids = torch.stack(random_prompts([140], seed=6))
-    packed, cache = generate(model, method_for(model, name, "packed"), ids, max_new_tokens=150, min_new_tokens=150)
-    fake, _ = generate(model, method_for(model, name, "fake"), ids, max_new_tokens=150, min_new_tokens=150)
-    assert torch.equal(packed, fake)
-    stats = cache.sequence_stats(torch.tensor([150]))[0]
-    # bf16 cache of the same tokens: 16 bits per element. Quantized storage must be well below it.
-    assert stats["storage_bits_final"] < 12
-    assert stats["kv_bytes_final"] < 0.75 * stats["kv_bytes_bf16_final"]
+    assert all(s["kv_bytes_final"] < 0.75 * s["kv_bytes_bf16_final"] for s in stats)
 
 
 def test_generate_outside_bind_fails_clearly(model):
-    method = method_for(model, "kivi")
+    method = build("kivi", model=model)
     cache = method.new_cache(1)
     model.set_attn_implementation("quantized_kv")
     try:
