@@ -39,6 +39,8 @@ def test_every_job_of_an_experiment_is_costed_and_only_missing_methods_refuse_it
         expected *= n
     assert len(jobs) == expected, "every job is costed, also those refused for a missing method"
     assert all(j.gpu_hours > 0 and j.problems > 0 for j in jobs)
+    refused = [e for e in errors if "Could not find 'method/" not in e]
+    assert not refused, refused  # a job is refused for a missing method config only, never for its settings
     missing = sorted({m.strip() for m in str(params["method"]).split(",") if not method_exists(m.strip())})
     named = sorted(set(re.findall(r"Could not find 'method/([^']+)'", " ".join(errors))))
     assert named == missing, errors  # refused exactly for the methods this checkout lacks (pmkvq, kvmix...)
