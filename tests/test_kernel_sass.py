@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.bench  # a comparison of two kernel variants, not a check of the harness
 
 
 def test_offline_sass_counts_show_the_word_major_unpack_is_leaner(tmp_path):
