@@ -28,6 +28,20 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_run_model() -> list[str]:
+    """`run.py` overrides for a tiny random-weight model, for flow tests (restarts, locks, Slurm sweeps) where the
+    weights do not matter: R1-Distill-Qwen-7B's config and tokenizer from shared/models, two narrow layers. It
+    loads in a fraction of the time SmolLM2's GGUF takes to dequantize; the end-to-end tests keep SmolLM2."""
+    path = shared_data_dir().parent / "models" / "deepseek-r1-distill-qwen-7b"
+    if not path.is_dir():
+        pytest.skip(f"shared model folder {path} is absent")
+    shape = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
+    return ["model=deepseek-r1-distill-7b", f"model.path={path}", "model.random_init=true",
+            *(f"+model.config_overrides.{key}={value}" for key, value in shape.items())]
+
+
 @pytest.fixture(params=sorted(METHOD_CASES))
 def method_case(request) -> MethodCase:
     """Each row of the method matrix (tests/method_cases.py); `method_case.build(model, storage)` builds it."""

@@ -35,11 +35,19 @@ def only_run_dir(results: Path) -> Path:
     return dirs[0]
 
 
-def test_default_job_writes_its_result_files_and_summary(tmp_path):
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default job, run once: its results folder and process (the bad-input test checks it stays intact)."""
+    results = tmp_path_factory.mktemp("default_job")
     # R=32: every prompt fills the full-precision buffer, so even a short generation holds quantized blocks.
     proc = run("task.size=2", "task.n_samples=2", "model.max_new_tokens=24", "method.residual_length=32",
-               results=tmp_path)
-    rd = only_run_dir(tmp_path)
+               results=results)
+    return results, proc
+
+
+def test_default_job_writes_its_result_files_and_summary(default_job):
+    results, proc = default_job
+    rd = only_run_dir(results)
     samples = pd.read_parquet(rd / "samples.parquet")
     assert len(samples) == 4 and samples.groupby("problem_id").size().tolist() == [2, 2]
     assert samples["n_tokens"].between(1, 24).all()
@@ -53,9 +61,9 @@ def test_default_job_writes_its_result_files_and_summary(tmp_path):
     assert "pass@1" in proc.stdout and "mixkvq" in proc.stdout  # the summary table
 
 
-def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path):
+def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path, tiny_run_model):
     size, n = 6, 2
-    args = [f"task.size={size}", f"task.n_samples={n}", "model.max_new_tokens=24", "method=kivi"]
+    args = [*tiny_run_model, f"task.size={size}", f"task.n_samples={n}", "model.max_new_tokens=24", "method=kivi"]
     cmd = [sys.executable, "run.py", *QUICK, f"results_dir={tmp_path}", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -124,13 +132,30 @@ BAD = [
 ]
 
 
-def test_bad_input_stops_with_one_clear_message_and_leaves_results_intact(tmp_path):
-    run("task.size=1", "task.n_samples=1", "model.max_new_tokens=8", results=tmp_path)
-    before = digest(tmp_path)
+def test_bad_input_stops_with_one_clear_message_and_leaves_results_intact(default_job):
+    """Every bad input is refused before any result is touched, by an error that names it: in-process, as
+    `run.py` composes and evaluates (`test_a_config_error_exits_2_...` runs `run.py` itself once)."""
+    from hydra.errors import HydraException
+
+    from mixkvq.config import load_config
+    from mixkvq.errors import ConfigError
+    from mixkvq.evaluate import evaluate
+
+    results, _ = default_job
+    before = digest(results)
     for overrides, named in BAD:
-        proc = run(*overrides, "task.limit=1", results=tmp_path, check=False, timeout=300)
-        assert proc.returncode != 0, overrides
-        err = proc.stderr
-        assert named in err, f"{overrides}: message does not name {named!r}:\n{err[-2000:]}"
-        assert "Traceback" not in err, f"{overrides}: a traceback instead of a message:\n{err[-2000:]}"
-    assert digest(tmp_path) == before
+        with pytest.raises((ConfigError, HydraException)) as refused:  # Hydra's: a missing group option or key
+            evaluate(load_config([*QUICK, f"results_dir={results}", *overrides, "task.limit=1"]))
+        assert named in str(refused.value), f"{overrides}: the error does not name {named!r}: {refused.value}"
+    assert digest(results) == before
+
+
+def test_a_config_error_exits_2_with_one_message_and_no_traceback(default_job):
+    results, _ = default_job
+    before = digest(results)
+    proc = run("storage=compressed", "task.limit=1", results=results, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "compressed" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert digest(results) == before

@@ -31,14 +31,6 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def model_file():
-    """The default model's GGUF in the cache before jobs start, so concurrent jobs never fetch it at once."""
-    proc = subprocess.run([sys.executable, "-m", "mixkvq.models", "fetch", "smollm2-135m"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
 def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
@@ -66,8 +58,8 @@ def slurm(tmp_path_factory) -> dict:
         assert not Path(f"/proc/{pid}").exists(), f"{name} ({pid}) still runs after slurm-local.sh down"
 
 
-def sweep(env: dict, results: Path, sweep_dir: Path, background: bool = False):
-    cmd = [sys.executable, "run.py", "-m", *SLURM, "method=bf16,kivi", f"task.size={SIZE}", *QUICK,
+def sweep(env: dict, model: list[str], results: Path, sweep_dir: Path, background: bool = False):
+    cmd = [sys.executable, "run.py", "-m", *SLURM, *model, "method=bf16,kivi", f"task.size={SIZE}", *QUICK,
            f"results_dir={results}", f"hydra.sweep.dir={sweep_dir}"]
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -102,10 +94,10 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def test_a_sweep_killed_on_slurm_resumes_then_returns_at_once(slurm, tmp_path):
+def test_a_sweep_killed_on_slurm_resumes_then_returns_at_once(slurm, tiny_run_model, tmp_path):
     results = tmp_path / "runs"
     # 1. Start a two-job sweep and kill every job (SIGKILL, as a lost node) once the first problem is written.
-    first = sweep(slurm, results, tmp_path / "sweep1", background=True)
+    first = sweep(slurm, tiny_run_model, results, tmp_path / "sweep1", background=True)
     written: dict[str, int] = {}
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None and not written:
@@ -128,7 +120,7 @@ def test_a_sweep_killed_on_slurm_resumes_then_returns_at_once(slurm, tmp_path):
     assert not squeue(slurm), "killed jobs are still queued"
 
     # 2. Re-run the same sweep: the killed jobs resume, and every problem ends up written exactly once.
-    proc = sweep(slurm, results, tmp_path / "sweep2")
+    proc = sweep(slurm, tiny_run_model, results, tmp_path / "sweep2")
     runs = sorted(p for p in results.iterdir() if p.is_dir())
     assert [r.name.split("_")[0] for r in runs] == ["bf16-16", "kivi-KIVI-2"]
     for run in runs:
@@ -136,20 +128,20 @@ def test_a_sweep_killed_on_slurm_resumes_then_returns_at_once(slurm, tmp_path):
         assert len(samples) == SIZE and samples["problem_id"].nunique() == SIZE, run.name
         assert not samples.duplicated(["problem_id", "sample_index"]).any()
         row = pd.read_parquet(run / "run.parquet").iloc[0]
-        assert row["n_problems"] == SIZE and row["model"] == "smollm2-135m" and row["task"] == "gsm_symbolic"
+        assert row["n_problems"] == SIZE and row["model"] == "deepseek-r1-distill-7b" and row["task"] == "gsm_symbolic"
     logs = job_logs(tmp_path / "sweep2")
     assert re.search(rf"{SIZE} problems, [1-9] already done", logs), logs[-3000:]
     assert "pass@1" in proc.stdout and "bf16" in proc.stdout and "kivi" in proc.stdout  # the multirun summary
 
     # 3. Once more: both jobs find their finished results and return without writing anything.
     before = digest(results)
-    sweep(slurm, results, tmp_path / "sweep3")
+    sweep(slurm, tiny_run_model, results, tmp_path / "sweep3")
     assert job_logs(tmp_path / "sweep3").count("already finished") == 2
     assert digest(results) == before
 
 
-def test_two_jobs_on_one_config_at_once_leave_one_result_set(tmp_path):
-    cmd = [sys.executable, "run.py", "task.size=1", *QUICK, f"results_dir={tmp_path}"]
+def test_two_jobs_on_one_config_at_once_leave_one_result_set(tmp_path, tiny_run_model):
+    cmd = [sys.executable, "run.py", *tiny_run_model, "task.size=1", *QUICK, f"results_dir={tmp_path}"]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [(p.wait(timeout=400), *p.communicate()) for p in procs]
