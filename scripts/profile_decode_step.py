@@ -57,13 +57,11 @@ def make_generate(model, tokenizer, overrides, batch: int):
         return plain
 
     from mixkvq.config import load_config
-    from mixkvq.methods import ModelShape, build_method
+    from mixkvq.methods import build_method
     from mixkvq.protocol import generate_samples
-    from mixkvq.quantizer import QuantSpec
 
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
-    shape = ModelShape.of(model)
-    method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed", cfg.model)
+    method = build_method(cfg, model)
     method.prepare_model(model)
 
     def harness(ids, new):

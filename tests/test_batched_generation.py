@@ -11,7 +11,7 @@ import torch
 from mixkvq.models import load_model
 from mixkvq.protocol import build_prompt, generate_batch, generate_samples
 from test_models import qwen7b_dir, tiny_qwen  # noqa: F401  (fixture)
-from tiny import method_for
+from tiny import build
 
 GEN = {"do_sample": False, "max_new_tokens": 40, "min_new_tokens": 40}
 
@@ -37,7 +37,7 @@ def prompts(loaded, shared_data):
 @pytest.mark.parametrize("name", ["bf16", "kivi"])
 def test_a_batch_of_problems_gives_each_the_tokens_it_gets_alone(loaded, prompts, name):
     # R=32: the prompts (about 100 tokens) flush blocks at different steps in each row.
-    method = method_for(loaded.model, name, overrides=["method.residual_length=32"] if name == "kivi" else [])
+    method = build(name, ["method.residual_length=32"] if name == "kivi" else [], model=loaded.model)
     batched = generate_batch(loaded.model, loaded.tokenizer, method, prompts, 1, GEN, 0, "auto")
     assert len(batched) == len(prompts)
     for prompt, out in zip(prompts, batched):
@@ -48,7 +48,7 @@ def test_a_batch_of_problems_gives_each_the_tokens_it_gets_alone(loaded, prompts
 
 
 def test_samples_of_each_problem_stay_together(loaded, prompts):
-    method = method_for(loaded.model, "kivi")
+    method = build("kivi", model=loaded.model)
     gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8}
     outs = generate_batch(loaded.model, loaded.tokenizer, method, prompts[:2], 3, gen, 0, "auto")
     assert [len(o.token_ids) for o in outs] == [3, 3] and all(len(o.cache_stats) == 3 for o in outs)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixkvq.attention import bind
-from tiny import generate_dynamic, method_for, random_prompts, tiny_model
+from tiny import build, generate_dynamic, random_prompts, tiny_model
 
 NEW = 300  # KIVI and MixKVQ flush two 128-token blocks after a 40-token prompt
 
@@ -32,7 +32,7 @@ def store_bytes(cache) -> int:
 def test_bf16_holds_what_dynamic_cache_holds(model):
     ids = torch.stack(random_prompts([40, 40], seed=1))
     capacity = ids.shape[1] + NEW
-    out, cache = run(model, method_for(model, "bf16"), ids, capacity)
+    out, cache = run(model, build("bf16", model=model), ids, capacity)
     assert torch.equal(out, generate_dynamic(model, ids, max_new_tokens=NEW, min_new_tokens=NEW))
     c = model.config
     # DynamicCache at the end: every layer's keys and values for the tokens fed back (the last one is not).
@@ -43,7 +43,7 @@ def test_bf16_holds_what_dynamic_cache_holds(model):
 @pytest.mark.parametrize("name", ["kivi", "kivi4", "mixkvq"])
 def test_reserved_cache_decodes_the_same_tokens(model, name):
     ids = torch.stack(random_prompts([40], seed=2))
-    method = method_for(model, name)
+    method = build(name, model=model)
     grown, grown_cache = run(model, method, ids)
     reserved, cache = run(model, method, ids, capacity=ids.shape[1] + NEW)
     assert torch.equal(grown, reserved)
@@ -57,7 +57,7 @@ def test_reserved_cache_decodes_the_same_tokens(model, name):
 def test_mixed_width_pool_grows_by_extrapolation_not_doubling(model):
     ids = torch.stack(random_prompts([40], seed=3))
     capacity = ids.shape[1] + 4 * NEW
-    method = method_for(model, "mixkvq")
+    method = build("mixkvq", model=model)
     cache = method.new_cache(1, capacity=capacity)
     store = cache.layers[0].key_stream.store
     with bind(model, cache, "auto"), torch.no_grad():
