@@ -17,6 +17,7 @@ from mixkvq.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, chann
                            pack_tile, register_element, token_meta_order, unpack_tile)
 from mixkvq.paged import PagedKeyStore, PagedValueStore, page_problems, to_pages
 from test_decode_kernel import ground_truth
+from tiny import build
 
 
 @pytest.mark.parametrize("kind", ["key", "value"])

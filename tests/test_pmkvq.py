@@ -314,12 +314,18 @@ def test_artifacts_are_refused_for_another_model_or_when_missing(tmp_path):
     "override,match",
     [("method.shrink_rule=floor", "shrink_rule"), ("method.fbit=3", "fbit"), ("method.allocation=greedy", "allocation"),
      ("method.on_budget_overflow=ignore", "on_budget_overflow"), ("method.group_size=48", "group_size"),
-     ("method.max_len=null", "max_len"), ("method.halving=twice", "halving"),
+     ("method.halving=twice", "halving"),
      ("method.rep_scale_clamp=[1.0e4,1.0e-4]", "rep_scale_clamp")],
 )
 def test_impossible_settings_are_refused_by_name(override, match):
     with pytest.raises(ConfigError, match=match):
         build("pmkvq", [*NO_ARTIFACT, override], model=SHAPE).budgets()
+
+
+def test_null_max_len_takes_the_models_max_new_tokens_and_is_refused_without_one():
+    assert build("pmkvq", [*NO_ARTIFACT, "method.max_len=null"], model=SHAPE).max_len == 512  # SmolLM2's
+    with pytest.raises(ConfigError, match="max_len"):
+        build("pmkvq", [*NO_ARTIFACT, "method.max_len=null", "model.max_new_tokens=null"], model=SHAPE).budgets()
 
 
 def test_kv_budget_takes_a_number_a_list_or_a_file(tmp_path):
