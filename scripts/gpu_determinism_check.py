@@ -11,7 +11,8 @@ L = dict(max_new_tokens=300, min_new_tokens=300)
 d1 = generate_dynamic(model, ids, mask, **L); d2 = generate_dynamic(model, ids, mask, **L)
 print("dynamic run-to-run equal:", torch.equal(d1, d2))
 for name in ["kivi4", "kivi"]:
-    runs = {st: [generate(model, build(name, model=model, storage=st), ids, mask, **L)[0] for _ in range(3)] for st in ("packed", "fake")}
+    runs = {st: [generate(model, build(name, model=model, storage=st), ids, mask, **L)[0] for _ in range(3)]
+            for st in ("packed", "fake")}
     for st, r in runs.items():
         print(name, st, "run-to-run equal:", [torch.equal(r[0], x) for x in r[1:]])
     print(name, "fake==packed per run:", [torch.equal(a, b) for a, b in zip(runs["packed"], runs["fake"])])
