@@ -343,7 +343,7 @@ def run(cfg: DictConfig) -> dict:
     f = cfg.fidelity
     prompts = {p.id: tokenizer(build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix),
                                add_special_tokens=False).input_ids for p in problems}
-    check_context(loaded, max(len(v) for v in prompts.values()), int(f.tokens))
+    check_context(loaded.max_context, loaded.name, max(len(v) for v in prompts.values()), int(f.tokens))
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 
