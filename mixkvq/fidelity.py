@@ -38,7 +38,7 @@ from kernels.reference import attend
 from mixkvq import provenance
 from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
-from mixkvq.evaluate import check_cache_config
+from mixkvq.preflight import check_cache_config
 from mixkvq.fidelity_metrics import layer_table, summarize
 from mixkvq.methods import Method, ModelShape, build_method
 from mixkvq.models import check_context, load_model

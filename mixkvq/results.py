@@ -29,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from mixkvq.errors import ConfigError
 
 # Keys that change where or how a run is reported, never what it computes. `experiment` and `cost` describe the
-# sweep a run belongs to: the same config run by hand or by an experiment is the same run.
-VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost")
+# sweep a run belongs to: the same config run by hand or by an experiment is the same run. A wait limit changes
+# nothing computed.
+VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "hub_timeout_s")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
 REFERENCE_METHOD = "bf16"
