@@ -41,11 +41,15 @@ class TimeLimit(Exception):
     """A bounded wait ran out."""
 
 
+class _Expired(BaseException):
+    """Raised inside the waiting library: a BaseException, so its `except Exception` retry loops let it pass."""
+
+
 @contextmanager
 def time_limit(seconds: float | None, what: str):
     """Raise TimeLimit when the block runs past `seconds` (None: no limit): a hub that accepts connections but never
-    answers is retried for minutes by the clients' own per-request timeouts. SIGALRM, so main thread only; elsewhere
-    the block runs unbounded."""
+    answers is otherwise retried for minutes by the clients' own per-request timeouts. SIGALRM, so main thread
+    only; elsewhere the block runs unbounded."""
     import threading
 
     if seconds is None or threading.current_thread() is not threading.main_thread():
@@ -53,12 +57,14 @@ def time_limit(seconds: float | None, what: str):
         return
 
     def expire(signum, frame):
-        raise TimeLimit(f"{what} did not answer within {seconds:g} s")
+        raise _Expired
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    signal.setitimer(signal.ITIMER_REAL, float(seconds), 1.0)  # again every second, should one be swallowed
     try:
         yield
+    except _Expired:
+        raise TimeLimit(f"{what} did not answer within {seconds:g} s") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mixkvq.config import CONFIG_DIR
 from mixkvq.errors import ConfigError
 from mixkvq.grading import GRADERS
-from mixkvq.interrupts import time_limit
+from mixkvq.interrupts import TimeLimit, time_limit
 from mixkvq.registry import Registry
 
 
@@ -50,8 +50,12 @@ def load_task(cfg: DictConfig | Mapping[str, Any], hub_timeout_s: float | None =
     _positive_int(cfg, "n_samples")
     limit = _positive_int(cfg, "limit", nullable=True)
     from_hub = all(cfg.get(k) is None for k in ("data_files", "data_dir")) and cfg.get("hub") is not None
-    with time_limit(hub_timeout_s if from_hub else None, f"the hub (task {cfg.name!r})"):
-        problems = loader(cfg)
+    try:
+        with time_limit(hub_timeout_s if from_hub else None, f"the hub (task {cfg.name!r})"):
+            problems = loader(cfg)
+    except TimeLimit as e:
+        raise ConfigError(f"{e}; offline, use a local copy: task.data_dir=<folder with {cfg.get('split')}.jsonl> "
+                          f"or task.data_files=<file.jsonl>") from None
     if not problems:
         raise ConfigError(f"task {cfg.name!r} has no problems: its data ({_source(cfg)}) is empty")
     return problems if limit is None else problems[:limit]
@@ -122,7 +126,7 @@ def _read_hub(cfg: DictConfig) -> list[Row]:
         import datasets
 
         ds = datasets.load_dataset(hub.path, hub.name, split=hub.split)
-    except Exception as e:  # TimeLimit included
+    except Exception as e:
         raise ConfigError(
             f"could not load {source}: {type(e).__name__}: {e}. Offline, use a local copy: "
             f"task.data_dir=<folder with {cfg.get('split', '<split>')}.jsonl> or task.data_files=<file.jsonl>"

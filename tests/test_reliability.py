@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -254,3 +256,54 @@ def test_sigterm_during_generation_keeps_finished_problems_and_stops_the_workers
     assert "Traceback" not in err
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"processes outlived the run: {[p.cmdline()[:3] for p in alive]}"
+
+
+@pytest.fixture
+def silent_server():
+    """A server that accepts connections and never answers: the hub or W&B hanging, not down."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(50)
+    held = []
+
+    def accept():
+        try:
+            while True:
+                held.append(server.accept())
+        except OSError:  # closed at teardown
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+@pytest.mark.parametrize("overrides, named", [(["model=deepseek-r1-distill-7b"], "model.path="),
+                                              (["task=math500"], "task.data_files=")])
+def test_a_hub_that_never_answers_stops_the_run_within_its_time_limit(overrides, named, silent_server, monkeypatch,
+                                                                       tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", silent_server)
+    cfg = load_config([*QUICK, f"results_dir={tmp_path}", "hub_timeout_s=2", *overrides])
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"did not answer within 2 s.*{named}"):
+        preflight(cfg)
+    assert time.perf_counter() - start < 2 + SECONDS
+
+
+def test_an_unreachable_wandb_costs_its_time_limit_then_the_run_goes_on(silent_server, monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mixkvq.sinks import WandbSink
+
+    monkeypatch.setenv("WANDB_BASE_URL", silent_server)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    logger = OmegaConf.create({"mode": "online", "project": "p", "entity": None, "group": None, "tags": [],
+                               "init_timeout_s": 3})
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="W&B init failed"):
+        sink = WandbSink(logger, "run", {}, tmp_path)
+    sink.log_problem({"accuracy": 1.0})
+    sink.finish()
+    assert time.perf_counter() - start < 3 + 30  # the W&B service's own start-up included; unbounded it was 90 s
