@@ -100,7 +100,10 @@ def plan(config_name: str, sweeper_params: dict, task_overrides: list[str], cost
                 if cfg.task.name not in TASKS:
                     raise ConfigError(f"unknown task {cfg.task.name!r}; valid choices: {TASKS.names()}")
                 check_static(cfg)
-                check_artifacts(cfg)
+                try:
+                    check_artifacts(cfg)
+                except ConfigError as e:  # refused, and still costed
+                    errors[str(e)] += 1
             jobs.append(Job(overrides, cfg.model.name, cfg.task.name, label, *job_cost(cfg, cost)))
         except ConfigError as e:
             errors[str(e)] += 1

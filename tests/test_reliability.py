@@ -307,3 +307,12 @@ def test_an_unreachable_wandb_costs_its_time_limit_then_the_run_goes_on(silent_s
     sink.log_problem({"accuracy": 1.0})
     sink.finish()
     assert time.perf_counter() - start < 3 + 30  # the W&B service's own start-up included; unbounded it was 90 s
+
+
+def test_a_malformed_calibration_file_is_named_with_its_line(data, shared_data):
+    from mixkvq.calibration import load_texts
+
+    texts, source = load_texts({"fields": ["question"]}, str(shared_data / "gsm8k" / "train.jsonl"), 3, 0)
+    assert len(texts) == 3 and source["documents"] == 3
+    with pytest.raises(ConfigError, match=r"data_files: malformed JSON in .*malformed.jsonl line 2"):
+        load_texts({"fields": ["question"]}, str(data["malformed.jsonl"]), 3, 0)
