@@ -38,10 +38,10 @@ from kernels.reference import attend
 from mixkvq import provenance
 from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
-from mixkvq.preflight import check_cache_config
 from mixkvq.fidelity_metrics import layer_table, summarize
 from mixkvq.methods import Method, ModelShape, build_method
 from mixkvq.models import check_context, load_model
+from mixkvq.preflight import check_cache_config
 from mixkvq.protocol import build_prompt, eos_ids
 from mixkvq.quantizer import QuantSpec
 from mixkvq.registry import Registry
