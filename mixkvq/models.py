@@ -7,7 +7,9 @@ Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -370,20 +372,30 @@ def _gguf_sidecar(where: str, kwargs: dict[str, Any]) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=4)
+def _read_config_and_tokenizer(where: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoConfig.from_pretrained(where), AutoTokenizer.from_pretrained(where)
+
+
+def _config_and_tokenizer(where: str):
+    """Read once per process (a sweep checks many jobs of one model); each caller gets its own config to change."""
+    config, tokenizer = _read_config_and_tokenizer(where)
+    return copy.deepcopy(config), tokenizer
+
+
 def read_model_files(cfg, hub_timeout_s: float | None = None) -> ModelFiles:
     """Config (overrides applied, family and context checked) and tokenizer; no weights are read. Reading them
     from the hub takes at most `hub_timeout_s` seconds."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from mixkvq.interrupts import TimeLimit, time_limit
 
     mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
     where, source, kwargs = _locate(mc)
-    files_at, files_kwargs = (str(_gguf_sidecar(where, kwargs)), {}) if source == "gguf" else (where, kwargs)
+    files_at = str(_gguf_sidecar(where, kwargs)) if source == "gguf" else where
     try:
         with time_limit(hub_timeout_s if source == "hub" else None, f"the hub (model {mc.hub_id!r})"):
-            config = AutoConfig.from_pretrained(files_at, **files_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(files_at, **files_kwargs)
+            config, tokenizer = _config_and_tokenizer(files_at)
     except (OSError, TimeLimit) as err:
         if source == "hub":
             raise _hub_error(mc, err) from None
