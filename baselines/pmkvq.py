@@ -286,6 +286,20 @@ class PMKVQ(Method):
             self.artifact = load_artifact("pmkvq", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
         self._budgets = None
 
+    def check_prompts(self, shortest: int) -> None:
+        """Refuse budgets that even the shortest prompt overflows at the lowest width: every sample would end in
+        prefill. Its least bytes: the sink at 16 bits, every other token at LOWEST (the window empties first)."""
+        c = self.cfg
+        if c.target_gpu_mem_gb is not None:  # the budget needs the weights' bytes, known once the model loads
+            return
+        sink = min(shortest, c.sink_tokens)
+        least = (sink * 16 + (shortest - sink) * LOWEST) * self.shape.kv_heads * self.shape.head_dim * 2 // 8
+        if least > min(self.budgets()):
+            raise ConfigError(f"PM-KVQ's smallest layer budget ({min(self.budgets())} bytes, from method.max_len="
+                              f"{self.max_len}) cannot hold even the shortest prompt ({shortest} tokens, at least "
+                              f"{least} bytes at {LOWEST} bits): every sample would end in prefill; raise "
+                              "method.max_len or the budget")
+
     # -- budgets -------------------------------------------------------------------------------------------------
 
     def layer_mem(self, bits: int) -> int:

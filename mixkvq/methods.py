@@ -67,6 +67,9 @@ class Method:
     def validate(self) -> None:
         """Raise ConfigError for impossible settings, before any model work."""
 
+    def check_prompts(self, shortest: int) -> None:
+        """Raise ConfigError when no prompt of the task (the shortest has `shortest` tokens) can be run at all."""
+
     @staticmethod
     def needs_artifact(cfg) -> bool:
         """Whether this config reads a calibration artifact (checked for existence before a sweep launches)."""

@@ -141,6 +141,7 @@ def preflight(cfg: DictConfig) -> Checked:
     tokens = {pid: len(files.tokenizer(t, add_special_tokens=False).input_ids) for pid, t in prompts.items()}
     longest = max(tokens, key=tokens.get)
     check_context(files.max_context, mc.name, tokens[longest], gen["max_new_tokens"], longest)
+    method.check_prompts(min(tokens.values()))
     label = f"{cfg.method.name}-{method.nominal_bits}"
     run_dir = Path(cfg.results_dir) / run_name(cfg, label)
     state = RunState()

@@ -105,6 +105,7 @@ CASES = [
     (["method=kvmix", "method.calibration_dir={no-calibration}"], ["kvmix", "artifact", "does not exist"]),
     (["method=kvmix", "method.artifact={cut-artifact}"], ["cut-artifact", "unreadable", "calibrate.py"]),
     (["method=pmkvq", "method.fbit_candidates=[3]"], ["method.fbit_candidates", "[3]"]),
+    (["method=pmkvq", "method.max_len=64"], ["method.max_len=64", "every sample would end in prefill"]),
 ]
 
 
