@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -360,15 +361,18 @@ def _gguf_sidecar(where: str, kwargs: dict[str, Any]) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(where) / f".{kwargs['gguf_file']}.hf"
-    if not folder.is_dir():
-        with tempfile.TemporaryDirectory(dir=where, prefix=".sidecar-") as tmp:
-            AutoConfig.from_pretrained(where, **kwargs).save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(where, **kwargs).save_pretrained(tmp)
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # another job saved it first: theirs is the same
-                pass
-            Path(tmp).mkdir(exist_ok=True)  # TemporaryDirectory cleans up the path it made
+    if folder.is_dir():
+        return folder
+    tmp = tempfile.mkdtemp(dir=where, prefix=".sidecar-")  # same filesystem: the rename is atomic
+    try:
+        AutoConfig.from_pretrained(where, **kwargs).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(where, **kwargs).save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    finally:  # kept only when another job saved it first (theirs is the same) or saving failed
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -216,13 +216,13 @@ def test_grading_workers_leave_with_a_killed_run():
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "forkserver" not in " ".join(p.cmdline())]
-        assert workers, "no grading worker to watch"
+        children = psutil.Process(proc.pid).children(recursive=True)  # forkserver, workers, resource tracker
+        assert len(children) >= 3, "no grading worker to watch"
     finally:
         proc.kill()
         proc.wait()
-    gone, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive, f"grading workers outlived their run: {[p.pid for p in alive]}"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"processes outlived their killed run: {[p.cmdline()[-1][:60] for p in alive]}"
 
 
 def test_run_py_refuses_a_bad_value_with_exit_2_one_message_no_traceback(tmp_path):
