@@ -62,7 +62,10 @@ def generation_kwargs(cfg: DictConfig) -> dict:
         raise ConfigError(f"generation.do_sample=false (greedy) gives identical samples; with it set task.n_samples=1, "
                           f"not {cfg.task.n_samples}")
     kwargs = {"do_sample": bool(g.do_sample), "max_new_tokens": max_new}
-    if g.do_sample:  # greedy decoding is generation.do_sample=false, not temperature 0
+    if g.do_sample:
+        if g.temperature == 0:
+            raise ConfigError("generation.temperature=0 is not valid when sampling; it must be > 0 (greedy decoding "
+                              "is generation.do_sample=false task.n_samples=1)")
         check_number("generation.temperature", g.temperature, float, above=0)
         check_number("generation.top_p", g.top_p, float, above=0, high=1)
         kwargs.update(temperature=float(g.temperature), top_p=float(g.top_p))
