@@ -11,17 +11,22 @@ import hydra
 from omegaconf import DictConfig
 
 from mixkvq.errors import ConfigError
+from mixkvq.interrupts import Interrupted, signals_interrupt
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    from mixkvq.evaluate import evaluate  # heavy imports after Hydra has parsed the command line
+    with signals_interrupt():
+        try:
+            from mixkvq.evaluate import evaluate  # heavy imports after Hydra has parsed the command line
 
-    try:
-        return evaluate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            return evaluate(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Interrupted as e:
+            print(f"interrupted: {e.detail}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -62,29 +62,29 @@ class Kivi(Method):
 
     def validate(self) -> None:
         c = self.cfg
-        check_choice("kivi.variant", c.variant, c.variants)
+        check_choice("method.variant", c.variant, c.variants)
         preset = c.variants[c.variant]
         self.group = c.group_size if c.group_size is not None else preset["group_size"]
         self.residual = c.residual_length if c.residual_length is not None else preset["residual_length"]
         self.value_window = c.value_window if c.value_window is not None else preset["value_window"]
         self.quantize_at = c.quantize_at if c.quantize_at is not None else preset["quantize_at"]
-        check_bits(c.k_bits, "kivi.k_bits")
-        check_bits(c.v_bits, "kivi.v_bits")
-        check_choice("kivi.key_axis", c.key_axis, AXES)
-        check_choice("kivi.value_axis", c.value_axis, AXES)
-        check_choice("kivi.value_window", self.value_window, VALUE_WINDOWS)
-        check_choice("kivi.quantize_at", self.quantize_at, QUANTIZE_AT)
+        check_bits(c.k_bits, "method.k_bits")
+        check_bits(c.v_bits, "method.v_bits")
+        check_choice("method.key_axis", c.key_axis, AXES)
+        check_choice("method.value_axis", c.value_axis, AXES)
+        check_choice("method.value_window", self.value_window, VALUE_WINDOWS)
+        check_choice("method.quantize_at", self.quantize_at, QUANTIZE_AT)
         if not isinstance(self.residual, int) or isinstance(self.residual, bool) or self.residual < 0:
-            raise ConfigError(f"kivi.residual_length={self.residual!r} must be 0 (no full-precision residual) or a "
-                              f"positive multiple of kivi.group_size={self.group}")
+            raise ConfigError(f"method.residual_length={self.residual!r} must be 0 (no full-precision residual) or a "
+                              f"positive multiple of method.group_size={self.group}")
         if self.residual:
-            check_group("kivi.group_size", self.group, self.residual, "kivi.residual_length")
+            check_group("method.group_size", self.group, self.residual, "method.residual_length")
         elif not isinstance(self.group, int) or self.group <= 0:
-            raise ConfigError(f"kivi.group_size={self.group!r} must be a positive integer")
+            raise ConfigError(f"method.group_size={self.group!r} must be a positive integer")
         if "token" in (c.key_axis, c.value_axis):
-            check_group("kivi.group_size", self.group, self.shape.head_dim, "head_dim")
+            check_group("method.group_size", self.group, self.shape.head_dim, "head_dim")
         if c.value_axis == "channel" and self.value_window != "flush":
-            raise ConfigError("kivi.value_axis=channel groups values over tokens and needs kivi.value_window=flush")
+            raise ConfigError("method.value_axis=channel groups values over tokens and needs method.value_window=flush")
 
     @property
     def nominal_bits(self) -> str:

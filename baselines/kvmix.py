@@ -79,24 +79,28 @@ class KVmixLayer(QuantizedLayer):
 class KVmix(Method):
     config_cls = KVmixConfig
 
+    @staticmethod
+    def needs_artifact(cfg) -> bool:
+        return cfg.layer_bits is None
+
     def validate(self) -> None:
         c = self.cfg
-        check_choice("kvmix.rpc_ratios", c.rpc_ratios, c.ratio_tables)
-        check_choice("kvmix.high_bit_layers", c.high_bit_layers, ("repo", "paper"))
-        check_choice("kvmix.key3_format", c.key3_format, ("repo", "g32"))
+        check_choice("method.rpc_ratios", c.rpc_ratios, c.ratio_tables)
+        check_choice("method.high_bit_layers", c.high_bit_layers, ("repo", "paper"))
+        check_choice("method.key3_format", c.key3_format, ("repo", "g32"))
         for which in ("high_bits", "low_bits"):
             bits = getattr(c, which)
             if sorted(bits) != ["key", "value"]:
-                raise ConfigError(f"kvmix.{which}={bits!r} must have exactly the keys ['key', 'value']")
+                raise ConfigError(f"method.{which}={bits!r} must have exactly the keys ['key', 'value']")
             for k, b in bits.items():
-                check_bits(b, f"kvmix.{which}.{k}")
+                check_bits(b, f"method.{which}.{k}")
         if not 0 <= float(c.high_bit_share) <= 1:
-            raise ConfigError(f"kvmix.high_bit_share={c.high_bit_share!r} must lie in [0, 1]")
-        check_group("kvmix.group_size", c.group_size, self.shape.head_dim, "head_dim")
+            raise ConfigError(f"method.high_bit_share={c.high_bit_share!r} must lie in [0, 1]")
+        check_group("method.group_size", c.group_size, self.shape.head_dim, "head_dim")
         self.ratios = {int(b): float(r) for b, r in c.ratio_tables[c.rpc_ratios].items()}
         for b in {*c.high_bits.values(), *c.low_bits.values()}:
             if b not in self.ratios:
-                raise ConfigError(f"kvmix.ratio_tables.{c.rpc_ratios} gives no RPC ratio for {b}-bit tensors; "
+                raise ConfigError(f"method.ratio_tables.{c.rpc_ratios} gives no RPC ratio for {b}-bit tensors; "
                                   f"it has {sorted(self.ratios)}")
         self.key_bits, self.value_bits = self._layer_bits()
 
@@ -105,10 +109,10 @@ class KVmix(Method):
         if c.layer_bits is not None:
             keys, values = list(c.layer_bits.get("key", [])), list(c.layer_bits.get("value", []))
             if len(keys) != layers or len(values) != layers:
-                raise ConfigError(f"kvmix.layer_bits needs {layers} key and {layers} value widths, got "
+                raise ConfigError(f"method.layer_bits needs {layers} key and {layers} value widths, got "
                                   f"{len(keys)} and {len(values)}")
             for b in keys + values:
-                check_bits(b, "kvmix.layer_bits")
+                check_bits(b, "method.layer_bits")
             return keys, values
         scores = load_artifact("kvmix", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
         n_high = high_bit_count(layers, c.high_bit_layers, c.high_bit_share)

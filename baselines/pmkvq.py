@@ -118,13 +118,13 @@ def brute_force_allocation(cost, mem, budget) -> list[int]:
 
 
 def rep_clamp_range(value) -> tuple[float, float]:
-    """`pmkvq.rep_scale_clamp` as (low, high), checked."""
+    """`method.rep_scale_clamp` as (low, high), checked."""
     try:
         lo, hi = (float(x) for x in value)
     except (TypeError, ValueError):
         lo = hi = float("nan")
     if not 0 < lo < hi:
-        raise ConfigError(f"pmkvq.rep_scale_clamp={value!r} must be [low, high] with 0 < low < high")
+        raise ConfigError(f"method.rep_scale_clamp={value!r} must be [low, high] with 0 < low < high")
     return lo, hi
 
 
@@ -160,7 +160,7 @@ def fold_key_scales(model, scales: torch.Tensor) -> None:
             # One weight per channel shared by all heads: only a head-independent λ can be folded there.
             if not torch.allclose(lam, lam[:1].expand_as(lam)):
                 raise ConfigError("this model normalizes keys per head with one shared weight; PM-KVQ key scales "
-                                  "must then be the same for every KV head (set pmkvq.reparameterize=false)")
+                                  "must then be the same for every KV head (set method.reparameterize=false)")
             _scale_(mod.k_norm.weight, 1 / lam[0])
             _scale_(mod.q_norm.weight, lam[0])
             continue
@@ -243,23 +243,27 @@ class PMKVQLayer(QuantizedLayer):
 class PMKVQ(Method):
     config_cls = PMKVQConfig
 
+    @staticmethod
+    def needs_artifact(cfg) -> bool:
+        return cfg.allocation == "blockwise" or cfg.reparameterize
+
     def validate(self) -> None:
         c, s = self.cfg, self.shape
-        check_choice("pmkvq.allocation", c.allocation, ("blockwise", "uniform"))
-        check_choice("pmkvq.on_budget_overflow", c.on_budget_overflow, ("stop", "error"))
-        check_choice("pmkvq.shrink_rule", c.shrink_rule, SHRINK_RULES)
-        check_choice("pmkvq.halving", c.halving, HALVINGS)
-        check_choice("pmkvq.sensitivity_reduce", c.sensitivity_reduce, ("mean", "sum"))
-        check_choice("pmkvq.init_bits", c.init_bits, LADDER)
+        check_choice("method.allocation", c.allocation, ("blockwise", "uniform"))
+        check_choice("method.on_budget_overflow", c.on_budget_overflow, ("stop", "error"))
+        check_choice("method.shrink_rule", c.shrink_rule, SHRINK_RULES)
+        check_choice("method.halving", c.halving, HALVINGS)
+        check_choice("method.sensitivity_reduce", c.sensitivity_reduce, ("mean", "sum"))
+        check_choice("method.init_bits", c.init_bits, LADDER)
         self.group = min(c.group_size, s.head_dim)  # one group per (token, head) on models with D < 128
         if s.head_dim % self.group:
-            raise ConfigError(f"pmkvq.group_size={c.group_size} must divide head_dim={s.head_dim}")
+            raise ConfigError(f"method.group_size={c.group_size} must divide head_dim={s.head_dim}")
         if c.sink_tokens < 0 or c.window_tokens <= 0:
-            raise ConfigError(f"pmkvq.sink_tokens={c.sink_tokens} must be >= 0 and pmkvq.window_tokens="
+            raise ConfigError(f"method.sink_tokens={c.sink_tokens} must be >= 0 and method.window_tokens="
                               f"{c.window_tokens} > 0")
         lo, hi = (float(x) for x in c.scale_clamp)
         if not 0 < lo < hi:
-            raise ConfigError(f"pmkvq.scale_clamp={list(c.scale_clamp)} must be [low, high] with 0 < low < high")
+            raise ConfigError(f"method.scale_clamp={list(c.scale_clamp)} must be [low, high] with 0 < low < high")
         self.rep_clamp = rep_clamp_range(c.rep_scale_clamp)
         # PM-KVQ's own scale clamp (its upper end, 1e5, is never reached by bf16 activations' ranges).
         self.pm_quant = dataclasses.replace(self.quant, min_scale=lo)
@@ -267,20 +271,34 @@ class PMKVQ(Method):
         if max_len is None and self.model_cfg is not None:
             max_len = self.model_cfg.get("max_new_tokens")
         if not isinstance(max_len, int) or max_len <= 0:
-            raise ConfigError(f"pmkvq.max_len={c.max_len!r}: set a positive token count (null takes "
+            raise ConfigError(f"method.max_len={c.max_len!r}: set a positive token count (null takes "
                               "model.max_new_tokens)")
         self.max_len = max_len
         if c.allocation == "uniform":
-            check_choice("pmkvq.fbit", c.fbit, (2, 4, 8))
+            check_choice("method.fbit", c.fbit, (2, 4, 8))
         else:
             cands = list(c.fbit_candidates or [])
             if not cands or any(b not in (2, 4, 8, 16) for b in cands):
-                raise ConfigError(f"pmkvq.fbit_candidates={cands} must be a non-empty list of widths from [2, 4, 8, 16]")
+                raise ConfigError(f"method.fbit_candidates={cands} must be a non-empty list of widths from [2, 4, 8, 16]")
         self.weights_bytes = None
         self.artifact = None
-        if c.allocation == "blockwise" or c.reparameterize:
+        if self.needs_artifact(c):
             self.artifact = load_artifact("pmkvq", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
         self._budgets = None
+
+    def check_prompts(self, shortest: int) -> None:
+        """Refuse budgets that even the shortest prompt overflows at the lowest width: every sample would end in
+        prefill. Its least bytes: the sink at 16 bits, every other token at LOWEST (the window empties first)."""
+        c = self.cfg
+        if c.target_gpu_mem_gb is not None:  # the budget needs the weights' bytes, known once the model loads
+            return
+        sink = min(shortest, c.sink_tokens)
+        least = (sink * 16 + (shortest - sink) * LOWEST) * self.shape.kv_heads * self.shape.head_dim * 2 // 8
+        if least > min(self.budgets()):
+            raise ConfigError(f"PM-KVQ's smallest layer budget ({min(self.budgets())} bytes, from method.max_len="
+                              f"{self.max_len}) cannot hold even the shortest prompt ({shortest} tokens, at least "
+                              f"{least} bytes at {LOWEST} bits): every sample would end in prefill; raise "
+                              "method.max_len or the budget")
 
     # -- budgets -------------------------------------------------------------------------------------------------
 
@@ -295,19 +313,19 @@ class PMKVQ(Method):
         gpu = (c.target_gpu_mem_gb, c.budget_batch_size, c.activation_reserve_gb)
         if all(x is not None for x in gpu):
             if self.weights_bytes is None:
-                raise ConfigError("pmkvq.target_gpu_mem_gb needs the model's weight bytes: build the method "
-                                  "through run.py (prepare_model) or set pmkvq.memory_budget_mb")
+                raise ConfigError("method.target_gpu_mem_gb needs the model's weight bytes: build the method "
+                                  "through run.py (prepare_model) or set method.memory_budget_mb")
             free = float(c.target_gpu_mem_gb) * 2**30 - self.weights_bytes - float(c.activation_reserve_gb) * 2**30
             if free <= 0:
                 raise ConfigError(f"pmkvq: target_gpu_mem_gb={c.target_gpu_mem_gb} leaves no memory for the KV cache")
             return int(free / int(c.budget_batch_size))  # M per sequence, all layers together
         if any(x is not None for x in gpu):
-            raise ConfigError("pmkvq.target_gpu_mem_gb, budget_batch_size and activation_reserve_gb go together; "
+            raise ConfigError("method.target_gpu_mem_gb, budget_batch_size and activation_reserve_gb go together; "
                               f"got {gpu}")
         if c.budget_mean_bits is None:
-            raise ConfigError("pmkvq.allocation=blockwise needs a total budget: set pmkvq.memory_budget_mb, or "
-                              "pmkvq.target_gpu_mem_gb + budget_batch_size + activation_reserve_gb, or "
-                              "pmkvq.budget_mean_bits")
+            raise ConfigError("method.allocation=blockwise needs a total budget: set method.memory_budget_mb, or "
+                              "method.target_gpu_mem_gb + budget_batch_size + activation_reserve_gb, or "
+                              "method.budget_mean_bits")
         return int(self.shape.layers * self.layer_mem(1) * float(c.budget_mean_bits))
 
     def sensitivity(self) -> list[list[float]]:
@@ -316,7 +334,7 @@ class PMKVQ(Method):
         cols = []
         for b in self.cfg.fbit_candidates:
             if b not in bits:
-                raise ConfigError(f"pmkvq.fbit_candidates has {b} bits, but the artifact profiles only {bits}")
+                raise ConfigError(f"method.fbit_candidates has {b} bits, but the artifact profiles only {bits}")
             cols.append(bits.index(b))
         factor = float(self.artifact["elements"]) if self.cfg.sensitivity_reduce == "sum" else 1.0
         return [[row[j] * factor for j in cols] for row in sens]
@@ -330,7 +348,7 @@ class PMKVQ(Method):
         if isinstance(budget, str):  # a per-layer budget file (§6.8 item 2): a JSON list, or one MB value per line
             path = Path(budget)
             if not path.is_file():
-                raise ConfigError(f"pmkvq.kv_budget={budget!r} is neither a number nor an existing budget file")
+                raise ConfigError(f"method.kv_budget={budget!r} is neither a number nor an existing budget file")
             text = path.read_text().strip()
             budget = json.loads(text) if text.startswith("[") else [float(x) for x in text.split()]
         if isinstance(budget, (int, float)) and not isinstance(budget, bool):
@@ -338,7 +356,7 @@ class PMKVQ(Method):
         elif budget is not None:
             vals = list(budget)
             if len(vals) != layers:
-                raise ConfigError(f"pmkvq.kv_budget lists {len(vals)} per-layer budgets; the model has {layers} layers")
+                raise ConfigError(f"method.kv_budget lists {len(vals)} per-layer budgets; the model has {layers} layers")
             out = [int(float(v) * MIB) for v in vals]
         elif c.allocation == "uniform":
             out = [self.layer_mem(c.fbit)] * layers

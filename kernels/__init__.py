@@ -9,6 +9,7 @@ that reads every other packed format directly. `auto` picks, per device, the fir
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -27,6 +28,14 @@ DECODE_KERNELS.register("cuda")(fragment.decode_attention)
 KERNEL_SUPPORT = {"triton": decode.supports, "cuda": fragment.supports}
 # What a kernel does to a fresh layer before it serves it (its storage layout).
 KERNEL_PREPARE = {"cuda": fragment.prepare}
+
+# Why a kernel cannot run on a device type at all (None: it can), checked before the model loads. Triton runs on
+# a CPU only in its interpreter (TRITON_INTERPRET=1, the tests).
+KERNEL_DEVICES = {
+    "cuda": lambda device: None if device.type == "cuda" else "it needs a CUDA device",
+    "triton": lambda device: None if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    else "it needs a CUDA device (or TRITON_INTERPRET=1)",
+}
 
 # Preference order for `auto` per device type; only registered kernels are considered.
 AUTO_ORDER = {"cuda": ["cuda", "triton", "torch"], "cpu": ["torch"]}
@@ -67,6 +76,11 @@ def kernels_in_use(layers) -> str:
     names = {name for name in DECODE_KERNELS.names() for layer in layers
              if getattr(layer, "decode_fn", None) is DECODE_KERNELS.get(name)}
     return "+".join(sorted(names)) or "none"
+
+
+def kernel_unavailable(name: str, device: torch.device) -> str | None:
+    check = KERNEL_DEVICES.get(name)
+    return check(device) if check is not None else None
 
 
 def decode_kernel_names() -> list[str]:

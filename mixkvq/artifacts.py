@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from mixkvq.config import repo_path
 from mixkvq.errors import ConfigError
 
 ARTIFACT = "artifact.json"
@@ -21,7 +22,8 @@ CONFIG = "config.yaml"
 
 
 def artifact_dir(calibration_dir: str | os.PathLike, model_name: str, method: str) -> Path:
-    return Path(calibration_dir) / model_name / method
+    """A relative calibration_dir is relative to the repository, where the shipped artifacts live."""
+    return repo_path(calibration_dir) / model_name / method
 
 
 def shape_dict(shape) -> dict:
@@ -51,30 +53,36 @@ def model_name(model_cfg) -> str | None:
     return model_cfg.get("name") if hasattr(model_cfg, "get") else getattr(model_cfg, "name", None)
 
 
-def load_artifact(method: str, calibration_dir: str, explicit: str | None, model_cfg, shape) -> dict:
-    """The payload of the artifact for this model and method; ConfigError if it is missing or made elsewhere."""
+def load_artifact(method: str, calibration_dir: str, explicit: str | None, model_cfg, shape=None) -> dict:
+    """The payload of the artifact for this model and method; ConfigError if it is missing, damaged or made
+    elsewhere. Without `shape` (no model config at hand: an experiment's plan) the shape is not compared."""
     name = model_name(model_cfg)
     if explicit is not None:
         folder = Path(explicit)
     elif name is not None:
         folder = artifact_dir(calibration_dir, name, method)
     else:
-        raise ConfigError(f"{method} needs a calibration artifact: set {method}.artifact to its folder")
+        raise ConfigError(f"{method} needs a calibration artifact: set method.artifact to its folder")
     file = folder / ARTIFACT
+    make = f"`python scripts/calibrate.py method={method} model={name or '<model>'}`"
     if not file.is_file():
         raise ConfigError(
-            f"{method} needs the calibration artifact {file}, which does not exist; make it with "
-            f"`python scripts/calibrate.py method={method} model={name or '<model>'}` "
-            f"(or point {method}.artifact / {method}.calibration_dir at an existing one)"
+            f"{method} needs the calibration artifact {file}, which does not exist; make it with {make} "
+            f"(or point method.artifact / method.calibration_dir at an existing one)"
         )
-    record = json.loads(file.read_text())
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"calibration artifact {file} is unreadable ({e}); make it again with {make}") from None
+    if not isinstance(record, dict) or "payload" not in record:
+        raise ConfigError(f"calibration artifact {file} has no payload; make it again with {make}")
     if record.get("method") != method:
         raise ConfigError(f"{file} was made for method {record.get('method')!r}, not {method!r}")
     if name is not None and record.get("model") != name:
         raise ConfigError(f"calibration artifact {file} was made for model {record.get('model')!r}, but this run "
                           f"uses model {name!r}; calibrate this model with "
                           f"`python scripts/calibrate.py method={method} model={name}`")
-    want = shape_dict(shape)
+    want = shape_dict(shape) if shape is not None else record.get("shape")
     if record.get("shape") != want:
         raise ConfigError(f"calibration artifact {file} was made for a model of shape {record.get('shape')}, but "
                           f"model {name!r} here has shape {want}; recalibrate it")

@@ -8,7 +8,6 @@ Calibration text is a hub dataset by default and a local JSONL file as an overri
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from contextlib import contextmanager
@@ -32,16 +31,9 @@ def load_texts(dataset: dict, data_files: str | None, limit: int, seed: int) -> 
     """
     fields = list(dataset.get("fields") or [])
     if data_files is not None:
-        path = Path(data_files)
-        if not path.is_file():
-            raise ConfigError(f"calibration data_files={data_files!r} is not a file")
-        texts = []
-        with open(path) as f:
-            for line in f:
-                if len(texts) >= limit:
-                    break
-                if line.strip():
-                    texts.append(_row_text(json.loads(line), fields))
+        from mixkvq.tasks import read_jsonl
+
+        texts = [_row_text(row, fields) for _, row in read_jsonl(Path(data_files), "data_files")[:limit]]
         source = {"data_files": str(data_files)}
     else:
         hub = dataset.get("hub")

@@ -7,7 +7,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def repo_path(path: str | Path) -> Path:
+    """A repository-relative default (calibration artifacts) as an absolute path, whatever the current folder."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

@@ -1,8 +1,9 @@
 """One run: config -> model, method, problems -> generate, grade, write rows -> summary.
 
-Everything that can be wrong with the config or the data is checked before the first generate call. Rows
-are written after every problem (atomically), so a killed run loses at most the problem it was on, and a
-restarted run skips what is already written.
+Everything that can be wrong with the config, the data or the run folder is checked before the model loads
+(mixkvq.preflight). Rows are written after every problem (atomically), so a killed run loses at most the problem
+it was on, and a restarted run skips what is already written; SIGINT and SIGTERM stop it keeping every finished
+problem, and say so.
 """
 
 from __future__ import annotations
@@ -15,51 +16,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kernels import decode_kernel_names
 from mixkvq import metrics, provenance
-from mixkvq.errors import ConfigError
-from mixkvq.grading import grade_many
-from mixkvq.methods import ModelShape, build_method, method_config
-from mixkvq.models import check_context, load_model
-from mixkvq.protocol import build_prompt, generate_batch
-from mixkvq.results import RUN_FILE, RunDir, find_finished, find_reference, twin_key
+from mixkvq.grading import grade_many, stop_workers
+from mixkvq.interrupts import Interrupted
+from mixkvq.methods import ModelShape, build_method
+from mixkvq.models import load_model
+from mixkvq.preflight import preflight
+from mixkvq.protocol import generate_batch
+from mixkvq.results import RUN_FILE, RunDir, find_reference, twin_key
 from mixkvq.sinks import WandbSink, sweep_group
 from mixkvq.summary import format_summary
-from mixkvq.tasks import load_task
-
-
-def generation_kwargs(cfg: DictConfig) -> dict:
-    g = cfg.generation
-    max_new = g.max_new_tokens if g.max_new_tokens is not None else cfg.model.max_new_tokens
-    if not isinstance(max_new, int) or max_new <= 0:
-        raise ConfigError(f"generation.max_new_tokens={max_new!r} must be a positive integer")
-    if not g.do_sample and cfg.task.n_samples != 1:
-        raise ConfigError(f"generation.do_sample=false (greedy) gives identical samples; with it set task.n_samples=1, "
-                          f"not {cfg.task.n_samples}")
-    batch = g.get("batch_problems", 1)
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
-        raise ConfigError(f"generation.batch_problems={batch!r} must be a positive integer (problems per generate "
-                          "call)")
-    kwargs = {"do_sample": bool(g.do_sample), "max_new_tokens": max_new}
-    if g.do_sample:
-        kwargs.update(temperature=float(g.temperature), top_p=float(g.top_p))
-    return kwargs
-
-
-def check_cache_config(cfg: DictConfig) -> None:
-    """The method, decode kernel and storage settings every entry point shares, checked without a model."""
-    method_config(cfg.method)
-    if cfg.attention.decode_kernel not in decode_kernel_names():
-        raise ConfigError(f"attention.decode_kernel={cfg.attention.decode_kernel!r} is not available; "
-                          f"choose one of {decode_kernel_names()}")
-    if cfg.storage not in ("packed", "fake"):
-        raise ConfigError(f"storage={cfg.storage!r} is not valid; choose one of ['packed', 'fake']")
-
-
-def check_static(cfg: DictConfig) -> None:
-    """Checks that need no model: fail fast, before any loading."""
-    check_cache_config(cfg)
-    generation_kwargs(cfg)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -68,39 +34,28 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
 
 
-def finished_row(cfg: DictConfig) -> dict | None:
-    """The row of this config's finished run, if any: a re-run sweep job then exits at once."""
-    path = find_finished(cfg.results_dir, cfg)
-    if path is None:
-        return None
-    row = pd.read_parquet(path / RUN_FILE).iloc[0].to_dict()
-    print(f"[{path.name}] already finished; nothing to do ({path})", file=sys.stderr)
-    return row
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    check_static(cfg)
-    row = finished_row(cfg)
-    if row is not None:
+    checked = preflight(cfg)  # every config, data and run-folder error, before the model loads
+    if checked.state.finished:
+        row = pd.read_parquet(checked.run_dir / RUN_FILE).iloc[0].to_dict()
+        print(f"[{checked.run_dir.name}] already finished; nothing to do ({checked.run_dir})", file=sys.stderr)
         print(format_summary([row]))
         return row
     started = provenance.collect()  # the code that runs is the code at start, whatever is committed meanwhile
-    problems = load_task(cfg.task)
-    gen = generation_kwargs(cfg)
-    loaded = load_model(cfg.model)
+    problems, prompts, gen = checked.problems, checked.prompts, checked.gen
+    loaded = load_model(cfg.model, cfg.hub_timeout_s)
     if loaded.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     model, tokenizer = loaded.model, loaded.tokenizer
     shape = ModelShape.of(model)
-    method = build_method(cfg, shape)
+    method = checked.method
+    if shape != checked.shape:  # the loaded model sits elsewhere than its config said: rebuild for where it is
+        method = build_method(cfg, shape)
     method.prepare_model(model)
-    prompts = {p.id: build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems}
-    longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in prompts.values())
-    check_context(loaded, longest, gen["max_new_tokens"])
     if shape.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(shape.device)
 
-    label = f"{cfg.method.name}-{method.nominal_bits}"
+    label = checked.label
     with RunDir(cfg.results_dir, cfg, label) as rd:
         done = rd.done_problem_ids()
         # Problems go to generate in fixed groups of `generation.batch_problems` (by index, so a resumed run
@@ -113,38 +68,47 @@ def evaluate(cfg: DictConfig) -> dict:
         bar = tqdm(total=sum(len(g) for g in todo), desc=label, unit="problem", disable=not cfg.progress,
                    file=sys.stderr)
         correct = total = 0
-        for group in todo:
-            seed = cfg.seed + group[0]
-            outs = generate_batch(model, tokenizer, method, [prompts[problems[i].id] for i in group],
-                                  cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel)
-            rows, call_tokens = [], 0
-            for index, out in zip(group, outs):
-                problem = problems[index]
-                prompt_tokens = len(tokenizer(prompts[problem.id], add_special_tokens=False).input_ids)
-                grades = grade_many(out.texts, [problem.answer] * len(out.texts), cfg.task.grader,
-                                    cfg.grading_workers)
-                rows += [
-                    {
-                        "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
-                        "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
-                        "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
-                        # gen_seconds: this problem's share of its generate call (`problems_in_call` problems)
-                        "seed": seed, "gen_seconds": out.seconds, "problems_in_call": len(group),
-                        "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes, "decode_kernels": out.decode_kernels,
-                        **out.cache_stats[s],
-                    }
-                    for s in range(len(out.texts))
-                ]
-                correct += sum(g.correct for g in grades)
-                total += len(grades)
-                tokens = sum(len(t) for t in out.token_ids)
-                call_tokens += tokens
-                sink.log_problem({"problem_index": index, "accuracy": sum(g.correct for g in grades) / len(grades),
-                                  "tokens_per_s": tokens / out.seconds})
-            rd.append_samples(rows)
-            bar.update(len(group))
-            bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{call_tokens / (outs[0].seconds * len(group)):.0f}")
-        bar.close()
+        saved = len(done)
+        try:
+            for group in todo:
+                seed = cfg.seed + group[0]
+                outs = generate_batch(model, tokenizer, method, [prompts[problems[i].id] for i in group],
+                                      cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel)
+                rows, call_tokens = [], 0
+                for index, out in zip(group, outs):
+                    problem = problems[index]
+                    prompt_tokens = checked.prompt_tokens[problem.id]
+                    grades = grade_many(out.texts, [problem.answer] * len(out.texts), cfg.task.grader,
+                                        cfg.grading_workers)
+                    rows += [
+                        {
+                            "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
+                            "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
+                            "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
+                            # gen_seconds: this problem's share of its generate call (`problems_in_call` problems)
+                            "seed": seed, "gen_seconds": out.seconds, "problems_in_call": len(group),
+                            "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes, "decode_kernels": out.decode_kernels,
+                            **out.cache_stats[s],
+                        }
+                        for s in range(len(out.texts))
+                    ]
+                    correct += sum(g.correct for g in grades)
+                    total += len(grades)
+                    tokens = sum(len(t) for t in out.token_ids)
+                    call_tokens += tokens
+                    sink.log_problem({"problem_index": index, "accuracy": sum(g.correct for g in grades) / len(grades),
+                                      "tokens_per_s": tokens / out.seconds})
+                rd.append_samples(rows)
+                saved += len(group)
+                bar.update(len(group))
+                bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{call_tokens / (outs[0].seconds * len(group)):.0f}")
+            bar.close()
+        except Interrupted as e:
+            stop_workers()
+            bar.close()
+            sink.finish()
+            raise Interrupted(e.signum, f"{saved} of {len(problems)} problems saved in {rd.path}; "
+                                        "rerun the same command to resume") from None
         row = run_row(cfg, rd, method, loaded, shape.device, started)
         rd.write_run_row(row)
         sink.log_summary(row)

@@ -82,7 +82,7 @@ def plan(config_name: str, sweeper_params: dict, task_overrides: list[str], cost
 
     A job whose method does not exist is still costed (with the reference method in its place), so the
     estimate covers the whole experiment while it is refused."""
-    from mixkvq.evaluate import check_static
+    from mixkvq.preflight import check_artifacts, check_static
     from mixkvq.tasks import TASKS
 
     jobs, errors = [], defaultdict(int)
@@ -100,10 +100,29 @@ def plan(config_name: str, sweeper_params: dict, task_overrides: list[str], cost
                 if cfg.task.name not in TASKS:
                     raise ConfigError(f"unknown task {cfg.task.name!r}; valid choices: {TASKS.names()}")
                 check_static(cfg)
+                try:
+                    check_artifacts(cfg)
+                except ConfigError as e:  # refused, and still costed
+                    errors[str(e)] += 1
             jobs.append(Job(overrides, cfg.model.name, cfg.task.name, label, *job_cost(cfg, cost)))
         except ConfigError as e:
             errors[str(e)] += 1
     return jobs, [f"{msg} ({n} job{'s' * (n > 1)})" for msg, n in errors.items()]
+
+
+def check_sweep(config_name: str, sweeper_params: dict, task_overrides: list[str]) -> list[str]:
+    """Every job of a `-m` sweep through the run's own preflight, before the first starts; one line per bad job."""
+    from mixkvq.preflight import preflight
+
+    errors = []
+    for n, overrides in enumerate(expand(sweeper_params, task_overrides)):
+        try:
+            preflight(_compose(config_name, overrides))
+        except ConfigError as e:
+            errors.append(f"job {n} ({' '.join(overrides)}): {e}")
+        except Exception as e:  # a missing model/task/method config: Hydra names the valid options
+            errors.append(f"job {n} ({' '.join(overrides)}): {_short(e)}")
+    return errors
 
 
 def _method_label(overrides: list[str]) -> str:

@@ -38,10 +38,10 @@ from kernels.reference import attend
 from mixkvq import provenance
 from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
-from mixkvq.evaluate import check_cache_config
 from mixkvq.fidelity_metrics import layer_table, summarize
 from mixkvq.methods import Method, ModelShape, build_method
 from mixkvq.models import check_context, load_model
+from mixkvq.preflight import check_cache_config
 from mixkvq.protocol import build_prompt, eos_ids
 from mixkvq.registry import Registry
 from mixkvq.results import RUN_FILE, RunDir, _read_table, _write_table, config_hash, find_finished, twin_key
@@ -342,7 +342,7 @@ def run(cfg: DictConfig) -> dict:
     f = cfg.fidelity
     prompts = {p.id: tokenizer(build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix),
                                add_special_tokens=False).input_ids for p in problems}
-    check_context(loaded, max(len(v) for v in prompts.values()), int(f.tokens))
+    check_context(loaded.max_context, loaded.name, max(len(v) for v in prompts.values()), int(f.tokens))
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 

@@ -11,6 +11,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -172,7 +173,16 @@ def _n_workers(workers: int | None, n_items: int) -> int:
     return min(workers, n_items)
 
 
+def _exit_with_parent() -> None:
+    """A worker ends when the run that started it ends, even by SIGKILL: waiting on the parent's sentinel."""
+    mp.parent_process().join()
+    os._exit(0)
+
+
 def _warm_worker() -> None:
+    # Ctrl-C reaches the whole process group: the run stops its workers itself, without their tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     import math_verify  # noqa: F401  (pay the sympy import once per worker, not inside the first item)
 
 
@@ -196,12 +206,20 @@ def _get_pool(n_workers: int) -> ProcessPoolExecutor:
         return _pool
 
 
-def _drop_pool() -> None:
+def _drop_pool(terminate: bool = False) -> None:
     global _pool, _pool_size
     with _pool_lock:
         if _pool is not None:
+            workers = list((_pool._processes or {}).values())  # no public handle on the workers
             _pool.shutdown(wait=False, cancel_futures=True)
+            for p in workers if terminate else ():
+                p.terminate()
         _pool, _pool_size = None, 0
+
+
+def stop_workers() -> None:
+    """End the grading workers now (an interrupted run): no answer is waited for."""
+    _drop_pool(terminate=True)
 
 
 def grade_many(

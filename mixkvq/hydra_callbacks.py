@@ -66,17 +66,29 @@ class MultirunSummary(Callback):
 
 class ExperimentPlan(Callback):
     """Before a multirun that names an experiment: print its jobs and GPU-hours, refuse it (exit 2) if any job's
-    config is wrong, and stop after printing when `experiment.dry_run=true`."""
+    config is wrong, and stop after printing when `experiment.dry_run=true`. Before any other multirun: every job
+    through the run's own checks (model files, data, artifacts, run folders), the sweep refused (exit 2) if one
+    fails, so a bad job never stops a sweep halfway."""
 
     def on_multirun_start(self, config, config_name=None, **kwargs) -> None:
+        params = config.hydra.sweeper.get("params") or {}
+        params = OmegaConf.to_container(params) if params else {}
         if "experiment" not in config:
+            if (config_name or "config") != "config":  # scripts/fidelity.py sweeps check their own jobs
+                return
+            from mixkvq.experiments import check_sweep
+
+            errors = check_sweep(config_name or "config", params, list(config.hydra.overrides.task))
+            if errors:
+                print("error: sweep refused, no job started; fix these jobs first:", file=sys.stderr)
+                for e in errors:
+                    print(f"  {e}", file=sys.stderr)
+                sys.exit(2)
             return
         from mixkvq.experiments import format_plan, plan
 
         exp = config.experiment
-        params = config.hydra.sweeper.get("params") or {}
-        jobs, errors = plan(config_name or "config", OmegaConf.to_container(params) if params else {},
-                            list(config.hydra.overrides.task), config.cost)
+        jobs, errors = plan(config_name or "config", params, list(config.hydra.overrides.task), config.cost)
         print(format_plan(exp.name, exp.title, jobs, config.cost), flush=True)
         if errors:
             print(f"error: experiment {exp.name} refused, nothing submitted; fix these jobs first:", file=sys.stderr)

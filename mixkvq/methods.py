@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,14 @@ class Method:
     def validate(self) -> None:
         """Raise ConfigError for impossible settings, before any model work."""
 
+    def check_prompts(self, shortest: int) -> None:
+        """Raise ConfigError when no prompt of the task (the shortest has `shortest` tokens) can be run at all."""
+
+    @staticmethod
+    def needs_artifact(cfg) -> bool:
+        """Whether this config reads a calibration artifact (checked for existence before a sweep launches)."""
+        return False
+
     @property
     def nominal_bits(self) -> str:
         raise NotImplementedError
@@ -120,7 +130,32 @@ def method_config(node, extra: dict | None = None):
     missing = sorted(fields - set(values))
     if missing:
         raise ConfigError(f"method {values['name']!r} config lacks {missing}")
+    for name, kind in typing.get_type_hints(cls).items():
+        check_type(f"method.{name}", values[name], kind)
     return cls(**values)
+
+
+def _accepts(kind, value) -> bool:
+    if kind is object or kind is typing.Any:
+        return True
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return any(_accepts(k, value) for k in typing.get_args(kind))
+    kind = typing.get_origin(kind) or kind
+    if kind is type(None):
+        return value is None
+    if kind is float:  # an integer is a fine float; a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_type(key: str, value, kind) -> None:
+    """`value` fits the dataclass field type `kind` (e.g. `float | None`), else a ConfigError naming the key."""
+    if not _accepts(kind, value):
+        want = " or ".join("null" if k is type(None) else getattr(typing.get_origin(k) or k, "__name__", str(k))
+                           for k in (typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)))
+        raise ConfigError(f"{key}={value!r} is not valid; it must be {want}")
 
 
 def build_method(cfg, model, method=None) -> Method:

@@ -156,29 +156,33 @@ class MixKVQ(Method):
         if value is None and self.model_cfg is not None:
             value = (self.model_cfg.get("mixkvq") or {}).get(key)
         if value is None:
-            raise ConfigError(f"mixkvq.{key} is null and the model config gives no per-model value; set mixkvq.{key}")
+            raise ConfigError(f"method.{key} is null and the model config gives no per-model value; set method.{key}")
         return float(value)
+
+    @staticmethod
+    def needs_artifact(cfg) -> bool:
+        return cfg.thresholds == "search" and cfg.tau_bf16 is None and cfg.tau_uint4 is None
 
     def validate(self) -> None:
         c = self.cfg
-        check_choice("mixkvq.tier_rule", c.tier_rule, ("target_bits", "threshold"))
-        check_choice("mixkvq.thresholds", c.thresholds, ("paper", "search"))
-        check_choice("mixkvq.bits_measure", c.bits_measure, ("codes",))
-        check_choice("mixkvq.salience_norm", c.salience_norm, ("mean", "none"))
-        check_choice("mixkvq.sensitivity_tokens", c.sensitivity_tokens, ("block", "all"))
-        check_choice("mixkvq.gqa_reduce", c.gqa_reduce, ("mean", "max"))
-        check_choice("mixkvq.tier_order", c.tier_order, ("bf16_first", "sorted"))
-        check_choice("mixkvq.value_window", c.value_window, ("flush", "sliding"))
-        check_bits(c.value_bits, "mixkvq.value_bits")
+        check_choice("method.tier_rule", c.tier_rule, ("target_bits", "threshold"))
+        check_choice("method.thresholds", c.thresholds, ("paper", "search"))
+        check_choice("method.bits_measure", c.bits_measure, ("codes",))
+        check_choice("method.salience_norm", c.salience_norm, ("mean", "none"))
+        check_choice("method.sensitivity_tokens", c.sensitivity_tokens, ("block", "all"))
+        check_choice("method.gqa_reduce", c.gqa_reduce, ("mean", "max"))
+        check_choice("method.tier_order", c.tier_order, ("bf16_first", "sorted"))
+        check_choice("method.value_window", c.value_window, ("flush", "sliding"))
+        check_bits(c.value_bits, "method.value_bits")
         if not isinstance(c.sensitivity_bits, int) or c.sensitivity_bits < 1:
-            raise ConfigError(f"mixkvq.sensitivity_bits={c.sensitivity_bits!r} must be a positive integer")
+            raise ConfigError(f"method.sensitivity_bits={c.sensitivity_bits!r} must be a positive integer")
         if not isinstance(c.residual_length, int) or c.residual_length <= 0:
-            raise ConfigError(f"mixkvq.residual_length={c.residual_length!r} must be a positive integer")
-        check_group("mixkvq.key_group_size", c.key_group_size, c.residual_length, "mixkvq.residual_length")
-        check_group("mixkvq.value_group_size", c.value_group_size, self.shape.head_dim, "head_dim")
+            raise ConfigError(f"method.residual_length={c.residual_length!r} must be a positive integer")
+        check_group("method.key_group_size", c.key_group_size, c.residual_length, "method.residual_length")
+        check_group("method.value_group_size", c.value_group_size, self.shape.head_dim, "head_dim")
         if not isinstance(c.sink_tokens, int) or c.sink_tokens < 0:
-            raise ConfigError(f"mixkvq.sink_tokens={c.sink_tokens!r} must be a non-negative integer")
-        if c.thresholds == "search" and c.tau_bf16 is None and c.tau_uint4 is None:
+            raise ConfigError(f"method.sink_tokens={c.sink_tokens!r} must be a non-negative integer")
+        if self.needs_artifact(c):
             found = load_artifact("mixkvq", c.calibration_dir, c.artifact, self.model_cfg, self.shape)
             tau_bf16, tau_uint4 = float(found["tau_bf16"]), float(found["tau_uint4"])
         else:
@@ -193,7 +197,7 @@ class MixKVQ(Method):
         self.key_bits_target = 2 * self.target_bits - c.value_bits
         if c.tier_rule == "target_bits" and not 2 <= self.key_bits_target <= 16:
             lo, hi = (2 + c.value_bits) / 2, (16 + c.value_bits) / 2
-            raise ConfigError(f"mixkvq.target_bits={self.target_bits} is unreachable; choose a value in [{lo}, {hi}]")
+            raise ConfigError(f"method.target_bits={self.target_bits} is unreachable; choose a value in [{lo}, {hi}]")
 
     @property
     def nominal_bits(self) -> str:

@@ -7,11 +7,14 @@ Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -228,15 +231,23 @@ def model_family(model) -> str:
     return family
 
 
-def check_context(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a generation that could run past the model's context instead of failing mid-run."""
+def check_context(max_context: int, name: str, prompt_tokens: int, max_new_tokens: int, problem: str = "") -> None:
+    """Refuse a generation that could run past the model's context instead of failing mid-run.
+
+    `generation.max_new_tokens` is the key to suggest: it overrides the model's value."""
     total = prompt_tokens + max_new_tokens
-    if total > loaded.max_context:
+    if total <= max_context:
+        return
+    which = f" (problem {problem})" if problem else ""
+    if prompt_tokens >= max_context:
         raise ConfigError(
-            f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
-            f"max context {loaded.max_context} of model {loaded.name!r}; lower it, e.g. "
-            f"model.max_new_tokens={max(loaded.max_context - prompt_tokens, 1)}"
+            f"the prompt{which} alone has {prompt_tokens} tokens, at least the max context {max_context} of model "
+            f"{name!r}: no answer fits; drop the problem (task.limit) or raise model.max_context"
         )
+    raise ConfigError(
+        f"prompt{which} of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the max "
+        f"context {max_context} of model {name!r}; lower it: generation.max_new_tokens={max_context - prompt_tokens}"
+    )
 
 
 def _resolve_device(name: str):
@@ -298,43 +309,102 @@ def _hub_error(mc: ModelConfig, err: Exception) -> ConfigError:
     )
 
 
-def _locate(mc: ModelConfig) -> tuple[str, str, dict[str, Any]]:
-    """(folder or hub id, source, extra from_pretrained kwargs). Weights: GGUF, else path, else hub.
+# What a local model folder needs, as (what, file name patterns: any one of them will do).
+FOLDER_CONFIG = ("config.json", ("config.json",))
+FOLDER_TOKENIZER = ("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+                    ("tokenizer.json", "tokenizer.model", "vocab.json"))
+FOLDER_WEIGHTS = ("weights (*.safetensors or *.bin; or set model.random_init=true)", ("*.safetensors", "*.bin"))
 
-    random_init reads only config + tokenizer: from path, else the GGUF, else the hub.
+
+def check_model_folder(path: str, weights: bool) -> None:
+    """A model.path folder holds a config, a tokenizer and (unless random_init) weights; else say what it lacks."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model.path {path!r} is not a folder (want config.json + tokenizer files)")
+    needs = [FOLDER_CONFIG, FOLDER_TOKENIZER] + ([FOLDER_WEIGHTS] if weights else [])
+    missing = [what for what, patterns in needs if not any(any(folder.glob(p)) for p in patterns)]
+    if missing:
+        have = sorted(p.name for p in folder.iterdir())[:12]
+        raise ConfigError(f"model.path {path!r} lacks {', '.join(missing)}; it holds {have}")
+
+
+def _locate(mc: ModelConfig) -> tuple[str, str, dict[str, Any]]:
+    """(folder or hub id, source, extra from_pretrained kwargs): `path` when set, else the GGUF, else the hub.
+
+    random_init reads only config + tokenizer from there.
     """
-    use_gguf = mc.gguf is not None and (not mc.random_init or mc.path is None)
-    if use_gguf:
+    if mc.path is not None:
+        check_model_folder(mc.path, weights=not mc.random_init)
+        return mc.path, "path", {}
+    if mc.gguf is not None:
         gguf = fetch_gguf(mc.gguf)
         return str(gguf.parent), "gguf", {"gguf_file": gguf.name}
-    if mc.path is not None:
-        if not Path(mc.path).is_dir():
-            raise ConfigError(f"model.path {mc.path!r} is not a folder (want config.json + tokenizer files)")
-        return mc.path, "path", {}
     return mc.hub_id, "hub", {}
 
 
-def load_model(cfg) -> LoadedModel:
-    """Model + tokenizer from a configs/model/*.yaml (a mapping, DictConfig, or ModelConfig).
+@dataclass
+class ModelFiles:
+    """What a run learns about its model without loading weights: shape, context and tokenizer."""
 
-    Source: GGUF when `gguf` is set (unless random_init), else `path`, else `hub_id`. With random_init
-    only config + tokenizer are read, from `path`, else the GGUF, else the hub.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+    config: Any  # transformers PretrainedConfig, config_overrides applied
+    tokenizer: Any
+    where: str  # folder or hub id
+    source: str
+    kwargs: dict[str, Any]  # extra from_pretrained kwargs (gguf_file)
+    max_context: int
+
+
+def _gguf_sidecar(where: str, kwargs: dict[str, Any]) -> Path:
+    """Config and tokenizer of a verified GGUF, saved once beside it as plain files: parsing the GGUF's
+    metadata takes 10-20 s, reading these well under one. The folder name carries the GGUF's file name, whose
+    content the cache keeps fixed (fetch_gguf checks its sha256)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(where) / f".{kwargs['gguf_file']}.hf"
+    if folder.is_dir():
+        return folder
+    tmp = tempfile.mkdtemp(dir=where, prefix=".sidecar-")  # same filesystem: the rename is atomic
+    try:
+        AutoConfig.from_pretrained(where, **kwargs).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(where, **kwargs).save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    finally:  # kept only when another job saved it first (theirs is the same) or saving failed
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config_and_tokenizer(where: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoConfig.from_pretrained(where), AutoTokenizer.from_pretrained(where)
+
+
+def _config_and_tokenizer(where: str):
+    """Read once per process (a sweep checks many jobs of one model); each caller gets its own config to change."""
+    config, tokenizer = _read_config_and_tokenizer(where)
+    return copy.deepcopy(config), tokenizer
+
+
+def read_model_files(cfg, hub_timeout_s: float | None = None) -> ModelFiles:
+    """Config (overrides applied, family and context checked) and tokenizer; no weights are read. Reading them
+    from the hub takes at most `hub_timeout_s` seconds."""
+    from mixkvq.interrupts import TimeLimit, time_limit
 
     mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
-    start = time.perf_counter()
-    dtype = getattr(torch, mc.dtype)
-    device = _resolve_device(mc.device)
-
     where, source, kwargs = _locate(mc)
+    files_at = str(_gguf_sidecar(where, kwargs)) if source == "gguf" else where
     try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
-    except OSError as err:
+        with time_limit(hub_timeout_s if source == "hub" else None, f"the hub (model {mc.hub_id!r})"):
+            config, tokenizer = _config_and_tokenizer(files_at)
+    except (OSError, TimeLimit) as err:
         if source == "hub":
             raise _hub_error(mc, err) from None
-        raise ConfigError(f"could not read the model config from {where} ({err})") from None
+        raise ConfigError(f"could not read the model config or tokenizer from {where} "
+                          f"({' '.join(str(err).split())[:300]})") from None
     model_family(config)  # refuse unsupported architectures before building anything
     apply_overrides(config, mc.config_overrides)
 
@@ -350,12 +420,29 @@ def load_model(cfg) -> LoadedModel:
             f"{max_context} of {mc.name!r}; set model.max_new_tokens= lower"
         )
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    except OSError as err:
-        raise ConfigError(f"could not read the tokenizer from {where} ({err})") from None
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"tokenizer of {mc.name!r} from {where} has no chat template; the protocol needs one")
+    return ModelFiles(config, tokenizer, where, source, kwargs, max_context)
+
+
+def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
+    """Model + tokenizer from a configs/model/*.yaml (a mapping, DictConfig, or ModelConfig).
+
+    Source: `path` when set, else the GGUF when `gguf` is set, else `hub_id`. With random_init only config +
+    tokenizer are read from there.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, GgufConfig
+
+    mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
+    start = time.perf_counter()
+    dtype = getattr(torch, mc.dtype)
+    device = _resolve_device(mc.device)
+
+    files = read_model_files(mc, hub_timeout_s)
+    config, tokenizer, where, source, max_context = (files.config, files.tokenizer, files.where, files.source,
+                                                      files.max_context)
+    kwargs = dict(files.kwargs)
 
     if mc.random_init:
         source = "random_init"

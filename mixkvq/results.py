@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from mixkvq.errors import ConfigError
 
 # Keys that change where or how a run is reported, never what it computes. `experiment` and `cost` describe the
-# sweep a run belongs to: the same config run by hand or by an experiment is the same run.
-VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost")
+# sweep a run belongs to: the same config run by hand or by an experiment is the same run. A wait limit changes
+# nothing computed.
+VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "hub_timeout_s")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
 REFERENCE_METHOD = "bf16"
@@ -186,25 +189,29 @@ class RunDir:
         self._lock_fd = fd
         try:
             self._write_or_check_config()
+            self.repair()
         except BaseException:
             self.close()
             raise
         return self
 
     def _write_or_check_config(self) -> None:
-        if self.config_path.exists():
-            try:
-                existing = OmegaConf.load(self.config_path)
-            except Exception as e:  # any YAML/OmegaConf failure means the file is not ours
-                raise ConfigError(f"{self.config_path} is unreadable ({e}); delete the run directory") from e
-            if _canonical(existing, VOLATILE_KEYS) != _canonical(self.cfg, VOLATILE_KEYS):
-                raise ConfigError(
-                    f"{self.config_path} holds a different config than this run (edited file or hash "
-                    f"collision); move or delete {self.path} before rerunning"
-                )
+        if check_saved_config(self.path, self.cfg):
             return  # same run resumed: keep the original file
         text = OmegaConf.to_yaml(self.cfg, resolve=True).encode()
         _atomic_write(self.config_path, lambda f: f.write(text))
+
+    def repair(self) -> RunState:
+        """Set aside what a resume cannot trust (see run_state), saying so; returns the state found."""
+        self._require_lock()
+        state = run_state(self.path)
+        for line in state.damage:
+            print(f"[{self.name}] {line}", file=sys.stderr)
+        if state.samples_damaged:  # kept for a post-mortem, out of the resume's way
+            os.replace(self.samples_path, self.samples_path.with_name(SAMPLES_FILE + ".damaged"))
+        if self.run_path.exists() and not state.finished:
+            self.run_path.unlink()
+        return state
 
     def close(self) -> None:
         # The lock file stays: deleting it would let a third job lock a different inode.
@@ -269,6 +276,83 @@ class RunDir:
         return _read_table(self.run_path).to_pylist()[0]
 
 
+# ---------------------------------------------------------------- resume state, read-only
+
+
+def check_saved_config(path: Path, cfg: DictConfig | dict) -> bool:
+    """True when `path` holds this run's config.yaml; False when it has none; ConfigError when another."""
+    file = path / CONFIG_FILE
+    if not file.exists():
+        return False
+    try:
+        existing = OmegaConf.load(file)
+    except Exception as e:  # any YAML/OmegaConf failure means the file is not ours
+        raise ConfigError(f"{file} is unreadable ({e}); delete the run directory") from e
+    if _canonical(existing, VOLATILE_KEYS) != _canonical(cfg, VOLATILE_KEYS):
+        raise ConfigError(f"{file} holds a different config than this run (edited file or hash collision); move "
+                          f"or delete {path} before rerunning")
+    return True
+
+
+def check_unlocked(path: Path) -> None:
+    """ConfigError when a live job holds this run's lock; creates nothing (the lock is taken only to test it)."""
+    lock = path / LOCK_FILE
+    if not lock.exists():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise ConfigError(f"another job is writing this run: {path} is locked; wait for it or stop it") from None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class RunState:
+    """What a rerun finds in a run folder: done problems, whether it finished, and what it must redo."""
+
+    done: set[str] = field(default_factory=set)
+    finished: bool = False
+    samples_damaged: bool = False
+    damage: list[str] = field(default_factory=list)
+
+
+def run_state(path: Path) -> RunState:
+    """Read-only integrity check of the files a resume trusts: samples.parquet must be readable, and run.parquet
+    readable and counting exactly the problems and samples that samples.parquet holds."""
+    state = RunState()
+    samples, run = path / SAMPLES_FILE, path / RUN_FILE
+    if samples.exists():
+        try:
+            table = pq.read_table(samples, columns=list(SAMPLE_KEY))
+        except (pa.ArrowException, OSError) as e:
+            state.samples_damaged = True
+            state.damage.append(f"{SAMPLES_FILE} is unreadable ({' '.join(str(e).split())[:120]}); set aside as "
+                                f"{SAMPLES_FILE}.damaged, its problems are redone")
+        else:
+            ids = table.column("problem_id").to_pylist()
+            state.done = set(ids)
+    if run.exists():
+        try:
+            row = pq.read_table(run).to_pylist()[0]
+        except (pa.ArrowException, OSError, IndexError) as e:
+            state.damage.append(f"{RUN_FILE} is unreadable ({' '.join(str(e).split())[:120]}); its summary is redone")
+            return state
+        if state.samples_damaged:
+            return state
+        problems, rows = len(state.done), (len(ids) if samples.exists() else 0)
+        n = row.get("n_problems")
+        want = (n, (n or 0) * (row.get("n_samples") or 1))  # fidelity rows: one sample per problem, no n_samples
+        if n is not None and want != (problems, rows):
+            state.damage.append(f"{RUN_FILE} counts {want[0]} problems ({want[1]} samples) but {SAMPLES_FILE} holds "
+                                f"{problems} ({rows}); the missing problems and the summary are redone")
+        else:
+            state.finished = True
+    return state
+
+
 # ---------------------------------------------------------------- across runs
 
 
@@ -295,7 +379,8 @@ def find_finished(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | Non
     which needs the model; the hash alone decides identity, so match on it.
     """
     suffix = f"_{config_hash(cfg)}"
-    found = [d for d in _run_dirs(Path(root)) if d.name.endswith(suffix) and (d / RUN_FILE).exists()]
+    found = [d for d in _run_dirs(Path(root)) if d.name.endswith(suffix) and (d / RUN_FILE).exists()
+             and run_state(d).finished]  # a damaged run is not finished: its rerun redoes what is lost
     return found[0] if found else None
 
 

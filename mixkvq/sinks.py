@@ -56,6 +56,8 @@ class WandbSink:
                 config=config_dict,
                 dir=str(Path(run_dir)),  # the offline directory lives inside the run directory
                 mode=self.mode,
+                # bounded: an unreachable W&B costs this long, then the run goes on without it
+                settings=wandb.Settings(init_timeout=float(cfg_logger.get("init_timeout_s") or 90)),
             )
         except Exception as e:
             self._warn("init", e)

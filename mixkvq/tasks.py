@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mixkvq.config import CONFIG_DIR
 from mixkvq.errors import ConfigError
 from mixkvq.grading import GRADERS
+from mixkvq.interrupts import TimeLimit, time_limit
 from mixkvq.registry import Registry
 
 
@@ -39,16 +40,29 @@ def task_config(name: str, **overrides: Any) -> DictConfig:
     return OmegaConf.merge(base, OmegaConf.create(overrides))
 
 
-def load_task(cfg: DictConfig | Mapping[str, Any]) -> list[Problem]:
-    """Problems of the task `cfg` describes (the `task` config node, or a complete plain dict)."""
+def load_task(cfg: DictConfig | Mapping[str, Any], hub_timeout_s: float | None = None) -> list[Problem]:
+    """Problems of the task `cfg` describes (the `task` config node, or a complete plain dict). Reading them from
+    the hub takes at most `hub_timeout_s` seconds."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
     loader = TASKS.get(_get(cfg, "name"))
     GRADERS.get(_get(cfg, "grader"))  # a bad grader should fail before any generation, not after
     _positive_int(cfg, "n_samples")
     limit = _positive_int(cfg, "limit", nullable=True)
-    problems = loader(cfg)
+    from_hub = all(cfg.get(k) is None for k in ("data_files", "data_dir")) and cfg.get("hub") is not None
+    try:
+        with time_limit(hub_timeout_s if from_hub else None, f"the hub (task {cfg.name!r})"):
+            problems = loader(cfg)
+    except TimeLimit as e:
+        raise ConfigError(f"{e}; offline, use a local copy: task.data_dir=<folder with {cfg.get('split')}.jsonl> "
+                          f"or task.data_files=<file.jsonl>") from None
+    if not problems:
+        raise ConfigError(f"task {cfg.name!r} has no problems: its data ({_source(cfg)}) is empty")
     return problems if limit is None else problems[:limit]
+
+
+def _source(cfg: DictConfig) -> str:
+    return next((f"task.{k}={cfg.get(k)!r}" for k in ("data_files", "data_dir") if cfg.get(k) is not None), "the hub")
 
 
 # --- config checks ------------------------------------------------------------------------------
@@ -81,7 +95,10 @@ def _answer(raw: Any) -> str:
 Row = tuple[str, dict]  # (where it came from, for error messages; the row)
 
 
-def _read_jsonl(path: Path, option: str) -> list[Row]:
+def read_jsonl(path: Path, option: str) -> list[Row]:
+    """(where, row) of every non-empty line; a malformed line is a ConfigError naming `option`, file and line."""
+    if path.is_dir():
+        raise ConfigError(f"{option}={str(path)!r} is a folder; name a .jsonl file in it")
     if not path.is_file():
         raise ConfigError(f"{option}: data file {str(path)!r} does not exist")
     rows: list[Row] = []
@@ -119,10 +136,10 @@ def _read_hub(cfg: DictConfig) -> list[Row]:
 
 def _read_rows(cfg: DictConfig) -> list[Row]:
     if _get(cfg, "data_files") is not None:
-        return _read_jsonl(Path(str(cfg.data_files)).expanduser(), "task.data_files")
+        return read_jsonl(Path(str(cfg.data_files)).expanduser(), "task.data_files")
     if _get(cfg, "data_dir") is not None:
         path = Path(str(cfg.data_dir)).expanduser() / f"{_get(cfg, 'split')}.jsonl"
-        return _read_jsonl(path, "task.data_dir")
+        return read_jsonl(path, "task.data_dir")
     return _read_hub(cfg)
 
 

@@ -44,7 +44,7 @@ def _kvmix(cfg, loaded, method) -> tuple[dict, dict]:
 
     p = cfg.method.profile
     if p.mode not in ("single_backward", "per_layer"):
-        raise ConfigError(f"kvmix.profile.mode={p.mode!r} is not valid; choose one of ['single_backward', 'per_layer']")
+        raise ConfigError(f"method.profile.mode={p.mode!r} is not valid; choose one of ['single_backward', 'per_layer']")
     texts, data = load_texts(_dataset(cfg, p.dataset), cfg.data_files, int(p.prompts), cfg.calib_seed)
     prompts = prompt_ids(loaded.tokenizer, texts, int(p.max_tokens))
     return kvmix_profile(loaded.model, loaded.tokenizer, prompts, p.mode), data

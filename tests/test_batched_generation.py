@@ -59,7 +59,7 @@ def test_the_option_keeps_older_runs_identity_and_is_checked():
 
     from mixkvq.config import load_config
     from mixkvq.errors import ConfigError
-    from mixkvq.evaluate import generation_kwargs
+    from mixkvq.preflight import generation_kwargs
     from mixkvq.results import config_hash
 
     cfg = load_config([])

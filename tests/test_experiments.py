@@ -122,7 +122,7 @@ def test_the_jobs_of_one_sweep_share_a_wandb_group(monkeypatch, tmp_path):
     finally:
         HydraConfig.instance().cfg = None
     seen = {}
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.update(kw)))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.update(kw), Settings=dict))
     logger = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "group": None, "tags": []})
     WandbSink(logger, "run", {}, tmp_path, "sweep-d1-t1")
     assert seen["group"] == "sweep-d1-t1" and seen["dir"] == str(tmp_path)

@@ -239,10 +239,12 @@ def test_hub_unreachable_suggests_a_local_path(monkeypatch):
 
 
 def test_context_limits(tiny, qwen7b_dir):
-    check_context(tiny, 131072 - 32768, 32768)  # exactly fits
+    check_context(tiny.max_context, tiny.name, 131072 - 32768, 32768)  # exactly fits
     with pytest.raises(ConfigError, match=r"100000 tokens \+ max_new_tokens 32768 = 132768 exceeds the max "
-                                          r"context 131072.*model.max_new_tokens=31072"):
-        check_context(tiny, 100000, 32768)
+                                          r"context 131072.*generation.max_new_tokens=31072"):
+        check_context(tiny.max_context, tiny.name, 100000, 32768)
+    with pytest.raises(ConfigError, match=r"prompt \(problem p7\) alone has 131072 tokens.*no answer fits"):
+        check_context(tiny.max_context, tiny.name, 131072, 1, "p7")
     with pytest.raises(ConfigError, match="model.max_context=200000 exceeds max_position_embeddings 131072"):
         load_model(tiny_qwen(qwen7b_dir, max_context=200000))
     with pytest.raises(ConfigError, match="model.max_new_tokens=32768 leaves no room.*4096"):

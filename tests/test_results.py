@@ -203,7 +203,7 @@ def test_wandb_failures_warn_once(monkeypatch, tmp_path):
         def finish(self):
             raise RuntimeError("network down")
 
-    fake = types.SimpleNamespace(init=lambda **kw: Run())
+    fake = types.SimpleNamespace(init=lambda **kw: Run(), Settings=dict)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     logger = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "group": None, "tags": []})
     sink = WandbSink(logger, "r", {}, tmp_path)
