@@ -158,7 +158,7 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
     """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
     samples = rd.read_samples()
     row = {
-        "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
+        "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "label": rd.label, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
         # agreement with bf16 means chance under sampling, a deterministic comparison under greedy decoding

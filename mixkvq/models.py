@@ -2,7 +2,8 @@
 random weights built from a config (shape and speed work: timings do not depend on weight values).
 
 Every default lives in configs/model/<name>.yaml; this module only checks and applies them.
-Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's GGUF and prints its path.
+Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's GGUF (and its dequantized
+folder) and prints its path.
 """
 
 from __future__ import annotations
@@ -202,6 +203,38 @@ def fetch_gguf(spec: GGUFSpec | Mapping, cache_dir: str | Path | None = None) ->
     return target
 
 
+def dequantized_dir(gguf: Path, dtype: str) -> Path:
+    """The GGUF as a transformers folder (config, tokenizer, `dtype` safetensors) beside it, made on first use.
+
+    The GGUF reader walks the file in Python once each for config, tokenizer and weights (40-60 s on 2 cores);
+    the folder loads in seconds. The weights are the same bit for bit: both paths cast the dequantized float32
+    tensors to `dtype` (tests/test_models.py). Written to a temp folder and renamed, so a killed conversion
+    leaves nothing half made.
+    """
+    target = gguf.parent / f"{gguf.stem}.{dtype}"
+    if target.is_dir():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("dequantizing %s to %s once (%s)", gguf.name, dtype, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype),
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.quantization_config = None  # plain dense weights now: the folder must not ask for GGUF loading
+    with tempfile.TemporaryDirectory(dir=gguf.parent, prefix=".dequant-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the folder from other users of a shared cache
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process renamed its copy first: same content, keep that one
+            if not target.is_dir():
+                raise
+        os.makedirs(tmp, exist_ok=True)  # the context removes it on exit
+    return target
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -298,20 +331,19 @@ def _hub_error(mc: ModelConfig, err: Exception) -> ConfigError:
     )
 
 
-def _locate(mc: ModelConfig) -> tuple[str, str, dict[str, Any]]:
-    """(folder or hub id, source, extra from_pretrained kwargs). Weights: GGUF, else path, else hub.
+def _locate(mc: ModelConfig) -> tuple[str, str]:
+    """(folder or hub id, source). Weights: GGUF (through its dequantized folder), else path, else hub.
 
     random_init reads only config + tokenizer: from path, else the GGUF, else the hub.
     """
     use_gguf = mc.gguf is not None and (not mc.random_init or mc.path is None)
     if use_gguf:
-        gguf = fetch_gguf(mc.gguf)
-        return str(gguf.parent), "gguf", {"gguf_file": gguf.name}
+        return str(dequantized_dir(fetch_gguf(mc.gguf), mc.dtype)), "gguf"
     if mc.path is not None:
         if not Path(mc.path).is_dir():
             raise ConfigError(f"model.path {mc.path!r} is not a folder (want config.json + tokenizer files)")
-        return mc.path, "path", {}
-    return mc.hub_id, "hub", {}
+        return mc.path, "path"
+    return mc.hub_id, "hub"
 
 
 def load_model(cfg) -> LoadedModel:
@@ -321,16 +353,16 @@ def load_model(cfg) -> LoadedModel:
     only config + tokenizer are read, from `path`, else the GGUF, else the hub.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
     start = time.perf_counter()
     dtype = getattr(torch, mc.dtype)
     device = _resolve_device(mc.device)
 
-    where, source, kwargs = _locate(mc)
+    where, source = _locate(mc)
     try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
+        config = AutoConfig.from_pretrained(where)
     except OSError as err:
         if source == "hub":
             raise _hub_error(mc, err) from None
@@ -351,7 +383,7 @@ def load_model(cfg) -> LoadedModel:
         )
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
         raise ConfigError(f"could not read the tokenizer from {where} ({err})") from None
     if not getattr(tokenizer, "chat_template", None):
@@ -362,17 +394,14 @@ def load_model(cfg) -> LoadedModel:
         torch.manual_seed(0)  # same weights every run on a given device type
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if not kwargs:  # a folder or hub id may carry sampling defaults and eos ids; a GGUF does not
-            try:
-                model.generation_config = GenerationConfig.from_pretrained(where)
-            except OSError:
-                pass
+        try:  # the folder or hub id may carry sampling defaults and eos ids
+            model.generation_config = GenerationConfig.from_pretrained(where)
+        except OSError:
+            pass
     else:
-        if source == "gguf":  # plain dense weights: packed GGUF layers would bring their own matmul/attention
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                where, config=config, dtype=dtype, device_map=str(device), **kwargs
+                where, config=config, dtype=dtype, device_map=str(device)
             )
         except OSError as err:
             if source == "hub":
@@ -412,14 +441,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mixkvq.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download and verify a model's GGUF into the cache; print its path")
+    fetch = sub.add_parser("fetch", help="download and verify a model's GGUF into the cache, dequantize it once; "
+                                         "print its path")
     fetch.add_argument("names", nargs="+", help=f"model config names: {', '.join(model_names())}")
     args = parser.parse_args(argv)
     for name in args.names:
         mc = model_config(name)
         if mc.gguf is None:
             raise ConfigError(f"model {name!r} has no gguf entry; only GGUF models can be pre-fetched")
-        print(fetch_gguf(mc.gguf))
+        gguf = fetch_gguf(mc.gguf)
+        dequantized_dir(gguf, mc.dtype)  # the first run then loads in seconds
+        print(gguf)
     return 0
 
 

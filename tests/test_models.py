@@ -153,6 +153,24 @@ def test_smollm2_gguf_loads_and_answers(smol):
     assert "Paris" in text, text
 
 
+def test_dequantized_folder_holds_the_gguf_weights_bit_for_bit(smol):
+    """Runs load the GGUF through a folder made once beside it; the weights and tokenizer are the GGUF's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = fetch_gguf(SMOL.gguf)
+    folder = models.dequantized_dir(gguf, SMOL.dtype)
+    assert folder.parent == gguf.parent and (folder / "model.safetensors").is_file()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, SMOL.dtype),
+                                                  quantization_config=GgufConfig(dequantize=True)).state_dict()
+    ours = smol.model.state_dict()
+    assert sorted(ours) == sorted(direct)
+    assert all(torch.equal(ours[k], direct[k]) for k in direct), [k for k in direct if not torch.equal(ours[k], direct[k])]
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    chat = [{"role": "user", "content": "Natalia sold 48 clips in April. \\boxed{}?"}]
+    assert smol.tokenizer.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    assert smol.tokenizer(chat[0]["content"]).input_ids == tok(chat[0]["content"]).input_ids
+
+
 # ---------------------------------------------------------------- GGUF fetch and its checksum
 
 

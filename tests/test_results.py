@@ -233,7 +233,7 @@ def test_summary_table():
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120
     assert "70.0±5.0" in text and "1.00x" in text and "71680" in text and "kivi-k2v2" in text
-    assert lines[2] == "[deepseek-r1-distill-qwen-32b / aime24]" and "math500" in lines[4]
+    assert lines[3] == "[deepseek-r1-distill-qwen-32b / aime24 / packed]" and lines[5].endswith("math500 / fake]")
     fake = lines[-1]
     assert "12.0" not in fake and "90.0" in fake  # no speed figure from fake storage
     assert format_summary([]) == "(no runs)"
@@ -246,3 +246,16 @@ def test_summary_table():
     marked = format_summary([rows_[0], sampled, greedy]).splitlines()
     assert "90.0 s" in marked[-3] and "90.0 g" in marked[-2] and marked[-1].startswith("agree%: final answer")
     assert "agree%: final" not in text  # rows without the field (older runs) stay unmarked
+
+
+def test_summary_tells_variants_apart_and_shows_length():
+    """A kivi and a kivi4 run print under their own labels; rows without `label` (older run.parquet files)
+    fall back to method + nominal bits; truncation and mean length have their columns."""
+    base = {"model": "m", "task": "t", "storage": "packed", "pass1": 0.5, "n_problems": 2, "n_samples": 1}
+    kivi = {**base, "method": "kivi", "nominal_bits": "KIVI-2", "truncation_rate": 0.25, "mean_tokens": 311.4}
+    kivi4 = {**base, "method": "kivi", "label": "kivi-KIVI-4", "nominal_bits": "KIVI-4", "truncation_rate": 0.0,
+             "mean_tokens": 288.0}
+    header, units, _, _, first, second = format_summary([kivi, kivi4]).splitlines()
+    assert header.split()[4:6] == ["trunc", "mean"] and units.split()[3:5] == ["%", "tokens"]
+    assert first.split()[0] == "kivi-KIVI-2" and second.split()[0] == "kivi-KIVI-4"
+    assert "25.0" in first and "311" in first and "288" in second
