@@ -31,8 +31,6 @@ from mixkvq.errors import ConfigError
 # `progress`, `grading_workers` and `cpu_threads` change no token and no grade (one config, resumed on Slurm
 # without a progress bar, stays one run).
 VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "progress", "grading_workers", "cpu_threads")
-# The volatile keys before those three joined them: run folders named then keep resuming under their old hash.
-LEGACY_VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
 REFERENCE_METHOD = "bf16"
@@ -74,11 +72,6 @@ def _digest(text: str, n: int) -> str:
 def config_hash(cfg: DictConfig | dict) -> str:
     """8 hex digits of the resolved config without the volatile keys."""
     return _digest(_canonical(cfg, VOLATILE_KEYS), 8)
-
-
-def config_hashes(cfg: DictConfig | dict) -> list[str]:
-    """The hash a run folder of this config may end with: today's first, then the one older folders carry."""
-    return list(dict.fromkeys([config_hash(cfg), _digest(_canonical(cfg, LEGACY_VOLATILE_KEYS), 8)]))
 
 
 def twin_key(cfg: DictConfig | dict) -> str:
@@ -166,9 +159,10 @@ class RunDir:
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.label = label
         self.name = run_name(self.cfg, label)
-        legacy = _existing_legacy_dir(self.root, self.cfg, self.name)
-        if legacy is not None:  # a folder written before the hash left out progress etc.: resume it
-            self.name = legacy.name
+        if not (self.root / self.name).exists():
+            older = find_run_dir(self.root, self.cfg)
+            if older is not None:  # named under an older hash rule (e.g. with progress in it): resume it
+                self.name = older.name
         self.path = self.root / self.name
         self._lock_fd: int | None = None
 
@@ -300,29 +294,30 @@ def find_runs(root: str | os.PathLike) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _existing_legacy_dir(root: Path, cfg: DictConfig | dict, name: str) -> Path | None:
-    """The folder of this config named under the legacy hash, when none exists under today's."""
-    if (root / name).exists():
-        return None
-    head = name.rsplit("_", 1)[0]
-    for h in config_hashes(cfg)[1:]:
-        if (root / f"{head}_{h}").is_dir():
-            return root / f"{head}_{h}"
+def find_run_dir(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:
+    """This config's run folder: by the hash in its name, else by the config it holds (a folder named when the
+    hash still covered `progress`, `grading_workers` or `cpu_threads` is the same run and keeps resuming)."""
+    own, dirs = config_hash(cfg), _run_dirs(Path(root))
+    named = [d for d in dirs if d.name.endswith(f"_{own}")]
+    if named:
+        return named[0]
+    for d in dirs:
+        try:
+            if (d / CONFIG_FILE).exists() and config_hash(OmegaConf.load(d / CONFIG_FILE)) == own:
+                return d
+        except Exception:  # an unreadable config is not this run's; RunDir reports it when it is
+            continue
     return None
 
 
 def find_finished(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:
-    """The finished run of this config (its run.parquet written last), found by hash without loading a model.
+    """The finished run of this config (its run.parquet written last), found without loading a model.
 
     Lets a re-submitted sweep job return at once. The name's readable part depends on the method's label,
-    which needs the model; the hash alone decides identity, so match on it (today's hash, then the legacy one).
+    which needs the model; the hash alone decides identity.
     """
-    dirs = [d for d in _run_dirs(Path(root)) if (d / RUN_FILE).exists()]
-    for h in config_hashes(cfg):
-        found = [d for d in dirs if d.name.endswith(f"_{h}")]
-        if found:
-            return found[0]
-    return None
+    found = find_run_dir(root, cfg)
+    return found if found is not None and (found / RUN_FILE).exists() else None
 
 
 def find_reference(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:

@@ -78,7 +78,7 @@ def test_model_yamls_match_the_paper_settings():
         mc = model_config(name)
         assert (mc.name, mc.hub_id, mc.think_prefix) == (name, hub_id, think)
         assert mc.mixkvq == {"target_bits": bits, "tau_bf16": tau_bf16, "tau_uint4": tau_uint4}
-        assert mc.max_new_tokens == (512 if name == "smollm2-135m" else 32768)
+        assert mc.max_new_tokens == (128 if name == "smollm2-135m" else 32768)
 
 
 def test_config_keys_are_checked():

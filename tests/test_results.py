@@ -59,6 +59,30 @@ def test_run_name_ignores_volatile_keys():
     assert run_name(make_cfg(results_dir="a")) == run_name(make_cfg(results_dir="b"))
 
 
+def test_settings_that_change_no_result_stay_out_of_the_hash():
+    plain = make_cfg()
+    for key, value in (("progress", False), ("grading_workers", 0), ("cpu_threads", 4)):
+        assert run_name(OmegaConf.merge(plain, {key: value})) == run_name(plain), key
+        assert twin_key(OmegaConf.merge(plain, {key: value})) == twin_key(plain), key  # bf16 agreement still found
+    assert run_name(OmegaConf.merge(plain, {"seed": 1})) != run_name(plain)
+
+
+def test_a_folder_named_under_the_old_hash_keeps_resuming(tmp_path):
+    """Folders named when the hash still covered `progress` are found by the config they hold."""
+    old = OmegaConf.merge(make_cfg(), {"progress": True})
+    legacy = tmp_path / "kivi_tiny-random_aime24_fake_0ld4a5h0"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    (tmp_path / "bf16_tiny-random_aime24_fake_12345678").mkdir()  # another run's folder, no config: passed over
+    new = OmegaConf.merge(make_cfg(), {"progress": False})
+    with RunDir(tmp_path, new) as rd:
+        assert rd.path == legacy
+        rd.append_samples(rows("p0"))
+        rd.write_run_row({"pass1": 1.0})
+    assert results.find_finished(tmp_path, new) == legacy
+    assert results.find_finished(tmp_path, OmegaConf.merge(new, {"seed": 1})) is None
+
+
 def test_twin_key_equal_across_methods_not_tasks():
     assert twin_key(make_cfg("kivi", bits=2)) == twin_key(make_cfg("bf16"))
     assert twin_key(make_cfg("kivi")) != twin_key(make_cfg("kivi", task="math500"))
