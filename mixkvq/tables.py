@@ -24,13 +24,21 @@ from tabulate import tabulate
 
 from mixkvq.fidelity_metrics import TOKEN_COLUMNS
 from mixkvq.fidelity_metrics import summarize as summarize_fidelity
-from mixkvq.results import CONFIG_FILE, RUN_FILE, SAMPLES_FILE
+from mixkvq.results import CONFIG_FILE, METHOD_KEYS, RUN_FILE, SAMPLES_FILE, VOLATILE_KEYS
 
 # Fidelity runs (scripts/fidelity.py) as mixkvq/fidelity.py writes them; not imported from there (torch).
 FIDELITY_KIND = "fidelity"
 LAYERS_FILE = "layers.parquet"
 
 MIB = 2**20
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: str | Path) -> Path:
+    """A results folder as the README writes it: relative to the repository root, wherever the caller runs
+    (a notebook kernel runs in notebooks/)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO / path
 
 # Paper names of our models, tasks and methods (results/papers/README.md, "Model names").
 PAPER_MODELS = {
@@ -87,6 +95,17 @@ def _method_key(run_dir: Path) -> str:
     return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:4]
 
 
+def _result_config(run_dir: Path) -> str:
+    """The run's settings that change results, beyond its method, flattened to `key: value` (JSON)."""
+    cfg = run_dir / CONFIG_FILE
+    if not cfg.exists():
+        return "{}"
+    node = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)
+    kept = {k: v for k, v in node.items() if k not in VOLATILE_KEYS + METHOD_KEYS}
+    flat = pd.json_normalize(kept, sep=".").iloc[0].to_dict() if kept else {}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
 # Sample columns the tables and plots use (responses and token ids stay on disk).
 SAMPLE_COLUMNS = ["problem_id", "sample_index", "correct", "n_tokens", "prompt_tokens", "gen_seconds",
                   "kv_bytes_final", "kv_bytes_bf16_final", "storage_bits_final", "payload_bits_final"]
@@ -122,6 +141,7 @@ def collect(root: str | Path) -> Collected:
             continue  # a run with a damaged file is left out whole, never reported half
         row = row.iloc[:1].copy()
         row["run_dir"], row["run_name"], row["method_key"] = str(d), d.name, _method_key(d)
+        row["result_config"] = _result_config(d)
         runs.append(row)
         samples.append(s.assign(run_name=d.name))
     runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
@@ -171,17 +191,34 @@ def _pm(p, se) -> str:
     return "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
+def settings(runs: pd.DataFrame) -> list[str]:
+    """Per run, the settings that tell it from another run of the same model, method label, storage and task
+    (`seed=1 task.size=20`; '' where no two runs of a cell differ), so that two configs never merge into one row."""
+    if "result_config" not in runs:
+        return [""] * len(runs)
+    configs = [json.loads(c) if isinstance(c, str) else {} for c in runs["result_config"]]
+    differing: set[str] = set()
+    cells = runs.groupby(["model", "label", "storage", "task"], sort=False).indices.values()
+    for idx in cells:
+        members = [configs[i] for i in idx]
+        for key in set().union(*members):
+            if len({json.dumps(m.get(key), default=str) for m in members}) > 1:
+                differing.add(key)
+    return [" ".join(f"{k}={c[k]}" for k in sorted(differing) if k in c) for c in configs]
+
+
 def method_task_table(runs: pd.DataFrame, fidelity: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Rows (model, method label, storage), a pass@1% ± s.e. column per task, then bits and memory (means over
-    tasks; memory only from packed storage), then the teacher-forced fidelity of the same method setting when
-    `fidelity` runs are given: KL(bf16 || method), top-1 agreement and ΔNLL, means over every token of its
-    fidelity runs ('-' where none)."""
+    """Rows (model, method label, storage, and the settings that tell apart two runs of one cell), a pass@1%
+    ± s.e. column per task, then bits and memory (means over tasks; memory only from packed storage), then the
+    teacher-forced fidelity of the same method setting when `fidelity` runs are given: KL(bf16 || method), top-1
+    agreement and ΔNLL, means over every token of its fidelity runs ('-' where none)."""
     if runs.empty:
         return pd.DataFrame()
     tasks = list(dict.fromkeys(runs["task"]))
+    runs = runs.assign(setting=settings(runs))
     out = []
-    for (model, label, storage), g in runs.groupby(["model", "label", "storage"], sort=False):
-        row = {"model": model, "method": label, "storage": storage}
+    for (model, label, storage, setting), g in runs.groupby(["model", "label", "storage", "setting"], sort=False):
+        row = {"model": model, "method": label, "storage": storage, "setting": setting}
         for t in tasks:
             cell = g[g["task"] == t]
             row[t] = _pm(cell["pass1"].iloc[0], cell["pass1_se"].iloc[0]) if len(cell) else "-"
@@ -197,7 +234,8 @@ def method_task_table(runs: pd.DataFrame, fidelity: pd.DataFrame | None = None) 
         row["peak MiB"] = f"{peak.max() / MIB:.0f}" if len(peak) else "-"
         out.append(row)
     df = pd.DataFrame(out)
-    order = ["model", "method", "storage", *tasks, *[f"n {t}" for t in tasks if f"n {t}" in df],
+    order = ["model", "method", "storage", *(["setting"] if df["setting"].any() else []),
+             *tasks, *[f"n {t}" for t in tasks if f"n {t}" in df],
              "payload bits", "storage bits", "KV/bf16", "peak MiB"]
     df = df[order]
     if fidelity is not None and not fidelity.empty:
