@@ -471,22 +471,44 @@ def plot_memory_context(samples: pd.DataFrame, runs: pd.DataFrame, path: str | P
 
 
 def plot_vs_papers(comparison: pd.DataFrame, path: str | Path, title: str = ""):
-    """Published value beside ours for each cell of one paper table (ours absent where not run)."""
+    """One panel per model x benchmark; in each, every method (colour) as published (solid) beside ours
+    (hatched). A cell we have not run is marked "not run", never drawn as a 0 bar."""
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
     c = comparison.copy()
     c["paper_v"] = pd.to_numeric(c["paper"].str.split(" ").str[0], errors="coerce")
     c["ours_v"] = pd.to_numeric(c["ours"].str.split(" ").str[0], errors="coerce")
     c = c.dropna(subset=["paper_v"])
-    names = [f"{m} {d} {k}" for m, d, k in zip(c["model"], c["dataset"], c["method"])]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(c)), 4.5))
-    x = range(len(c))
-    ax.bar([i - 0.2 for i in x], c["paper_v"], width=0.4, label="paper")
-    ax.bar([i + 0.2 for i in x], c["ours_v"].fillna(0), width=0.4, label="ours (0 = not run)")
-    ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=6)
-    ax.set(ylabel="accuracy (%)", title=title)
-    ax.legend()
+    models, datasets = list(dict.fromkeys(c["model"])) or [""], list(dict.fromkeys(c["dataset"])) or [""]
+    methods = list(dict.fromkeys(c["method"]))
+    colour = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(models), len(datasets), squeeze=False, sharey=True,
+                             figsize=(1.2 + 0.45 * max(3, c.groupby(["model", "dataset"]).size().max() if len(c) else 3)
+                                      * len(datasets), 0.9 + 2.4 * len(models)))
+    for i, model in enumerate(models):
+        for j, dataset in enumerate(datasets):
+            ax, cell = axes[i][j], c[(c["model"] == model) & (c["dataset"] == dataset)]
+            if cell.empty:
+                ax.axis("off")
+                continue
+            for k, r in enumerate(cell.itertuples()):
+                ax.bar(k - 0.2, r.paper_v, 0.4, color=colour[r.method])
+                if pd.notna(r.ours_v):
+                    ax.bar(k + 0.2, r.ours_v, 0.4, color="white", edgecolor=colour[r.method], hatch="///")
+                else:
+                    ax.text(k + 0.2, 1, "not run", rotation=90, ha="center", va="bottom", fontsize=6, color="0.45")
+            ax.set_xticks([])
+            ax.set_title(f"{model} / {dataset}", fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        axes[i][0].set_ylabel("accuracy (%)", fontsize=8)
+    handles = [Patch(color=colour[m], label=m) for m in methods]
+    handles += [Patch(facecolor="0.6", label="paper"), Patch(facecolor="white", edgecolor="0.3", hatch="///",
+                                                           label="ours")]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
