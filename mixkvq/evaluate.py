@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -63,10 +64,26 @@ def check_static(cfg: DictConfig) -> None:
     generation_kwargs(cfg)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak: CUDA's counter, or on Linux the process's peak RSS, which the earlier jobs of a
+    multirun in the same process would otherwise have set (peak_memory then depended on job order)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size (VmHWM)
+    except OSError:
+        pass
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
+    try:  # VmHWM follows reset_peak_memory; getrusage's ru_maxrss never goes down
+        status = Path("/proc/self/status").read_text()
+        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) * 1024, "cpu_rss"
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
 
 
 def finished_row(cfg: DictConfig) -> dict | None:
@@ -98,8 +115,7 @@ def evaluate(cfg: DictConfig) -> dict:
     prompts = {p.id: build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems}
     longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in prompts.values())
     check_context(loaded, longest, gen["max_new_tokens"])
-    if shape.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(shape.device)
+    reset_peak_memory(shape.device)
 
     label = f"{cfg.method.name}-{method.nominal_bits}"
     with RunDir(cfg.results_dir, cfg, label) as rd:

@@ -1,6 +1,7 @@
 """Run directories: atomic writes, resume, locking, names; plus the sinks and the printed summary."""
 
 import json
+import os
 import sys
 import types
 
@@ -373,3 +374,20 @@ def test_summary_tells_variants_apart_and_shows_length():
     assert header.split()[4:6] == ["trunc", "mean"] and units.split()[3:5] == ["%", "tokens"]
     assert first.split()[0] == "kivi-KIVI-2" and second.split()[0] == "kivi-KIVI-4"
     assert "25.0" in first and "311" in first and "288" in second
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak-RSS reset only")
+def test_cpu_peak_memory_is_the_runs_own_not_the_process_lifetime():
+    """A multirun's jobs share a process: each job's peak starts at its own beginning."""
+    import numpy as np
+    import torch
+
+    from mixkvq.evaluate import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed: an earlier job's peak
+    before, kind = peak_memory(cpu)
+    del block
+    reset_peak_memory(cpu)
+    after, _ = peak_memory(cpu)
+    assert kind == "cpu_rss" and after < before - 32 * 2**20, (before, after)
