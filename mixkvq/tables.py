@@ -198,7 +198,7 @@ def settings(runs: pd.DataFrame) -> list[str]:
         return [""] * len(runs)
     configs = [json.loads(c) if isinstance(c, str) else {} for c in runs["result_config"]]
     differing: set[str] = set()
-    cells = runs.groupby(["model", "label", "storage", "task"], sort=False).indices.values()
+    cells = runs.groupby([k for k in ("model", "label", "storage", "task") if k in runs], sort=False).indices.values()
     for idx in cells:
         members = [configs[i] for i in idx]
         for key in set().union(*members):
@@ -361,11 +361,16 @@ def _ours_for(runs: pd.DataFrame, model: str, dataset: str, method: str) -> tupl
     if g.empty or set(g["task"]) != set(tasks):
         return "-", "", ""
     cells = []
-    for label, h in g.groupby("label", sort=False):
+    for (label, setting), h in g.groupby(["label", "setting"], sort=False):  # two settings never pool
+        if set(h["task"]) != set(tasks):
+            continue
+        label = f"{label} ({setting})" if setting else label
         w = h["n_problems"].astype(float)
         p = float((h["pass1"].astype(float) * w).sum() / w.sum())
         se = float(((h["pass1_se"].astype(float) * w) ** 2).sum() ** 0.5 / w.sum())
         cells.append((_pm(p, se), label, f"{int(w.sum())}x{int(h['n_samples'].max())}"))
+    if not cells:
+        return "-", "", ""
     return tuple(" / ".join(c[i] for c in cells) for i in range(3))
 
 
@@ -375,6 +380,7 @@ def paper_comparison(runs: pd.DataFrame, papers: pd.DataFrame, file: str) -> pd.
         raise KeyError(f"unknown paper table {file!r}; valid choices: {sorted(PAPER_TABLES)}")
     metric = PAPER_TABLES[file][1]
     rows = papers[(papers["file"] == file) & (papers["metric"] == metric)]
+    runs = runs.assign(setting=settings(runs)) if not runs.empty else runs
     if file in ("kivi_table3", "kvmix_table3"):
         rows = rows[rows["dataset"] == "GSM8K"]
     out = []

@@ -63,6 +63,13 @@ def test_paper_cells_get_our_matching_runs_with_aime_pooled():
     assert cell["paper"] == "41.67" or re.fullmatch(r"\d+\.\d+", cell["paper"])
     other = comparison[(comparison["model"] == "R1-Qwen-14B")]
     assert (other["ours"] == "-").all()  # not run: no number invented
+    # a second AIME24 run with another seed is its own entry, never pooled with the first
+    configs = [json.dumps({"seed": 0, "task.name": t}) for t in ("aime24", "aime25")] + [json.dumps({"seed": 1, "task.name": "aime24"})]
+    more = pd.concat([runs, runs.iloc[:1].assign(pass1=0.9)], ignore_index=True).assign(result_config=configs)
+    comparison = tables.paper_comparison(more, tables.load_papers(PAPERS), "mixkvq_table3")
+    cell = comparison[(comparison["model"] == "R1-Llama-8B") & (comparison["method"] == "MixKVQ")
+                      & (comparison["dataset"] == "AIME24-25")].iloc[0]
+    assert cell["our run"] == "mixkvq-C2.7 (seed=0)" and cell["ours"].startswith("40.0")  # seed=1 lacks AIME25
 
 
 def test_paper_csvs_are_complete_copies():
