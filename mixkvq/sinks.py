@@ -3,22 +3,58 @@ only warn: a flaky network or a missing package never costs a run."""
 
 from __future__ import annotations
 
+import hashlib
+import netrc
 import os
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mixkvq.errors import choice_error
 
 MODES = ("auto", "online", "offline", "disabled")
+ENV_MODES = {"online": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+# The per-sample table: the end of each response (where the answer is) beside what was graded.
+TABLE_COLUMNS = ("problem_id", "sample_index", "response_tail", "extracted", "gold", "correct", "n_tokens",
+                 "truncated", "storage_bits_mean")
+RESPONSE_TAIL = 400  # characters
+
+
+def _has_credentials() -> bool:
+    """A key in the environment or saved by `wandb login` (a .netrc entry for the W&B host), read without
+    importing wandb or touching the network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def resolve_mode(mode: str) -> str:
-    """`auto` is offline unless WANDB_API_KEY is set: nothing leaves the machine without a key."""
+    """`auto` follows WANDB_MODE when set, else goes online with credentials (WANDB_API_KEY or `wandb login`)
+    and offline without: nothing leaves the machine without a key."""
     if mode not in MODES:
         raise choice_error("logger.mode", mode, MODES)
     if mode == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ENV_MODES:
+            return ENV_MODES[env]
+        return "online" if _has_credentials() else "offline"
     return mode
+
+
+def run_id(run_dir: str | os.PathLike) -> str:
+    """One W&B run per run folder: a requeued or restarted job resumes its W&B run instead of opening another."""
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def run_tags(config: dict, extra) -> list[str]:
+    """method, model, task and storage of the run, then the configured tags (filters in the W&B UI)."""
+    found = [(config.get(k) or {}).get("name") for k in ("method", "model", "task")] + [config.get("storage")]
+    return list(dict.fromkeys(str(t) for t in [*found, *extra] if t))
 
 
 def sweep_group() -> str | None:
@@ -38,7 +74,7 @@ def sweep_group() -> str | None:
 
 class WandbSink:
     def __init__(self, cfg_logger, run_name: str, config_dict: dict, run_dir: str | os.PathLike,
-                 default_group: str | None = None):
+                 default_group: str | None = None, job_type: str = "evaluate"):
         self.mode = resolve_mode(cfg_logger.mode)
         self._run = None
         self._warned = False
@@ -51,8 +87,11 @@ class WandbSink:
                 project=cfg_logger.project,
                 entity=cfg_logger.entity,
                 group=cfg_logger.group or default_group,
-                tags=list(cfg_logger.tags),
+                tags=run_tags(config_dict, cfg_logger.tags),
+                job_type=job_type,
                 name=run_name,
+                id=run_id(run_dir),
+                resume="allow",
                 config=config_dict,
                 dir=str(Path(run_dir)),  # the offline directory lives inside the run directory
                 mode=self.mode,
@@ -83,6 +122,35 @@ class WandbSink:
             self._run.summary.update(row)
         except Exception as e:
             self._warn("summary", e)
+
+    def log_samples(self, samples, key: str = "samples") -> None:
+        """Every sample of the run (resumed problems included) as one wandb.Table."""
+        if self._run is None or samples is None or len(samples) == 0:
+            return
+        try:
+            import wandb
+
+            df = samples.assign(response_tail=samples["response"].astype(str).str[-RESPONSE_TAIL:])
+            cols = [c for c in TABLE_COLUMNS if c in df]
+            rows = [[None if v != v else v for v in r] for r in df[cols].itertuples(index=False)]  # NaN -> None
+            self._run.log({key: wandb.Table(columns=cols, data=rows)})
+        except Exception as e:
+            self._warn("table", e)
+
+    def log_files(self, name: str, files, kind: str = "run-results") -> None:
+        """The result files as one artifact, so a W&B run links to the data its numbers came from."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name=name, type=kind)
+            for f in files:
+                if Path(f).is_file():
+                    artifact.add_file(str(f), policy="immutable")  # referenced in place: no copy in W&B's staging
+            self._run.log_artifact(artifact)
+        except Exception as e:
+            self._warn("artifact", e)
 
     def finish(self) -> None:
         if self._run is None:

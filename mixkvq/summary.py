@@ -1,8 +1,9 @@
 """The table printed at the end of every run and multirun (gpt-fast style: accuracy next to bits,
 bytes, tokens/s and peak memory).
 
-Rows are run rows (run.parquet) with keys: method, label, model, task, storage, pass1, pass1_se,
-majority, agree_answer, payload_bits_mean, storage_bits_mean, truncation_rate (samples cut at the token limit),
+Rows are run rows (run.parquet) with keys: method, label (method and nominal bits or variant, e.g. kivi-KIVI-4;
+rows written before it existed fall back to method + nominal_bits), model, task, storage, pass1, pass1_se,
+majority, agree_answer, payload_bits_mean, storage_bits_mean, mean_tokens, truncation_rate (samples cut at the token limit),
 budget_truncation_rate (samples a KV budget ended: a line under the table when any), kv_bytes_vs_bf16, tokens_per_s, peak_mem_bytes, n_problems,
 n_samples, decoding (sampled | greedy: marks the agreement). Missing or null values print as '-'.
 """
@@ -35,41 +36,50 @@ def _agree(row: dict) -> str:
     return cell if cell == "-" or mark is None else f"{cell} {mark}"
 
 
+def label(row: dict) -> str:
+    """What tells two runs of one method apart: `kivi-KIVI-2` and `kivi-KIVI-4`, not `kivi` twice."""
+    method, bits = _get(row, "method"), _get(row, "nominal_bits")
+    return _get(row, "label") or ("-" if method is None else method if bits is None else f"{method}-{bits}")
+
+
 def _cells(row: dict) -> dict:
     packed = row.get("storage") != "fake"  # fake storage saves nothing: no memory or speed figures
     p, se = _get(row, "pass1"), _get(row, "pass1_se")
     n_p, n_s = _get(row, "n_problems"), _get(row, "n_samples")
+    # Two-line headers keep 13 columns within 120 characters; storage (packed | fake) heads its group.
     return {
-        "method": _get(row, "label") or _get(row, "method") or "-",
-        "storage": _get(row, "storage") or "-",
-        "pass@1%": "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f"±{100 * se:.1f}"),
-        "maj%": _fmt(_get(row, "majority"), ".1f", 100),
-        "agree%": _agree(row),
-        "payload b": _fmt(_get(row, "payload_bits_mean"), ".2f"),
-        "storage b": _fmt(_get(row, "storage_bits_mean"), ".2f"),
-        "KV/bf16": _fmt(_get(row, "kv_bytes_vs_bf16") if packed else None, ".2f", suffix="x"),
+        "method": label(row),
+        "pass@1\n%": "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f"±{100 * se:.1f}"),
+        "maj\n%": _fmt(_get(row, "majority"), ".1f", 100),
+        "agree\n%": _agree(row),
+        "trunc\n%": _fmt(_get(row, "truncation_rate"), ".1f", 100),  # long chains of thought hit the token limit
+        "mean\ntokens": _fmt(_get(row, "mean_tokens"), ".0f"),
+        "payload\nbits": _fmt(_get(row, "payload_bits_mean"), ".2f"),
+        "storage\nbits": _fmt(_get(row, "storage_bits_mean"), ".2f"),
+        "KV/\nbf16": _fmt(_get(row, "kv_bytes_vs_bf16") if packed else None, ".2f", suffix="x"),
         "tok/s": _fmt(_get(row, "tokens_per_s") if packed else None, ".1f"),
-        "peak MiB": _fmt(_get(row, "peak_mem_bytes") if packed else None, ".0f", 1 / MIB),
+        "peak\nMiB": _fmt(_get(row, "peak_mem_bytes") if packed else None, ".0f", 1 / MIB),
         "n": "-" if n_p is None else f"{n_p}x{n_s}" if n_s is not None else str(n_p),
     }
 
 
 def _group(row: dict) -> str:
-    return f"{_get(row, 'model') or '-'} / {_get(row, 'task') or '-'}"
+    return " / ".join(_get(row, k) or "-" for k in ("model", "task", "storage"))
 
 
 def format_summary(rows: list[dict]) -> str:
-    """Plain-text table. Model and task are heading lines over their rows (a column each would not fit
-    in 120 characters with long hub names); one group gets one heading."""
+    """Plain-text table. Model, task and storage are heading lines over their rows (a column each would not
+    fit in 120 characters with long hub names); one group gets one heading."""
     if not rows:
         return "(no runs)"
     groups = list(dict.fromkeys(_group(r) for r in rows))
     rows = sorted(rows, key=lambda r: groups.index(_group(r)))  # stable: keeps order inside a group
     cells = [_cells(r) for r in rows]
-    align = ["left", "left"] + ["right"] * (len(cells[0]) - 2)
+    align = ["left"] + ["right"] * (len(cells[0]) - 1)
     lines = tabulate(cells, headers="keys", tablefmt="simple", disable_numparse=True, colalign=align).splitlines()
-    out, last = lines[:2], None
-    for row, line in zip(rows, lines[2:]):
+    head = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "}) + 1  # header lines + rule
+    out, last = lines[:head], None
+    for row, line in zip(rows, lines[head:]):
         if _group(row) != last:
             last = _group(row)
             out.append(f"[{last}]")
@@ -80,5 +90,5 @@ def format_summary(rows: list[dict]) -> str:
     budgeted = [r for r in rows if _get(r, "budget_truncation_rate")]
     if budgeted:  # a KV budget (PM-KVQ) ended samples early: never silently
         out.append("KV budget ended: " + ", ".join(
-            f"{_cells(r)['method']} {100 * r['budget_truncation_rate']:.1f}% of samples" for r in budgeted))
+            f"{label(r)} {100 * r['budget_truncation_rate']:.1f}% of samples" for r in budgeted))
     return "\n".join(out)

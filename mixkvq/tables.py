@@ -24,13 +24,21 @@ from tabulate import tabulate
 
 from mixkvq.fidelity_metrics import TOKEN_COLUMNS
 from mixkvq.fidelity_metrics import summarize as summarize_fidelity
-from mixkvq.results import CONFIG_FILE, RUN_FILE, SAMPLES_FILE
+from mixkvq.results import CONFIG_FILE, METHOD_KEYS, RUN_FILE, SAMPLES_FILE, VOLATILE_KEYS
 
 # Fidelity runs (scripts/fidelity.py) as mixkvq/fidelity.py writes them; not imported from there (torch).
 FIDELITY_KIND = "fidelity"
 LAYERS_FILE = "layers.parquet"
 
 MIB = 2**20
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: str | Path) -> Path:
+    """A results folder as the README writes it: relative to the repository root, wherever the caller runs
+    (a notebook kernel runs in notebooks/)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO / path
 
 # Paper names of our models, tasks and methods (results/papers/README.md, "Model names").
 PAPER_MODELS = {
@@ -87,6 +95,17 @@ def _method_key(run_dir: Path) -> str:
     return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:4]
 
 
+def _result_config(run_dir: Path) -> str:
+    """The run's settings that change results, beyond its method, flattened to `key: value` (JSON)."""
+    cfg = run_dir / CONFIG_FILE
+    if not cfg.exists():
+        return "{}"
+    node = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)
+    kept = {k: v for k, v in node.items() if k not in VOLATILE_KEYS + METHOD_KEYS}
+    flat = pd.json_normalize(kept, sep=".").iloc[0].to_dict() if kept else {}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
 # Sample columns the tables and plots use (responses and token ids stay on disk).
 SAMPLE_COLUMNS = ["problem_id", "sample_index", "correct", "n_tokens", "prompt_tokens", "gen_seconds",
                   "kv_bytes_final", "kv_bytes_bf16_final", "storage_bits_final", "payload_bits_final"]
@@ -122,6 +141,7 @@ def collect(root: str | Path) -> Collected:
             continue  # a run with a damaged file is left out whole, never reported half
         row = row.iloc[:1].copy()
         row["run_dir"], row["run_name"], row["method_key"] = str(d), d.name, _method_key(d)
+        row["result_config"] = _result_config(d)
         runs.append(row)
         samples.append(s.assign(run_name=d.name))
     runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
@@ -171,17 +191,34 @@ def _pm(p, se) -> str:
     return "-" if p is None else f"{100 * p:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
+def settings(runs: pd.DataFrame) -> list[str]:
+    """Per run, the settings that tell it from another run of the same model, method label, storage and task
+    (`seed=1 task.size=20`; '' where no two runs of a cell differ), so that two configs never merge into one row."""
+    if "result_config" not in runs:
+        return [""] * len(runs)
+    configs = [json.loads(c) if isinstance(c, str) else {} for c in runs["result_config"]]
+    differing: set[str] = set()
+    cells = runs.groupby([k for k in ("model", "label", "storage", "task") if k in runs], sort=False).indices.values()
+    for idx in cells:
+        members = [configs[i] for i in idx]
+        for key in set().union(*members):
+            if len({json.dumps(m.get(key), default=str) for m in members}) > 1:
+                differing.add(key)
+    return [" ".join(f"{k}={c[k]}" for k in sorted(differing) if k in c) for c in configs]
+
+
 def method_task_table(runs: pd.DataFrame, fidelity: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Rows (model, method label, storage), a pass@1% ± s.e. column per task, then bits and memory (means over
-    tasks; memory only from packed storage), then the teacher-forced fidelity of the same method setting when
-    `fidelity` runs are given: KL(bf16 || method), top-1 agreement and ΔNLL, means over every token of its
-    fidelity runs ('-' where none)."""
+    """Rows (model, method label, storage, and the settings that tell apart two runs of one cell), a pass@1%
+    ± s.e. column per task, then bits and memory (means over tasks; memory only from packed storage), then the
+    teacher-forced fidelity of the same method setting when `fidelity` runs are given: KL(bf16 || method), top-1
+    agreement and ΔNLL, means over every token of its fidelity runs ('-' where none)."""
     if runs.empty:
         return pd.DataFrame()
     tasks = list(dict.fromkeys(runs["task"]))
+    runs = runs.assign(setting=settings(runs))
     out = []
-    for (model, label, storage), g in runs.groupby(["model", "label", "storage"], sort=False):
-        row = {"model": model, "method": label, "storage": storage}
+    for (model, label, storage, setting), g in runs.groupby(["model", "label", "storage", "setting"], sort=False):
+        row = {"model": model, "method": label, "storage": storage, "setting": setting}
         for t in tasks:
             cell = g[g["task"] == t]
             row[t] = _pm(cell["pass1"].iloc[0], cell["pass1_se"].iloc[0]) if len(cell) else "-"
@@ -197,7 +234,8 @@ def method_task_table(runs: pd.DataFrame, fidelity: pd.DataFrame | None = None) 
         row["peak MiB"] = f"{peak.max() / MIB:.0f}" if len(peak) else "-"
         out.append(row)
     df = pd.DataFrame(out)
-    order = ["model", "method", "storage", *tasks, *[f"n {t}" for t in tasks if f"n {t}" in df],
+    order = ["model", "method", "storage", *(["setting"] if df["setting"].any() else []),
+             *tasks, *[f"n {t}" for t in tasks if f"n {t}" in df],
              "payload bits", "storage bits", "KV/bf16", "peak MiB"]
     df = df[order]
     if fidelity is not None and not fidelity.empty:
@@ -323,11 +361,16 @@ def _ours_for(runs: pd.DataFrame, model: str, dataset: str, method: str) -> tupl
     if g.empty or set(g["task"]) != set(tasks):
         return "-", "", ""
     cells = []
-    for label, h in g.groupby("label", sort=False):
+    for (label, setting), h in g.groupby(["label", "setting"], sort=False):  # two settings never pool
+        if set(h["task"]) != set(tasks):
+            continue
+        label = f"{label} ({setting})" if setting else label
         w = h["n_problems"].astype(float)
         p = float((h["pass1"].astype(float) * w).sum() / w.sum())
         se = float(((h["pass1_se"].astype(float) * w) ** 2).sum() ** 0.5 / w.sum())
         cells.append((_pm(p, se), label, f"{int(w.sum())}x{int(h['n_samples'].max())}"))
+    if not cells:
+        return "-", "", ""
     return tuple(" / ".join(c[i] for c in cells) for i in range(3))
 
 
@@ -337,6 +380,7 @@ def paper_comparison(runs: pd.DataFrame, papers: pd.DataFrame, file: str) -> pd.
         raise KeyError(f"unknown paper table {file!r}; valid choices: {sorted(PAPER_TABLES)}")
     metric = PAPER_TABLES[file][1]
     rows = papers[(papers["file"] == file) & (papers["metric"] == metric)]
+    runs = runs.assign(setting=settings(runs)) if not runs.empty else runs
     if file in ("kivi_table3", "kvmix_table3"):
         rows = rows[rows["dataset"] == "GSM8K"]
     out = []
@@ -433,22 +477,44 @@ def plot_memory_context(samples: pd.DataFrame, runs: pd.DataFrame, path: str | P
 
 
 def plot_vs_papers(comparison: pd.DataFrame, path: str | Path, title: str = ""):
-    """Published value beside ours for each cell of one paper table (ours absent where not run)."""
+    """One panel per model x benchmark; in each, every method (colour) as published (solid) beside ours
+    (hatched). A cell we have not run is marked "not run", never drawn as a 0 bar."""
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
     c = comparison.copy()
     c["paper_v"] = pd.to_numeric(c["paper"].str.split(" ").str[0], errors="coerce")
     c["ours_v"] = pd.to_numeric(c["ours"].str.split(" ").str[0], errors="coerce")
     c = c.dropna(subset=["paper_v"])
-    names = [f"{m} {d} {k}" for m, d, k in zip(c["model"], c["dataset"], c["method"])]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(c)), 4.5))
-    x = range(len(c))
-    ax.bar([i - 0.2 for i in x], c["paper_v"], width=0.4, label="paper")
-    ax.bar([i + 0.2 for i in x], c["ours_v"].fillna(0), width=0.4, label="ours (0 = not run)")
-    ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=6)
-    ax.set(ylabel="accuracy (%)", title=title)
-    ax.legend()
+    models, datasets = list(dict.fromkeys(c["model"])) or [""], list(dict.fromkeys(c["dataset"])) or [""]
+    methods = list(dict.fromkeys(c["method"]))
+    colour = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(models), len(datasets), squeeze=False, sharey=True,
+                             figsize=(1.2 + 0.45 * max(3, c.groupby(["model", "dataset"]).size().max() if len(c) else 3)
+                                      * len(datasets), 0.9 + 2.4 * len(models)))
+    for i, model in enumerate(models):
+        for j, dataset in enumerate(datasets):
+            ax, cell = axes[i][j], c[(c["model"] == model) & (c["dataset"] == dataset)]
+            if cell.empty:
+                ax.axis("off")
+                continue
+            for k, r in enumerate(cell.itertuples()):
+                ax.bar(k - 0.2, r.paper_v, 0.4, color=colour[r.method])
+                if pd.notna(r.ours_v):
+                    ax.bar(k + 0.2, r.ours_v, 0.4, color="white", edgecolor=colour[r.method], hatch="///")
+                else:
+                    ax.text(k + 0.2, 1, "not run", rotation=90, ha="center", va="bottom", fontsize=6, color="0.45")
+            ax.set_xticks([])
+            ax.set_title(f"{model} / {dataset}", fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        axes[i][0].set_ylabel("accuracy (%)", fontsize=8)
+    handles = [Patch(color=colour[m], label=m) for m in methods]
+    handles += [Patch(facecolor="0.6", label="paper"), Patch(facecolor="white", edgecolor="0.3", hatch="///",
+                                                           label="ours")]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -17,9 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, run from anywhere
-
-from mixkvq.errors import ConfigError  # noqa: E402
+from mixkvq.errors import ConfigError
 
 CALIBRATORS = {}
 

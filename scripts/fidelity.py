@@ -11,14 +11,11 @@ like an evaluation run. Defaults: configs/fidelity.yaml. Tables and plots: scrip
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, run from anywhere
-
-from mixkvq.errors import ConfigError  # noqa: E402
+from mixkvq.errors import ConfigError
 
 
 @hydra.main(config_path="../configs", config_name="fidelity", version_base=None)

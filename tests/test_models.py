@@ -78,7 +78,7 @@ def test_model_yamls_match_the_paper_settings():
         mc = model_config(name)
         assert (mc.name, mc.hub_id, mc.think_prefix) == (name, hub_id, think)
         assert mc.mixkvq == {"target_bits": bits, "tau_bf16": tau_bf16, "tau_uint4": tau_uint4}
-        assert mc.max_new_tokens == (512 if name == "smollm2-135m" else 32768)
+        assert mc.max_new_tokens == (128 if name == "smollm2-135m" else 32768)
 
 
 def test_config_keys_are_checked():
@@ -151,6 +151,24 @@ def test_smollm2_gguf_loads_and_answers(smol):
         out = smol.model.generate(**inputs, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_dequantized_folder_holds_the_gguf_weights_bit_for_bit(smol):
+    """Runs load the GGUF through a folder made once beside it; the weights and tokenizer are the GGUF's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = fetch_gguf(SMOL.gguf)
+    folder = models.dequantized_dir(gguf, SMOL.dtype)
+    assert folder.parent == gguf.parent and (folder / "model.safetensors").is_file()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, SMOL.dtype),
+                                                  quantization_config=GgufConfig(dequantize=True)).state_dict()
+    ours = smol.model.state_dict()
+    assert sorted(ours) == sorted(direct)
+    assert all(torch.equal(ours[k], direct[k]) for k in direct), [k for k in direct if not torch.equal(ours[k], direct[k])]
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    chat = [{"role": "user", "content": "Natalia sold 48 clips in April. \\boxed{}?"}]
+    assert smol.tokenizer.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    assert smol.tokenizer(chat[0]["content"]).input_ids == tok(chat[0]["content"]).input_ids
 
 
 # ---------------------------------------------------------------- GGUF fetch and its checksum

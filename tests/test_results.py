@@ -1,6 +1,7 @@
 """Run directories: atomic writes, resume, locking, names; plus the sinks and the printed summary."""
 
 import json
+import os
 import sys
 import types
 
@@ -57,6 +58,30 @@ def test_run_name_deterministic_and_sensitive_to_method_params():
 
 def test_run_name_ignores_volatile_keys():
     assert run_name(make_cfg(results_dir="a")) == run_name(make_cfg(results_dir="b"))
+
+
+def test_settings_that_change_no_result_stay_out_of_the_hash():
+    plain = make_cfg()
+    for key, value in (("progress", False), ("grading_workers", 0), ("cpu_threads", 4)):
+        assert run_name(OmegaConf.merge(plain, {key: value})) == run_name(plain), key
+        assert twin_key(OmegaConf.merge(plain, {key: value})) == twin_key(plain), key  # bf16 agreement still found
+    assert run_name(OmegaConf.merge(plain, {"seed": 1})) != run_name(plain)
+
+
+def test_a_folder_named_under_the_old_hash_keeps_resuming(tmp_path):
+    """Folders named when the hash still covered `progress` are found by the config they hold."""
+    old = OmegaConf.merge(make_cfg(), {"progress": True})
+    legacy = tmp_path / "kivi_tiny-random_aime24_fake_0ld4a5h0"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    (tmp_path / "bf16_tiny-random_aime24_fake_12345678").mkdir()  # another run's folder, no config: passed over
+    new = OmegaConf.merge(make_cfg(), {"progress": False})
+    with RunDir(tmp_path, new) as rd:
+        assert rd.path == legacy
+        rd.append_samples(rows("p0"))
+        rd.write_run_row({"pass1": 1.0})
+    assert results.find_finished(tmp_path, new) == legacy
+    assert results.find_finished(tmp_path, OmegaConf.merge(new, {"seed": 1})) is None
 
 
 def test_twin_key_equal_across_methods_not_tasks():
@@ -174,17 +199,107 @@ def test_run_rows_and_reference(tmp_path):
 def test_provenance():
     p = provenance.collect(device="cpu")
     assert set(p) == {"git_sha", "git_dirty", "versions", "device", "hostname", "created_at"}
-    assert "python" in json.loads(p["versions"])
+    versions = json.loads(p["versions"])
+    assert "python" in versions and versions["datasets"] and versions["math-verify"] and versions["reasoning-gym"]
     assert p["created_at"].endswith("+00:00")
 
 
-def test_wandb_mode(monkeypatch):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert resolve_mode("auto") == "offline"
+def test_weights_and_problems_are_identified_by_content(tmp_path):
+    from mixkvq.tasks import Problem
+
+    a, b = Problem("p0", "What is 2+2?", "4"), Problem("p1", "What is 3+3?", "6")
+    assert provenance.problems_sha256([a, b]) == provenance.problems_sha256([Problem("p0", "What is 2+2?", "4"), b])
+    assert provenance.problems_sha256([a, b]) != provenance.problems_sha256([b, a])
+    assert provenance.problems_sha256([a]) != provenance.problems_sha256([Problem("p0", "What is 2+2?", "5")])
+    assert provenance.folder_weights_sha256(tmp_path) is None
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model-00001.safetensors").write_bytes(b"weights")
+    first = provenance.folder_weights_sha256(tmp_path)
+    (tmp_path / "config.json").write_text('{"changed": 1}')  # not a weight file
+    assert provenance.folder_weights_sha256(tmp_path) == first
+    (tmp_path / "model-00001.safetensors").write_bytes(b"weightz")
+    assert provenance.folder_weights_sha256(tmp_path) != first
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_mode("auto") == "offline"  # no key anywhere: nothing leaves the machine
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert resolve_mode("auto") == "online"  # what `wandb login` saved
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode("auto") == "offline"  # WANDB_MODE wins
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_mode("auto") == "online"
+    monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x")
     assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled" and resolve_mode("offline") == "offline"  # an explicit mode wins
     with pytest.raises(ConfigError):
         resolve_mode("sometimes")
+
+
+def wandb_records(path):
+    """The records of a W&B transaction log (.wandb): a 7-byte file header, then LevelDB-style blocks of 32 KiB
+    whose chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) carry protobuf `Record`s."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    buf, off, parts, out = path.read_bytes(), 7, b"", []
+    while off + 7 <= len(buf):
+        left = 32768 - off % 32768
+        length, kind = int.from_bytes(buf[off + 4:off + 6], "little"), buf[off + 6] if left >= 7 else 0
+        if kind == 0:  # block padding
+            off += left
+            continue
+        parts += buf[off + 7:off + 7 + length]
+        off += 7 + length
+        if kind in (1, 4):
+            out.append(pb.Record.FromString(parts))
+            parts = b""
+    return out
+
+
+def test_wandb_offline_run_has_tags_samples_table_artifact_and_resumes(monkeypatch, tmp_path):
+    """A real offline W&B run, read back from its files: job type, tags, the per-sample table, the result files
+    as an artifact, and one run id for a restarted job."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    logger = OmegaConf.create({"mode": "offline", "project": "p", "entity": None, "group": None, "tags": ["mine"]})
+    config = {"method": {"name": "kivi"}, "model": {"name": "smollm2-135m"}, "task": {"name": "gsm8k"},
+              "storage": "packed"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.parquet").write_bytes(b"row")
+    samples = pd.DataFrame({"problem_id": ["p0", "p0"], "sample_index": [0, 1], "extracted": ["4", None],
+                            "response": ["x" * 1000 + " so \\boxed{4}", "no idea"], "gold": ["4", "4"],
+                            "correct": [True, False], "n_tokens": [300, 12], "truncated": [False, True],
+                            "storage_bits_mean": [3.1, float("nan")], "token_ids": [[1], [2]]})
+    for _ in range(2):  # the job, then its requeue
+        sink = WandbSink(logger, "kivi-run", config, run_dir)
+        sink.log_summary({"pass1": 0.5})
+        sink.log_samples(samples)
+        sink.log_files("kivi-run", [run_dir / "run.parquet", run_dir / "absent.parquet"])
+        sink.finish()
+    logs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and len({p.name for p in logs}) == 1  # two sessions, one W&B run id: synced as one run
+    records = wandb_records(logs[0])
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.job_type == "evaluate" and list(run.tags) == ["kivi", "smollm2-135m", "gsm8k", "packed", "mine"]
+    assert run.resume and logs[0].name == f"run-{run.run_id}.wandb"
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    results_artifact = next(a for a in artifacts if a.type == "run-results")
+    assert results_artifact.name == "kivi-run" and [c.path for c in results_artifact.manifest.contents] == ["run.parquet"]
+    table_file = next(logs[0].parent.glob("files/media/table/samples_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"][:3] == ["problem_id", "sample_index", "response_tail"] and "token_ids" not in table["columns"]
+    first, second = table["data"]
+    assert first[2].endswith("\\boxed{4}") and len(first[2]) == 400 and first[5] is True and second[3] is None
 
 
 def test_wandb_disabled_imports_nothing(monkeypatch, tmp_path):
@@ -233,7 +348,7 @@ def test_summary_table():
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120
     assert "70.0±5.0" in text and "1.00x" in text and "71680" in text and "kivi-k2v2" in text
-    assert lines[2] == "[deepseek-r1-distill-qwen-32b / aime24]" and "math500" in lines[4]
+    assert lines[3] == "[deepseek-r1-distill-qwen-32b / aime24 / packed]" and lines[5].endswith("math500 / fake]")
     fake = lines[-1]
     assert "12.0" not in fake and "90.0" in fake  # no speed figure from fake storage
     assert format_summary([]) == "(no runs)"
@@ -246,3 +361,33 @@ def test_summary_table():
     marked = format_summary([rows_[0], sampled, greedy]).splitlines()
     assert "90.0 s" in marked[-3] and "90.0 g" in marked[-2] and marked[-1].startswith("agree%: final answer")
     assert "agree%: final" not in text  # rows without the field (older runs) stay unmarked
+
+
+def test_summary_tells_variants_apart_and_shows_length():
+    """A kivi and a kivi4 run print under their own labels; rows without `label` (older run.parquet files)
+    fall back to method + nominal bits; truncation and mean length have their columns."""
+    base = {"model": "m", "task": "t", "storage": "packed", "pass1": 0.5, "n_problems": 2, "n_samples": 1}
+    kivi = {**base, "method": "kivi", "nominal_bits": "KIVI-2", "truncation_rate": 0.25, "mean_tokens": 311.4}
+    kivi4 = {**base, "method": "kivi", "label": "kivi-KIVI-4", "nominal_bits": "KIVI-4", "truncation_rate": 0.0,
+             "mean_tokens": 288.0}
+    header, units, _, _, first, second = format_summary([kivi, kivi4]).splitlines()
+    assert header.split()[4:6] == ["trunc", "mean"] and units.split()[3:5] == ["%", "tokens"]
+    assert first.split()[0] == "kivi-KIVI-2" and second.split()[0] == "kivi-KIVI-4"
+    assert "25.0" in first and "311" in first and "288" in second
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak-RSS reset only")
+def test_cpu_peak_memory_is_the_runs_own_not_the_process_lifetime():
+    """A multirun's jobs share a process: each job's peak starts at its own beginning."""
+    import numpy as np
+    import torch
+
+    from mixkvq.evaluate import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed: an earlier job's peak
+    before, kind = peak_memory(cpu)
+    del block
+    reset_peak_memory(cpu)
+    after, _ = peak_memory(cpu)
+    assert kind == "cpu_rss" and after < before - 32 * 2**20, (before, after)

@@ -63,6 +63,13 @@ def test_paper_cells_get_our_matching_runs_with_aime_pooled():
     assert cell["paper"] == "40.00"  # the paper's MixKVQ C2.7 cell (results/papers/mixkvq_table3.csv), not BF16's
     other = comparison[(comparison["model"] == "R1-Qwen-14B")]
     assert (other["ours"] == "-").all()  # not run: no number invented
+    # a second AIME24 run with another seed is its own entry, never pooled with the first
+    configs = [json.dumps({"seed": 0, "task.name": t}) for t in ("aime24", "aime25")] + [json.dumps({"seed": 1, "task.name": "aime24"})]
+    more = pd.concat([runs, runs.iloc[:1].assign(pass1=0.9)], ignore_index=True).assign(result_config=configs)
+    comparison = tables.paper_comparison(more, tables.load_papers(PAPERS), "mixkvq_table3")
+    cell = comparison[(comparison["model"] == "R1-Llama-8B") & (comparison["method"] == "MixKVQ")
+                      & (comparison["dataset"] == "AIME24-25")].iloc[0]
+    assert cell["our run"] == "mixkvq-C2.7 (seed=0)" and cell["ours"].startswith("40.0")  # seed=1 lacks AIME25
 
 
 def test_paper_csvs_are_complete_copies():
@@ -107,7 +114,9 @@ def test_the_paper_tables_notebook_runs_headless(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(REPO / "notebooks" / "paper_tables.ipynb", as_version=4)
-    os.environ["MIXKVQ_RESULTS"], os.environ["MIXKVQ_TABLES_OUT"] = str(FIXTURE), str(tmp_path)
+    # relative, as the README writes it: read from the repository root although the kernel runs in notebooks/
+    os.environ["MIXKVQ_RESULTS"] = str(FIXTURE.relative_to(REPO))
+    os.environ["MIXKVQ_TABLES_OUT"] = str(tmp_path)
     os.environ["MIXKVQ_FIDELITY"] = str(FIDELITY_FIXTURE)
     try:
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
@@ -169,3 +178,23 @@ def test_make_tables_writes_the_fidelity_files_from_fidelity_runs_alone(tmp_path
     assert "KL mean" in (out / "fidelity.md").read_text() and "KL mean" in proc.stdout
     for name in ("fidelity_pareto.png", "fidelity_layers.png", "fidelity_positions.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+
+
+def test_runs_of_one_method_with_other_settings_stay_apart(tmp_path):
+    """Two KIVI runs of one task with another seed and size are two rows, each with its own numbers."""
+    src = FIXTURE / "kivi-KIVI-2_smollm2-135m_gsm_symbolic_packed_d0f8bfbd"
+    other = tmp_path / "kivi-KIVI-2_smollm2-135m_gsm_symbolic_packed_0000beef"
+    shutil.copytree(src, tmp_path / src.name)
+    shutil.copytree(src, other)
+    text = (other / "config.yaml").read_text()
+    (other / "config.yaml").write_text(re.sub(r"(?m)^seed: 0$", "seed: 1", text).replace("  size: 2\n", "  size: 4\n"))
+    row = pd.read_parquet(other / "run.parquet")
+    row["pass1"], row["storage_bits_mean"] = 0.75, 3.0
+    row.to_parquet(other / "run.parquet")
+    table = tables.method_task_table(tables.collect(tmp_path).runs).set_index("setting")
+    assert sorted(table.index) == ["seed=0 task.size=2", "seed=1 task.size=4"]
+    assert table.loc["seed=1 task.size=4", "gsm_symbolic"].startswith("75.0")
+    assert table.loc["seed=1 task.size=4", "storage bits"] == "3.00"
+    assert table.loc["seed=0 task.size=2", "storage bits"] != "3.00"
+    # one run per cell: no setting column
+    assert "setting" not in tables.method_task_table(tables.collect(FIXTURE).runs)

@@ -96,7 +96,7 @@ def test_gsm_symbolic_is_deterministic_per_seed():
     assert [p.id for p in a] == [f"gsm_symbolic-1-{i}" for i in range(8)]
     assert all(p.answer.lstrip("-").isdigit() for p in a + b)
     assert task_config("gsm_symbolic").grader == "gsm"
-    assert len(load_task(task_config("gsm_symbolic", limit=3))) == 3
+    assert len(load_task(task_config("gsm_symbolic", size=5, limit=3))) == 3
 
 
 # --- errors ---------------------------------------------------------------------------------------
