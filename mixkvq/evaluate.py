@@ -7,7 +7,6 @@ restarted run skips what is already written.
 
 from __future__ import annotations
 
-import resource
 import sys
 
 import pandas as pd
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kernels import decode_kernel_names
-from mixkvq import metrics, provenance
+from mixkvq import metrics, placement, provenance
 from mixkvq.errors import ConfigError
 from mixkvq.grading import grade_many
 from mixkvq.methods import ModelShape, build_method, method_config
@@ -63,12 +62,6 @@ def check_static(cfg: DictConfig) -> None:
     generation_kwargs(cfg)
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
-
-
 def finished_row(cfg: DictConfig) -> dict | None:
     """The row of this config's finished run, if any: a re-run sweep job then exits at once."""
     path = find_finished(cfg.results_dir, cfg)
@@ -98,8 +91,8 @@ def evaluate(cfg: DictConfig) -> dict:
     prompts = {p.id: build_prompt(tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems}
     longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in prompts.values())
     check_context(loaded, longest, gen["max_new_tokens"])
-    if shape.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(shape.device)
+    devices = placement.devices_of(model)
+    placement.reset_peak_memory(devices)
 
     label = f"{cfg.method.name}-{method.nominal_bits}"
     with RunDir(cfg.results_dir, cfg, label) as rd:
@@ -146,7 +139,7 @@ def evaluate(cfg: DictConfig) -> dict:
             bar.update(len(group))
             bar.set_postfix(acc=f"{correct / total:.0%}", tok_s=f"{call_tokens / (outs[0].seconds * len(group)):.0f}")
         bar.close()
-        row = run_row(cfg, rd, method, loaded, shape.device, started)
+        row = run_row(cfg, rd, method, loaded, devices, started)
         rd.write_run_row(row)
         sink.log_summary(row)
         sink.finish()
@@ -154,7 +147,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return row
 
 
-def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, started: dict) -> dict:
+def run_row(cfg: DictConfig, rd: RunDir, method, loaded, devices: list[torch.device], started: dict) -> dict:
     """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
     samples = rd.read_samples()
     row = {
@@ -172,12 +165,12 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
     if reference is not None and cfg.method.name != "bf16":
         row.update(metrics.agreement(samples, pd.read_parquet(reference / "samples.parquet")))
     if cfg.storage == "packed":
-        peak, kind = peak_memory(device)
-        row.update(peak_mem_bytes=peak, peak_mem_kind=kind,
+        peak, kind, per_device = placement.peak_memory(devices)  # summed over the GPUs, and per GPU
+        row.update(peak_mem_bytes=peak, peak_mem_kind=kind, peak_mem_per_device=per_device,
                    kv_peak_allocated_bytes=int(samples["kv_peak_allocated_bytes"].max()))
     else:  # fake storage saves no memory and is not timed: those fields stay empty (METHODS.md §3)
-        row.update(peak_mem_bytes=None, peak_mem_kind=None, kv_peak_allocated_bytes=None, tokens_per_s=None,
-                   kv_bytes_final=None, kv_bytes_vs_bf16=None)
-    row.update(started, device=provenance.device_name(device))
+        row.update(peak_mem_bytes=None, peak_mem_kind=None, peak_mem_per_device=None, kv_peak_allocated_bytes=None,
+                   tokens_per_s=None, kv_bytes_final=None, kv_bytes_vs_bf16=None)
+    row.update(started, device=provenance.device_name(devices[0]), gpus=sum(d.type == "cuda" for d in devices))
     return row
 
