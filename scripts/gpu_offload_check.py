@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, run from anywhere
 
 from mixkvq import placement, provenance
 from mixkvq.config import load_config
