@@ -148,3 +148,20 @@ def test_where_the_model_goes_and_what_is_refused_before_loading():
 def test_peak_memory_on_cpu_is_the_process_rss_without_a_per_gpu_split():
     peak, kind, per_device = placement.peak_memory([torch.device("cpu")])
     assert peak > 0 and kind == "cpu_rss" and per_device is None
+
+
+def test_where_a_model_runs_is_not_part_of_a_runs_identity():
+    from omegaconf import OmegaConf
+
+    from mixkvq.config import load_config
+    from mixkvq.results import config_hash, twin_key
+
+    cfg = load_config(["model=deepseek-r1-distill-32b"])
+    moved = load_config(["model=deepseek-r1-distill-32b", "model.gpus=4", "model.device_map=balanced",
+                         "model.max_memory={0: 70GiB}"])
+    assert config_hash(cfg) == config_hash(moved) and twin_key(cfg) == twin_key(moved)
+    older = OmegaConf.to_container(cfg, resolve=True)  # a run written before the placement keys existed
+    for key in ("device_map", "max_memory", "gpus"):
+        del older["model"][key]
+    assert config_hash(older) == config_hash(cfg)
+    assert config_hash(load_config(["model=deepseek-r1-distill-32b", "model.dtype=float16"])) != config_hash(cfg)
