@@ -267,7 +267,7 @@ def _check_gpu_count(mc: ModelConfig, device_map) -> None:
     that needs more GPUs than are visible is refused rather than silently offloaded."""
     import torch
 
-    if not (isinstance(device_map, str) and device_map in placement.STRATEGIES):
+    if not placement.is_strategy(device_map):
         return
     visible = torch.cuda.device_count()
     if visible < mc.gpus:
@@ -286,21 +286,22 @@ def _random_model(config, dtype, device, device_map, max_memory):
     from accelerate.utils import get_balanced_memory, get_max_memory
     from transformers import AutoModelForCausalLM
 
-    if isinstance(device_map, str) and device_map in placement.STRATEGIES:
+    if placement.is_strategy(device_map):
         with init_empty_weights():  # shapes only: where would the strategy put each module?
             empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
         no_split = empty._no_split_modules
         budget = get_max_memory(max_memory) if device_map == "sequential" else get_balanced_memory(
             empty, max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=no_split)
-    if isinstance(device_map, Mapping) and len(set(device_map.values())) == 1:
-        only = next(iter(device_map.values()))
-        device = torch.device("cuda", only) if isinstance(only, int) else torch.device(only)
-        device_map = None
+        if "disk" in device_map.values():
+            raise ConfigError("the model does not fit in the GPUs and host memory (model.max_memory); use more GPUs")
+    spread = isinstance(device_map, Mapping) and len(set(device_map.values())) > 1
+    if isinstance(device_map, Mapping) and not spread:  # one device: draw the weights there
+        device = placement.as_device(next(iter(device_map.values())))
     torch.manual_seed(0)  # same weights every run on a given device type
-    with torch.device(device if device_map is None or isinstance(device_map, str) else "cpu"):
+    with torch.device("cpu" if spread else device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model if not isinstance(device_map, Mapping) else dispatch_model(model, device_map)
+    return dispatch_model(model, device_map) if spread else model
 
 
 def apply_overrides(config, overrides: Mapping[str, Any]):
@@ -420,7 +421,7 @@ def load_model(cfg) -> LoadedModel:
     else:
         if source == "gguf":  # plain dense weights: packed GGUF layers would bring their own matmul/attention
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
-        if mc.max_memory is not None and placement.spreads(device_map):
+        if mc.max_memory is not None and placement.is_strategy(device_map):
             kwargs["max_memory"] = mc.max_memory
         try:
             model = AutoModelForCausalLM.from_pretrained(

@@ -89,15 +89,16 @@ def device_map_arg(device_name: str, device: torch.device, device_map) -> str | 
     return str(device)
 
 
-def spreads(arg) -> bool:
-    """Whether a device_map argument may put the model on more than one device (or offload part of it)."""
-    return isinstance(arg, Mapping) and len(set(arg.values())) > 1 or isinstance(arg, str) and arg in STRATEGIES
+def is_strategy(arg) -> bool:
+    """Whether a device_map argument leaves the placement to accelerate (over the visible GPUs)."""
+    return isinstance(arg, str) and arg in STRATEGIES
 
 
 # ---------------------------------------------------------------- where layers run
 
 
-def _as_device(value) -> torch.device:
+def as_device(value) -> torch.device:
+    """accelerate's device names (a GPU index, 'cpu', 'cuda:1') as torch devices."""
     return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
 
 
@@ -108,7 +109,7 @@ def _hook_device(module) -> torch.device | None:
     for h in hooks:
         dev = getattr(h, "execution_device", None)
         if dev is not None:
-            return _as_device(dev)
+            return as_device(dev)
     return None
 
 

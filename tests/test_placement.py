@@ -138,7 +138,7 @@ def test_where_the_model_goes_and_what_is_refused_before_loading():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="maps modules to GPUs but CUDA is not available"):
             placement.device_map_arg("auto", cpu, {"model.layers.0": 0, "lm_head": "cpu"})
-    assert placement.spreads("auto") and placement.spreads({"a": 0, "b": "cpu"}) and not placement.spreads("cuda:0")
+    assert placement.is_strategy("auto") and not placement.is_strategy({"": 0}) and not placement.is_strategy("cuda:0")
     mc = model_config("deepseek-r1-distill-32b")
     with pytest.raises(ConfigError, match=r"needs model.gpus=2 GPUs but \d+ are visible; .*model.gpus="):
         _check_gpu_count(mc, "auto")
