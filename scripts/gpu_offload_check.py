@@ -40,12 +40,13 @@ SMOKE_WIDTHS = {"hidden_size": 256, "intermediate_size": 512, "num_attention_hea
 
 def method_overrides(layers: int) -> dict[str, list[str]]:
     """Every method, with settings that need no calibration artifact. PM-KVQ cannot fold key scales into offloaded
-    weights, and budgets for 512 tokens make its cache shrink within the check."""
+    weights; a 32-token window and budgets for 512 tokens make its cache fill and shrink within the check."""
     low = [2] * (layers - 1)
     return {
         "bf16": [], "kivi": [], "kivi4": [], "mixkvq": [],
         "kvmix": [f"method.layer_bits={{key: {[3, *low]}, value: {[4, *low]}}}"],
-        "pmkvq": ["method.allocation=uniform", "method.reparameterize=false", "method.max_len=512"],
+        "pmkvq": ["method.allocation=uniform", "method.reparameterize=false", "method.max_len=512",
+                  "method.window_tokens=32"],
     }
 
 
@@ -97,6 +98,7 @@ def run_all(mc, methods: dict[str, list[str]], tokens: int) -> dict:
         peak, kind, per_device = placement.peak_memory(devices)
         out["methods"][name] = {"label": f"{name}-{method.nominal_bits}", "token_ids": got.token_ids,
                                 "decode_kernels": got.decode_kernels, "seconds": got.seconds,
+                                "payload_bits": round(got.cache_stats[0].get("payload_bits_final", float("nan")), 3),
                                 "kv_peak_allocated_bytes": got.kv_peak_allocated_bytes, "peak_mem_bytes": peak,
                                 "peak_mem_kind": kind, "peak_mem_per_device": per_device}
         print(f"  {name}: {len(got.token_ids[0])} tokens, {got.decode_kernels}, {got.seconds:.1f} s", flush=True)
@@ -121,6 +123,7 @@ def compare(single: dict, split: dict) -> list[dict]:
         firsts = [first_difference(a, b) for a, b in zip(ref["token_ids"], off["token_ids"])]
         rows.append({"method": ref["label"], "equal": all(f is None for f in firsts), "first_difference": firsts,
                      "tokens": [len(t) for t in ref["token_ids"]],
+                     "payload_bits": [ref["payload_bits"], off["payload_bits"]],
                      "kernels_single": ref["decode_kernels"], "kernels_offload": off["decode_kernels"],
                      "seconds_single": round(ref["seconds"], 2), "seconds_offload": round(off["seconds"], 2),
                      "peak_single": ref["peak_mem_per_device"] or ref["peak_mem_bytes"],
@@ -136,10 +139,12 @@ def markdown(record: dict) -> str:
              f"(`model.device_map`): layers run on {record['offload']['layers_run_on']}, weights "
              f"{record['offload']['weights']}.", "",
              f"Same tokens for every method: **{record['all_equal']}**. {record['provenance']}", "",
-             "| method | same tokens | first difference | kernels (single / offload) | s (single / offload) "
-             "| peak bytes (single / offload) |", "|---|---|---|---|---|---|"]
+             "| method | same tokens | first difference | payload bits at the end (single / offload) "
+             "| kernels (single / offload) | s (single / offload) | peak bytes (single / offload) |",
+             "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['method']} | {r['equal']} | {r['first_difference']} | {r['kernels_single']} / "
+        bits = " / ".join(str(b) for b in r["payload_bits"])
+        lines.append(f"| {r['method']} | {r['equal']} | {r['first_difference']} | {bits} | {r['kernels_single']} / "
                      f"{r['kernels_offload']} | {r['seconds_single']} / {r['seconds_offload']} | {r['peak_single']} / "
                      f"{r['peak_offload']} |")
     return "\n".join(lines) + "\n"
