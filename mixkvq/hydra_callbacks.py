@@ -84,7 +84,8 @@ class ExperimentPlan(Callback):
                                             slurm_gpus.forced(config))
             errors += split
             if not split:
-                print(f"  Slurm: every job asks for {count} GPU{'s' * (count != 1)} per node", flush=True)
+                asks = "no GPU (CPU nodes)" if count is None else f"{count} GPU{'s' * (count != 1)} per node"
+                print(f"  Slurm: every job asks for {asks}", flush=True)
         if errors:
             print(f"error: experiment {exp.name} refused, nothing submitted; fix these jobs first:", file=sys.stderr)
             for e in errors:
