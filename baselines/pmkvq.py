@@ -151,6 +151,11 @@ def fold_key_scales(model, scales: torch.Tensor) -> None:
     mods = attention_modules(model)
     if scales.shape[0] != len(mods):
         raise ConfigError(f"PM-KVQ key scales cover {scales.shape[0]} layers but the model has {len(mods)}")
+    offloaded = [m.layer_idx for m in mods if m.k_proj.weight.device.type == "meta"]
+    if offloaded:  # accelerate keeps offloaded weights in host memory and loads a copy per forward
+        raise ConfigError(f"PM-KVQ folds its key scales into q_proj/k_proj, but layers {offloaded} have their weights "
+                          "offloaded (model.device_map maps them to 'cpu'); place them on GPUs or set "
+                          "pmkvq.reparameterize=false")
     for mod, lam in zip(mods, scales):
         lam = tile_pairs(lam.double())  # [H_kv, D]
         kv_heads, dim = lam.shape
@@ -400,7 +405,7 @@ class PMKVQ(Method):
         c, s = self.cfg, self.shape
 
         def store():
-            return ProgressiveTokenStore(batch, s.kv_heads, s.head_dim, self.group, c.init_bits, s.dtype, s.device,
+            return ProgressiveTokenStore(batch, s.kv_heads, s.head_dim, self.group, c.init_bits, s.dtype, self.device,
                                          self.pm_quant, self.storage == "packed")
 
         keys = self.stream(batch, window="flush", residual=c.window_tokens, sink=c.sink_tokens, store=store())

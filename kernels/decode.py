@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pack import on_device_of
 from mixkvq.quantizer import CODE_BITS
 from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
 
@@ -671,4 +672,5 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
 
 def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
     """The registered `triton` decode kernel (same signature as the PyTorch reference)."""
-    return fused_decode(query, layer, scaling)
+    with on_device_of(query):  # layers spread over GPUs: launch on this layer's
+        return fused_decode(query, layer, scaling)

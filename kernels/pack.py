@@ -218,7 +218,7 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _on_device_of(t: torch.Tensor):
+def on_device_of(t: torch.Tensor):
     # Triton launches on the current CUDA device; with layers spread over GPUs that need not be the tensor's.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -249,7 +249,7 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
         starts = counts = codes  # placeholders, never read
     nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
     bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
-    with _on_device_of(x):
+    with on_device_of(x):
         _tokens_kernel[(triton.cdiv(t, bt), h, b)](
             x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, start0, t,
             D=d, G=group, BITS=bits, CPW=cpw, NW_PAD=nw_pad, CPW_PAD=cpw_pad, BT=bt, RAGGED=ragged,
@@ -322,7 +322,7 @@ def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tenso
         nw = -(-p // cpw)
         nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
         bd = min(_pow2(d), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
-        with _on_device_of(blocks):
+        with on_device_of(blocks):
             _blocks_kernel[(n, h, triton.cdiv(d, bd))](
                 blocks, *blocks.stride(), width_map if width_map is not None else word_base, word_base, rows,
                 slots, pool, *pool.stride()[:2], scale, zero, *scale.stride()[:4],

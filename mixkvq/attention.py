@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels import resolve_decode_kernel
 from mixkvq.cache import QuantizedCache
+from mixkvq.placement import execution_devices
 
 ATTENTION_NAME = "quantized_kv"
 
@@ -62,9 +63,14 @@ def bind(model, cache: QuantizedCache, decode_kernel: str = "auto"):
     mods = attention_modules(model)
     if len(mods) != len(cache.layers):
         raise ValueError(f"model has {len(mods)} attention layers but the cache has {len(cache.layers)}")
-    device = next(model.parameters()).device
+    devices = execution_devices(model, mods)  # layers spread over devices: each kernel runs where its layer does
+    for mod, layer, device in zip(mods, cache.layers, devices):
+        held = layer.key_stream.window.data.device
+        if held != device:
+            raise ValueError(f"cache layer {layer.layer_idx} lives on {held} but the model runs that layer on "
+                             f"{device}; build the cache from ModelShape.of(model) of this placement")
     previous = model.config._attn_implementation
-    for mod, layer in zip(mods, cache.layers):
+    for mod, layer, device in zip(mods, cache.layers, devices):
         layer.query_groups = getattr(mod, "num_key_value_groups", None)  # what a kernel may need to know of GQA
         layer.decode_fn, layer.cache = resolve_decode_kernel(decode_kernel, device, layer), cache
         mod.kv_cache_layer = layer

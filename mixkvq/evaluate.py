@@ -8,7 +8,6 @@ problem, and say so.
 
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mixkvq import metrics, provenance
+from mixkvq import metrics, placement, provenance
 from mixkvq.grading import grade_many, stop_workers
 from mixkvq.interrupts import Interrupted
 from mixkvq.methods import ModelShape, build_method
@@ -29,11 +28,11 @@ from mixkvq.sinks import WandbSink, sweep_group
 from mixkvq.summary import format_summary
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start this run's peak: CUDA's counter, or on Linux the process's peak RSS, which the earlier jobs of a
+def reset_peak_memory(devices: list[torch.device]) -> None:
+    """Start this run's peak: CUDA's counters, or on Linux the process's peak RSS, which the earlier jobs of a
     multirun in the same process would otherwise have set (peak_memory then depended on job order)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if any(d.type == "cuda" for d in devices):
+        placement.reset_peak_memory(devices)
         return
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size (VmHWM)
@@ -41,14 +40,15 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_allocated"
+def peak_memory(devices: list[torch.device]) -> tuple[int, str, str | None]:
+    """(peak bytes summed over the GPUs, kind, JSON per GPU); on CPU this run's peak RSS."""
+    if any(d.type == "cuda" for d in devices):
+        return placement.peak_memory(devices)
     try:  # VmHWM follows reset_peak_memory; getrusage's ru_maxrss never goes down
         status = Path("/proc/self/status").read_text()
-        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) * 1024, "cpu_rss"
+        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) * 1024, "cpu_rss", None
     except (OSError, StopIteration, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss", None
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -69,7 +69,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if shape != checked.shape:  # the loaded model sits elsewhere than its config said: rebuild for where it is
         method = build_method(cfg, shape)
     method.prepare_model(model)
-    reset_peak_memory(shape.device)
+    devices = placement.devices_of(model)
+    reset_peak_memory(devices)
 
     label = checked.label
     with RunDir(cfg.results_dir, cfg, label) as rd:
@@ -126,7 +127,7 @@ def evaluate(cfg: DictConfig) -> dict:
             sink.finish()
             raise Interrupted(e.signum, f"{saved} of {len(problems)} problems saved in {rd.path}; "
                                         "rerun the same command to resume") from None
-        row = run_row(cfg, rd, method, loaded, shape.device, started)
+        row = run_row(cfg, rd, method, loaded, devices, started)
         row["problems_sha256"] = provenance.problems_sha256(problems)
         rd.write_run_row(row)
         sink.log_summary(row)
@@ -137,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return row
 
 
-def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, started: dict) -> dict:
+def run_row(cfg: DictConfig, rd: RunDir, method, loaded, devices: list[torch.device], started: dict) -> dict:
     """The run's one summary row: metrics over every written sample, bits, memory, provenance."""
     samples = rd.read_samples()
     row = {
@@ -156,12 +157,12 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, device: torch.device, s
     if reference is not None and cfg.method.name != "bf16":
         row.update(metrics.agreement(samples, pd.read_parquet(reference / "samples.parquet")))
     if cfg.storage == "packed":
-        peak, kind = peak_memory(device)
-        row.update(peak_mem_bytes=peak, peak_mem_kind=kind,
+        peak, kind, per_device = peak_memory(devices)  # summed over the GPUs, and per GPU
+        row.update(peak_mem_bytes=peak, peak_mem_kind=kind, peak_mem_per_device=per_device,
                    kv_peak_allocated_bytes=int(samples["kv_peak_allocated_bytes"].max()))
     else:  # fake storage saves no memory and is not timed: those fields stay empty (METHODS.md §3)
-        row.update(peak_mem_bytes=None, peak_mem_kind=None, kv_peak_allocated_bytes=None, tokens_per_s=None,
-                   kv_bytes_final=None, kv_bytes_vs_bf16=None)
-    row.update(started, device=provenance.device_name(device))
+        row.update(peak_mem_bytes=None, peak_mem_kind=None, peak_mem_per_device=None, kv_peak_allocated_bytes=None,
+                   tokens_per_s=None, kv_bytes_final=None, kv_bytes_vs_bf16=None)
+    row.update(started, device=provenance.device_name(devices[0]), gpus=sum(d.type == "cuda" for d in devices))
     return row
 

@@ -64,7 +64,8 @@ def job_cost(cfg: DictConfig, cost: DictConfig) -> tuple[int, int, int, int, flo
     # n samples decode as one batch, which ends with its longest sample.
     longest = min(max_new, t.mean_new_tokens * (cost.longest_of_batch if samples > 1 else 1.0))
     seconds = cost.job_overhead_s + problems * longest / m.steps_per_s * cost.storage_factor[cfg.storage]
-    return problems, samples, max_new, int(m.gpus), m.gpus * seconds / 3600
+    gpus = int(cfg.model.gpus)
+    return problems, samples, max_new, gpus, gpus * seconds / 3600
 
 
 def _short(e: Exception) -> str:

@@ -42,6 +42,7 @@ from mixkvq.fidelity_metrics import layer_table, summarize
 from mixkvq.methods import Method, ModelShape, build_method
 from mixkvq.models import check_context, load_model
 from mixkvq.preflight import check_cache_config
+from mixkvq.placement import input_device
 from mixkvq.protocol import build_prompt, eos_ids
 from mixkvq.registry import Registry
 from mixkvq.results import RUN_FILE, RunDir, _read_table, _write_table, config_hash, find_finished, twin_key
@@ -101,7 +102,7 @@ def greedy_references(model, prompts: list[list[int]], length: int, eos: set[int
 
     With `continue_past_eos` the EOS tokens are masked so every reference reaches `length` (long contexts from
     a model that stops early); where argmax would have been EOS is recorded as the natural end."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask = left_pad(prompts, pad_id, device)
     cache, pos = DynamicCache(), positions(mask)
     out = torch.zeros(len(prompts), length, dtype=torch.int64)
@@ -241,7 +242,7 @@ def drive(model, ref_model, method: Method, refs: list[Reference], pad_id: int, 
     One row per reference: per-token KL, top-1 agreement and NLLs (lists), the cache's bits, per-layer attention
     error and SQNR terms. A row a KV budget stops (PM-KVQ) is scored up to the step generation would have
     ended it."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask = left_pad([r.prompt_ids for r in refs], pad_id, device)
     b, steps = len(refs), max(len(r.tokens) for r in refs)
     tokens = torch.full((b, steps), pad_id, dtype=torch.int64)

@@ -11,7 +11,8 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from mixkvq import metrics
+from mixkvq import metrics, slurm_gpus
+from mixkvq.errors import ConfigError
 from mixkvq.results import RUN_FILE, find_finished
 from mixkvq.summary import format_summary
 
@@ -90,6 +91,13 @@ class ExperimentPlan(Callback):
         exp = config.experiment
         jobs, errors = plan(config_name or "config", params, list(config.hydra.overrides.task), config.cost)
         print(format_plan(exp.name, exp.title, jobs, config.cost), flush=True)
+        if slurm_gpus.is_slurm(config):
+            count, split = slurm_gpus.check([(j.model, j.gpus) for j in jobs], config.hydra.launcher.gpus_per_node,
+                                            slurm_gpus.forced(config))
+            errors += split
+            if not split:
+                asks = "no GPU (CPU nodes)" if count is None else f"{count} GPU{'s' * (count != 1)} per node"
+                print(f"  Slurm: every job asks for {asks}", flush=True)
         if errors:
             print(f"error: experiment {exp.name} refused, nothing submitted; fix these jobs first:", file=sys.stderr)
             for e in errors:
@@ -98,3 +106,20 @@ class ExperimentPlan(Callback):
         if exp.dry_run:
             print(f"dry run: nothing launched (drop experiment.dry_run=true to launch {len(jobs)} jobs)")
             sys.exit(0)
+
+
+class SlurmGpus(Callback):
+    """Before a Slurm sweep is submitted: every job asks for the GPUs its model needs (mixkvq/slurm_gpus.py); a sweep
+    whose models need different counts is refused (exit 2), naming the launches to split it into."""
+
+    def on_multirun_start(self, config, config_name=None, **kwargs) -> None:
+        if not slurm_gpus.is_slurm(config):
+            return
+        params = config.hydra.sweeper.get("params") or {}
+        needs = slurm_gpus.job_needs(config_name or "config", OmegaConf.to_container(params) if params else {},
+                                     list(config.hydra.overrides.task))
+        try:
+            slurm_gpus.assign(config, needs)
+        except ConfigError as e:
+            print(f"error: nothing submitted: {e}", file=sys.stderr)
+            sys.exit(2)

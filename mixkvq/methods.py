@@ -41,15 +41,22 @@ class ModelShape:
     q_heads: int
     head_dim: int
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # where inputs go (the main device)
+    layer_devices: tuple[torch.device, ...] = ()  # where each layer runs, when spread over devices (placement.py)
 
     @classmethod
     def of(cls, model) -> "ModelShape":
+        from mixkvq import placement
+
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         p = next(model.parameters())
         kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return cls(c.num_hidden_layers, kv, c.num_attention_heads, head_dim, p.dtype, p.device)
+        return cls(c.num_hidden_layers, kv, c.num_attention_heads, head_dim, p.dtype, placement.input_device(model),
+                   tuple(placement.layer_devices(model)))
+
+    def layer_device(self, idx: int) -> torch.device:
+        return self.layer_devices[idx] if self.layer_devices else self.device
 
 
 class Method:
@@ -62,6 +69,7 @@ class Method:
             raise ConfigError(f"storage={storage!r} is not valid; choose one of {list(STORAGE_MODES)}")
         self.cfg, self.shape, self.quant, self.storage = cfg, shape, quant, storage
         self.model_cfg = model_cfg  # per-model paper settings a method config may leave null
+        self.device = shape.device  # where the builders below put tensors: the layer being built's device
         self.validate()
 
     def validate(self) -> None:
@@ -89,7 +97,11 @@ class Method:
         """A fresh cache for `batch` rows; `pad[b]` is row b's left padding in the prompt; `capacity` (tokens per
         row, pads included: prompt + max_new_tokens) allocates the stores once instead of growing them."""
         pad = torch.zeros(batch, dtype=torch.int64) if pad is None else pad.to("cpu", torch.int64)
-        layers = [self.make_layer(i, batch, pad) for i in range(self.shape.layers)]
+        layers = []
+        for i in range(self.shape.layers):
+            self.device = self.shape.layer_device(i)  # each layer's stores live where its attention runs
+            layers.append(self.make_layer(i, batch, pad))
+        self.device = self.shape.device
         cache = QuantizedCache(layers, self.cfg.name, self.storage)
         if capacity is not None:
             cache.reserve(capacity)
@@ -99,16 +111,16 @@ class Method:
 
     def stream(self, batch, *, window: str, residual: int = 0, sink: int = 0, store=None, widths_fn=None) -> Stream:
         s = self.shape
-        return Stream(batch, s.kv_heads, s.head_dim, s.dtype, s.device, window, residual, sink, store, widths_fn)
+        return Stream(batch, s.kv_heads, s.head_dim, s.dtype, self.device, window, residual, sink, store, widths_fn)
 
     def channel_store(self, batch, block: int, group: int, width: int | None, pack11: bool = False) -> ChannelGroupStore:
         s = self.shape
-        return ChannelGroupStore(batch, s.kv_heads, s.head_dim, block, group, s.dtype, s.device, self.quant,
+        return ChannelGroupStore(batch, s.kv_heads, s.head_dim, block, group, s.dtype, self.device, self.quant,
                                  self.storage == "packed", width, pack11)
 
     def token_store(self, batch, group: int, bits: int) -> TokenGroupStore:
         s = self.shape
-        return TokenGroupStore(batch, s.kv_heads, s.head_dim, group, bits, s.dtype, s.device, self.quant,
+        return TokenGroupStore(batch, s.kv_heads, s.head_dim, group, bits, s.dtype, self.device, self.quant,
                                self.storage == "packed")
 
 

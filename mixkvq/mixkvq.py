@@ -99,7 +99,7 @@ class MixKVQLayer(QuantizedLayer):
     def __init__(self, *args, method: "MixKVQ", q_heads: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
-        batch, dev = len(self.pad), self.method.shape.device
+        batch, dev = len(self.pad), self.key_stream.window.data.device  # the layer's own device
         self.q_abs_sum = torch.zeros(batch, q_heads, self.dim, dtype=torch.float32, device=dev)
         self.q_count = torch.zeros(batch, dtype=torch.int64)  # queries seen per row (each over all heads)
         self.key_lo = torch.full((batch, self.heads, self.dim), float("inf"), device=dev)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixkvq import placement
 from mixkvq.errors import ConfigError, choice_error
 from mixkvq.provenance import file_sha256, folder_weights_sha256
 
@@ -65,6 +66,9 @@ class ModelConfig:
     random_init: bool
     dtype: str
     device: str
+    device_map: Any  # accelerate strategy name, {module: device} mapping, or None (placement.py)
+    max_memory: dict | None  # {GPU index | 'cpu': bytes} cap for the strategies
+    gpus: int  # GPUs one job of this model needs (Slurm asks for them; a strategy refuses fewer)
     max_new_tokens: int
     max_context: int | None
     think_prefix: bool
@@ -98,6 +102,11 @@ class ModelConfig:
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"model.config_overrides must be a mapping, got {overrides!r}")
         raw["config_overrides"] = dict(overrides)
+        raw["device_map"] = placement.check_device_map(raw["device_map"])
+        raw["max_memory"] = placement.check_max_memory(raw["max_memory"])
+        gpus = raw["gpus"]
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus <= 0:
+            raise ConfigError(f"model.gpus must be a positive integer, got {gpus!r}")
         raw["mixkvq"] = dict(raw["mixkvq"] or {})
         if raw["gguf"] is not None:
             spec = raw["gguf"]
@@ -240,7 +249,7 @@ class LoadedModel:
     tokenizer: Any
     name: str
     dtype: Any  # torch.dtype
-    device: Any  # torch.device
+    device: Any  # torch.device: where inputs go (the main device when layers are spread)
     source: str  # one of SOURCES
     max_context: int  # prompt + generated tokens must fit
     think_prefix: bool  # the response starts with "<think>\n" (R1 / QwQ)
@@ -290,6 +299,48 @@ def _resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device {name!r} asked for CUDA but none is available; use model.device=auto")
     return device
+
+
+def _check_gpu_count(mc: ModelConfig, device_map) -> None:
+    """A strategy spreads over the visible GPUs and offloads what does not fit to the CPU: far slower, so a model
+    that needs more GPUs than are visible is refused rather than silently offloaded."""
+    import torch
+
+    if not placement.is_strategy(device_map):
+        return
+    visible = torch.cuda.device_count()
+    if visible < mc.gpus:
+        raise ConfigError(
+            f"model {mc.name!r} needs model.gpus={mc.gpus} GPUs but {visible} are visible; run it where "
+            f"{mc.gpus} are (hydra/launcher=slurm asks for them), set model.gpus={visible} if it fits, or map "
+            "modules to 'cpu' in model.device_map to offload them"
+        )
+
+
+def _random_model(config, dtype, device, device_map, max_memory):
+    """Random weights (seeded). On one device they are drawn there; spread over several, they are drawn on the CPU
+    and placed by accelerate, as from_pretrained places real weights."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, get_max_memory
+    from transformers import AutoModelForCausalLM
+
+    if placement.is_strategy(device_map):
+        with init_empty_weights():  # shapes only: where would the strategy put each module?
+            empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        no_split = empty._no_split_modules
+        budget = get_max_memory(max_memory) if device_map == "sequential" else get_balanced_memory(
+            empty, max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=no_split)
+        if "disk" in device_map.values():
+            raise ConfigError("the model does not fit in the GPUs and host memory (model.max_memory); use more GPUs")
+    spread = isinstance(device_map, Mapping) and len(set(device_map.values())) > 1
+    if isinstance(device_map, Mapping) and not spread:  # one device: draw the weights there
+        device = placement.as_device(next(iter(device_map.values())))
+    torch.manual_seed(0)  # same weights every run on a given device type
+    with torch.device("cpu" if spread else device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return dispatch_model(model, device_map) if spread else model
 
 
 def apply_overrides(config, overrides: Mapping[str, Any]):
@@ -448,12 +499,14 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
     tokenizer are read from there.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, GgufConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
     start = time.perf_counter()
     dtype = getattr(torch, mc.dtype)
     device = _resolve_device(mc.device)
+    device_map = placement.device_map_arg(mc.device, device, mc.device_map)
+    _check_gpu_count(mc, device_map)
 
     files = read_model_files(mc, hub_timeout_s)
     config, tokenizer, where, source, max_context = (files.config, files.tokenizer, files.where, files.source,
@@ -461,17 +514,18 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
 
     if mc.random_init:
         source = "random_init"
-        torch.manual_seed(0)  # same weights every run on a given device type
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = _random_model(config, dtype, device, device_map, mc.max_memory)
         try:  # the folder or hub id may carry sampling defaults and eos ids
             model.generation_config = GenerationConfig.from_pretrained(where)
         except OSError:
             pass
     else:
+        kwargs = {}
+        if mc.max_memory is not None and placement.is_strategy(device_map):
+            kwargs["max_memory"] = mc.max_memory
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                where, config=config, dtype=dtype, device_map=str(device)
+                where, config=config, dtype=dtype, device_map=device_map, **kwargs
             )
         except OSError as err:
             if source == "hub":
@@ -491,7 +545,7 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
         tokenizer=tokenizer,
         name=mc.name,
         dtype=dtype,
-        device=device,
+        device=placement.input_device(model),
         source=source,
         max_context=max_context,
         think_prefix=mc.think_prefix,
@@ -499,8 +553,8 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         **_weights_identity(mc, source, config),
     )
-    log.info("loaded %s from %s (%s) in %.1f s: %s on %s", mc.name, where, source, loaded.load_seconds, mc.dtype,
-             device)
+    log.info("loaded %s from %s (%s) in %.1f s: %s, layers per device %s", mc.name, where, source,
+             loaded.load_seconds, mc.dtype, placement.describe(model))
     return loaded
 
 

@@ -13,6 +13,7 @@ from mixkvq.attention import bind
 from mixkvq.cache import QuantizedCache
 from mixkvq.methods import Method
 from mixkvq.storage import to_device
+from mixkvq.placement import input_device
 
 THINK = "<think>\n"
 
@@ -67,7 +68,7 @@ def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int,
     """n samples of each prompt in one generate call (prompts left-padded, rows i*n .. i*n+n-1 are prompt i's),
     through a fresh cache allocated once for the longest prompt + max_new_tokens. Each Generation gets an equal
     share of the call's seconds, so per-problem seconds add up to the time spent."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]

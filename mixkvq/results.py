@@ -36,6 +36,9 @@ VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "progre
                  "hub_timeout_s")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
+# Model keys that say where a model runs (mixkvq/placement.py), never what it computes: a run resumed on other GPUs
+# is the same run, and runs made before these keys existed keep their names.
+PLACEMENT_KEYS = ("device_map", "max_memory", "gpus")
 REFERENCE_METHOD = "bf16"
 
 SAMPLE_KEY = ("problem_id", "sample_index")
@@ -65,6 +68,8 @@ def _canonical(cfg: DictConfig | dict, drop: tuple[str, ...]) -> str:
         node = data.get(group)
         if isinstance(node, dict) and node.get(key, value) == value:
             data[group] = {k: v for k, v in node.items() if k != key}
+    if isinstance(data.get("model"), dict):
+        data["model"] = {k: v for k, v in data["model"].items() if k not in PLACEMENT_KEYS}
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 

@@ -16,6 +16,9 @@ set -euo pipefail
 DIR="${SLURM_LOCAL_DIR:-/tmp/slurm-local-$(id -u)}"
 PORT="${SLURM_LOCAL_PORT:-6817}"
 PARTITION="${SLURM_LOCAL_PARTITION:-local}"
+# GPUs the node advertises (GRES without device files: Slurm counts and grants them, nothing binds them), so
+# that per-job GPU requests are scheduled on a machine without GPUs (tests). 0: none.
+GPUS="${SLURM_LOCAL_GPUS:-0}"
 CONF="$DIR/slurm.conf"
 export SLURM_CONF="$CONF"
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -76,9 +79,20 @@ InactiveLimit=0
 KillWait=10
 MinJobAge=600
 SlurmdTimeout=60
-NodeName=$node CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+$( ((GPUS > 0)) && echo "GresTypes=gpu" )
+NodeName=$node CPUs=$cpus RealMemory=$mem_mb $( ((GPUS > 0)) && echo "Gres=gpu:$GPUS" ) State=UNKNOWN
 PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
+    if ((GPUS > 0)); then
+        # Slurm drops a gpu GRES without device files; character devices nothing uses stand in for them
+        local files=(/dev/null /dev/zero /dev/full /dev/random /dev/urandom)
+        ((GPUS <= ${#files[@]})) || die "SLURM_LOCAL_GPUS=$GPUS: at most ${#files[@]} stand-in GPUs"
+        local list
+        list=$(IFS=,; echo "${files[*]:0:GPUS}")
+        echo "NodeName=$node Name=gpu File=$list" >"$DIR/gres.conf"
+    else
+        rm -f "$DIR/gres.conf"
+    fi
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...

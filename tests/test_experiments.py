@@ -129,3 +129,28 @@ def test_the_jobs_of_one_sweep_share_a_wandb_group(monkeypatch, tmp_path):
     logger.group = "mixkvq_table3"  # an experiment's name wins
     WandbSink(logger, "run", {}, tmp_path, "sweep-d1-t1")
     assert seen["group"] == "mixkvq_table3"
+
+
+def test_the_planner_reads_each_jobs_gpus_and_a_slurm_launch_is_split_by_gpu_count():
+    from mixkvq import slurm_gpus
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("config", overrides=["+experiment=mixkvq_table3"], return_hydra_config=True)
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+        jobs, _ = plan("config", params, ["+experiment=mixkvq_table3"], cfg.cost)
+        needs = sorted({(j.model, j.gpus) for j in jobs})
+        assert needs == [("deepseek-r1-distill-14b", 1), ("deepseek-r1-distill-32b", 2),
+                         ("deepseek-r1-distill-llama-8b", 1)]
+        assert slurm_gpus.job_needs("config", params, ["+experiment=mixkvq_table3", "model=deepseek-r1-distill-32b"]) \
+            == [("deepseek-r1-distill-32b", 2)] * 9  # the command line's model replaces the experiment's list
+    pairs = [(j.model, j.gpus) for j in jobs]
+    count, errors = slurm_gpus.check(pairs, 1, is_forced=False)
+    assert count is None and len(errors) == 1
+    assert "1 GPU: deepseek-r1-distill-14b, deepseek-r1-distill-llama-8b; 2 GPUs: deepseek-r1-distill-32b" in errors[0]
+    assert "`model=deepseek-r1-distill-14b,deepseek-r1-distill-llama-8b` and `model=deepseek-r1-distill-32b`" in errors[0]
+    assert slurm_gpus.check([p for p in pairs if p[1] == 2], 1, is_forced=False) == (2, [])  # the models' count wins
+    assert slurm_gpus.check(pairs, 2, is_forced=True) == (2, [])  # forced: enough for every model
+    assert slurm_gpus.check(pairs, None, is_forced=True) == (None, [])  # null: CPU-only nodes
+    count, errors = slurm_gpus.check(pairs, 1, is_forced=True)
+    assert errors == ["hydra.launcher.gpus_per_node=1 is fewer than model.gpus=2 of deepseek-r1-distill-32b; ask for 2 "
+                      "GPUs, or set model.gpus=1 too if the model fits"]

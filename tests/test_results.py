@@ -384,10 +384,10 @@ def test_cpu_peak_memory_is_the_runs_own_not_the_process_lifetime():
 
     from mixkvq.evaluate import peak_memory, reset_peak_memory
 
-    cpu = torch.device("cpu")
+    cpu = [torch.device("cpu")]
     block = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed: an earlier job's peak
-    before, kind = peak_memory(cpu)
+    before, kind, _ = peak_memory(cpu)
     del block
     reset_peak_memory(cpu)
-    after, _ = peak_memory(cpu)
+    after, _, _ = peak_memory(cpu)
     assert kind == "cpu_rss" and after < before - 32 * 2**20, (before, after)

@@ -43,7 +43,7 @@ def slurm(tmp_path_factory) -> dict:
         pytest.skip(f"Slurm binaries absent ({', '.join(missing)}); install with `apt-get install slurm-wlm munge` "
                     f"(.ci/run does)")
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": "6917",
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": "6917", "SLURM_LOCAL_GPUS": "2",
            "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     try:
         up = subprocess.run([str(SLURM_LOCAL), "up"], env=env, capture_output=True, text=True, timeout=120)
@@ -155,3 +155,56 @@ def test_two_jobs_on_one_config_at_once_leave_one_result_set(tmp_path, tiny_run_
     samples = pd.read_parquet(runs[0] / "samples.parquet")
     assert len(samples) == 1 and pd.read_parquet(runs[0] / "run.parquet")["n_problems"].iloc[0] == 1
     assert not list(runs[0].glob(".*.tmp"))
+
+
+def model_configs(folder: Path, gpus: dict[str, int]) -> Path:
+    """A config dir with copies of the default model that need these GPU counts (model.gpus)."""
+    import yaml
+
+    base = yaml.safe_load((REPO / "configs" / "model" / "smollm2-135m.yaml").read_text())
+    (folder / "model").mkdir(parents=True, exist_ok=True)
+    for name, n in gpus.items():
+        (folder / "model" / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name, "gpus": n}))
+    return folder
+
+
+def gpu_sweep(env, tmp_path, models: str, *extra: str, background: bool = False):
+    configs = model_configs(tmp_path / "configs", {"smol-a": 2, "smol-b": 2, "smol-one": 1})
+    cmd = [sys.executable, "run.py", "--config-dir", str(configs), "-m", *[a for a in SLURM if "gpus_per_node" not in a],
+           f"model={models}", "method=bf16", "task.size=1", *QUICK, f"results_dir={tmp_path / 'runs'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_each_job_asks_slurm_for_the_gpus_its_model_needs(slurm, tmp_path):
+    # Both models need 2 GPUs while the sweep's own config (the default model) needs 1: the jobs' count must win.
+    proc = gpu_sweep(slurm, tmp_path, "smol-a,smol-b", background=True)
+    scripts: list[Path] = []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(scripts) < 1:
+        scripts = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_submission.sh"))
+        time.sleep(0.2)
+    jobs = squeue(slurm)
+    try:
+        assert scripts, f"nothing submitted: {proc.poll()} {proc.stderr.read()[-3000:] if proc.poll() is not None else ''}"
+        assert "#SBATCH --gpus-per-node=2" in scripts[0].read_text()
+        shown = subprocess.run(["scontrol", "show", "job", *jobs[:1]], env=slurm, capture_output=True, text=True).stdout
+        assert "gres:gpu:2" in shown, shown  # granted from the node's stand-in GPUs
+    finally:
+        subprocess.run(["scancel", *jobs], env=slurm, check=False)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_sweep_whose_models_need_different_gpu_counts_is_refused_naming_the_split(slurm, tmp_path):
+    proc = gpu_sweep(slurm, tmp_path, "smol-a,smol-one")
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "1 GPU: smol-one; 2 GPUs: smol-a" in err and "`model=smol-one` and `model=smol-a`" in err, err[-3000:]
+    assert not (tmp_path / "sweep" / ".submitit").exists() and not squeue(slurm)  # nothing was submitted
+    forced = gpu_sweep(slurm, tmp_path, "smol-a,smol-b", "hydra.launcher.gpus_per_node=1")
+    assert forced.returncode == 2 and "hydra.launcher.gpus_per_node=1 is fewer than model.gpus=2 of smol-a, smol-b" \
+        in forced.stderr, forced.stderr[-3000:]
