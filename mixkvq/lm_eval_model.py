@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kernels import kernels_in_use
 from mixkvq.attention import bind
@@ -50,9 +50,10 @@ def cache_config(kv_method: str, kv_model: str | None = None, **args) -> tuple[D
     path = CONFIG_DIR / "method" / f"{kv_method}.yaml"
     if not path.is_file():
         raise choice_error("kv_method", kv_method, [p.stem for p in path.parent.glob("*.yaml")])
-    import_methods()
-    fields = {f.name for f in dataclasses.fields(METHODS.get(OmegaConf.load(path).name).config_cls)} - {"name"}
     overrides, rest = [f"method={kv_method}"] + ([f"model={kv_model}"] if kv_model else []), {}
+    import_methods()
+    fields = {f.name for f in dataclasses.fields(METHODS.get(load_config(overrides).method.name).config_cls)}
+    fields.discard("name")
     for key, value in args.items():
         if key in CACHE_ARGS:
             overrides.append(f"{CACHE_ARGS[key]}={value}")

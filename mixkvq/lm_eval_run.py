@@ -40,17 +40,8 @@ def task_run_config(cfg: DictConfig, task: str) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def _tasks_in(obj) -> list:
-    """The Task objects of a get_task_dict result (groups nest dicts)."""
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tasks_in(v)]
-    return [obj] if obj is not None else []
-
-
 def check_tasks(cfg: DictConfig, task_manager) -> None:
     """Every task exists and generates text, checked before the model loads."""
-    from lm_eval.tasks import get_task_dict
-
     tasks = list(cfg.lm_eval.tasks or [])
     if not tasks:
         raise ConfigError("lm_eval.tasks is empty; name at least one, e.g. lm_eval.tasks=[gsm8k_cot_zeroshot_local]")
@@ -62,7 +53,7 @@ def check_tasks(cfg: DictConfig, task_manager) -> None:
                           f"(every lm-eval task: `lm_eval ls tasks`)")
     for task in tasks:
         try:
-            loaded = _tasks_in(get_task_dict([task], task_manager))
+            loaded = task_manager.load([task])["tasks"].values()  # a group: all its tasks
         except Exception as e:  # a hub task offline, a missing local file: say which task
             raise ConfigError(f"lm-eval task {task!r} could not be loaded: {type(e).__name__}: {e}") from e
         other = sorted({t.OUTPUT_TYPE for t in loaded} - {"generate_until"})
