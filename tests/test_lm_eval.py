@@ -122,3 +122,22 @@ def test_model_args_route_to_the_method_or_to_hflm_and_bad_ones_fail_first():
         cache_config("kivy")
     with pytest.raises(ConfigError, match="storage='paged'"):
         cache_config("kivi", kv_storage="paged")
+
+
+def test_crosscheck_grades_real_solutions_both_ways_and_explains_each_difference(shared_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from scripts.grading_crosscheck import main
+
+    run = REPO / "results" / "comparison" / "runs" / "bf16-16_smollm2-135m_gsm_symbolic_packed_927bda28"
+    assert main([str(run), "--out", str(tmp_path), "--reference",
+                 f"aime24={shared_data / 'aime24' / 'test.jsonl'}:solution"]) == 0
+    rows = pd.read_parquet(tmp_path / "crosscheck.parquet")
+    aime = rows[rows["source"] == "aime24 reference solutions"].set_index("problem_id")
+    assert (len(aime), aime["correct"].sum(), aime["lm_correct"].sum()) == (30, 27, 13)
+    assert aime.loc["61", "extracted"] == "\\textbf{(113) }" and aime.loc["61", "correct"]  # AoPS answer markup
+    assert not aime.loc["61", "lm_correct"] and aime.loc["61", "reason"].startswith("markup in the box")
+    assert not aime.loc["78", "lm_correct"] and aime.loc["78", "reason"].startswith("number format")  # "023"
+    gsm = rows[rows["grading"] == "gsm8k_cot_zeroshot_local/flexible-extract"]
+    assert len(gsm) == 80 and gsm["same_answer"].mean() > 0.95  # both read the last number of a GSM answer
+    assert rows.loc[~rows["agree"] | ~rows["same_answer"], "reason"].notna().all()
+    assert "Every grade that differs" in (tmp_path / "crosscheck.md").read_text()
