@@ -1,6 +1,7 @@
 """lm-evaluation-harness model `hf-kvq`: lm-eval's HF model with every generate call on a fresh quantized KV cache.
 
-    lm_eval --model hf-kvq --model_args pretrained=<hub id or folder>,kv_method=kivi,k_bits=4 --tasks gsm8k_cot_zeroshot
+    python -m mixkvq.lm_eval_cli run --model hf-kvq --model_args pretrained=<hub id>,kv_method=kivi,k_bits=4 \
+        --tasks gsm8k_cot_zeroshot          # lm-eval's own CLI, with this model registered
     python scripts/lm_eval_run.py method=kivi lm_eval.tasks=[gsm8k_cot_zeroshot_local]   # the project's way
 
 `kv_method` names a configs/method/*.yaml; any field of that method's config is an override by its own name
@@ -138,3 +139,4 @@ class QuantizedKVLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise ConfigError(GENERATION_ONLY)
+
