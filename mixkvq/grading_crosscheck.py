@@ -140,7 +140,8 @@ def run_samples(run: Path) -> tuple[str, str, pd.DataFrame]:
     return f"{cfg.task.name} responses ({cfg.model.name})", cfg.task.name, samples
 
 
-def reference_samples(task: str, data_file: Path, column: str, limit: int | None = None) -> tuple[str, str, pd.DataFrame]:
+def reference_samples(task: str, data_file: Path, column: str,
+                      limit: int | None = None) -> tuple[str, str, pd.DataFrame]:
     """A task's reference solutions (`column` of its JSONL) as responses, graded by our grader: correct answers
     written by people, where a grader's false negatives show (model runs on a small model are mostly wrong)."""
     import json
@@ -193,7 +194,8 @@ def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
         ours, theirs = g["correct"].astype(bool), g["lm_correct"]
         return pd.Series({
             "responses": len(g), "ours %": 100 * ours.mean(), "lm-eval %": 100 * theirs.mean(),
-            "agree %": 100 * g["agree"].mean(), "same answer %": 100 * g["same_answer"].mean(), "ours only": int((ours & ~theirs).sum()),
+            "agree %": 100 * g["agree"].mean(), "same answer %": 100 * g["same_answer"].mean(),
+            "ours only": int((ours & ~theirs).sum()),
             "lm-eval only": int((~ours & theirs).sum()),
         })
 

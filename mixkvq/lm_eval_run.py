@@ -4,7 +4,7 @@ Each lm-eval task gets a run directory named like an evaluation run (task = the 
 
     <results_dir>/<method-label>_<model>_<task>_<storage>_<hash8>/
         config.yaml            the resolved config of this task's run
-        lm_eval/               lm-eval's own output: results_<time>.json and samples_<task>_<time>.jsonl
+        lm_eval/               lm-eval's own output: results_<time>.json, samples_<task>_<time>.jsonl
         requests_rank0.db      lm-eval's request cache: a restarted run reuses every answer already generated
         cache_stats.jsonl      one line per generated row: bits, bytes, tokens and seconds of its fresh cache
         run.parquet            the summary row (metric, bits, speed, memory) with the provenance of our runs
@@ -63,7 +63,8 @@ def check_tasks(cfg: DictConfig, task_manager) -> None:
             raise ConfigError(f"lm-eval task {task!r} requests {other}; {GENERATION_ONLY}")
     metric = cfg.lm_eval.metric
     if metric is not None and "," not in str(metric):
-        raise ConfigError(f"lm_eval.metric={metric!r} must read '<metric>,<filter>', e.g. 'exact_match,flexible-extract'")
+        raise ConfigError(f"lm_eval.metric={metric!r} must read '<metric>,<filter>', "
+                          "e.g. 'exact_match,flexible-extract'")
 
 
 def pick_metric(results: dict, wanted: str | None) -> tuple[str, float | None, float | None]:
@@ -146,7 +147,8 @@ def run_task(cfg: DictConfig, task: str, lm, loaded, task_manager, started: dict
     with RunDir(cfg.results_dir, task_cfg, label) as rd:
         print(f"[{rd.name}] lm-eval task {task}; writing to {rd.path}", file=sys.stderr)
         lm.kv_stats_file, lm.cache_records = rd.path / STATS_FILE, []
-        tracker = EvaluationTracker(output_path=str(rd.path / OUTPUT_DIR))
+        # a .json path keeps lm-eval's files in lm_eval/ itself, not in a folder named after the model object
+        tracker = EvaluationTracker(output_path=str(rd.path / OUTPUT_DIR / "results.json"))
         res = lm_eval.simple_evaluate(
             model=lm, tasks=[task], task_manager=task_manager, limit=le.limit, num_fewshot=le.num_fewshot,
             use_cache=str(rd.path / REQUESTS_CACHE), log_samples=True, evaluation_tracker=tracker,
@@ -167,7 +169,8 @@ def run_task(cfg: DictConfig, task: str, lm, loaded, task_manager, started: dict
             "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."), "task": task,
             "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
             "decoding": "sampled" if gen.get("do_sample") else "greedy",
-            "lm_eval_metric": key, "pass1": value, "pass1_se": stderr, "n_problems": len(samples[task]),
+            "lm_eval_metric": key, "pass1": value, "pass1_se": stderr,
+            "n_problems": len({s["doc_id"] for s in samples[task]}),  # samples hold one entry per filter
             "n_samples": int(res["configs"][task].get("repeats", 1)),
             "lm_eval_results": json.dumps(res["results"], default=str),
             **cache_summary(_read_stats(rd.path / STATS_FILE), cfg.storage),

@@ -1,7 +1,8 @@
 """Grade our runs' responses with lm-evaluation-harness's metrics too, and explain every disagreement.
 
     python scripts/grading_crosscheck.py results/crosscheck/runs/* results/comparison/runs/* --out results/crosscheck \
-        --reference gsm8k=../shared/data/gsm8k/test.jsonl:answer --reference aime24=../shared/data/aime24/test.jsonl:solution
+        --reference gsm8k=../shared/data/gsm8k/test.jsonl:answer \
+        --reference aime24=../shared/data/aime24/test.jsonl:solution
 
 `--reference TASK=FILE:COLUMN` adds a task's reference solutions as responses (correct answers written by people).
 
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, run from anywhere
+
+EXAMPLES = 10  # disagreements listed per (source, grading, reason) in crosscheck.md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             table.to_markdown(index=False, floatfmt=".1f"), "",
             "Grades or extracted answers that differ, by reason:", "",
             differ.groupby(["grading", "agree", "reason"]).size().rename("responses").reset_index()
-            .to_markdown(index=False), "", "Every grade that differs:", "",
-            wrong[["source", "run", "problem_id", "sample_index", "grading", "gold", "extracted", "correct", "lm_extracted",
-                   "lm_correct", "reason"]].to_markdown(index=False)]
+            .to_markdown(index=False), "",
+            (f"Every grade that differs ({len(wrong)}; up to {EXAMPLES} per source, grading and reason here, all "
+             "of them in crosscheck.parquet):"), "",
+            wrong.groupby(["source", "grading", "reason"], sort=False).head(EXAMPLES)[
+                ["source", "run", "problem_id", "sample_index", "grading", "gold", "extracted", "correct",
+                 "lm_extracted", "lm_correct", "reason"]].to_markdown(index=False)]
     (args.out / "crosscheck.md").write_text("\n".join(text) + "\n")
     print(table.to_markdown(index=False, floatfmt=".1f"))
     print(f"{len(wrong)} disagreements of {len(rows)}; details in {args.out / 'crosscheck.md'}")

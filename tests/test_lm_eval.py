@@ -84,17 +84,20 @@ def test_script_runs_offline_and_writes_lm_evals_files_beside_ours(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert run.name.startswith("mixkvq-C2.5_smollm2-135m_gsm8k_cot_zeroshot_local_packed_")
-    (results,) = run.glob("lm_eval/*/results_*.json")
-    (samples,) = run.glob("lm_eval/*/samples_gsm8k_cot_zeroshot_local_*.jsonl")
+    (results,) = run.glob("lm_eval/results_*.json")
+    (samples,) = run.glob("lm_eval/samples_gsm8k_cot_zeroshot_local_*.jsonl")
     assert len(samples.read_text().splitlines()) == 2 * 2  # 2 documents x 2 filters (strict, flexible)
     stats = pd.read_json(run / "cache_stats.jsonl", lines=True)
     assert len(stats) == 2 and (stats["payload_bits_mean"] < 16).all()
     row = pd.read_parquet(run / "run.parquet").iloc[0]
     metric = json.loads(results.read_text())["results"]["gsm8k_cot_zeroshot_local"]["exact_match,strict-match"]
     assert row["lm_eval_metric"] == "exact_match,strict-match" and row["pass1"] == metric
+    assert (row["n_problems"], row["n_samples"], row["decoding"]) == (2, 1, "greedy")
     assert row["git_sha"] and json.loads(row["versions"])["lm_eval"] == lm_eval.__version__
     assert row["payload_bits_mean"] == pytest.approx(stats["payload_bits_mean"].mean())
     assert "[smollm2-135m / gsm8k_cot_zeroshot_local]" in proc.stdout and "mixkvq" in proc.stdout
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # finished: nothing to do
+    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-2000:]
 
 
 def test_loglikelihood_and_unknown_tasks_are_refused_before_any_model_loads(shared_data, tmp_path, monkeypatch):
