@@ -107,7 +107,7 @@ class QuantizedKVLM(HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         mask = generation_kwargs.get("attention_mask")
         pad = None if mask is None else (mask == 0).sum(dim=1)  # generate_until pads on the left
-        cache = self.kv_method.new_cache(context.shape[0], pad)
+        cache = self.kv_method.new_cache(context.shape[0], pad, capacity=max_length)  # prompt + max_gen_toks
         start = time.perf_counter()
         with bind(self.model, cache, self.decode_kernel):
             kernels = kernels_in_use(cache.layers)
