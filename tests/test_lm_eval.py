@@ -28,8 +28,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def task_manager(shared_data) -> TaskManager:
-    return TaskManager(include_path=str(TASKS))
+def task_manager(shared_data, tmp_path_factory) -> TaskManager:
+    """The offline tasks, and a scoring task on a local file (loads offline, asks for loglikelihoods)."""
+    extra = tmp_path_factory.mktemp("tasks")
+    (extra / "choice.yaml").write_text(
+        "task: aime24_choice\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {shared_data / 'aime24' / 'test.jsonl'}}}}}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{problem}}'\n"
+        "doc_to_choice: ['yes', 'no']\ndoc_to_target: 0\nmetric_list: [{metric: acc}]\n")
+    return TaskManager(include_path=[str(TASKS), str(extra)])  # one index of lm-eval's tasks for the module
 
 
 @pytest.fixture(scope="module")
@@ -100,20 +107,14 @@ def test_script_runs_offline_and_writes_lm_evals_files_beside_ours(tmp_path):
     assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-2000:]
 
 
-def test_loglikelihood_and_unknown_tasks_are_refused_before_any_model_loads(shared_data, tmp_path, monkeypatch):
+def test_loglikelihood_and_unknown_tasks_are_refused_before_any_model_loads(task_manager, monkeypatch):
     monkeypatch.chdir(REPO)
-    (tmp_path / "choice.yaml").write_text(  # a scoring task on a local file: loads offline, asks loglikelihood
-        "task: aime24_choice\ndataset_path: json\n"
-        f"dataset_kwargs: {{data_files: {{test: {shared_data / 'aime24' / 'test.jsonl'}}}}}\n"
-        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{problem}}'\n"
-        "doc_to_choice: ['yes', 'no']\ndoc_to_target: 0\nmetric_list: [{metric: acc}]\n")
-    manager = TaskManager(include_path=[str(TASKS), str(tmp_path)])
     cfg = load_config(["lm_eval.tasks=[aime24_choice]"], config_name="lm_eval")
     with pytest.raises(ConfigError, match=r"'aime24_choice' requests \['multiple_choice'\].*generation tasks only"):
-        check_tasks(cfg, manager)
+        check_tasks(cfg, task_manager)
     cfg = load_config(["lm_eval.tasks=[gsm8k_locl]"], config_name="lm_eval")
     with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['gsm8k_locl'\].*gsm8k_local"):
-        check_tasks(cfg, manager)
+        check_tasks(cfg, task_manager)
 
 
 def test_model_args_route_to_the_method_or_to_hflm_and_bad_ones_fail_first():
