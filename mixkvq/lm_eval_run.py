@@ -51,9 +51,10 @@ def check_tasks(cfg: DictConfig, task_manager) -> None:
         local = sorted(n for n in known if n.endswith("_local"))
         raise ConfigError(f"unknown lm-eval task(s) {unknown}; the project's offline tasks: {local} "
                           f"(every lm-eval task: `lm_eval ls tasks`)")
+    metric = cfg.lm_eval.metric
     for task in tasks:
         try:
-            loaded = task_manager.load([task])["tasks"].values()  # a group: all its tasks
+            loaded = list(task_manager.load([task])["tasks"].values())  # a group: all its tasks
         except Exception as e:  # a hub task offline, a missing local file: say which task
             raise ConfigError(f"lm-eval task {task!r} could not be loaded: {type(e).__name__}: {e}") from e
         other = sorted({t.OUTPUT_TYPE for t in loaded} - {"generate_until"})
@@ -61,10 +62,9 @@ def check_tasks(cfg: DictConfig, task_manager) -> None:
             from mixkvq.lm_eval_model import GENERATION_ONLY
 
             raise ConfigError(f"lm-eval task {task!r} requests {other}; {GENERATION_ONLY}")
-    metric = cfg.lm_eval.metric
-    if metric is not None and "," not in str(metric):
-        raise ConfigError(f"lm_eval.metric={metric!r} must read '<metric>,<filter>', "
-                          "e.g. 'exact_match,flexible-extract'")
+        keys = sorted({f"{m['metric']},{f.name}" for t in loaded for m in t.config.metric_list for f in t._filters})
+        if metric is not None and metric not in keys:
+            raise ConfigError(f"lm_eval.metric={metric!r} is not a metric of task {task!r}; choose one of {keys}")
 
 
 def pick_metric(results: dict, wanted: str | None) -> tuple[str, float | None, float | None]:

@@ -112,6 +112,9 @@ def test_loglikelihood_and_unknown_tasks_are_refused_before_any_model_loads(task
     cfg = load_config(["lm_eval.tasks=[aime24_choice]"], config_name="lm_eval")
     with pytest.raises(ConfigError, match=r"'aime24_choice' requests \['multiple_choice'\].*generation tasks only"):
         check_tasks(cfg, task_manager)
+    cfg = load_config(["lm_eval.metric='exact_match,flexible'"], config_name="lm_eval")
+    with pytest.raises(ConfigError, match=r"lm_eval.metric='exact_match,flexible'.*'exact_match,flexible-extract'"):
+        check_tasks(cfg, task_manager)
     cfg = load_config(["lm_eval.tasks=[gsm8k_locl]"], config_name="lm_eval")
     with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['gsm8k_locl'\].*gsm8k_local"):
         check_tasks(cfg, task_manager)
