@@ -56,9 +56,12 @@ class MultirunSummary(Callback):
         if not self.rows:  # jobs ran elsewhere: read what they wrote
             self.rows = rows_of_sweep(config.hydra.sweep.dir)
         fidelity = [r for r in self.rows if r.get("kind") == "fidelity"]  # scripts/fidelity.py sweeps
-        evaluation = [r for r in self.rows if r.get("kind") != "fidelity"]
+        lm_eval = [r for r in self.rows if r.get("kind") == "lm_eval"]  # scripts/lm_eval_run.py: no samples.parquet
+        evaluation = [r for r in self.rows if r.get("kind") not in ("fidelity", "lm_eval")]
         if evaluation:
             print("\n" + format_summary(fill_agreement(evaluation)))
+        if lm_eval:
+            print("\n" + format_summary(lm_eval))
         if fidelity:
             from mixkvq.fidelity import format_table
 
