@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kernels import kernels_in_use
 from mixkvq.attention import bind
 from mixkvq.errors import ConfigError, choice_error
 from mixkvq.methods import METHODS, ModelShape, build_method, import_methods
 from mixkvq.protocol import eos_ids
-from mixkvq.quantizer import QuantSpec
 
 MODEL_NAME = "hf-kvq"
 # Model arguments that set the cache rather than HFLM; method fields are recognised by name.
@@ -46,7 +45,7 @@ def cache_config(kv_method: str, kv_model: str | None = None, **args) -> tuple[D
     arguments left for HFLM. Composed from configs/ like a run (the same defaults); bad values raise ConfigError
     here, before a model is loaded."""
     from mixkvq.config import CONFIG_DIR, load_config
-    from mixkvq.evaluate import check_cache_config
+    from mixkvq.preflight import check_cache_config
 
     path = CONFIG_DIR / "method" / f"{kv_method}.yaml"
     if not path.is_file():
@@ -95,8 +94,9 @@ class QuantizedKVLM(HFLM):
         self.kv_config = c = kv_config
         super().__init__(pretrained, **kwargs)
         shape = ModelShape.of(self.model)
-        self.kv_method = build_method(c.method, shape, QuantSpec.from_config(c.quant, shape.dtype), c.storage,
-                                      model_cfg)
+        run_cfg = OmegaConf.to_container(c, resolve=True)
+        run_cfg["model"] = None if model_cfg is None else run_cfg.get("model")
+        self.kv_method = build_method(OmegaConf.create(run_cfg), shape)
         self.kv_method.prepare_model(self.model)
         self.decode_kernel = c.attention.decode_kernel
         self.kv_stats_file = Path(kv_stats_file) if kv_stats_file else None

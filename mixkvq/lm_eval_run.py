@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixkvq import provenance
 from mixkvq.errors import ConfigError
-from mixkvq.evaluate import check_cache_config, peak_memory
+from mixkvq.evaluate import peak_memory
+from mixkvq.preflight import check_cache_config
 from mixkvq.results import RUN_FILE, RunDir, find_finished
 from mixkvq.summary import format_summary
 
@@ -176,7 +177,7 @@ def run_task(cfg: DictConfig, task: str, lm, loaded, task_manager, started: dict
             **cache_summary(_read_stats(rd.path / STATS_FILE), cfg.storage),
         }
         if cfg.storage == "packed":
-            peak, kind = peak_memory(loaded.device)
+            peak, kind, _ = peak_memory([loaded.device])
             row.update(peak_mem_bytes=peak, peak_mem_kind=kind)
         row.update(started, device=provenance.device_name(loaded.device))
         rd.write_run_row(row)

@@ -30,7 +30,6 @@ from mixkvq.config import load_config
 from mixkvq.methods import ModelShape, build_method
 from mixkvq.models import load_model, model_config
 from mixkvq.protocol import build_prompt, generate_samples
-from mixkvq.quantizer import QuantSpec
 
 MODEL = "deepseek-r1-distill-7b"
 QUESTION = "A train leaves at 3 pm and travels 180 km at 60 km/h. When does it arrive?"
@@ -87,9 +86,8 @@ def run_all(mc, methods: dict[str, list[str]], tokens: int) -> dict:
     devices = placement.devices_of(model)
     out = {"layers_run_on": placement.describe(model), "weights": weights_placement(model), "methods": {}}
     for name, overrides in methods.items():
-        cfg = load_config([f"method={name}", "storage=packed", "~task", "~logger", *overrides])
-        method = build_method(cfg.method, shape, QuantSpec.from_config(cfg.quant, shape.dtype), "packed",
-                              {"mixkvq": model_config(MODEL).mixkvq})
+        cfg = load_config([f"method={name}", "storage=packed", f"model={MODEL}", "~task", "~logger", *overrides])
+        method = build_method(cfg, shape)
         method.prepare_model(model)
         prompt = build_prompt(tokenizer, QUESTION, cfg.prompt, loaded.think_prefix)
         placement.reset_peak_memory(devices)
