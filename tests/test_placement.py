@@ -15,7 +15,7 @@ from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
 from mixkvq.methods import ModelShape
 from mixkvq.models import _check_gpu_count, model_config
-from tests.tiny import generate, method_for, random_prompts, tiny_model
+from tests.tiny import build, generate, random_prompts, tiny_model
 
 # Every method, with settings that need no calibration artifact.
 METHODS = {
@@ -63,7 +63,7 @@ def test_each_cache_layer_lives_on_its_layers_device(name):
     model = split_cpu_meta(tiny_model("llama", layers=2))
     shape = ModelShape.of(model)
     assert shape.layer_devices == (torch.device("cpu"), torch.device("meta")) and shape.device.type == "cpu"
-    method = method_for(model, name, overrides=METHODS[name])
+    method = build(name, METHODS[name], model=model)
     cache = method.new_cache(3)
     for layer, want in zip(cache.layers, ("cpu", "meta")):
         data = [t for t in tensors_of(layer) if not host_counter(t)]
@@ -76,12 +76,12 @@ def test_each_cache_layer_lives_on_its_layers_device(name):
 
 def test_bind_refuses_a_cache_built_for_another_placement_and_picks_kernels_per_layer():
     model = tiny_model("llama", layers=2)
-    one_device = method_for(model, "kivi").new_cache(1)
+    one_device = build("kivi", model=model).new_cache(1)
     split_cpu_meta(model)
     with pytest.raises(ValueError, match=r"cache layer 1 lives on cpu but the model runs that layer on meta"):
         with bind(model, one_device):
             pass
-    cache = method_for(model, "kivi").new_cache(1)
+    cache = build("kivi", model=model).new_cache(1)
     with bind(model, cache, "auto"):
         from kernels.reference import decode_attention
 
@@ -94,14 +94,14 @@ def test_layers_offloaded_by_accelerate_decode_the_same_tokens(name, tmp_path):
     must follow the execution device, not the weights, and greedy tokens must not change."""
     model = tiny_model("llama", layers=2)
     ids = torch.stack(random_prompts([40, 40], seed=3))
-    want, _ = generate(model, method_for(model, name), ids, max_new_tokens=24)
+    want, _ = generate(model, build(name, model=model), ids, max_new_tokens=24)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     dispatch_model(model, device_map, offload_dir=str(tmp_path))
     try:
         assert model.model.layers[1].self_attn.k_proj.weight.device.type == "meta"
         assert placement.layer_devices(model) == [torch.device("cpu")] * 2
-        got, cache = generate(model, method_for(model, name), ids, max_new_tokens=24)
+        got, cache = generate(model, build(name, model=model), ids, max_new_tokens=24)
     finally:
         remove_hook_from_submodules(model)
     assert torch.equal(got, want)
