@@ -67,11 +67,11 @@ def test_default_job_writes_its_result_files_and_summary(default_job):
     assert "pass@1" in proc.stdout and "mixkvq-C2.5" in proc.stdout  # the summary table, method with its bits
     # the same job with a progress bar, other grading workers and threads is the same run: it is found finished
     again = subprocess.run([sys.executable, "run.py", "logger.mode=disabled", "progress=true", "grading_workers=1",
-                            "cpu_threads=2", f"results_dir={tmp_path}", "task.size=2", "task.n_samples=2",
+                            "cpu_threads=2", f"results_dir={results}", "task.size=2", "task.n_samples=2",
                             "model.max_new_tokens=24", "method.residual_length=32"],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-2000:]
-    assert only_run_dir(tmp_path) == rd
+    assert only_run_dir(results) == rd
 
 
 def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path, tiny_run_model):

@@ -27,7 +27,7 @@ def test_the_paper_experiments_are_there():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_job_of_an_experiment_is_costed_and_only_missing_methods_refuse_it(name):
+def test_every_job_of_an_experiment_is_costed_and_only_missing_methods_or_artifacts_refuse_it(name):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
         params = OmegaConf.to_container(cfg.hydra.sweeper.params)
@@ -39,8 +39,10 @@ def test_every_job_of_an_experiment_is_costed_and_only_missing_methods_refuse_it
         expected *= n
     assert len(jobs) == expected, "every job is costed, also those refused for a missing method"
     assert all(j.gpu_hours > 0 and j.problems > 0 for j in jobs)
-    refused = [e for e in errors if "Could not find 'method/" not in e]
-    assert not refused, refused  # a job is refused for a missing method config only, never for its settings
+    # A job is refused for a missing method config or a missing calibration artifact (made on the GPU for these
+    # models, not committed), never for its settings.
+    refused = [e for e in errors if "Could not find 'method/" not in e and "needs the calibration artifact" not in e]
+    assert not refused, refused
     missing = sorted({m.strip() for m in str(params["method"]).split(",") if not method_exists(m.strip())})
     named = sorted(set(re.findall(r"Could not find 'method/([^']+)'", " ".join(errors))))
     assert named == missing, errors  # refused exactly for the methods this checkout lacks (pmkvq, kvmix...)

@@ -102,7 +102,7 @@ def test_script_runs_offline_and_writes_lm_evals_files_beside_ours(tmp_path):
     assert (row["n_problems"], row["n_samples"], row["decoding"]) == (2, 1, "greedy")
     assert row["git_sha"] and json.loads(row["versions"])["lm_eval"] == lm_eval.__version__
     assert row["payload_bits_mean"] == pytest.approx(stats["payload_bits_mean"].mean())
-    assert "[smollm2-135m / gsm8k_cot_zeroshot_local]" in proc.stdout and "mixkvq" in proc.stdout
+    assert "[smollm2-135m / gsm8k_cot_zeroshot_local / packed]" in proc.stdout and "mixkvq" in proc.stdout
 
 
 def test_loglikelihood_and_unknown_tasks_are_refused_before_any_model_loads(task_manager, monkeypatch):

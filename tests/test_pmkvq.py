@@ -8,6 +8,8 @@ import random
 import pytest
 import torch
 
+from mixkvq.models import model_config
+
 from baselines.pmkvq import brute_force_allocation, fold_key_scales, solve_allocation
 from mixkvq.artifacts import load_artifact, save_artifact
 from mixkvq.errors import ConfigError
@@ -323,7 +325,7 @@ def test_impossible_settings_are_refused_by_name(override, match):
 
 
 def test_null_max_len_takes_the_models_max_new_tokens_and_is_refused_without_one():
-    assert build("pmkvq", [*NO_ARTIFACT, "method.max_len=null"], model=SHAPE).max_len == 512  # SmolLM2's
+    assert build("pmkvq", [*NO_ARTIFACT, "method.max_len=null"], model=SHAPE).max_len == model_config("smollm2-135m").max_new_tokens
     with pytest.raises(ConfigError, match="max_len"):
         build("pmkvq", [*NO_ARTIFACT, "method.max_len=null", "model.max_new_tokens=null"], model=SHAPE).budgets()
 
