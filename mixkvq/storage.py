@@ -39,11 +39,12 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
     A plain `.to("cuda")` of pageable memory synchronizes the stream: on the decode path that is one stall per
     call, hundreds per step. Through pinned memory the copy is queued like a kernel (the pinned block is not
-    reused before the copy has run: PyTorch's host allocator records the stream).
+    reused before the copy has run: PyTorch's host allocator records the stream). An expanded view cannot be pinned
+    in place, so it is made contiguous first.
     """
     if t.device.type != "cpu" or torch.device(device).type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
