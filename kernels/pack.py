@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from mixkvq.quantizer import QuantSpec, check_bits, words_for
+from mixkvq.ragged import grow
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TILE = 4096  # elements of a program's tile: keeps the fp32 tile in registers
@@ -269,14 +270,12 @@ def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec
 
 def append_tokens(store, r) -> None:
     """TokenGroupStore.append (packed) in one launch: grow the buffers as RaggedBuffer does, write in place."""
-    from mixkvq.storage import _grow
-
     if int(r.lens.max()) == 0:
         return
     bufs = (store.codes, store.scale, store.zero)
     need = int((store.codes.lens + r.lens).max())
     for buf in bufs:
-        buf.data = _grow(buf.data, 2, need)
+        buf.data = grow(buf.data, 2, need)
     lens, t = store.codes.lens, r.data.shape[2]
     if bool((r.lens == t).all()) and bool((lens == lens[0]).all()):  # equal rows (samples of one prompt)
         starts, counts = int(lens[0]), None

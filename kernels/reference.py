@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mixkvq.storage import Ragged, RaggedBuffer, ragged_cat, split_front
+from mixkvq.ragged import Ragged, RaggedBuffer, ragged_cat, split_front
 
 
 class ReferenceState:

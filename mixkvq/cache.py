@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mixkvq.storage import ChannelGroupStore, Ragged, RaggedBuffer, TokenGroupStore, left_align, ragged_cat, split_front
+from mixkvq.ragged import Ragged, RaggedBuffer, left_align, ragged_cat, split_front
+from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
 # How many window tokens each row releases after a step, given its window lengths w and residual R.
 WINDOW_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {

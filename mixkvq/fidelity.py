@@ -47,7 +47,7 @@ from mixkvq.protocol import build_prompt, eos_ids
 from mixkvq.registry import Registry
 from mixkvq.results import RUN_FILE, RunDir, _read_table, _write_table, config_hash, find_finished, twin_key
 from mixkvq.sinks import WandbSink, sweep_group
-from mixkvq.storage import RaggedBuffer, left_align
+from mixkvq.ragged import RaggedBuffer, left_align
 from mixkvq.tasks import Problem, load_task
 
 LAYERS_FILE = "layers.parquet"

@@ -20,7 +20,8 @@ from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
 from mixkvq.methods import Method, check_choice, check_group, register_method
 from mixkvq.quantizer import check_bits
-from mixkvq.storage import FULL_PRECISION, to_device
+from mixkvq.ragged import to_device
+from mixkvq.storage import FULL_PRECISION
 
 TIER_BITS = (16, 4, 2)  # full precision counts 16 bits in the `codes` measure (§5.7 item 7)
 

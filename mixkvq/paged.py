@@ -21,7 +21,8 @@ import torch
 from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
                            check_page_layout, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.quantizer import QuantSpec, dequantize, quantize
-from mixkvq.storage import ChannelGroupStore, Ragged, TokenGroupStore, _grow, reserve, to_device, whole_blocks
+from mixkvq.ragged import Ragged, grow, reserve, to_device, whole_blocks
+from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
 
 class FragmentPages:

@@ -12,7 +12,7 @@ from kernels import kernels_in_use
 from mixkvq.attention import bind
 from mixkvq.cache import QuantizedCache
 from mixkvq.methods import Method
-from mixkvq.storage import to_device
+from mixkvq.ragged import to_device
 from mixkvq.placement import input_device
 
 THINK = "<think>\n"

@@ -25,7 +25,8 @@ import torch
 
 import mixkvq.storage as storage
 from mixkvq.quantizer import QuantSpec, words_for
-from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, Ragged, TokenGroupStore
+from mixkvq.ragged import Ragged, RaggedBuffer
+from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
 
 DEVICE = "cuda"
 CASES = ("token_release", "value_block_flush", "key_block_flush", "mixed_key_block_flush")
@@ -132,7 +133,7 @@ def _same_bits(a, b) -> bool:
     def tensors(st):
         out = []
         for v in vars(st).values():
-            if isinstance(v, storage.RaggedBuffer):
+            if isinstance(v, RaggedBuffer):
                 out += [v.data, v.lens]
             elif isinstance(v, torch.Tensor):
                 out.append(v)

@@ -16,7 +16,8 @@ import torch
 import kernels.pack as pk
 import mixkvq.storage as storage
 from mixkvq.quantizer import DEGENERATE, ROUNDINGS, QuantSpec, _round, pack, quantize, words_for
-from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, Ragged, RaggedBuffer, TokenGroupStore
+from mixkvq.ragged import Ragged, RaggedBuffer
+from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
 from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

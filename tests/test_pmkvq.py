@@ -15,7 +15,8 @@ from mixkvq.artifacts import load_artifact, save_artifact
 from mixkvq.errors import ConfigError
 from mixkvq.methods import ModelShape
 from mixkvq.quantizer import QuantSpec, quantize
-from mixkvq.storage import ProgressiveTokenStore, Ragged, shrink_codes
+from mixkvq.ragged import Ragged
+from mixkvq.storage import ProgressiveTokenStore, shrink_codes
 from tiny import build, generate, random_prompts, tiny_model
 
 H, D = 2, 128

@@ -1,0 +1,166 @@
+"""Ragged per-row token buffers: rows of a batch hold different numbers of real tokens (left padding, finished
+samples), so every buffer keeps a per-row length and no pad token is ever stored. Lengths live on the host (they
+drive Python-side flush decisions without device syncs); data lives on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor (indices, lengths) on `device` without stalling the host.
+
+    A plain `.to("cuda")` of pageable memory synchronizes the stream: on the decode path that is one stall per
+    call, hundreds per step. Through pinned memory the copy is queued like a kernel (the pinned block is not
+    reused before the copy has run: PyTorch's host allocator records the stream). An expanded view cannot be pinned
+    in place, so it is made contiguous first.
+    """
+    if t.device.type != "cpu" or torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class Ragged:
+    """Left-aligned per-row runs: row b's tokens are data[b, :, :lens[b]] (lens: int64 on the host)."""
+
+    data: torch.Tensor  # [B, H, T, X]
+    lens: torch.Tensor  # [B]
+
+
+def token_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    b, h, _, x = like.shape
+    return idx[:, None, :, None].expand(b, h, idx.shape[1], x)
+
+
+def left_align(x: torch.Tensor, start: torch.Tensor) -> Ragged:
+    """Tokens x[b, :, start[b]:] of a left-padded batch as a left-aligned Ragged."""
+    t = x.shape[2]
+    if int(start.max()) == 0:
+        return Ragged(x, torch.full_like(start, t))
+    idx = to_device((torch.arange(t)[None, :] + start[:, None]).clamp_max(t - 1), x.device)
+    return Ragged(x.gather(2, token_index(idx, x)), t - start)
+
+
+def split_front(r: Ragged, n: torch.Tensor) -> tuple[Ragged, Ragged]:
+    """(first n[b] tokens of each row, the rest)."""
+    head = Ragged(r.data[:, :, : max(int(n.max()), 0)], n.clone())
+    rest = r.lens - n
+    width = max(int(rest.max()), 0)
+    if bool((n == n[0]).all()):  # every row gives up as many tokens (a decode step): the rest is a slice
+        return head, Ragged(r.data[:, :, int(n[0]):int(n[0]) + width], rest)
+    idx = (torch.arange(width)[None, :] + n[:, None]).clamp_max(max(r.data.shape[2] - 1, 0))
+    return head, Ragged(r.data.gather(2, token_index(to_device(idx, r.data.device), r.data)), rest)
+
+
+def rectangular(r: Ragged) -> bool:
+    return bool((r.lens == r.data.shape[2]).all())
+
+
+def ragged_cat(parts: list[Ragged]) -> Ragged:
+    """Concatenate per row, in order (sink, quantized store, window)."""
+    parts = [p for p in parts if p.data.shape[2] > 0]
+    lens = sum(p.lens for p in parts)
+    if all(rectangular(p) for p in parts):  # equal rows (n samples of one prompt): a plain concatenation
+        return Ragged(torch.cat([p.data for p in parts], dim=2), lens)
+    width = int(lens.max())
+    cat = torch.cat([p.data for p in parts], dim=2)
+    j = torch.arange(width)[None, :]
+    idx = torch.zeros(len(lens), width, dtype=torch.int64)
+    base, offset = 0, torch.zeros_like(lens)
+    for p in parts:
+        inside = (j >= offset[:, None]) & (j < (offset + p.lens)[:, None])
+        idx = torch.where(inside, base + j - offset[:, None], idx)
+        base += p.data.shape[2]
+        offset = offset + p.lens
+    return Ragged(cat.gather(2, token_index(to_device(idx, cat.device), cat)), lens)
+
+
+def from_token(r: Ragged, start: int) -> Ragged:
+    return Ragged(r.data[:, :, start:], (r.lens - start).clamp_min(0))
+
+
+def grow(t: torch.Tensor, dim: int, need: int) -> torch.Tensor:
+    """Amortised doubling along `dim`; what is stored is copied once, never re-quantized."""
+    if t.shape[dim] >= need:
+        return t
+    shape = list(t.shape)
+    shape[dim] = max(need, 2 * t.shape[dim], 16)
+    grown = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    grown.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return grown
+
+
+def reserve(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """`t` with room for exactly n entries along `dim` (unchanged when it has them): a known final size is
+    allocated once, so no doubling slack is held or counted."""
+    if t.shape[dim] >= n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
+class RaggedBuffer:
+    """A growable [B, H, capacity, X] tensor with per-row lengths (`reserve` sets the capacity once)."""
+
+    def __init__(self, batch: int, heads: int, width: int, dtype: torch.dtype, device, capacity: int = 0):
+        self.data = torch.zeros(batch, heads, capacity, width, dtype=dtype, device=device)
+        self.lens = torch.zeros(batch, dtype=torch.int64)
+
+    def append(self, r: Ragged) -> None:
+        if int(r.lens.max()) == 0:
+            return
+        self.data = grow(self.data, 2, int((self.lens + r.lens).max()))
+        if rectangular(r) and bool((self.lens == self.lens[0]).all()):  # every row appends at the same place
+            at = int(self.lens[0])
+            self.data[:, :, at:at + r.data.shape[2]] = r.data
+            self.lens += r.lens
+            return
+        valid = torch.arange(r.data.shape[2])[None, :] < r.lens[:, None]
+        b, j = valid.nonzero(as_tuple=True)
+        b, dst, j = to_device(torch.stack((b, self.lens[b] + j, j)), self.data.device)
+        self.data[b, :, dst] = r.data[b, :, j]
+        self.lens += r.lens
+
+    def reserve(self, tokens: int) -> None:
+        self.data = reserve(self.data, 2, tokens)
+
+    def view(self) -> Ragged:
+        return Ragged(self.data[:, :, : int(self.lens.max())], self.lens)
+
+    def pop_front(self, n: torch.Tensor) -> Ragged:
+        head, rest = split_front(self.view(), n)
+        head = Ragged(head.data.clone(), head.lens)
+        # The rest may be a view of this buffer (split_front's slice): copy it out before it is moved over.
+        self.data[:, :, : rest.data.shape[2]] = rest.data.clone()
+        self.lens = rest.lens
+        keep = 2 * max(int(self.lens.max()), 16)
+        if self.data.shape[2] > max(keep, 1024):  # a prefill's worth left the window: give its room back
+            self.data = self.data[:, :, :keep].clone()
+        return head
+
+    def allocated_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def whole_blocks(r: Ragged, block: int):
+    """The released tokens of each row (a multiple of `block` per row) as blocks: (blocks per row [B], row of each
+    block [N], its index among its row's new blocks [N], blocks [N, H, block, D]), or None when there are none."""
+    nb = r.lens // block
+    assert bool((nb * block == r.lens).all()), "channel-group stores take whole blocks"
+    if int(nb.sum()) == 0:
+        return None
+    b, h, _, d = r.data.shape
+    rows = torch.repeat_interleave(torch.arange(b), nb)
+    first = torch.cumsum(nb, 0) - nb
+    local = torch.arange(len(rows)) - first[rows]
+    dev = r.data.device
+    grid = r.data[:, :, : int(nb.max()) * block].reshape(b, h, -1, block, d)
+    rows_d, local_d = to_device(torch.stack((rows, local)), dev)
+    return nb, rows, local, grid[rows_d, :, local_d]
