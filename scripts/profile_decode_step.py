@@ -121,6 +121,25 @@ def launch_profile(fn, ids, new: int) -> dict:
     return out
 
 
+def write_markdown(out: Path, meta: dict, rows: list[dict]) -> None:
+    """profile.md from the rows of profile.json (also for rows merged from several calls)."""
+    lines = [f"# Decode step profile ({meta['device']}, {meta['date']}, torch {meta['torch']})", "",
+             f"Random-weight model, {meta['layers']} layers, batch {meta['batch']}, "
+             f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} sampled new tokens; `python scripts/profile_decode_step.py`.", "",
+             "| method | ms/step | tok/s | launches/step | syncs/step | memcpy/step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
+                     f"{r['syncs']:.0f} | {r['memcpy']:.0f} |")
+    for r in rows:
+        lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
+        lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
+        lines += ["", f"## {r['method']}: host time by function (16 steps, per step)", "",
+                  "| function | calls | self us | cum us |", "|---|---|---|---|"]
+        lines += [f"| `{h['function']}` | {h['calls_per_step']:.0f} | {h['self_us_per_step']:.0f} | "
+                  f"{h['cum_us_per_step']:.0f} |" for h in r["host"]]
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-dir", type=Path, required=True)
@@ -157,21 +176,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k not in ("host", "aten_ops_per_step", "sync_sites")}),
               flush=True)
         (args.out / "profile.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# Decode step profile ({meta['device']}, {meta['date']}, torch {meta['torch']})", "",
-             f"Random-weight model, {meta['layers']} layers, batch {args.batch}, prompt {args.prompt_tokens} tokens, "
-             f"{args.new_tokens} sampled new tokens; `python scripts/profile_decode_step.py`.", "",
-             "| method | ms/step | tok/s | launches/step | syncs/step | memcpy/step |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
-                     f"{r['syncs']:.0f} | {r['memcpy']:.0f} |")
-    for r in rows:
-        lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
-        lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
-        lines += ["", f"## {r['method']}: host time by function (16 steps, per step)", "",
-                  "| function | calls | self us | cum us |", "|---|---|---|---|"]
-        lines += [f"| `{h['function']}` | {h['calls_per_step']:.0f} | {h['self_us_per_step']:.0f} | "
-                  f"{h['cum_us_per_step']:.0f} |" for h in r["host"]]
-    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+    write_markdown(args.out, meta, rows)
 
 
 if __name__ == "__main__":
