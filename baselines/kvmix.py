@@ -19,7 +19,7 @@ import torch
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.methods import Method, check_choice, check_group
 from mixkvq.quantizer import PACK11, check_bits
 
 
@@ -75,7 +75,6 @@ class KVmixLayer(QuantizedLayer):
         pass
 
 
-@register_method("kvmix")
 class KVmix(Method):
     config_cls = KVmixConfig
 

@@ -25,7 +25,7 @@ import torch
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, register_method
+from mixkvq.methods import Method, check_choice
 from mixkvq.storage import SHRINK_RULES, ProgressiveTokenStore
 
 MIB = 2**20  # the repo's "MB" (the worked value of §6.3: Mem(2) = 8 MiB per layer for R1-Qwen-7B)
@@ -244,7 +244,6 @@ class PMKVQLayer(QuantizedLayer):
                 return
 
 
-@register_method("pmkvq")
 class PMKVQ(Method):
     config_cls = PMKVQConfig
 

@@ -1,14 +1,14 @@
 """Method registry and the small base class every KV-cache method builds on.
 
 A method is a dataclass config (mirrored one-to-one by `configs/method/<name>.yaml`, which holds the
-defaults) plus a `Method` subclass that builds one `QuantizedLayer` per decoder layer. Methods register
-with `@register_method("name", ConfigClass)` and are found by name.
+defaults) plus a `Method` subclass that builds one `QuantizedLayer` per decoder layer, in one module of its own
+beside whatever else is only its own (a store subclass, its calibrator). `METHODS` names every method by a
+`"module:Class"` string, imported on first use: the framework imports no method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import types
 import typing
 from dataclasses import dataclass
@@ -22,14 +22,21 @@ from mixkvq.quantizer import QuantSpec
 from mixkvq.registry import Registry
 from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
-METHODS: Registry[type["Method"]] = Registry("method")
-# Modules whose import registers a method; a new method adds its module here.
-METHOD_MODULES = ("baselines.bf16", "baselines.kivi", "mixkvq.mixkvq", "baselines.pmkvq", "baselines.kvmix")
+# Every method by name, imported on first use; a new method adds its line here.
+METHODS: Registry[type["Method"]] = Registry("method", {
+    "bf16": "baselines.bf16:Bf16",
+    "kivi": "baselines.kivi:Kivi",
+    "mixkvq": "mixkvq.mixkvq:MixKVQ",
+    "pmkvq": "baselines.pmkvq:PMKVQ",
+    "kvmix": "baselines.kvmix:KVmix",
+})
 STORAGE_MODES = ("packed", "fake")
 
 
-def register_method(name: str):
-    return METHODS.register(name)
+def register_method(name: str, target: str | None = None):
+    """Add a method: `register_method("name", "module:Class")` (imported on first use), or `@register_method("name")`
+    on the class in a module imported before the method is built (a notebook, a test)."""
+    return METHODS.register(name, target)
 
 
 @dataclass(frozen=True)
@@ -124,14 +131,8 @@ class Method:
                                self.storage == "packed")
 
 
-def import_methods() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
-
-
 def method_config(node, extra: dict | None = None):
     """The method's dataclass from its config node; unknown or missing keys are ConfigErrors."""
-    import_methods()
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     values.update(extra or {})
     cls = METHODS.get(values.get("name")).config_cls

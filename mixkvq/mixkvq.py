@@ -18,7 +18,7 @@ import torch
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.methods import Method, check_choice, check_group
 from mixkvq.quantizer import check_bits
 from mixkvq.ragged import to_device
 from mixkvq.storage import FULL_PRECISION
@@ -148,7 +148,6 @@ class MixKVQLayer(QuantizedLayer):
         return target_tiers(a, tau_bf16, tau_uint4, self.method.key_bits_target)
 
 
-@register_method("mixkvq")
 class MixKVQ(Method):
     config_cls = MixKVQConfig
 
