@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from baselines.pmkvq_store import SHRINK_RULES, ProgressiveTokenStore
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
 from mixkvq.methods import Method, check_choice
-from mixkvq.storage import SHRINK_RULES, ProgressiveTokenStore
 
 MIB = 2**20  # the repo's "MB" (the worked value of §6.3: Mem(2) = 8 MiB per layer for R1-Qwen-7B)
 LADDER = (16, 8, 4, 2)

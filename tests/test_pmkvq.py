@@ -11,12 +11,12 @@ import torch
 from mixkvq.models import model_config
 
 from baselines.pmkvq import brute_force_allocation, fold_key_scales, solve_allocation
+from baselines.pmkvq_store import ProgressiveTokenStore, shrink_codes
 from mixkvq.artifacts import load_artifact, save_artifact
 from mixkvq.errors import ConfigError
 from mixkvq.methods import ModelShape
 from mixkvq.quantizer import QuantSpec, quantize
 from mixkvq.ragged import Ragged
-from mixkvq.storage import ProgressiveTokenStore, shrink_codes
 from tiny import build, generate, random_prompts, tiny_model
 
 H, D = 2, 128
