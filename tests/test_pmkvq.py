@@ -262,7 +262,7 @@ def test_reparameterization_keeps_scores_and_logits(family):
 
 
 def test_calibrated_key_scales_are_clamped_for_dead_and_extreme_key_channels():
-    from mixkvq.calibration import pmkvq_rep_scales
+    from baselines.pmkvq import pmkvq_rep_scales
 
     model = tiny_model("llama", dtype=torch.float32, q_heads=4, kv_heads=2, head_dim=64)
     half = 32
