@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mixkvq.artifacts import model_name
 from mixkvq.cache import QuantizedCache, QuantizedLayer, Stream
+from mixkvq.config import per_model_settings
 from mixkvq.errors import ConfigError
 from mixkvq.quantizer import QuantSpec
 from mixkvq.registry import Registry
@@ -75,7 +77,9 @@ class Method:
         if storage not in STORAGE_MODES:
             raise ConfigError(f"storage={storage!r} is not valid; choose one of {list(STORAGE_MODES)}")
         self.cfg, self.shape, self.quant, self.storage = cfg, shape, quant, storage
-        self.model_cfg = model_cfg  # per-model paper settings a method config may leave null
+        self.model_cfg = model_cfg  # the model config: its name (artifacts), its generation budget
+        # The method's per-model paper settings for this model (`per_model` in its config), for options left null.
+        self.per_model = per_model_settings(getattr(cfg, "per_model", None), model_name(model_cfg))
         self.device = shape.device  # where the builders below put tensors: the layer being built's device
         self.validate()
 
@@ -145,7 +149,19 @@ def method_config(node, extra: dict | None = None):
         raise ConfigError(f"method {values['name']!r} config lacks {missing}")
     for name, kind in typing.get_type_hints(cls).items():
         check_type(f"method.{name}", values[name], kind)
+    if "per_model" in fields:
+        check_per_model(values["per_model"], sorted(fields - {"name", "per_model"}))
     return cls(**values)
+
+
+def check_per_model(table: dict, options: list[str]) -> None:
+    """`method.per_model`: model config name (or `default`) -> {option: value}, each option one of the method's."""
+    for model, entry in table.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"method.per_model.{model}={entry!r} must be a mapping of method options")
+        unknown = sorted(set(entry) - set(options))
+        if unknown:
+            raise ConfigError(f"method.per_model.{model} sets unknown option(s) {unknown}; valid: {options}")
 
 
 def _accepts(kind, value) -> bool:
@@ -174,7 +190,7 @@ def check_type(key: str, value, kind) -> None:
 def build_method(cfg, model, method=None) -> Method:
     """The method of a run config: `cfg.method` (or the `method` node given instead), its storage, and the
     quantizer settings `cfg.quant` for the model's dtype. `model` is the loaded model or its `ModelShape`.
-    `cfg.model` supplies per-model paper settings (e.g. MixKVQ's target bits) a method config leaves null."""
+    The method's `per_model` settings (e.g. MixKVQ's target bits) are resolved for `cfg.model` (its name)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.of(model)
     quant = QuantSpec.from_config(cfg.quant, shape.dtype)
     config = method_config(cfg.method if method is None else method)

@@ -55,6 +55,7 @@ class MixKVQConfig:
     calibration_dir: str
     artifact: str | None
     search: dict
+    per_model: dict
 
 
 def salience(importance: torch.Tensor, block: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None,
@@ -157,11 +158,13 @@ class MixKVQ(Method):
     config_cls = MixKVQConfig
 
     def _paper(self, key: str):
+        """The option `key`, else the paper's per-model value (`per_model`) for this run's model."""
         value = getattr(self.cfg, key)
-        if value is None and self.model_cfg is not None:
-            value = (self.model_cfg.get("mixkvq") or {}).get(key)
         if value is None:
-            raise ConfigError(f"method.{key} is null and the model config gives no per-model value; set method.{key}")
+            value = self.per_model.get(key)
+        if value is None:
+            raise ConfigError(f"method.{key} is null and method.per_model gives no value for this model; set "
+                              f"method.{key}")
         return float(value)
 
     @staticmethod
