@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mixkvq.cache import QuantizedLayer
-from mixkvq.methods import Method, register_method
+from mixkvq.methods import Method
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,6 @@ class Bf16Config:
     nominal_bits: str
 
 
-@register_method("bf16")
 class Bf16(Method):
     config_cls = Bf16Config
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.methods import Method, check_choice, check_group
 from mixkvq.quantizer import check_bits
 
 AXES = ("channel", "token")
@@ -56,7 +56,6 @@ class KiviLayer(QuantizedLayer):
         return out
 
 
-@register_method("kivi")
 class Kivi(Method):
     config_cls = KiviConfig
 

@@ -7,6 +7,8 @@ values per token in groups of G channels. The `high_bit_layers` most important l
 Recent Pivotal Context (§7.3), at every forward, before the step's attention: the full-precision buffer is
 `old ++ new` (c tokens); keep = ⌊r·c⌋; the oldest ⌊(c − keep)/G⌋·G tokens are quantized. r depends on the
 tensor's width (`rpc_ratios`: paper or repo values), so the buffer cycles in a small band (~7..39 for r=0.2, G=32).
+
+The layer scores come from the calibrator at the end of this file (`scripts/calibrate.py method=kvmix`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
+from mixkvq.calibration import calibration_dataset, lm_loss, load_texts, prompt_ids, register_calibrator
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.methods import Method, check_choice, check_group
 from mixkvq.quantizer import PACK11, check_bits
 
 
@@ -75,7 +78,6 @@ class KVmixLayer(QuantizedLayer):
         pass
 
 
-@register_method("kvmix")
 class KVmix(Method):
     config_cls = KVmixConfig
 
@@ -141,3 +143,59 @@ class KVmix(Method):
         # Values release whole groups of G tokens too (the repo's rule is shared by K and V).
         values = self.stream(batch, window=rpc_rule(self.ratios[vb], vg), store=self.token_store(batch, vg, vb))
         return KVmixLayer(idx, keys, values, pad, s.kv_heads, s.head_dim)
+
+
+# ---- calibration: gradient-norm layer importance (§7.2) --------------------------------------------------------
+
+
+def kvmix_profile(model, tokenizer, prompts: list[torch.Tensor], mode: str) -> dict:
+    """Mean over prompts of ‖∇_{W_k} L‖₂ and ‖∇_{W_v} L‖₂ per layer.
+
+    single_backward: one backward per prompt collects every layer's gradients at once. per_layer: the repo's
+    loop, one forward+backward per layer with only that layer's weights trainable (same numbers, L× the cost).
+    """
+    from mixkvq.attention import attention_modules
+
+    mods = attention_modules(model)
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else tokenizer.pad_token_id or 0
+    weights = [p for m in mods for p in (m.k_proj.weight, m.v_proj.weight)]
+    saved = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keys = torch.zeros(len(mods), dtype=torch.float64)
+    values = torch.zeros(len(mods), dtype=torch.float64)
+    try:
+        for ids in prompts:
+            groups = [list(range(len(mods)))] if mode == "single_backward" else [[i] for i in range(len(mods))]
+            for layers in groups:
+                for i in layers:
+                    mods[i].k_proj.weight.requires_grad_(True)
+                    mods[i].v_proj.weight.requires_grad_(True)
+                model.zero_grad(set_to_none=True)
+                lm_loss(model, ids[None], pad).backward()
+                for i in layers:
+                    keys[i] += mods[i].k_proj.weight.grad.double().norm().item()
+                    values[i] += mods[i].v_proj.weight.grad.double().norm().item()
+                    mods[i].k_proj.weight.requires_grad_(False)
+                    mods[i].v_proj.weight.requires_grad_(False)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, r in zip(model.parameters(), saved):
+            p.requires_grad_(r)
+        del weights
+    n = len(prompts)
+    return {"key_scores": (keys / n).tolist(), "value_scores": (values / n).tolist(), "prompts": n, "mode": mode}
+
+
+@register_calibrator("kvmix", without_artifact=lambda shape: {
+    "layer_bits": {"key": [2] * shape.layers, "value": [2] * shape.layers}})
+def calibrate(cfg, loaded, method) -> tuple[dict, dict]:
+    """`python scripts/calibrate.py method=kvmix`: the layer scores of `method.profile` prompts."""
+    p = cfg.method.profile
+    if p.mode not in ("single_backward", "per_layer"):
+        raise ConfigError(f"method.profile.mode={p.mode!r} is not valid; choose one of ['single_backward', 'per_layer']")
+    texts, data = load_texts(calibration_dataset(cfg, p.dataset), cfg.data_files, int(p.prompts), cfg.calib_seed)
+    prompts = prompt_ids(loaded.tokenizer, texts, int(p.max_tokens))
+    return kvmix_profile(loaded.model, loaded.tokenizer, prompts, p.mode), data
+

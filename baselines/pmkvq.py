@@ -9,6 +9,9 @@ budget still exceeded at the lowest width ends the sample, recorded as `truncate
 Budgets: `uniform` gives each layer Mem(Fbit) = Fbit·(H_kv·D)·2·max_len/8 bytes; `blockwise` splits a total M
 over layers by the integer program of §6.3 on the calibrated sensitivities. Outlier key channels are handled by
 the calibrated reparameterization K' = K·Λ⁻¹, Q' = Q·Λ folded into the q/k projections (§6.4).
+
+The progressive store and its shrink rule are in `baselines/pmkvq_store.py`; the calibrator that makes the
+sensitivities and key scales (`scripts/calibrate.py method=pmkvq`) is at the end of this file.
 """
 
 from __future__ import annotations
@@ -17,16 +20,19 @@ import dataclasses
 import itertools
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from baselines.pmkvq_store import SHRINK_RULES, ProgressiveTokenStore
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
+from mixkvq.calibration import calibration_dataset, capture, load_texts, register_calibrator, token_chunks
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, register_method
-from mixkvq.storage import SHRINK_RULES, ProgressiveTokenStore
+from mixkvq.methods import Method, check_choice
+from mixkvq.quantizer import QuantSpec, fake_quantize
 
 MIB = 2**20  # the repo's "MB" (the worked value of §6.3: Mem(2) = 8 MiB per layer for R1-Qwen-7B)
 LADDER = (16, 8, 4, 2)
@@ -244,7 +250,6 @@ class PMKVQLayer(QuantizedLayer):
                 return
 
 
-@register_method("pmkvq")
 class PMKVQ(Method):
     config_cls = PMKVQConfig
 
@@ -411,3 +416,135 @@ class PMKVQ(Method):
         keys = self.stream(batch, window="flush", residual=c.window_tokens, sink=c.sink_tokens, store=store())
         values = self.stream(batch, window="flush", residual=c.window_tokens, sink=c.sink_tokens, store=store())
         return PMKVQLayer(idx, keys, values, pad, s.kv_heads, s.head_dim, method=self, budget=self.budgets()[idx])
+
+
+# ---- calibration: sensitivity (§6.3) and key reparameterization (§6.4) ------------------------------------------
+
+
+def _pi_positions(seq_len: int, scale: int, device) -> torch.Tensor:
+    """Positional interpolation (§6.4): position ids 0, s, 2s, ... so short samples sweep long-context angles."""
+    return (torch.arange(seq_len, device=device) * scale)[None]
+
+
+def per_token_fake(x: torch.Tensor, bits: int, group: int, spec: QuantSpec) -> torch.Tensor:
+    """Q_b of PM-KVQ: per-token groups of `group` channels along the last dim."""
+    shape = x.shape
+    return fake_quantize(x.float().reshape(*shape[:-1], shape[-1] // group, group), bits, spec).reshape(shape)
+
+
+def pmkvq_sensitivity(model, chunks: torch.Tensor, bits: list[int], group: int, spec: QuantSpec,
+                      pi_scale: int) -> dict:
+    """s_{i,b} = mean|G_K ⊙ (Q_b(K) − K)| + mean|G_V ⊙ (Q_b(V) − V)| per layer, averaged over the samples.
+
+    G is the gradient of the LM loss with respect to the post-RoPE key and the value (v_proj output), on the
+    un-reparameterized model with positional interpolation.
+    """
+    n_layers = model.config.num_hidden_layers
+    sens = torch.zeros(n_layers, len(bits), dtype=torch.float64)
+    pad = model.generation_config.pad_token_id or 0
+    saved = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # gradients flow to activations only
+        p.requires_grad_(False)
+    elements = 0
+    try:
+        for ids in chunks:
+            acts: dict[tuple[int, str], torch.Tensor] = {}
+
+            def grab(layer, query, key, value):
+                for name, t in (("k", key), ("v", value)):
+                    acts[(layer, name)] = t.detach()
+                    t.register_hook(lambda g, layer=layer, name=name: _accumulate(layer, name, g))
+
+            def _accumulate(layer, name, grad):
+                x = acts[(layer, name)]
+                g = grad.float()
+                for j, b in enumerate(bits):
+                    err = per_token_fake(x, b, group, spec) - x.float()
+                    sens[layer, j] += float((g * err).abs().mean())
+
+            model.get_input_embeddings().weight.requires_grad_(False)
+            embeds = model.get_input_embeddings()(ids[None].to(model.device)).detach().requires_grad_(True)
+            with capture(model, grab):
+                pos = _pi_positions(ids.shape[0], pi_scale, model.device)
+                logits = model(inputs_embeds=embeds, position_ids=pos, use_cache=False).logits
+                labels = torch.cat([ids[1:], torch.tensor([pad])]).to(model.device)
+                torch.nn.functional.cross_entropy(logits[0].float(), labels).backward()
+            elements = acts[(0, "k")].numel()
+    finally:
+        for p, r in zip(model.parameters(), saved):
+            p.requires_grad_(r)
+    sens /= len(chunks)
+    return {"bits": list(bits), "sensitivity": sens.tolist(), "elements": elements, "samples": len(chunks)}
+
+
+def _attention(q, k, v, groups: int) -> torch.Tensor:
+    """Causal attention per head in float32; k/v [B, H_kv, T, D] shared by `groups` query heads."""
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+
+
+@torch.no_grad()
+def pmkvq_rep_scales(model, chunks: torch.Tensor, group: int, spec: QuantSpec, pi_scale: int, alpha_points: int,
+                     rep_bits: int, clamp: tuple[float, float]) -> dict:
+    """λ per (layer, KV head, RoPE pair) = (max |K| over calibration tokens and both pair members)^α.
+
+    α per layer from {1.0, 0.95, ..., 0.05}: the one minimizing the MSE between the layer's attention output
+    and its output with RTN `rep_bits`-bit per-token K/V after the reparameterization. Inputs come from the
+    original model, so layers see unquantized inputs. Every candidate λ is clamped to `clamp` (`pmkvq.rep_scale_clamp`)
+    before it is tried, as in the repo's search.
+    """
+    n_layers = model.config.num_hidden_layers
+    alphas = [round(1.0 - 0.05 * i, 2) for i in range(alpha_points)]
+    kmax: dict[int, torch.Tensor] = {}
+
+    def grab_max(layer, query, key, value):
+        m = key.detach().float().abs().amax(dim=(0, 2))  # [H_kv, D]
+        half = m.shape[-1] // 2
+        pair = torch.maximum(m[:, :half], m[:, half:])
+        kmax[layer] = pair if layer not in kmax else torch.maximum(kmax[layer], pair)
+
+    for ids in chunks:
+        with capture(model, grab_max):
+            model(input_ids=ids[None].to(model.device), position_ids=_pi_positions(len(ids), pi_scale, model.device),
+                  use_cache=False)
+    mse = torch.zeros(n_layers, len(alphas), dtype=torch.float64)
+
+    def grab_mse(layer, query, key, value):
+        q, k, v = query.detach().float(), key.detach().float(), value.detach().float()
+        groups = q.shape[1] // k.shape[1]
+        ref = _attention(q, k, v, groups)
+        vq = per_token_fake(v, rep_bits, group, spec)
+        for j, a in enumerate(alphas):
+            lam = tile_pairs(rep_scales_for(kmax[layer], a, clamp))[None, :, None, :]  # [1, H_kv, 1, D]
+            lam_q = lam.repeat_interleave(groups, dim=1)
+            out = _attention(q * lam_q, per_token_fake(k / lam, rep_bits, group, spec), vq, groups)
+            mse[layer, j] += float(((out - ref) ** 2).mean())
+
+    for ids in chunks:
+        with capture(model, grab_mse):
+            model(input_ids=ids[None].to(model.device), position_ids=_pi_positions(len(ids), pi_scale, model.device),
+                  use_cache=False)
+    best = mse.argmin(dim=1)
+    scales = [rep_scales_for(kmax[i], alphas[int(best[i])], clamp).tolist() for i in range(n_layers)]
+    return {"rep_scales": scales, "alpha": [alphas[int(j)] for j in best], "alpha_grid": alphas,
+            "rep_mse": mse.tolist()}
+
+
+@register_calibrator("pmkvq", without_artifact=lambda shape: {"allocation": "uniform", "reparameterize": False})
+def calibrate(cfg, loaded, method) -> tuple[dict, dict]:
+    """`python scripts/calibrate.py method=pmkvq`: sensitivities and key scales on `method.calib` text chunks."""
+    c = cfg.method.calib
+    texts, data = load_texts(calibration_dataset(cfg, c.dataset), cfg.data_files, int(c.samples) * 64,
+                             cfg.calib_seed)
+    chunks = token_chunks(loaded.tokenizer, texts, int(c.seq_len), int(c.samples))
+    data.update(samples=len(chunks), seq_len=int(c.seq_len), pi_scale=int(c.pi_scale))
+    spec = method.pm_quant
+    t0 = time.perf_counter()
+    payload = pmkvq_sensitivity(loaded.model, chunks, list(c.sensitivity_bits), method.group, spec, int(c.pi_scale))
+    t1 = time.perf_counter()
+    payload.update(pmkvq_rep_scales(loaded.model, chunks, method.group, spec, int(c.pi_scale), int(c.alpha_grid),
+                                    int(c.rep_bits), method.rep_clamp))
+    payload["seconds"] = {"sensitivity": t1 - t0, "rep_scales": time.perf_counter() - t1}
+    return payload, data
+

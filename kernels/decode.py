@@ -40,7 +40,8 @@ import triton.language as tl
 
 from kernels.pack import on_device_of
 from mixkvq.quantizer import CODE_BITS
-from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
+from baselines.pmkvq_store import ProgressiveTokenStore
+from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)

@@ -1,24 +1,83 @@
-"""Offline calibration for PM-KVQ (§6.3-6.4), KVmix (§7.2) and MixKVQ's threshold search (§5.3, §5.7).
+"""Offline calibration tooling shared by the methods that calibrate, and the registry of their calibrators.
 
-Each function takes a loaded model and tokenizer plus calibration text and returns the artifact payload that
-the method reads at run time (see mixkvq/artifacts.py); `scripts/calibrate.py` wires them to Hydra.
-Calibration text is a hub dataset by default and a local JSONL file as an override; it is never the test set.
+A method that reads a calibration artifact registers its calibrator in its own module with `register_calibrator`
+(PM-KVQ's sensitivities and key scales, KVmix's layer importance, MixKVQ's threshold search): a function that takes
+a loaded model and tokenizer and returns the artifact payload the method reads at run time (mixkvq/artifacts.py).
+This module holds what calibrators share: calibration text (a hub dataset by default, a local file as an override,
+never the test set), token chunks and chat prompts, the LM loss, and the capture of post-RoPE q/k/v inside
+attention. `scripts/calibrate.py` looks the calibrator up here, runs it and writes the artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mixkvq.errors import ConfigError
-from mixkvq.quantizer import QuantSpec, fake_quantize
+from mixkvq.registry import Registry
+
+# ---- the calibrator registry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """`run(cfg, loaded, method) -> (payload, data provenance)` on the calibration config `cfg` and the loaded model;
+    `method` is the method built with `without_artifact(shape)` applied to `cfg.method` (method config overrides
+    that build it without the artifact this calibration is about to make)."""
+
+    run: Callable
+    without_artifact: Callable
+
+
+CALIBRATORS: Registry[Calibrator] = Registry("calibrator")
+
+
+def register_calibrator(method: str, without_artifact: Callable):
+    """`@register_calibrator("name", without_artifact=lambda shape: {...})` on the function that calibrates method
+    "name", in the method's own module."""
+
+    def add(fn):
+        CALIBRATORS.register(method)(Calibrator(fn, without_artifact))
+        return fn
+
+    return add
+
+
+def calibrating_methods() -> list[str]:
+    """The registered methods that calibrate (imports every method's module: for messages, not for runs)."""
+    from mixkvq.methods import METHODS
+
+    for name in METHODS.names():
+        METHODS.get(name)
+    return CALIBRATORS.names()
+
+
+def calibrator(method: str) -> Calibrator:
+    """The calibrator of `method`: its module, found through the method registry, registers it when imported."""
+    from mixkvq.methods import METHODS
+
+    METHODS.get(method)  # an unknown method: the error names the registered ones
+    if method not in CALIBRATORS:
+        raise ConfigError(f"method {method!r} needs no calibration; calibrate one of {calibrating_methods()}")
+    return CALIBRATORS.get(method)
+
+
+def calibration_dataset(cfg, name: str) -> dict:
+    """The calibration source `name` of `cfg.datasets` (configs/calibrate.yaml), with its name."""
+    from omegaconf import OmegaConf
+
+    if name not in cfg.datasets:
+        raise ConfigError(f"calibration dataset {name!r} is unknown; valid: {sorted(cfg.datasets)}")
+    return {"name": name, **OmegaConf.to_container(cfg.datasets[name], resolve=True)}
+
 
 # ---- calibration text ------------------------------------------------------------------------------------------
 
@@ -139,217 +198,3 @@ def capture(model, fn):
     finally:
         _capture_fn = None
         model.set_attn_implementation(previous)
-
-
-def _pi_positions(seq_len: int, scale: int, device) -> torch.Tensor:
-    """Positional interpolation (§6.4): position ids 0, s, 2s, ... so short samples sweep long-context angles."""
-    return (torch.arange(seq_len, device=device) * scale)[None]
-
-
-# ---- KVmix: gradient-norm layer importance (§7.2) ---------------------------------------------------------------
-
-
-def kvmix_profile(model, tokenizer, prompts: list[torch.Tensor], mode: str) -> dict:
-    """Mean over prompts of ‖∇_{W_k} L‖₂ and ‖∇_{W_v} L‖₂ per layer.
-
-    single_backward: one backward per prompt collects every layer's gradients at once. per_layer: the repo's
-    loop, one forward+backward per layer with only that layer's weights trainable (same numbers, L× the cost).
-    """
-    from mixkvq.attention import attention_modules
-
-    mods = attention_modules(model)
-    pad = model.generation_config.pad_token_id
-    pad = pad if pad is not None else tokenizer.pad_token_id or 0
-    weights = [p for m in mods for p in (m.k_proj.weight, m.v_proj.weight)]
-    saved = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    keys = torch.zeros(len(mods), dtype=torch.float64)
-    values = torch.zeros(len(mods), dtype=torch.float64)
-    try:
-        for ids in prompts:
-            groups = [list(range(len(mods)))] if mode == "single_backward" else [[i] for i in range(len(mods))]
-            for layers in groups:
-                for i in layers:
-                    mods[i].k_proj.weight.requires_grad_(True)
-                    mods[i].v_proj.weight.requires_grad_(True)
-                model.zero_grad(set_to_none=True)
-                lm_loss(model, ids[None], pad).backward()
-                for i in layers:
-                    keys[i] += mods[i].k_proj.weight.grad.double().norm().item()
-                    values[i] += mods[i].v_proj.weight.grad.double().norm().item()
-                    mods[i].k_proj.weight.requires_grad_(False)
-                    mods[i].v_proj.weight.requires_grad_(False)
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, r in zip(model.parameters(), saved):
-            p.requires_grad_(r)
-        del weights
-    n = len(prompts)
-    return {"key_scores": (keys / n).tolist(), "value_scores": (values / n).tolist(), "prompts": n, "mode": mode}
-
-
-# ---- PM-KVQ: sensitivity (§6.3) and key reparameterization (§6.4) ------------------------------------------------
-
-
-def per_token_fake(x: torch.Tensor, bits: int, group: int, spec: QuantSpec) -> torch.Tensor:
-    """Q_b of PM-KVQ: per-token groups of `group` channels along the last dim."""
-    shape = x.shape
-    return fake_quantize(x.float().reshape(*shape[:-1], shape[-1] // group, group), bits, spec).reshape(shape)
-
-
-def pmkvq_sensitivity(model, chunks: torch.Tensor, bits: list[int], group: int, spec: QuantSpec,
-                      pi_scale: int) -> dict:
-    """s_{i,b} = mean|G_K ⊙ (Q_b(K) − K)| + mean|G_V ⊙ (Q_b(V) − V)| per layer, averaged over the samples.
-
-    G is the gradient of the LM loss with respect to the post-RoPE key and the value (v_proj output), on the
-    un-reparameterized model with positional interpolation.
-    """
-    n_layers = model.config.num_hidden_layers
-    sens = torch.zeros(n_layers, len(bits), dtype=torch.float64)
-    pad = model.generation_config.pad_token_id or 0
-    saved = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():  # gradients flow to activations only
-        p.requires_grad_(False)
-    elements = 0
-    try:
-        for ids in chunks:
-            acts: dict[tuple[int, str], torch.Tensor] = {}
-
-            def grab(layer, query, key, value):
-                for name, t in (("k", key), ("v", value)):
-                    acts[(layer, name)] = t.detach()
-                    t.register_hook(lambda g, layer=layer, name=name: _accumulate(layer, name, g))
-
-            def _accumulate(layer, name, grad):
-                x = acts[(layer, name)]
-                g = grad.float()
-                for j, b in enumerate(bits):
-                    err = per_token_fake(x, b, group, spec) - x.float()
-                    sens[layer, j] += float((g * err).abs().mean())
-
-            model.get_input_embeddings().weight.requires_grad_(False)
-            embeds = model.get_input_embeddings()(ids[None].to(model.device)).detach().requires_grad_(True)
-            with capture(model, grab):
-                pos = _pi_positions(ids.shape[0], pi_scale, model.device)
-                logits = model(inputs_embeds=embeds, position_ids=pos, use_cache=False).logits
-                labels = torch.cat([ids[1:], torch.tensor([pad])]).to(model.device)
-                torch.nn.functional.cross_entropy(logits[0].float(), labels).backward()
-            elements = acts[(0, "k")].numel()
-    finally:
-        for p, r in zip(model.parameters(), saved):
-            p.requires_grad_(r)
-    sens /= len(chunks)
-    return {"bits": list(bits), "sensitivity": sens.tolist(), "elements": elements, "samples": len(chunks)}
-
-
-def _attention(q, k, v, groups: int) -> torch.Tensor:
-    """Causal attention per head in float32; k/v [B, H_kv, T, D] shared by `groups` query heads."""
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-
-
-@torch.no_grad()
-def pmkvq_rep_scales(model, chunks: torch.Tensor, group: int, spec: QuantSpec, pi_scale: int, alpha_points: int,
-                     rep_bits: int, clamp: tuple[float, float]) -> dict:
-    """λ per (layer, KV head, RoPE pair) = (max |K| over calibration tokens and both pair members)^α.
-
-    α per layer from {1.0, 0.95, ..., 0.05}: the one minimizing the MSE between the layer's attention output
-    and its output with RTN `rep_bits`-bit per-token K/V after the reparameterization. Inputs come from the
-    original model, so layers see unquantized inputs. Every candidate λ is clamped to `clamp` (`pmkvq.rep_scale_clamp`)
-    before it is tried, as in the repo's search.
-    """
-    from baselines.pmkvq import rep_scales_for, tile_pairs
-
-    n_layers = model.config.num_hidden_layers
-    alphas = [round(1.0 - 0.05 * i, 2) for i in range(alpha_points)]
-    kmax: dict[int, torch.Tensor] = {}
-
-    def grab_max(layer, query, key, value):
-        m = key.detach().float().abs().amax(dim=(0, 2))  # [H_kv, D]
-        half = m.shape[-1] // 2
-        pair = torch.maximum(m[:, :half], m[:, half:])
-        kmax[layer] = pair if layer not in kmax else torch.maximum(kmax[layer], pair)
-
-    for ids in chunks:
-        with capture(model, grab_max):
-            model(input_ids=ids[None].to(model.device), position_ids=_pi_positions(len(ids), pi_scale, model.device),
-                  use_cache=False)
-    mse = torch.zeros(n_layers, len(alphas), dtype=torch.float64)
-
-    def grab_mse(layer, query, key, value):
-        q, k, v = query.detach().float(), key.detach().float(), value.detach().float()
-        groups = q.shape[1] // k.shape[1]
-        ref = _attention(q, k, v, groups)
-        vq = per_token_fake(v, rep_bits, group, spec)
-        for j, a in enumerate(alphas):
-            lam = tile_pairs(rep_scales_for(kmax[layer], a, clamp))[None, :, None, :]  # [1, H_kv, 1, D]
-            lam_q = lam.repeat_interleave(groups, dim=1)
-            out = _attention(q * lam_q, per_token_fake(k / lam, rep_bits, group, spec), vq, groups)
-            mse[layer, j] += float(((out - ref) ** 2).mean())
-
-    for ids in chunks:
-        with capture(model, grab_mse):
-            model(input_ids=ids[None].to(model.device), position_ids=_pi_positions(len(ids), pi_scale, model.device),
-                  use_cache=False)
-    best = mse.argmin(dim=1)
-    scales = [rep_scales_for(kmax[i], alphas[int(best[i])], clamp).tolist() for i in range(n_layers)]
-    return {"rep_scales": scales, "alpha": [alphas[int(j)] for j in best], "alpha_grid": alphas,
-            "rep_mse": mse.tolist()}
-
-
-# ---- MixKVQ: Optuna threshold search (§5.3, §5.7 items 1 and 13) -------------------------------------------------
-
-
-def codes_bits(cache, value_bits: int) -> float:
-    """MixKVQ's `codes` measure: mean code bits over quantized K and V elements, BF16 key channels at 16."""
-    counts: dict[int, int] = {}
-    for layer in cache.layers:
-        for w, c in layer.key_stream.store.tier_counts.items():
-            counts[w] = counts.get(w, 0) + c
-    total = sum(counts.values())
-    if not total:
-        return float("nan")
-    key = sum((16 if w == 0 else w) * c for w, c in counts.items()) / total
-    return (key + value_bits) / 2
-
-
-def pick_pareto(trials: list[dict], target_bits: float) -> dict:
-    """The most accurate Pareto trial whose bits meet the target (ties: fewer bits); else the fewest bits."""
-    ok = [t for t in trials if t["bits"] <= target_bits + 1e-9]
-    if ok:
-        return max(ok, key=lambda t: (t["accuracy"], -t["bits"]))
-    return min(trials, key=lambda t: (t["bits"], -t["accuracy"]))
-
-
-def mixkvq_search(evaluate_taus, trials: int, tau_range: tuple[float, float], target_bits: float,
-                  seed: int) -> dict:
-    """Bi-objective TPE search (maximize accuracy, minimize codes bits) over (τ_bf16, τ_uint4).
-
-    evaluate_taus(tau_bf16, tau_uint4) -> (accuracy, bits) on the held-out slices.
-    """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.TPESampler(seed=seed))
-    lo, hi = tau_range
-
-    def objective(trial):
-        tb = trial.suggest_float("tau_bf16", lo, hi)
-        tu = trial.suggest_float("tau_uint4", lo, hi)
-        acc, bits = evaluate_taus(tb, tu)
-        if math.isnan(bits):
-            raise ConfigError("a search trial quantized no key block: lengthen the slices or lower residual_length")
-        return acc, bits
-
-    study.optimize(objective, n_trials=trials)
-    done = [{"number": t.number, "tau_bf16": t.params["tau_bf16"], "tau_uint4": t.params["tau_uint4"],
-             "accuracy": t.values[0], "bits": t.values[1]} for t in study.trials]
-    pareto_numbers = {t.number for t in study.best_trials}
-    pareto = [t for t in done if t["number"] in pareto_numbers]
-    best = pick_pareto(pareto, target_bits)
-    return {"tau_bf16": best["tau_bf16"], "tau_uint4": best["tau_uint4"], "accuracy": best["accuracy"],
-            "bits": best["bits"], "target_bits": target_bits, "meets_target": best["bits"] <= target_bits + 1e-9,
-            "trials": done, "pareto": sorted(pareto_numbers)}

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kernels import kernels_in_use
 from mixkvq.attention import bind
 from mixkvq.errors import ConfigError, choice_error
-from mixkvq.methods import METHODS, ModelShape, build_method, import_methods
+from mixkvq.methods import METHODS, ModelShape, build_method
 from mixkvq.protocol import eos_ids
 
 MODEL_NAME = "hf-kvq"
@@ -51,7 +51,6 @@ def cache_config(kv_method: str, kv_model: str | None = None, **args) -> tuple[D
     if not path.is_file():
         raise choice_error("kv_method", kv_method, [p.stem for p in path.parent.glob("*.yaml")])
     overrides, rest = [f"method={kv_method}"] + ([f"model={kv_model}"] if kv_model else []), {}
-    import_methods()
     fields = {f.name for f in dataclasses.fields(METHODS.get(load_config(overrides).method.name).config_cls)}
     fields.discard("name")
     for key, value in args.items():

@@ -1,14 +1,14 @@
 """Method registry and the small base class every KV-cache method builds on.
 
 A method is a dataclass config (mirrored one-to-one by `configs/method/<name>.yaml`, which holds the
-defaults) plus a `Method` subclass that builds one `QuantizedLayer` per decoder layer. Methods register
-with `@register_method("name", ConfigClass)` and are found by name.
+defaults) plus a `Method` subclass that builds one `QuantizedLayer` per decoder layer, in one module of its own
+beside whatever else is only its own (a store subclass, its calibrator). `METHODS` names every method by a
+`"module:Class"` string, imported on first use: the framework imports no method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import types
 import typing
 from dataclasses import dataclass
@@ -16,20 +16,29 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mixkvq.artifacts import model_name
 from mixkvq.cache import QuantizedCache, QuantizedLayer, Stream
+from mixkvq.config import per_model_settings
 from mixkvq.errors import ConfigError
 from mixkvq.quantizer import QuantSpec
 from mixkvq.registry import Registry
 from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
-METHODS: Registry[type["Method"]] = Registry("method")
-# Modules whose import registers a method; a new method adds its module here.
-METHOD_MODULES = ("baselines.bf16", "baselines.kivi", "mixkvq.mixkvq", "baselines.pmkvq", "baselines.kvmix")
+# Every method by name, imported on first use; a new method adds its line here.
+METHODS: Registry[type["Method"]] = Registry("method", {
+    "bf16": "baselines.bf16:Bf16",
+    "kivi": "baselines.kivi:Kivi",
+    "mixkvq": "mixkvq.mixkvq:MixKVQ",
+    "pmkvq": "baselines.pmkvq:PMKVQ",
+    "kvmix": "baselines.kvmix:KVmix",
+})
 STORAGE_MODES = ("packed", "fake")
 
 
-def register_method(name: str):
-    return METHODS.register(name)
+def register_method(name: str, target: str | None = None):
+    """Add a method: `register_method("name", "module:Class")` (imported on first use), or `@register_method("name")`
+    on the class in a module imported before the method is built (a notebook, a test)."""
+    return METHODS.register(name, target)
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,9 @@ class Method:
         if storage not in STORAGE_MODES:
             raise ConfigError(f"storage={storage!r} is not valid; choose one of {list(STORAGE_MODES)}")
         self.cfg, self.shape, self.quant, self.storage = cfg, shape, quant, storage
-        self.model_cfg = model_cfg  # per-model paper settings a method config may leave null
+        self.model_cfg = model_cfg  # the model config: its name (artifacts), its generation budget
+        # The method's per-model paper settings for this model (`per_model` in its config), for options left null.
+        self.per_model = per_model_settings(getattr(cfg, "per_model", None), model_name(model_cfg))
         self.device = shape.device  # where the builders below put tensors: the layer being built's device
         self.validate()
 
@@ -124,14 +135,8 @@ class Method:
                                self.storage == "packed")
 
 
-def import_methods() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
-
-
 def method_config(node, extra: dict | None = None):
     """The method's dataclass from its config node; unknown or missing keys are ConfigErrors."""
-    import_methods()
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     values.update(extra or {})
     cls = METHODS.get(values.get("name")).config_cls
@@ -144,7 +149,19 @@ def method_config(node, extra: dict | None = None):
         raise ConfigError(f"method {values['name']!r} config lacks {missing}")
     for name, kind in typing.get_type_hints(cls).items():
         check_type(f"method.{name}", values[name], kind)
+    if "per_model" in fields:
+        check_per_model(values["per_model"], sorted(fields - {"name", "per_model"}))
     return cls(**values)
+
+
+def check_per_model(table: dict, options: list[str]) -> None:
+    """`method.per_model`: model config name (or `default`) -> {option: value}, each option one of the method's."""
+    for model, entry in table.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"method.per_model.{model}={entry!r} must be a mapping of method options")
+        unknown = sorted(set(entry) - set(options))
+        if unknown:
+            raise ConfigError(f"method.per_model.{model} sets unknown option(s) {unknown}; valid: {options}")
 
 
 def _accepts(kind, value) -> bool:
@@ -173,7 +190,7 @@ def check_type(key: str, value, kind) -> None:
 def build_method(cfg, model, method=None) -> Method:
     """The method of a run config: `cfg.method` (or the `method` node given instead), its storage, and the
     quantizer settings `cfg.quant` for the model's dtype. `model` is the loaded model or its `ModelShape`.
-    `cfg.model` supplies per-model paper settings (e.g. MixKVQ's target bits) a method config leaves null."""
+    The method's `per_model` settings (e.g. MixKVQ's target bits) are resolved for `cfg.model` (its name)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.of(model)
     quant = QuantSpec.from_config(cfg.quant, shape.dtype)
     config = method_config(cfg.method if method is None else method)

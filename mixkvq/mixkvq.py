@@ -7,18 +7,23 @@ channel of the block is kept in full precision, 4-bit or 2-bit according to its 
 - `tier_rule: threshold`: A > τ_bf16 -> full precision, else A > τ_uint4 -> 4-bit, else 2-bit (§5.3);
 - `tier_rule: target_bits` (default): both τ scaled by the smallest c > 0 whose tiers keep the block at or
   below the target average bits (§5.7 item 12; a harness rule, not the paper's).
+
+The paper's τ pair searched for a model (`thresholds: search`) comes from the calibrator at the end of this file
+(`scripts/calibrate.py method=mixkvq`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from mixkvq.artifacts import load_artifact
 from mixkvq.cache import QuantizedLayer
+from mixkvq.calibration import register_calibrator
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group, register_method
+from mixkvq.methods import Method, check_choice, check_group
 from mixkvq.quantizer import check_bits
 from mixkvq.ragged import to_device
 from mixkvq.storage import FULL_PRECISION
@@ -50,6 +55,7 @@ class MixKVQConfig:
     calibration_dir: str
     artifact: str | None
     search: dict
+    per_model: dict
 
 
 def salience(importance: torch.Tensor, block: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None,
@@ -148,16 +154,17 @@ class MixKVQLayer(QuantizedLayer):
         return target_tiers(a, tau_bf16, tau_uint4, self.method.key_bits_target)
 
 
-@register_method("mixkvq")
 class MixKVQ(Method):
     config_cls = MixKVQConfig
 
     def _paper(self, key: str):
+        """The option `key`, else the paper's per-model value (`per_model`) for this run's model."""
         value = getattr(self.cfg, key)
-        if value is None and self.model_cfg is not None:
-            value = (self.model_cfg.get("mixkvq") or {}).get(key)
         if value is None:
-            raise ConfigError(f"method.{key} is null and the model config gives no per-model value; set method.{key}")
+            value = self.per_model.get(key)
+        if value is None:
+            raise ConfigError(f"method.{key} is null and method.per_model gives no value for this model; set "
+                              f"method.{key}")
         return float(value)
 
     @staticmethod
@@ -211,3 +218,104 @@ class MixKVQ(Method):
         values = self.stream(batch, window=c.value_window, residual=c.residual_length, sink=c.sink_tokens,
                              store=self.token_store(batch, c.value_group_size, c.value_bits))
         return MixKVQLayer(idx, keys, values, pad, s.kv_heads, s.head_dim, method=self, q_heads=s.q_heads)
+
+
+# ---- calibration: Optuna threshold search (§5.3, §5.7 items 1 and 13) ----------------------------------------------
+
+
+def codes_bits(cache, value_bits: int) -> float:
+    """MixKVQ's `codes` measure: mean code bits over quantized K and V elements, BF16 key channels at 16."""
+    counts: dict[int, int] = {}
+    for layer in cache.layers:
+        for w, c in layer.key_stream.store.tier_counts.items():
+            counts[w] = counts.get(w, 0) + c
+    total = sum(counts.values())
+    if not total:
+        return float("nan")
+    key = sum((16 if w == 0 else w) * c for w, c in counts.items()) / total
+    return (key + value_bits) / 2
+
+
+def pick_pareto(trials: list[dict], target_bits: float) -> dict:
+    """The most accurate Pareto trial whose bits meet the target (ties: fewer bits); else the fewest bits."""
+    ok = [t for t in trials if t["bits"] <= target_bits + 1e-9]
+    if ok:
+        return max(ok, key=lambda t: (t["accuracy"], -t["bits"]))
+    return min(trials, key=lambda t: (t["bits"], -t["accuracy"]))
+
+
+def mixkvq_search(evaluate_taus, trials: int, tau_range: tuple[float, float], target_bits: float,
+                  seed: int) -> dict:
+    """Bi-objective TPE search (maximize accuracy, minimize codes bits) over (τ_bf16, τ_uint4).
+
+    evaluate_taus(tau_bf16, tau_uint4) -> (accuracy, bits) on the held-out slices.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    lo, hi = tau_range
+
+    def objective(trial):
+        tb = trial.suggest_float("tau_bf16", lo, hi)
+        tu = trial.suggest_float("tau_uint4", lo, hi)
+        acc, bits = evaluate_taus(tb, tu)
+        if math.isnan(bits):
+            raise ConfigError("a search trial quantized no key block: lengthen the slices or lower residual_length")
+        return acc, bits
+
+    study.optimize(objective, n_trials=trials)
+    done = [{"number": t.number, "tau_bf16": t.params["tau_bf16"], "tau_uint4": t.params["tau_uint4"],
+             "accuracy": t.values[0], "bits": t.values[1]} for t in study.trials]
+    pareto_numbers = {t.number for t in study.best_trials}
+    pareto = [t for t in done if t["number"] in pareto_numbers]
+    best = pick_pareto(pareto, target_bits)
+    return {"tau_bf16": best["tau_bf16"], "tau_uint4": best["tau_uint4"], "accuracy": best["accuracy"],
+            "bits": best["bits"], "target_bits": target_bits, "meets_target": best["bits"] <= target_bits + 1e-9,
+            "trials": done, "pareto": sorted(pareto_numbers)}
+
+
+@register_calibrator("mixkvq", without_artifact=lambda shape: {"thresholds": "paper"})
+def calibrate(cfg, loaded, method) -> tuple[dict, dict]:
+    """`python scripts/calibrate.py method=mixkvq`: the τ pair searched on `method.search` held-out problems."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from mixkvq.grading import grade_many
+    from mixkvq.methods import build_method
+    from mixkvq.protocol import build_prompt, generate_samples
+    from mixkvq.tasks import load_task, task_config
+
+    s = cfg.method.search
+    if s.dataset != "gsm8k_train":
+        raise ConfigError(f"mixkvq.search.dataset={s.dataset!r} is not valid; choose one of ['gsm8k_train']")
+    task = task_config("gsm8k", split="train", limit=int(s.slices), n_samples=1, data_files=cfg.data_files)
+    problems = load_task(task)
+    prompts = [build_prompt(loaded.tokenizer, p.question, cfg.prompt, loaded.think_prefix) for p in problems]
+    max_new = s.max_new_tokens or cfg.model.max_new_tokens
+    gen = {"do_sample": bool(cfg.generation.do_sample), "max_new_tokens": int(max_new)}
+    if gen["do_sample"]:
+        gen.update(temperature=float(cfg.generation.temperature), top_p=float(cfg.generation.top_p))
+    target = method.target_bits
+
+    def evaluate_taus(tau_bf16, tau_uint4):
+        node = OmegaConf.merge(cfg.method, {"tier_rule": "threshold", "thresholds": "paper", "tau_bf16": tau_bf16,
+                                            "tau_uint4": tau_uint4})
+        m = build_method(cfg, method.shape, method=node)
+        correct, bits = [], []
+        for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+            out = generate_samples(loaded.model, loaded.tokenizer, m, prompt, 1, gen, cfg.seed + i,
+                                   cfg.attention.decode_kernel)
+            grade = grade_many(out.texts, [problem.answer], task.grader, 0)[0]
+            correct.append(float(grade.correct))
+            bits.append(codes_bits(out.cache, int(cfg.method.value_bits)))
+        return sum(correct) / len(correct), sum(bits) / len(bits)
+
+    payload = mixkvq_search(evaluate_taus, int(s.trials), tuple(s.tau_range), target, int(cfg.calib_seed))
+    ids = "\n".join(p.id + "\t" + p.question for p in problems)
+    data = {"task": "gsm8k", "split": "train", "data_files": cfg.data_files, "problems": len(problems),
+            "sha256": hashlib.sha256(ids.encode()).hexdigest()}
+    return payload, data
+

@@ -73,7 +73,6 @@ class ModelConfig:
     max_context: int | None
     think_prefix: bool
     config_overrides: dict[str, Any]
-    mixkvq: dict[str, float]  # read by the MixKVQ method, carried here because it is per model
 
     @classmethod
     def from_cfg(cls, cfg) -> ModelConfig:
@@ -107,7 +106,6 @@ class ModelConfig:
         gpus = raw["gpus"]
         if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus <= 0:
             raise ConfigError(f"model.gpus must be a positive integer, got {gpus!r}")
-        raw["mixkvq"] = dict(raw["mixkvq"] or {})
         if raw["gguf"] is not None:
             spec = raw["gguf"]
             keys = [f.name for f in dataclasses.fields(GGUFSpec)]

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from mixkvq.config import per_model_settings
 from mixkvq.errors import ConfigError
 
 # Keys that change where or how a run is reported or how fast it goes, never what it computes. `experiment` and
@@ -60,10 +61,47 @@ def _container(cfg: DictConfig | dict) -> dict:
 # Options added after runs were written, with the value those runs had: at that value a key is left out of the
 # hash, so results written before it existed keep their names and resume.
 ADDED_KEYS = {("generation", "batch_problems"): 1}
+# Blocks every model config held until they moved into a method's config (`per_model` of configs/method/<method>.yaml),
+# with the value each model's config held then: a frozen record of what runs written before the move hashed (the
+# settings themselves live in the method's config now). See `restore_moved_keys`.
+MOVED_MODEL_KEYS = {
+    "mixkvq": {
+        "deepseek-r1-distill-1.5b": {"target_bits": 2.5, "tau_bf16": 1.44, "tau_uint4": 0.79},
+        "deepseek-r1-distill-7b": {"target_bits": 3.4, "tau_bf16": 0.63, "tau_uint4": 0.41},
+        "deepseek-r1-distill-14b": {"target_bits": 2.3, "tau_bf16": 1.52, "tau_uint4": 1.60},
+        "deepseek-r1-distill-32b": {"target_bits": 2.3, "tau_bf16": 1.85, "tau_uint4": 1.58},
+        "deepseek-r1-distill-llama-8b": {"target_bits": 2.7, "tau_bf16": 1.44, "tau_uint4": 0.79},
+        "qwq-32b": {"target_bits": 2.5, "tau_bf16": 1.44, "tau_uint4": 0.79},
+        "smollm2-135m": {"target_bits": 2.5, "tau_bf16": 1.44, "tau_uint4": 0.79},
+    },
+}
+
+
+def restore_moved_keys(data: dict) -> dict:
+    """A plain run config as its identity sees it, whether written before or after a block moved out of the model
+    config (MOVED_MODEL_KEYS): the model config holds the block it held then, and a method's `per_model` table
+    counts only as the entry this run's model uses, and only where it differs from that block. Runs written
+    before the move keep their hashes, twins and table keys; a run with other per-model settings gets its own."""
+    model, method = data.get("model"), data.get("method")
+    if not isinstance(model, dict):
+        return data
+    name = model.get("name")
+    data, model = dict(data), dict(model)
+    data["model"] = model
+    if isinstance(method, dict) and isinstance(method.get("per_model"), dict):
+        own = per_model_settings(method["per_model"], name)
+        method = {k: v for k, v in method.items() if k != "per_model"}
+        if own != MOVED_MODEL_KEYS.get(method.get("name"), {}).get(name):
+            method["per_model"] = own
+        data["method"] = method
+    for key, held in MOVED_MODEL_KEYS.items():
+        if key not in model and name in held:
+            model[key] = held[name]
+    return data
 
 
 def _canonical(cfg: DictConfig | dict, drop: tuple[str, ...]) -> str:
-    data = {k: v for k, v in _container(cfg).items() if k not in drop}
+    data = {k: v for k, v in restore_moved_keys(_container(cfg)).items() if k not in drop}
     for (group, key), value in ADDED_KEYS.items():
         node = data.get(group)
         if isinstance(node, dict) and node.get(key, value) == value:

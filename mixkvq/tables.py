@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from mixkvq.fidelity_metrics import TOKEN_COLUMNS
 from mixkvq.fidelity_metrics import summarize as summarize_fidelity
-from mixkvq.results import CONFIG_FILE, METHOD_KEYS, RUN_FILE, SAMPLES_FILE, VOLATILE_KEYS
+from mixkvq.results import CONFIG_FILE, METHOD_KEYS, RUN_FILE, SAMPLES_FILE, VOLATILE_KEYS, restore_moved_keys
 
 # Fidelity runs (scripts/fidelity.py) as mixkvq/fidelity.py writes them; not imported from there (torch).
 FIDELITY_KIND = "fidelity"
@@ -91,7 +91,7 @@ def _method_key(run_dir: Path) -> str:
     cfg = run_dir / CONFIG_FILE
     if not cfg.exists():
         return ""
-    node = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False).get("method", {})
+    node = restore_moved_keys(OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)).get("method", {})
     return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:4]
 
 
@@ -100,7 +100,7 @@ def _result_config(run_dir: Path) -> str:
     cfg = run_dir / CONFIG_FILE
     if not cfg.exists():
         return "{}"
-    node = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)
+    node = restore_moved_keys(OmegaConf.to_container(OmegaConf.load(cfg), resolve=False))
     kept = {k: v for k, v in node.items() if k not in VOLATILE_KEYS + METHOD_KEYS}
     flat = pd.json_normalize(kept, sep=".").iloc[0].to_dict() if kept else {}
     return json.dumps(flat, sort_keys=True, default=str)

@@ -198,7 +198,8 @@ def test_pmkvq_and_kvmix_layouts_take_the_generic_path():
 
 
 def test_layouts_without_a_kernel_format_are_refused_by_name():
-    from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
+    from baselines.pmkvq_store import ProgressiveTokenStore
+    from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
     spec = QuantSpec("half_even", "clamp", 1e-5, torch.float32)
     args = dict(batch=1, heads=2, dim=128, dtype=torch.float32, device="cpu", spec=spec, packed=True)

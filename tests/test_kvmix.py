@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.kvmix import allocate, high_bit_count
-from mixkvq.calibration import kvmix_profile
+from baselines.kvmix import allocate, high_bit_count, kvmix_profile
 from mixkvq.errors import ConfigError
 from mixkvq.quantizer import pack11, unpack11
 from tiny import build, generate, random_prompts, tiny_model

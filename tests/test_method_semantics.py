@@ -244,7 +244,7 @@ def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
                 if value.dim() >= 3 and id(value) not in seen:
                     seen.add(id(value))
                     total += value.numel() * value.element_size()
-            elif type(value).__module__.startswith("mixkvq.storage"):
+            elif type(value).__module__.startswith(("mixkvq.storage", "mixkvq.ragged")):
                 walk(value)
 
     for stream in (layer.key_stream, layer.value_stream):
@@ -264,6 +264,8 @@ def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
         ("mixkvq", "method.target_bits=1.5", "target_bits"),
         ("mixkvq", "method.thresholds=search", "calibration"),
         ("mixkvq", "method.value_bits=6", "value_bits"),
+        ("mixkvq", "+method.per_model.smollm2-135m.tau_fp8=1.0", r"per_model.smollm2-135m.*tau_fp8.*valid:.*target_bits"),
+        ("mixkvq", "method.per_model.default=2.5", "per_model.default=2.5 must be a mapping"),
     ],
 )
 def test_impossible_settings_are_refused_by_name(name, override, match):
@@ -276,3 +278,11 @@ def test_unknown_method_lists_the_valid_ones():
 
     with pytest.raises(ConfigError, match="bf16.*kivi.*mixkvq"):
         method_config({"name": "kvquant"})
+
+
+def test_mixkvq_per_model_settings_resolve_for_the_run_model():
+    """`method.per_model`: the run's model entry over `default` (SmolLM2 has none), an explicit option over both."""
+    assert (build("mixkvq").target_bits, build("mixkvq").taus) == (2.5, (1.44, 0.79))
+    own = build("mixkvq", ["+method.per_model.smollm2-135m.target_bits=3.0"])
+    assert (own.target_bits, own.taus) == (3.0, (1.44, 0.79))
+    assert build("mixkvq", ["+method.per_model.smollm2-135m.target_bits=3.0", "method.target_bits=2.2"]).target_bits == 2.2

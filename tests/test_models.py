@@ -73,12 +73,18 @@ EXPECTED = {  # name: (hub id, target bits, tau_bf16, tau_uint4, think_prefix)
 
 
 def test_model_yamls_match_the_paper_settings():
+    from mixkvq.config import load_config
+    from mixkvq.methods import build_method
+    from tiny import model_shape
+
     assert models.model_names() == sorted(EXPECTED)
     for name, (hub_id, bits, tau_bf16, tau_uint4, think) in EXPECTED.items():
         mc = model_config(name)
         assert (mc.name, mc.hub_id, mc.think_prefix) == (name, hub_id, think)
-        assert mc.mixkvq == {"target_bits": bits, "tau_bf16": tau_bf16, "tau_uint4": tau_uint4}
         assert mc.max_new_tokens == (128 if name == "smollm2-135m" else 32768)
+        # MixKVQ's per-model settings live in its own config (method.per_model), resolved for the run's model.
+        mixkvq = build_method(load_config(["method=mixkvq", f"model={name}", "~task", "~logger"]), model_shape())
+        assert (mixkvq.target_bits, mixkvq.taus) == (bits, (tau_bf16, tau_uint4))
 
 
 def test_config_keys_are_checked():

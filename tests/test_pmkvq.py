@@ -11,12 +11,12 @@ import torch
 from mixkvq.models import model_config
 
 from baselines.pmkvq import brute_force_allocation, fold_key_scales, solve_allocation
+from baselines.pmkvq_store import ProgressiveTokenStore, shrink_codes
 from mixkvq.artifacts import load_artifact, save_artifact
 from mixkvq.errors import ConfigError
 from mixkvq.methods import ModelShape
 from mixkvq.quantizer import QuantSpec, quantize
 from mixkvq.ragged import Ragged
-from mixkvq.storage import ProgressiveTokenStore, shrink_codes
 from tiny import build, generate, random_prompts, tiny_model
 
 H, D = 2, 128
@@ -262,7 +262,7 @@ def test_reparameterization_keeps_scores_and_logits(family):
 
 
 def test_calibrated_key_scales_are_clamped_for_dead_and_extreme_key_channels():
-    from mixkvq.calibration import pmkvq_rep_scales
+    from baselines.pmkvq import pmkvq_rep_scales
 
     model = tiny_model("llama", dtype=torch.float32, q_heads=4, kv_heads=2, head_dim=64)
     half = 32

@@ -89,6 +89,40 @@ def test_twin_key_equal_across_methods_not_tasks():
     assert twin_key(make_cfg("kivi")) != twin_key(make_cfg("kivi", task="math500"))
 
 
+def written_before_the_move(cfg) -> dict:
+    """A run config as it was written while MixKVQ's per-model settings lived in the model config (`model.mixkvq`)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data["method"].pop("per_model", None)
+    data["model"]["mixkvq"] = results.MOVED_MODEL_KEYS["mixkvq"][data["model"]["name"]]
+    return data
+
+
+@pytest.mark.parametrize("model", sorted(results.MOVED_MODEL_KEYS["mixkvq"]))
+def test_runs_written_before_the_per_model_settings_moved_keep_their_identity(model, tmp_path):
+    from mixkvq.config import load_config
+
+    for method in ("mixkvq", "bits/mixkvq2.3", "kivi", "bf16"):
+        cfg = load_config([f"method={method}", f"model={model}"])
+        old = written_before_the_move(cfg)
+        assert run_name(cfg) == run_name(old) and twin_key(cfg) == twin_key(old), method
+        folder = tmp_path / method.replace("/", "-")
+        folder.mkdir()
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(old))
+        assert results.check_saved_config(folder, cfg)  # the old folder resumes under the new config
+
+
+def test_the_default_job_keeps_its_committed_folder_and_per_model_settings_are_its_identity():
+    from mixkvq.config import load_config
+
+    cfg = load_config([])
+    assert results.config_hash(cfg) == "3ac72897"  # results/default_job/runs/mixkvq-C2.5_..._3ac72897
+    changed = load_config(["+method.per_model.smollm2-135m.target_bits=3.0"])
+    assert results.config_hash(changed) != results.config_hash(cfg)
+    assert twin_key(changed) == twin_key(cfg) == twin_key(load_config(["method=bf16"]))  # still bf16's twin
+    # Another model's entry is not this run's setting.
+    assert results.config_hash(load_config(["+method.per_model.qwen3-8b.target_bits=3.0"])) == results.config_hash(cfg)
+
+
 # ---------------------------------------------------------------- run directory
 
 
