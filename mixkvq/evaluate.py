@@ -8,6 +8,7 @@ problem, and say so.
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
