@@ -36,7 +36,7 @@ class FragmentPages:
 
     def reserve(self, pages: int, exact: bool = False) -> None:
         """Room for `pages` pages per (row, head): exactly (a known final size), or by amortised doubling."""
-        self.data = (reserve if exact else _grow)(self.data, 2, pages)
+        self.data = (reserve if exact else grow)(self.data, 2, pages)
 
     def section(self, name: str) -> torch.Tensor:
         """[B, H, pages, words] view of one section of every page."""
