@@ -10,8 +10,9 @@ values leave their windows under different rules (KIVI: keys in R-blocks, values
 streams are located independently for each token: position u after the sink is in the key store iff
 u < key_store_len[b], and likewise for values.
 
-Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` / `V_FAST` when whole tiles unpack
-without gathers):
+The launcher reads each store through its layout and buffers (mixkvq/layout.py), looked up by `Layout.format` in
+`STORE_FORMATS`; it knows no store class. Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` /
+`V_FAST` when whole tiles unpack without gathers):
 - channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ/KVmix keys); a block's channel d
   holds words_for(P, w) int32 words, w per (block, channel) when widths are mixed (MixKVQ tiers, full precision
   channels stored raw; P a multiple of the 32-token tile), else one width for the store (any P: the generic
@@ -32,6 +33,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,8 +43,8 @@ import triton
 import triton.language as tl
 
 from kernels.pack import on_device_of
-from mixkvq.quantizer import CODE_BITS
-from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
+from mixkvq.layout import Layout, PackingFormat
+from mixkvq.quantizer import CODE_BITS, PACK11
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
@@ -515,70 +519,106 @@ def _buffer_args(buf, dummy) -> list:
 
 _NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1, FAST=False, ROW_BITS=False, PACK11=False)
 _POW2_BITS = (2, 4, 8)  # codes per word a power of two: whole tiles unpack by broadcasting
-
-
-def _store_args(store, dummy) -> tuple[list, dict]:
-    """(tensor args, constexprs) locating one stream's quantized store for the kernel."""
-    unused = [dummy, 0, 0, 0]
-    if store is None:
-        return [*unused, dummy, dummy, 0, 0, 0, *unused, *unused], dict(FMT=_F_NONE, **_NO_CONSTS)
-    if not store.packed:  # fake storage: dequantized tokens in the model dtype
-        dense = store.values.view(store.b, store.h, -1, store.d) if isinstance(store, ChannelGroupStore) \
-            else store.values.data
-        return [*_strided(dense), dummy, dummy, 0, 0, 0, *unused, *unused], dict(FMT=_F_DENSE, **_NO_CONSTS)
-    if isinstance(store, ChannelGroupStore):
-        sc, zr = store.scale, store.zero  # [B, H, NB, D, P/G]
-        assert sc.stride() == zr.stride() and sc.stride(3) == sc.shape[4] and sc.stride(4) == 1
-        mixed = store.uniform_width is None
-        wid = [store.widths, *store.widths.stride()[:3]] if mixed else unused
-        off = [store.offsets, *store.offsets.stride()] if mixed else unused
-        pool = store.pool
-        pack11 = _is_pack11(store)
-        fast = store.p % TILE_TOKENS == 0 and (mixed or store.uniform_width in _POW2_BITS) and not pack11
-        consts = dict(FMT=_F_CHANNEL, BITS=store.uniform_width or 2, MIXED=mixed, P=store.p, G=store.g,
-                      NG=store.p // store.g, FAST=fast, ROW_BITS=False, PACK11=pack11)
-        return [pool, pool.stride(0), pool.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
-    codes, sc, zr = store.codes.data, store.scale.data, store.zero.data  # token groups: [B, H, T, X]
-    assert sc.stride() == zr.stride() and sc.stride(3) == 1
-    # PM-KVQ's progressive store: a width per row (from `lens`, see `_lens`), generic path only. BITS is then
-    # unused and fixed, so shrinks do not recompile the kernel.
-    row_bits = isinstance(store, ProgressiveTokenStore)
-    bits = 2 if row_bits else store.bits
-    consts = dict(FMT=_F_TOKEN, BITS=bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g,
-                  FAST=not row_bits and bits in _POW2_BITS, ROW_BITS=row_bits, PACK11=False)
-    return [*_strided(codes), sc, zr, *sc.stride()[:3], *unused, *unused], consts
-
-
 # Widths a per-row-width store may hold: PM-KVQ's ladder (the token path unpacks any width up to 16 bits whose
 # codes per word, 32 // w, are as `pack` writes them; these are the ones tested).
 ROW_WIDTHS = (2, 4, 8, 16)
 
 
-def _is_pack11(store) -> bool:
-    """KVmix's 11-codes-per-word 3-bit layout (uniform 3-bit store; other widths pack as usual)."""
-    return store.pack11 and store.uniform_width == 3
+def _unused(dummy) -> list:
+    return [dummy, 0, 0, 0]
+
+
+def _dense_args(lay: Layout, buf: dict, dummy) -> tuple[list, dict]:
+    """Dequantized tokens in the model dtype (fake storage), read like a window."""
+    return [*_strided(buf["values"]), dummy, dummy, 0, 0, 0, *_unused(dummy), *_unused(dummy)], \
+        dict(FMT=_F_DENSE, **_NO_CONSTS)
+
+
+def _channel_args(lay: Layout, buf: dict, dummy) -> tuple[list, dict]:
+    sc, zr = buf["scale"], buf["zero"]  # [B, H, NB, D, P/G]
+    assert sc.stride() == zr.stride() and sc.stride(3) == sc.shape[4] and sc.stride(4) == 1
+    mixed = lay.bits is None
+    wid = [buf["widths"], *buf["widths"].stride()[:3]] if mixed else _unused(dummy)
+    off = [buf["offsets"], *buf["offsets"].stride()] if mixed else _unused(dummy)
+    codes = buf["codes"]
+    pack11 = lay.codes_per_word == PACK11
+    fast = lay.block % TILE_TOKENS == 0 and (mixed or lay.bits in _POW2_BITS) and not pack11
+    consts = dict(FMT=_F_CHANNEL, BITS=lay.bits or 2, MIXED=mixed, P=lay.block, G=lay.group,
+                  NG=lay.block // lay.group, FAST=fast, ROW_BITS=False, PACK11=pack11)
+    return [codes, codes.stride(0), codes.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
+
+
+def _token_args(lay: Layout, buf: dict, dummy, row_bits: bool = False) -> tuple[list, dict]:
+    """Per-token groups; `row_bits`: a width per row (PM-KVQ), from `lens` (see `_lens`), generic path only. BITS
+    is then unused and fixed, so shrinks do not recompile the kernel."""
+    codes, sc, zr = buf["codes"], buf["scale"], buf["zero"]  # [B, H, T, X]
+    assert sc.stride() == zr.stride() and sc.stride(3) == 1
+    bits = 2 if row_bits else lay.bits
+    consts = dict(FMT=_F_TOKEN, BITS=bits, MIXED=False, P=TILE_TOKENS, G=lay.group, NG=sc.shape[3],
+                  FAST=not row_bits and bits in _POW2_BITS, ROW_BITS=row_bits, PACK11=False)
+    return [*_strided(codes), sc, zr, *sc.stride()[:3], *_unused(dummy), *_unused(dummy)], consts
+
+
+def _channel_problem(lay: Layout, buf: dict) -> str | None:
+    if lay.bits is None and lay.pack11:
+        return "KVmix's 11-codes-per-word 3-bit layout in a mixed-width store has no kernel format"
+    if lay.bits is None and lay.block % TILE_TOKENS:
+        return f"mixed-width channel block {lay.block} is not a multiple of {TILE_TOKENS} tokens"
+    return None
+
+
+def _token_problem(lay: Layout, buf: dict) -> str | None:
+    return None if lay.bits in CODE_BITS else f"token width {lay.bits} is not one of {CODE_BITS}"
+
+
+def _row_width_problem(lay: Layout, buf: dict) -> str | None:
+    widths = sorted(set(buf["row_bits"].tolist()))
+    return None if set(widths) <= set(ROW_WIDTHS) else f"per-row token widths {widths} are not all in {ROW_WIDTHS}"
+
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """How the kernel reads one packing format."""
+
+    args: Callable[[Layout, dict, torch.Tensor], tuple[list, dict]]  # (tensor args, constexprs) of one stream
+    problem: Callable[[Layout, dict], str | None] = lambda lay, buf: None  # why a store is out of reach, or None
+
+
+# The formats this kernel reads (mixkvq/layout.py); a store of any other format is refused by `supports`.
+STORE_FORMATS = {
+    PackingFormat.DENSE: StoreFormat(_dense_args),
+    PackingFormat.CHANNEL_GROUPS: StoreFormat(_channel_args, _channel_problem),
+    PackingFormat.TOKEN_GROUPS: StoreFormat(_token_args, _token_problem),
+    PackingFormat.ROW_WIDTH_TOKEN_GROUPS: StoreFormat(partial(_token_args, row_bits=True), _row_width_problem),
+}
+
+
+def _read(store) -> tuple[Layout | None, dict | None]:
+    return (None, None) if store is None else (store.layout(), store.buffers())
+
+
+def _store_args(lay: Layout | None, buf: dict | None, dummy) -> tuple[list, dict]:
+    """(tensor args, constexprs) locating one stream's quantized store for the kernel."""
+    if lay is None:
+        return [*_unused(dummy), dummy, dummy, 0, 0, 0, *_unused(dummy), *_unused(dummy)], \
+            dict(FMT=_F_NONE, **_NO_CONSTS)
+    return STORE_FORMATS[lay.format].args(lay, buf, dummy)
 
 
 def supports(layer) -> str | None:
     """Why the fused kernel cannot serve this layer, or None when it can."""
     ks, vs = layer.key_stream, layer.value_stream
     for st in (ks.store, vs.store):
-        # Exact types: a subclass may lay out or re-width its codes in ways this kernel does not know.
-        if st is not None and type(st) not in (ChannelGroupStore, TokenGroupStore, ProgressiveTokenStore):
-            return f"store {type(st).__name__} has no kernel format"
-        if st is None or not st.packed:  # fake storage is read as dense tokens, whatever its layout
+        if st is None:
             continue
-        if isinstance(st, ChannelGroupStore) and st.uniform_width is None:
-            if st.pack11:
-                return "KVmix's 11-codes-per-word 3-bit layout in a mixed-width store has no kernel format"
-            if st.p % TILE_TOKENS:
-                return f"mixed-width channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
-        if isinstance(st, ProgressiveTokenStore):
-            widths = sorted(set(st.row_bits.tolist()))
-            if not set(widths) <= set(ROW_WIDTHS):
-                return f"per-row token widths {widths} are not all in {ROW_WIDTHS}"
-        elif isinstance(st, TokenGroupStore) and st.bits not in CODE_BITS:
-            return f"token width {st.bits} is not one of {CODE_BITS}"
+        lay = st.layout()
+        fmt = STORE_FORMATS.get(lay.format)
+        if fmt is None:
+            return (f"layout {lay.format.value} has no reader in this kernel "
+                    f"(it reads {[f.value for f in STORE_FORMATS]})")
+        why = fmt.problem(lay, st.buffers())
+        if why is not None:
+            return why
     if (ks.sink is None) != (vs.sink is None):
         return "keys and values need the same sink"
     if layer.dim & (layer.dim - 1) or layer.dim < 16:
@@ -586,22 +626,23 @@ def supports(layer) -> str | None:
     return None
 
 
-def _lens(layer) -> torch.Tensor:
+def _lens(layer, k: tuple, v: tuple) -> torch.Tensor:
+    """Per row (LENS_COLS): sink, key store, value store and total tokens, key and value row widths."""
     ks, vs = layer.key_stream, layer.value_stream
     sink = ks.sink.lens if ks.sink is not None else torch.zeros_like(ks.window.lens)
     if vs.sink is not None and not torch.equal(vs.sink.lens, sink):
         raise RuntimeError("keys and values hold different numbers of sink tokens")
-    kq = ks.store.tokens() if ks.store is not None else torch.zeros_like(sink)
-    vq = vs.store.tokens() if vs.store is not None else torch.zeros_like(sink)
+    kq = k[1]["lens"] if k[0] is not None else torch.zeros_like(sink)
+    vq = v[1]["lens"] if v[0] is not None else torch.zeros_like(sink)
     total = ks.tokens()
-    cols = [sink, kq, vq, total, _row_bits(ks.store, sink), _row_bits(vs.store, sink)]  # LENS_COLS
+    cols = [sink, kq, vq, total, _row_bits(*k, sink), _row_bits(*v, sink)]  # LENS_COLS
     return torch.stack(cols, dim=1).to(torch.int32)
 
 
-def _row_bits(store, like: torch.Tensor) -> torch.Tensor:
+def _row_bits(lay: Layout | None, buf: dict | None, like: torch.Tensor) -> torch.Tensor:
     """Each row's code width in a per-row-width store (PM-KVQ, packed), else zeros (the kernel ignores them)."""
-    if isinstance(store, ProgressiveTokenStore) and store.packed:
-        return store.row_bits
+    if lay is not None and lay.format is PackingFormat.ROW_WIDTH_TOKEN_GROUPS:
+        return buf["row_bits"]
     return torch.zeros_like(like)
 
 
@@ -619,12 +660,13 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     gq = hq // n_kv
     ks, vs = layer.key_stream, layer.value_stream
     dev = query.device
-    lens_host = _lens(layer)
+    k, v = _read(ks.store), _read(vs.store)  # (layout, buffers) of each stream's store
+    lens_host = _lens(layer, k, v)
     # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
     lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
     dummy = ks.window.data
-    k_args, kc = _store_args(ks.store, dummy)
-    v_args, vc = _store_args(vs.store, dummy)
+    k_args, kc = _store_args(*k, dummy)
+    v_args, vc = _store_args(*v, dummy)
     ln = lens_host.numpy()  # host arithmetic in numpy: a few microseconds less per call than torch ops
     whole = np.minimum(ln[:, 1], ln[:, 2])
     whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores

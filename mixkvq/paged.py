@@ -73,7 +73,10 @@ class PagedKeyStore:
 
     def layout(self) -> Layout:
         return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=PAGE_TOKENS, block=self.block,
-                      page=self.pages.layout)
+                      page=self.pages.layout, read_unit=PAGE_TOKENS)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {"pages": self.pages.data, "lens": self.count}
 
     def append(self, r: Ragged, widths_fn=None) -> None:
         split = whole_blocks(r, self.block)
@@ -158,6 +161,9 @@ class PagedValueStore:
 
     def layout(self) -> Layout:
         return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=self.g, page=self.pages.layout)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {"pages": self.pages.data, "lens": self.count}
 
     def append(self, r: Ragged, widths_fn=None) -> None:
         if int(r.lens.max()) == 0:

@@ -70,9 +70,18 @@ class ChannelGroupStore:
 
     def layout(self) -> Layout:
         if not self.packed:
-            return Layout(PackingFormat.DENSE)
+            return Layout(PackingFormat.DENSE, read_unit=self.p)
         return Layout(PackingFormat.CHANNEL_GROUPS, bits=self.uniform_width, group=self.g, block=self.p,
-                      pack11=self.pack11)
+                      pack11=self.pack11, read_unit=self.p)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors of `layout()` (mixkvq/layout.py)."""
+        if not self.packed:
+            return {"values": self.values.flatten(2, 3), "lens": self.tokens()}
+        out = {"codes": self.pool, "scale": self.scale, "zero": self.zero, "lens": self.tokens()}
+        if self.uniform_width is None:
+            out.update(widths=self.widths, offsets=self.offsets)
+        return out
 
     def channel_words(self, widths: torch.Tensor) -> torch.Tensor:
         """int32 words one channel of one block occupies, per width code."""
@@ -164,9 +173,11 @@ class ChannelGroupStore:
         base = start_d[:, :, None] + chan_off  # [N, H, D] word offset of each channel
         rows_d, slot_d = to_device(torch.stack((rows, slot)), dev)
         if _pack_kernels(blocks) and not self.pack11:  # the kernels know the 10-per-word 3-bit layout only
-            from kernels.pack import write_channel_blocks
+            from kernels.pack import quantize_pack_channel_blocks
 
-            write_channel_blocks(self, blocks, widths, rows_d, slot_d, base)
+            uniform = self.uniform_width
+            quantize_pack_channel_blocks(blocks, uniform if uniform is not None else widths, self.g, self.spec,
+                                         self.pool, self.scale, self.zero, rows_d, slot_d, base)
         else:
             for mask, words, scale, zero in self._encode(blocks, widths):
                 dst = base[mask][:, None] + torch.arange(words.shape[1], device=dev)[None, :]
@@ -298,7 +309,7 @@ class TokenGroupStore:
         if self.packed and _pack_kernels(r.data):
             from kernels.pack import append_tokens
 
-            return append_tokens(self, r)
+            return append_tokens(r, self.bits, self.g, self.spec, self.codes, self.scale, self.zero)
         lead = r.data.shape[:3]
         codes, scale, zero = quantize(r.data.reshape(*lead, self.d // self.g, self.g), self.bits, self.spec)
         if self.packed:
@@ -318,6 +329,12 @@ class TokenGroupStore:
     def layout(self) -> Layout:
         return Layout(PackingFormat.TOKEN_GROUPS, bits=self.bits, group=self.g) if self.packed \
             else Layout(PackingFormat.DENSE)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors of `layout()` (mixkvq/layout.py)."""
+        if not self.packed:
+            return {"values": self.values.data, "lens": self.tokens()}
+        return {"codes": self.codes.data, "scale": self.scale.data, "zero": self.zero.data, "lens": self.tokens()}
 
     @property
     def code_bits(self) -> torch.Tensor:
@@ -408,6 +425,12 @@ class ProgressiveTokenStore(TokenGroupStore):
     def layout(self) -> Layout:
         return Layout(PackingFormat.ROW_WIDTH_TOKEN_GROUPS, group=self.g) if self.packed \
             else Layout(PackingFormat.DENSE)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        out = super().buffers()
+        if self.packed:
+            out["row_bits"] = self.row_bits
+        return out
 
     def _width(self, bits: int) -> int:
         return words_for(self.d, bits) if self.packed else self.d

@@ -191,27 +191,31 @@ def test_pmkvq_and_kvmix_layouts_take_the_generic_path():
         assert decode.supports(layer) is None
         assert resolve_decode_kernel("auto", torch.device("cuda"), layer) is decode.decode_attention
         for stream, want in zip((layer.key_stream, layer.value_stream), wants):
-            _, consts = decode._store_args(stream.store, stream.window.data)
+            store = stream.store
+            _, consts = decode._store_args(store.layout(), store.buffers(), stream.window.data)
             assert consts.items() >= want.items(), (case, consts)
-    _, consts = decode._store_args(build("kivi", [], **shape).new_cache(1).layers[0].key_stream.store, None)
+    store = build("kivi", [], **shape).new_cache(1).layers[0].key_stream.store
+    _, consts = decode._store_args(store.layout(), store.buffers(), None)
     assert consts["FAST"] is True and not consts["PACK11"] and not consts["ROW_BITS"]
 
 
 def test_layouts_without_a_kernel_format_are_refused_by_name():
+    from mixkvq.layout import Layout, PackingFormat
     from mixkvq.storage import ChannelGroupStore, ProgressiveTokenStore, TokenGroupStore
 
     spec = QuantSpec("half_even", "clamp", 1e-5, torch.float32)
     args = dict(batch=1, heads=2, dim=128, dtype=torch.float32, device="cpu", spec=spec, packed=True)
 
-    class OtherTokens(TokenGroupStore):
-        pass
+    class PagedTokens(TokenGroupStore):  # the kernel goes by the layout a store answers, not by its class
+        def layout(self):
+            return Layout(PackingFormat.FRAGMENT_PAGES, bits=2, group=128)
 
     stores = {
         "11-codes-per-word 3-bit layout in a mixed-width": ChannelGroupStore(**args, block=33, group=11,
                                                                              uniform_width=None, pack11=True),
         "mixed-width channel block 48": ChannelGroupStore(**args, block=48, group=16, uniform_width=None),
         "per-row token widths [3]": ProgressiveTokenStore(**args, group=128, bits=3),
-        "store OtherTokens has no kernel format": OtherTokens(**args, group=128, bits=2),
+        "layout fragment_pages has no reader": PagedTokens(**args, group=128, bits=2),
     }
     for why, store in stores.items():
         layer = build("mixkvq", [], kv_heads=2, q_heads=4, head_dim=128, dtype=torch.float32,
