@@ -48,25 +48,35 @@ from mixkvq.quantizer import CODE_BITS, PACK11
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
-MAX_SPLITS = 256
-# The sequence is split until there are about this many programs per SM (CUDA): many short programs leave little
-# of the last wave idle (H200, B=64, L=32k, KIVI-2 in the two-kernel form: 1742 us at 4, 1618 us at 32).
-SPLIT_PROGRAMS_PER_SM = 32
-NUM_WARPS = 4
-MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
-# Whole tiles go to a kernel of their own (PART 1, no generic path: with the word-major unpack 128 instead of 255
-# registers for KIVI, so 4 programs per SM instead of 2) and the rest to a second one (PART 2) when the layer holds
-# at least this many whole tiles over its rows and KV heads; None: never. On an H200 at B=64, L=32k (262144 tiles)
-# it takes KIVI-2 from 1906 to 1618 us; at B=1 its second launch costs more than it saves
-# (results/bench/sweeps-2026-12-02b).
-LEAN_MIN_TILES: int | None = 65536
-LEAN_MAX_REGISTERS = None  # registers per thread of the whole-tile kernel
 # Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
 # widths (the widths of per-row-width stores; 0 for the others).
 LENS_COLS = tl.constexpr(6)
-# Whole tiles unpack each word in the thread that loaded it, with one scale and zero per word (`_word_major`);
-# False: the earlier broadcast unpack, kept to measure the two side by side (scripts/bench_decode_kernel.py).
-WORD_MAJOR = True
+
+
+@dataclass(frozen=True)
+class TritonTuning:
+    """How a call is split and compiled: values, not globals (benchmarks pass their own). No setting changes the
+    result beyond the summation order of the splits."""
+
+    # The sequence is split until there are about this many programs per SM (CUDA): many short programs leave
+    # little of the last wave idle (H200, B=64, L=32k, KIVI-2 in the two-kernel form: 1742 us at 4, 1618 us at 32).
+    split_programs_per_sm: int = 32
+    max_splits: int = 256
+    num_warps: int = 4
+    max_registers: int | None = None  # registers per thread of the split kernel (None: the compiler's, up to 255)
+    # Whole tiles go to a kernel of their own (PART 1, no generic path: with the word-major unpack 128 instead of
+    # 255 registers for KIVI, so 4 programs per SM instead of 2) and the rest to a second one (PART 2) when the
+    # layer holds at least this many whole tiles over its rows and KV heads; None: never. On an H200 at B=64,
+    # L=32k (262144 tiles) it takes KIVI-2 from 1906 to 1618 us; at B=1 its second launch costs more than it saves
+    # (results/bench/sweeps-2026-12-02b).
+    lean_min_tiles: int | None = 65536
+    lean_max_registers: int | None = None  # registers per thread of the whole-tile kernel
+    # Whole tiles unpack each word in the thread that loaded it, with one scale and zero per word (`_word_major`);
+    # False: the earlier broadcast unpack, kept to measure the two side by side (scripts/bench_decode_kernel.py).
+    word_major: bool = True
+
+
+DEFAULT_TUNING = TritonTuning()
 
 
 @triton.jit
@@ -646,13 +656,20 @@ def _row_bits(lay: Layout | None, buf: dict | None, like: torch.Tensor) -> torch
     return torch.zeros_like(like)
 
 
-def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, lean: bool | None = None) -> torch.Tensor:
-    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's sink + store + window.
+@dataclass(frozen=True, eq=False)
+class SplitPlan:
+    """One call's split-kernel launches, in order: (grid, keyword arguments) each, over the same arguments."""
 
-    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result; `lean`
-    forces (True) or forbids (False) the two-kernel split of whole tiles and the rest (None: `LEAN_MIN_TILES`).
-    """
+    args: list
+    launches: list[tuple[tuple[int, int, int], dict]]
+    o_part: torch.Tensor  # per split: output and log-sum-exp, merged by `_merge_splits_kernel`
+    lse_part: torch.Tensor
+    num_splits: int
+
+
+def split_plan(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None, lean: bool | None = None,
+               tuning: TritonTuning = DEFAULT_TUNING) -> SplitPlan:
+    """The split kernel's launches for `query` over the layer (see `fused_decode`), without launching them."""
     # `supports(layer)` was checked when the kernel was bound to the layer (kernels.resolve_decode_kernel).
     bsz, hq, qlen, dim = query.shape
     assert qlen == 1 and query.stride(-1) == 1
@@ -671,15 +688,16 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     whole = np.minimum(ln[:, 1], ln[:, 2])
     whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores
     if lean is None:
-        lean = LEAN_MIN_TILES is not None and int(whole.sum()) // TILE_TOKENS * n_kv >= LEAN_MIN_TILES
+        lean = tuning.lean_min_tiles is not None and \
+            int(whole.sum()) // TILE_TOKENS * n_kv >= tuning.lean_min_tiles
     lean = bool(lean and kc["FAST"] and vc["FAST"] and int(whole.max()) > 0)
     # Splits cover the tokens after the sink (one kernel) or the whole tiles (lean; the rest is one more split).
     n_split = int(whole.max()) if lean else int((ln[:, 3] - ln[:, 0]).max())
     tiles = max(1, -(-n_split // TILE_TOKENS))
     if num_splits is None:
-        per_sm = SPLIT_PROGRAMS_PER_SM if dev.type == "cuda" else 4  # the interpreter: a few splits, few programs
+        per_sm = tuning.split_programs_per_sm if dev.type == "cuda" else 4  # the interpreter: a few splits
         want = -(-per_sm * _sm_count(dev) // (bsz * n_kv))
-        num_splits = max(1, min(tiles, want, MAX_SPLITS))
+        num_splits = max(1, min(tiles, want, tuning.max_splits))
     split_tokens = -(-tiles // num_splits) * TILE_TOKENS
     num_splits = max(1, -(-n_split // split_tokens)) + int(lean)
     o_part = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=dev)
@@ -695,20 +713,35 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     consts = dict(GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
                   **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
                   FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
-                  WORD_MAJOR=WORD_MAJOR,
-                  num_warps=NUM_WARPS, num_stages=1)  # the main loop prefetches by hand; stages only cost shared memory
+                  WORD_MAJOR=tuning.word_major,
+                  num_warps=tuning.num_warps, num_stages=1)  # the loop prefetches by hand; stages only cost smem
+    regs = {} if tuning.max_registers is None else dict(maxnreg=tuning.max_registers)
     if lean:
-        regs = {} if LEAN_MAX_REGISTERS is None else dict(maxnreg=LEAN_MAX_REGISTERS)
-        _decode_split_kernel[(bsz, n_kv, num_splits - 1)](*args, **consts, PART=1, **regs)
-        regs = {} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)
-        _decode_split_kernel[(bsz, n_kv, 1)](*args, **consts, PART=2, **regs)
+        lean_regs = {} if tuning.lean_max_registers is None else dict(maxnreg=tuning.lean_max_registers)
+        launches = [((bsz, n_kv, num_splits - 1), dict(consts, PART=1, **lean_regs)),
+                    ((bsz, n_kv, 1), dict(consts, PART=2, **regs))]
     else:
-        regs = {} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)
-        _decode_split_kernel[(bsz, n_kv, num_splits)](*args, **consts, PART=0, **regs)
+        launches = [((bsz, n_kv, num_splits), dict(consts, PART=0, **regs))]
+    return SplitPlan(args, launches, o_part, lse_part, num_splits)
+
+
+def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,
+                 out: torch.Tensor | None = None, lean: bool | None = None,
+                 tuning: TritonTuning = DEFAULT_TUNING) -> torch.Tensor:
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's sink + store + window.
+
+    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result; `lean`
+    forces (True) or forbids (False) the two-kernel split of whole tiles and the rest (None: `lean_min_tiles`).
+    """
+    plan = split_plan(query, layer, scaling, num_splits, lean, tuning)
+    for grid, kwargs in plan.launches:
+        _decode_split_kernel[grid](*plan.args, **kwargs)
+    bsz, hq, _, dim = query.shape
     if out is None:
-        out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)
-    _merge_splits_kernel[(bsz * hq,)](o_part, lse_part, out, num_splits, D=dim,
-                                      SP=max(2, triton.next_power_of_2(num_splits)), OUT_DTYPE=_TL_DTYPES[query.dtype])
+        out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=query.device)
+    _merge_splits_kernel[(bsz * hq,)](plan.o_part, plan.lse_part, out, plan.num_splits, D=dim,
+                                      SP=max(2, triton.next_power_of_2(plan.num_splits)),
+                                      OUT_DTYPE=_TL_DTYPES[query.dtype])
     return out
 
 
