@@ -71,9 +71,6 @@ class TritonTuning:
     # (results/bench/sweeps-2026-12-02b).
     lean_min_tiles: int | None = 65536
     lean_max_registers: int | None = None  # registers per thread of the whole-tile kernel
-    # Whole tiles unpack each word in the thread that loaded it, with one scale and zero per word (`_word_major`);
-    # False: the earlier broadcast unpack, kept to measure the two side by side (scripts/bench_decode_kernel.py).
-    word_major: bool = True
 
 
 DEFAULT_TUNING = TritonTuning()
@@ -190,7 +187,7 @@ def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, id
 def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb, w_sh, w_st, offsets, o_sb, o_sh,
                   o_st, b, h, u0, d, valid,
                   BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
-                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
+                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """Raw words, scales, zeros (and width codes) of a whole channel-group tile; decoded by `_channel_decode`.
 
     Split from the decode so the main loop can fetch the next tile while it computes this one.
@@ -198,7 +195,7 @@ def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb
     NGT: tl.constexpr = BT // G if BT > G else 1  # scale groups the tile spans
     blk = u0 // P
     t0 = u0 % P
-    if MIXED or not (WM and G % (32 // BITS) == 0):
+    if MIXED or G % (32 // BITS) != 0:
         s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + t0 // G + tl.arange(0, NGT)[None, :]
     else:  # one scale and zero per word, in the words' shape [D, NW] (see `_word_major`)
         s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + \
@@ -245,7 +242,7 @@ def _word_major(word, sc, zr, BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr):
 @triton.jit
 def _channel_decode(word, sc, zr, wcode, u0,
                     BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, FP_BITS: tl.constexpr,
-                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
+                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """A whole tile of a channel-group store as a dequantized [D, BT] tile (word-major when every word lies in one
     group and the width is uniform)."""
     NGT: tl.constexpr = BT // G if BT > G else 1
@@ -263,7 +260,7 @@ def _channel_decode(word, sc, zr, wcode, u0,
             fp = raw.to(tl.int16).to(MODEL_DTYPE, bitcast=True).to(tl.float32)
         val = _group_dequant(raw, sc, zr, MODEL_DTYPE, D, NGT, BT)
         val = tl.where(is_fp[:, None], fp.to(val.dtype), val)
-    elif WM and G % (32 // BITS) == 0:
+    elif G % (32 // BITS) == 0:
         val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
     else:
         raw = (word[:, :, None] >> (tl.arange(0, 32 // BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
@@ -282,14 +279,13 @@ def _group_dequant(raw, sc, zr, MODEL_DTYPE: tl.constexpr, R: tl.constexpr, NG: 
 
 @triton.jit
 def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0, valid,
-                BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                WM: tl.constexpr):
+                BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """Raw words, scales and zeros of a whole per-token tile (power-of-two codes per word)."""
     WPT: tl.constexpr = D // (32 // BITS)
     idx = u0 + tl.arange(0, BT)
     word = tl.load(codes + b * c_sb + h * c_sh + idx[:, None] * c_st + tl.arange(0, WPT)[None, :], mask=valid,
                    other=0)
-    if WM and G % (32 // BITS) == 0:  # one scale and zero per word, in the words' shape [BT, WPT] (`_word_major`)
+    if G % (32 // BITS) == 0:  # one scale and zero per word, in the words' shape [BT, WPT] (`_word_major`)
         s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (tl.arange(0, WPT) * (32 // BITS) // G)[None, :]
     else:
         s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + tl.arange(0, NG)[None, :]
@@ -300,9 +296,9 @@ def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0
 
 @triton.jit
 def _token_decode(word, sc, zr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                  D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
+                  D: tl.constexpr, BT: tl.constexpr):
     """A whole per-token tile as a dequantized [BT, D] tile (word-major when every word lies in one group)."""
-    if WM and G % (32 // BITS) == 0:
+    if G % (32 // BITS) == 0:
         val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
     else:
         raw = (word[:, :, None] >> (tl.arange(0, 32 // BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
@@ -348,7 +344,7 @@ def _decode_split_kernel(
     V_NG: tl.constexpr, V_FAST: tl.constexpr,
     FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
     K_ROW_BITS: tl.constexpr, K_PACK11: tl.constexpr, V_ROW_BITS: tl.constexpr, V_PACK11: tl.constexpr,
-    PART: tl.constexpr, WORD_MAJOR: tl.constexpr,
+    PART: tl.constexpr,
 ):
     """PART 0: split s of a row's tokens, whole tiles and the rest. PART 1: only the whole tiles of split s
     (no generic path compiled in: fewer registers, more programs per SM). PART 2: one program per (row, head) for
@@ -403,42 +399,39 @@ def _decode_split_kernel(
         if K_FMT == 1:
             kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh,
                                                kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, u_lo, d, first,
-                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT, WORD_MAJOR)
+                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
         else:
             kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u_lo, first,
-                                        K_BITS, K_G, K_NG, D, BT, WORD_MAJOR)
+                                        K_BITS, K_G, K_NG, D, BT)
         if V_FMT == 2:
             vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u_lo, first,
-                                        V_BITS, V_G, V_NG, D, BT, WORD_MAJOR)
+                                        V_BITS, V_G, V_NG, D, BT)
         else:
             vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
                                                vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u_lo, d, first,
-                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT, WORD_MAJOR)
+                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
         for u0 in range(u_lo, main_end, BT):
             nxt = u0 + BT
             more = nxt < main_end
             if K_FMT == 1:
-                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT,
-                                     WORD_MAJOR)
+                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT)
                 kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb,
                                                    kwid_sh, kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, nxt, d,
-                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT,
-                                                   WORD_MAJOR)
+                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
             else:
-                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT, WORD_MAJOR))
+                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT))
                 kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, nxt,
-                                            more, K_BITS, K_G, K_NG, D, BT, WORD_MAJOR)
+                                            more, K_BITS, K_G, K_NG, D, BT)
             if V_FMT == 2:
-                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT, WORD_MAJOR)
+                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT)
                 vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, nxt,
-                                            more, V_BITS, V_G, V_NG, D, BT, WORD_MAJOR)
+                                            more, V_BITS, V_G, V_NG, D, BT)
             else:
                 vt = tl.trans(_channel_decode(vw_, vs_, vz_, vx_, u0, V_BITS, V_MIXED, V_P, V_G, FP_BITS,
-                                              MODEL_DTYPE, D, BT, WORD_MAJOR))
+                                              MODEL_DTYPE, D, BT))
                 vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
                                                    vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, nxt, d,
-                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT,
-                                                   WORD_MAJOR)
+                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
             m_i, l_i, acc = _attend(qv, kt, vt, all_ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
     else:
         main_end = u_lo
@@ -713,7 +706,6 @@ def split_plan(query: torch.Tensor, layer, scaling: float, num_splits: int | Non
     consts = dict(GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
                   **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
                   FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
-                  WORD_MAJOR=tuning.word_major,
                   num_warps=tuning.num_warps, num_stages=1)  # the loop prefetches by hand; stages only cost smem
     regs = {} if tuning.max_registers is None else dict(maxnreg=tuning.max_registers)
     if lean:

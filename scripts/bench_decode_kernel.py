@@ -38,7 +38,6 @@ SHAPES = [(1, 4096), (1, 32768), (8, 32768), (64, 32768)]
 # Kernel configurations a run can compare side by side (`--configs`): fields of kernels/decode.py's TritonTuning.
 CONFIGS = {
     "default": {},
-    "broadcast-unpack": dict(word_major=False),  # a word's codes spread over threads (the kernel before 2026-12-02)
     "one-kernel": dict(lean_min_tiles=None),  # whole tiles and the rest in one kernel
     "lean": dict(lean_min_tiles=0, lean_max_registers=None),  # whole tiles in their own kernel
     "lean-r168": dict(lean_min_tiles=0, lean_max_registers=168),

@@ -9,7 +9,7 @@ iteration is one tile of `TILE_TOKENS` tokens for one warp) by opcode, and for t
 count alone, to set against the measured time in `results/bench/` (on 2026-12-02 the kernel ran at about a
 third of it: instruction count is not what bounds it; see results/bench/sweeps-2026-12-02b).
 
-    python scripts/kernel_sass.py --methods kivi-2,mixkvq-k2.3 --configs default,broadcast-unpack --out <dir>
+    python scripts/kernel_sass.py --methods kivi-2,mixkvq-k2.3 --configs default,lean --out <dir>
 
 `--configs` names kernel settings of `scripts/bench_decode_kernel.py` (`TritonTuning` values of kernels/decode.py).
 """
