@@ -226,13 +226,14 @@ def on_device_of(t: torch.Tensor):
 
 def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, codes: torch.Tensor,
                               scale: torch.Tensor, zero: torch.Tensor, starts: torch.Tensor | int = 0,
-                              counts: torch.Tensor | None = None) -> None:
+                              counts: torch.Tensor | None = None, tile_elements: int = _MAX_TILE) -> None:
     """Quantize per-token groups of x [B, H, T, D] and write them into preallocated destinations.
 
     codes [B, H, cap, words_for(D, bits)] int32, scale/zero [B, H, cap, D // group] (meta dtype). With
     starts/counts tensors (int64 [B], on x's device) row b writes its first counts[b] tokens at starts[b]..;
     with an int start and no counts, every row writes all T tokens at start.. (no index tensor to ship to the
-    device). Nothing else of the destinations is touched."""
+    device). Nothing else of the destinations is touched. `tile_elements` bounds a program's tile (tests make it
+    small, so that a few tokens span several programs)."""
     bits = check_bits(bits, "bits")
     b, h, t, d = x.shape
     if d % group:
@@ -249,7 +250,7 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
     if not ragged:
         starts = counts = codes  # placeholders, never read
     nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
-    bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
+    bt = min(_pow2(t), max(1, tile_elements // (nw_pad * cpw_pad)))
     with on_device_of(x):
         _tokens_kernel[(triton.cdiv(t, bt), h, b)](
             x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, start0, t,
@@ -258,13 +259,13 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
         )
 
 
-def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec):
+def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, tile_elements: int = _MAX_TILE):
     """x [N, H, T, D] -> (codes int32 [N, H, T, words_for(D, bits)], scale, zero [N, H, T, D // group])."""
     n, h, t, d = x.shape
     codes = torch.empty(n, h, t, words_for(d, bits), dtype=torch.int32, device=x.device)
     scale = torch.empty(n, h, t, d // group, dtype=spec.meta_dtype, device=x.device)
     zero = torch.empty_like(scale)
-    quantize_pack_tokens_into(x, bits, group, spec, codes, scale, zero)
+    quantize_pack_tokens_into(x, bits, group, spec, codes, scale, zero, tile_elements=tile_elements)
     return codes, scale, zero
 
 

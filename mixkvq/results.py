@@ -59,7 +59,7 @@ def _container(cfg: DictConfig | dict) -> dict:
 
 # Options added after runs were written, with the value those runs had: at that value a key is left out of the
 # hash, so results written before it existed keep their names and resume.
-ADDED_KEYS = {("generation", "batch_problems"): 1}
+ADDED_KEYS = {("generation", "batch_problems"): 1, ("quant", "pack_kernel"): "auto"}
 
 
 def _canonical(cfg: DictConfig | dict, drop: tuple[str, ...]) -> str:

@@ -16,19 +16,28 @@ from dataclasses import dataclass
 
 import torch
 
+from mixkvq.errors import ConfigError
 from mixkvq.layout import Layout, PackingFormat
 from mixkvq.quantizer import PACK11, QuantSpec, clamp_slot11, dequantize, pack, pack11, pack_float, quantize, unpack, words_for
 from mixkvq.ragged import Ragged, RaggedBuffer, from_token, grow, reserve, to_device, whole_blocks
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
-# Packed writes through the Triton kernels of kernels/pack.py: "auto" on CUDA tensors, "on" everywhere (CPU runs
-# them in the Triton interpreter: tests), "off" never. They store the bits `quantize` + `pack` store, on CPU and on
-# CUDA (both divide with IEEE division; tests/test_pack_kernels.py), so fake storage still gives the same tokens.
-PACK_KERNELS = "auto"
+# Who quantizes and packs a packed store's writes (`quant.pack_kernel`, a store's `pack_kernel`): "triton", the
+# kernels of kernels/pack.py (a CPU runs them in the Triton interpreter: tests); "torch", `quantize` + `pack`;
+# "auto", Triton on CUDA tensors. Both store the same bits on CPU and CUDA (IEEE divisions;
+# tests/test_pack_kernels.py), so the choice changes speed only, and fake storage still gives the same tokens.
+PACK_KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
-def _pack_kernels(t: torch.Tensor) -> bool:
-    return PACK_KERNELS == "on" or (PACK_KERNELS == "auto" and t.is_cuda)
+def check_pack_kernel(value: str, key: str = "quant.pack_kernel") -> str:
+    if value not in PACK_KERNEL_CHOICES:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(PACK_KERNEL_CHOICES)}")
+    return value
+
+
+def uses_pack_kernels(pack_kernel: str, t: torch.Tensor) -> bool:
+    """Whether a write of `t` goes through the Triton pack kernels under this choice."""
+    return pack_kernel == "triton" or (pack_kernel == "auto" and t.is_cuda)
 
 
 def _fp_bits(dtype: torch.dtype) -> int:
@@ -39,8 +48,9 @@ class ChannelGroupStore:
     """Per-channel groups along tokens, in blocks of `block` tokens with a width per (block, head, channel)."""
 
     def __init__(self, batch, heads, dim, block, group, dtype, device, spec: QuantSpec, packed: bool,
-                 uniform_width: int | None, pack11: bool = False):
+                 uniform_width: int | None, pack11: bool = False, pack_kernel: str = "auto"):
         assert block % group == 0
+        self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
         # KVmix's repo layout: 3-bit channels pack 11 codes per int32, the 11th clamped to 2 bits (block % 11 == 0).
         self.pack11 = pack11
         assert not pack11 or block % PACK11 == 0
@@ -172,7 +182,7 @@ class ChannelGroupStore:
         start_d = to_device(start, dev)
         base = start_d[:, :, None] + chan_off  # [N, H, D] word offset of each channel
         rows_d, slot_d = to_device(torch.stack((rows, slot)), dev)
-        if _pack_kernels(blocks) and not self.pack11:  # the kernels know the 10-per-word 3-bit layout only
+        if uses_pack_kernels(self.pack_kernel, blocks) and not self.pack11:  # they pack 3-bit codes 10 per word
             from kernels.pack import quantize_pack_channel_blocks
 
             uniform = self.uniform_width
@@ -291,8 +301,10 @@ class ChannelGroupStore:
 class TokenGroupStore:
     """Per-token groups of `group` channels, one code width for the whole store."""
 
-    def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool):
+    def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool,
+                 pack_kernel: str = "auto"):
         assert dim % group == 0
+        self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
         self.b, self.h, self.d, self.g, self.bits = batch, heads, dim, group, bits
         self.dtype, self.spec, self.packed = dtype, spec, packed
         meta = spec.meta_dtype
@@ -306,7 +318,7 @@ class TokenGroupStore:
         self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
 
     def append(self, r: Ragged, widths_fn=None) -> None:
-        if self.packed and _pack_kernels(r.data):
+        if self.packed and uses_pack_kernels(self.pack_kernel, r.data):
             from kernels.pack import append_tokens
 
             return append_tokens(r, self.bits, self.g, self.spec, self.codes, self.scale, self.zero)
