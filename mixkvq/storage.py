@@ -13,6 +13,7 @@ keeps the dequantized tensor, computed by the same `dequantize`, so both give id
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -79,6 +80,10 @@ class ChannelGroupStore:
     # -- layout arithmetic -------------------------------------------------------------------------------
 
     def layout(self) -> Layout:
+        return self._layout
+
+    @cached_property
+    def _layout(self) -> Layout:  # fixed for the store's life, read at every decode step: made once
         if not self.packed:
             return Layout(PackingFormat.DENSE, read_unit=self.p)
         return Layout(PackingFormat.CHANNEL_GROUPS, bits=self.uniform_width, group=self.g, block=self.p,
@@ -339,6 +344,10 @@ class TokenGroupStore:
             buf.reserve(tokens)
 
     def layout(self) -> Layout:
+        return self._layout
+
+    @cached_property
+    def _layout(self) -> Layout:  # fixed for the store's life, read at every decode step: made once
         return Layout(PackingFormat.TOKEN_GROUPS, bits=self.bits, group=self.g) if self.packed \
             else Layout(PackingFormat.DENSE)
 
@@ -434,7 +443,8 @@ class ProgressiveTokenStore(TokenGroupStore):
     def container_bits(self) -> int:
         return int(self.row_bits.max())
 
-    def layout(self) -> Layout:
+    @cached_property
+    def _layout(self) -> Layout:  # widths change per row, the layout does not
         return Layout(PackingFormat.ROW_WIDTH_TOKEN_GROUPS, group=self.g) if self.packed \
             else Layout(PackingFormat.DENSE)
 
