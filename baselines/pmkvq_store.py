@@ -6,6 +6,8 @@ width per batch row) belong to PM-KVQ alone; the shared stores they build on are
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from mixkvq.layout import Layout, PackingFormat
@@ -77,9 +79,16 @@ class ProgressiveTokenStore(TokenGroupStore):
     def container_bits(self) -> int:
         return int(self.row_bits.max())
 
-    def layout(self) -> Layout:
+    @cached_property
+    def _layout(self) -> Layout:  # widths change per row, the layout does not
         return Layout(PackingFormat.ROW_WIDTH_TOKEN_GROUPS, group=self.g) if self.packed \
             else Layout(PackingFormat.DENSE)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        out = super().buffers()
+        if self.packed:
+            out["row_bits"] = self.row_bits
+        return out
 
     def _width(self, bits: int) -> int:
         return words_for(self.d, bits) if self.packed else self.d

@@ -10,8 +10,9 @@ values leave their windows under different rules (KIVI: keys in R-blocks, values
 streams are located independently for each token: position u after the sink is in the key store iff
 u < key_store_len[b], and likewise for values.
 
-Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` / `V_FAST` when whole tiles unpack
-without gathers):
+The launcher reads each store through its layout and buffers (mixkvq/layout.py), looked up by `Layout.format` in
+`STORE_FORMATS`; it knows no store class. Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` /
+`V_FAST` when whole tiles unpack without gathers):
 - channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ/KVmix keys); a block's channel d
   holds words_for(P, w) int32 words, w per (block, channel) when widths are mixed (MixKVQ tiers, full precision
   channels stored raw; P a multiple of the 32-token tile), else one width for the store (any P: the generic
@@ -32,6 +33,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,31 +43,37 @@ import triton
 import triton.language as tl
 
 from kernels.pack import on_device_of
-from mixkvq.quantizer import CODE_BITS
-from baselines.pmkvq_store import ProgressiveTokenStore
-from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+from mixkvq.layout import Layout, PackingFormat
+from mixkvq.quantizer import CODE_BITS, PACK11
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
-MAX_SPLITS = 256
-# The sequence is split until there are about this many programs per SM (CUDA): many short programs leave little
-# of the last wave idle (H200, B=64, L=32k, KIVI-2 in the two-kernel form: 1742 us at 4, 1618 us at 32).
-SPLIT_PROGRAMS_PER_SM = 32
-NUM_WARPS = 4
-MAX_REGISTERS = None  # registers per thread of the split kernel (None: the compiler's choice, up to 255)
-# Whole tiles go to a kernel of their own (PART 1, no generic path: with the word-major unpack 128 instead of 255
-# registers for KIVI, so 4 programs per SM instead of 2) and the rest to a second one (PART 2) when the layer holds
-# at least this many whole tiles over its rows and KV heads; None: never. On an H200 at B=64, L=32k (262144 tiles)
-# it takes KIVI-2 from 1906 to 1618 us; at B=1 its second launch costs more than it saves
-# (results/bench/sweeps-2026-12-02b).
-LEAN_MIN_TILES: int | None = 65536
-LEAN_MAX_REGISTERS = None  # registers per thread of the whole-tile kernel
 # Columns of the per-row `lens` tensor (`_lens`): sink, key store, value store, total tokens, key and value code
 # widths (the widths of per-row-width stores; 0 for the others).
 LENS_COLS = tl.constexpr(6)
-# Whole tiles unpack each word in the thread that loaded it, with one scale and zero per word (`_word_major`);
-# False: the earlier broadcast unpack, kept to measure the two side by side (scripts/bench_decode_kernel.py).
-WORD_MAJOR = True
+
+
+@dataclass(frozen=True)
+class TritonTuning:
+    """How a call is split and compiled: values, not globals (benchmarks pass their own). No setting changes the
+    result beyond the summation order of the splits."""
+
+    # The sequence is split until there are about this many programs per SM (CUDA): many short programs leave
+    # little of the last wave idle (H200, B=64, L=32k, KIVI-2 in the two-kernel form: 1742 us at 4, 1618 us at 32).
+    split_programs_per_sm: int = 32
+    max_splits: int = 256
+    num_warps: int = 4
+    max_registers: int | None = None  # registers per thread of the split kernel (None: the compiler's, up to 255)
+    # Whole tiles go to a kernel of their own (PART 1, no generic path: with the word-major unpack 128 instead of
+    # 255 registers for KIVI, so 4 programs per SM instead of 2) and the rest to a second one (PART 2) when the
+    # layer holds at least this many whole tiles over its rows and KV heads; None: never. On an H200 at B=64,
+    # L=32k (262144 tiles) it takes KIVI-2 from 1906 to 1618 us; at B=1 its second launch costs more than it saves
+    # (results/bench/sweeps-2026-12-02b).
+    lean_min_tiles: int | None = 65536
+    lean_max_registers: int | None = None  # registers per thread of the whole-tile kernel
+
+
+DEFAULT_TUNING = TritonTuning()
 
 
 @triton.jit
@@ -177,7 +187,7 @@ def _token_tile(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, id
 def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb, w_sh, w_st, offsets, o_sb, o_sh,
                   o_st, b, h, u0, d, valid,
                   BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr,
-                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
+                  FP_BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """Raw words, scales, zeros (and width codes) of a whole channel-group tile; decoded by `_channel_decode`.
 
     Split from the decode so the main loop can fetch the next tile while it computes this one.
@@ -185,7 +195,7 @@ def _channel_load(codes, c_sb, c_sh, scale, zero, s_sb, s_sh, s_st, widths, w_sb
     NGT: tl.constexpr = BT // G if BT > G else 1  # scale groups the tile spans
     blk = u0 // P
     t0 = u0 % P
-    if MIXED or not (WM and G % (32 // BITS) == 0):
+    if MIXED or G % (32 // BITS) != 0:
         s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + t0 // G + tl.arange(0, NGT)[None, :]
     else:  # one scale and zero per word, in the words' shape [D, NW] (see `_word_major`)
         s_off = b * s_sb + h * s_sh + blk * s_st + d[:, None] * NG + \
@@ -232,7 +242,7 @@ def _word_major(word, sc, zr, BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr):
 @triton.jit
 def _channel_decode(word, sc, zr, wcode, u0,
                     BITS: tl.constexpr, MIXED: tl.constexpr, P: tl.constexpr, G: tl.constexpr, FP_BITS: tl.constexpr,
-                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
+                    MODEL_DTYPE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """A whole tile of a channel-group store as a dequantized [D, BT] tile (word-major when every word lies in one
     group and the width is uniform)."""
     NGT: tl.constexpr = BT // G if BT > G else 1
@@ -250,7 +260,7 @@ def _channel_decode(word, sc, zr, wcode, u0,
             fp = raw.to(tl.int16).to(MODEL_DTYPE, bitcast=True).to(tl.float32)
         val = _group_dequant(raw, sc, zr, MODEL_DTYPE, D, NGT, BT)
         val = tl.where(is_fp[:, None], fp.to(val.dtype), val)
-    elif WM and G % (32 // BITS) == 0:
+    elif G % (32 // BITS) == 0:
         val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
     else:
         raw = (word[:, :, None] >> (tl.arange(0, 32 // BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
@@ -269,14 +279,13 @@ def _group_dequant(raw, sc, zr, MODEL_DTYPE: tl.constexpr, R: tl.constexpr, NG: 
 
 @triton.jit
 def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0, valid,
-                BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                WM: tl.constexpr):
+                BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
     """Raw words, scales and zeros of a whole per-token tile (power-of-two codes per word)."""
     WPT: tl.constexpr = D // (32 // BITS)
     idx = u0 + tl.arange(0, BT)
     word = tl.load(codes + b * c_sb + h * c_sh + idx[:, None] * c_st + tl.arange(0, WPT)[None, :], mask=valid,
                    other=0)
-    if WM and G % (32 // BITS) == 0:  # one scale and zero per word, in the words' shape [BT, WPT] (`_word_major`)
+    if G % (32 // BITS) == 0:  # one scale and zero per word, in the words' shape [BT, WPT] (`_word_major`)
         s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + (tl.arange(0, WPT) * (32 // BITS) // G)[None, :]
     else:
         s_off = b * s_sb + h * s_sh + idx[:, None] * s_st + tl.arange(0, NG)[None, :]
@@ -287,9 +296,9 @@ def _token_load(codes, c_sb, c_sh, c_st, scale, zero, s_sb, s_sh, s_st, b, h, u0
 
 @triton.jit
 def _token_decode(word, sc, zr, BITS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                  D: tl.constexpr, BT: tl.constexpr, WM: tl.constexpr):
+                  D: tl.constexpr, BT: tl.constexpr):
     """A whole per-token tile as a dequantized [BT, D] tile (word-major when every word lies in one group)."""
-    if WM and G % (32 // BITS) == 0:
+    if G % (32 // BITS) == 0:
         val = _word_major(word, sc, zr, BITS, MODEL_DTYPE)
     else:
         raw = (word[:, :, None] >> (tl.arange(0, 32 // BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
@@ -335,7 +344,7 @@ def _decode_split_kernel(
     V_NG: tl.constexpr, V_FAST: tl.constexpr,
     FP_BITS: tl.constexpr, MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, N_KV: tl.constexpr,
     K_ROW_BITS: tl.constexpr, K_PACK11: tl.constexpr, V_ROW_BITS: tl.constexpr, V_PACK11: tl.constexpr,
-    PART: tl.constexpr, WORD_MAJOR: tl.constexpr,
+    PART: tl.constexpr,
 ):
     """PART 0: split s of a row's tokens, whole tiles and the rest. PART 1: only the whole tiles of split s
     (no generic path compiled in: fewer registers, more programs per SM). PART 2: one program per (row, head) for
@@ -390,42 +399,39 @@ def _decode_split_kernel(
         if K_FMT == 1:
             kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb, kwid_sh,
                                                kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, u_lo, d, first,
-                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT, WORD_MAJOR)
+                                               K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
         else:
             kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, u_lo, first,
-                                        K_BITS, K_G, K_NG, D, BT, WORD_MAJOR)
+                                        K_BITS, K_G, K_NG, D, BT)
         if V_FMT == 2:
             vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, u_lo, first,
-                                        V_BITS, V_G, V_NG, D, BT, WORD_MAJOR)
+                                        V_BITS, V_G, V_NG, D, BT)
         else:
             vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
                                                vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, u_lo, d, first,
-                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT, WORD_MAJOR)
+                                               V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
         for u0 in range(u_lo, main_end, BT):
             nxt = u0 + BT
             more = nxt < main_end
             if K_FMT == 1:
-                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT,
-                                     WORD_MAJOR)
+                kt = _channel_decode(kw_, ks_, kz_, kx_, u0, K_BITS, K_MIXED, K_P, K_G, FP_BITS, MODEL_DTYPE, D, BT)
                 kw_, ks_, kz_, kx_ = _channel_load(kc, kc_sb, kc_sh, ksc, kzr, ksc_sb, ksc_sh, ksc_st, kwid, kwid_sb,
                                                    kwid_sh, kwid_st, koff, koff_sb, koff_sh, koff_st, b, h, nxt, d,
-                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT,
-                                                   WORD_MAJOR)
+                                                   more, K_BITS, K_MIXED, K_P, K_G, K_NG, FP_BITS, D, BT)
             else:
-                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT, WORD_MAJOR))
+                kt = tl.trans(_token_decode(kw_, ks_, kz_, K_BITS, K_G, K_NG, MODEL_DTYPE, D, BT))
                 kw_, ks_, kz_ = _token_load(kc, kc_sb, kc_sh, kc_st, ksc, kzr, ksc_sb, ksc_sh, ksc_st, b, h, nxt,
-                                            more, K_BITS, K_G, K_NG, D, BT, WORD_MAJOR)
+                                            more, K_BITS, K_G, K_NG, D, BT)
             if V_FMT == 2:
-                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT, WORD_MAJOR)
+                vt = _token_decode(vw_, vs_, vz_, V_BITS, V_G, V_NG, MODEL_DTYPE, D, BT)
                 vw_, vs_, vz_ = _token_load(vc, vc_sb, vc_sh, vc_st, vsc, vzr, vsc_sb, vsc_sh, vsc_st, b, h, nxt,
-                                            more, V_BITS, V_G, V_NG, D, BT, WORD_MAJOR)
+                                            more, V_BITS, V_G, V_NG, D, BT)
             else:
                 vt = tl.trans(_channel_decode(vw_, vs_, vz_, vx_, u0, V_BITS, V_MIXED, V_P, V_G, FP_BITS,
-                                              MODEL_DTYPE, D, BT, WORD_MAJOR))
+                                              MODEL_DTYPE, D, BT))
                 vw_, vs_, vz_, vx_ = _channel_load(vc, vc_sb, vc_sh, vsc, vzr, vsc_sb, vsc_sh, vsc_st, vwid, vwid_sb,
                                                    vwid_sh, vwid_st, voff, voff_sb, voff_sh, voff_st, b, h, nxt, d,
-                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT,
-                                                   WORD_MAJOR)
+                                                   more, V_BITS, V_MIXED, V_P, V_G, V_NG, FP_BITS, D, BT)
             m_i, l_i, acc = _attend(qv, kt, vt, all_ok, m_i, l_i, acc, sm_scale_log2, DOT_DTYPE)
     else:
         main_end = u_lo
@@ -516,70 +522,106 @@ def _buffer_args(buf, dummy) -> list:
 
 _NO_CONSTS = dict(BITS=2, MIXED=False, P=TILE_TOKENS, G=TILE_TOKENS, NG=1, FAST=False, ROW_BITS=False, PACK11=False)
 _POW2_BITS = (2, 4, 8)  # codes per word a power of two: whole tiles unpack by broadcasting
-
-
-def _store_args(store, dummy) -> tuple[list, dict]:
-    """(tensor args, constexprs) locating one stream's quantized store for the kernel."""
-    unused = [dummy, 0, 0, 0]
-    if store is None:
-        return [*unused, dummy, dummy, 0, 0, 0, *unused, *unused], dict(FMT=_F_NONE, **_NO_CONSTS)
-    if not store.packed:  # fake storage: dequantized tokens in the model dtype
-        dense = store.values.view(store.b, store.h, -1, store.d) if isinstance(store, ChannelGroupStore) \
-            else store.values.data
-        return [*_strided(dense), dummy, dummy, 0, 0, 0, *unused, *unused], dict(FMT=_F_DENSE, **_NO_CONSTS)
-    if isinstance(store, ChannelGroupStore):
-        sc, zr = store.scale, store.zero  # [B, H, NB, D, P/G]
-        assert sc.stride() == zr.stride() and sc.stride(3) == sc.shape[4] and sc.stride(4) == 1
-        mixed = store.uniform_width is None
-        wid = [store.widths, *store.widths.stride()[:3]] if mixed else unused
-        off = [store.offsets, *store.offsets.stride()] if mixed else unused
-        pool = store.pool
-        pack11 = _is_pack11(store)
-        fast = store.p % TILE_TOKENS == 0 and (mixed or store.uniform_width in _POW2_BITS) and not pack11
-        consts = dict(FMT=_F_CHANNEL, BITS=store.uniform_width or 2, MIXED=mixed, P=store.p, G=store.g,
-                      NG=store.p // store.g, FAST=fast, ROW_BITS=False, PACK11=pack11)
-        return [pool, pool.stride(0), pool.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
-    codes, sc, zr = store.codes.data, store.scale.data, store.zero.data  # token groups: [B, H, T, X]
-    assert sc.stride() == zr.stride() and sc.stride(3) == 1
-    # PM-KVQ's progressive store: a width per row (from `lens`, see `_lens`), generic path only. BITS is then
-    # unused and fixed, so shrinks do not recompile the kernel.
-    row_bits = isinstance(store, ProgressiveTokenStore)
-    bits = 2 if row_bits else store.bits
-    consts = dict(FMT=_F_TOKEN, BITS=bits, MIXED=False, P=TILE_TOKENS, G=store.g, NG=store.d // store.g,
-                  FAST=not row_bits and bits in _POW2_BITS, ROW_BITS=row_bits, PACK11=False)
-    return [*_strided(codes), sc, zr, *sc.stride()[:3], *unused, *unused], consts
-
-
 # Widths a per-row-width store may hold: PM-KVQ's ladder (the token path unpacks any width up to 16 bits whose
 # codes per word, 32 // w, are as `pack` writes them; these are the ones tested).
 ROW_WIDTHS = (2, 4, 8, 16)
 
 
-def _is_pack11(store) -> bool:
-    """KVmix's 11-codes-per-word 3-bit layout (uniform 3-bit store; other widths pack as usual)."""
-    return store.pack11 and store.uniform_width == 3
+def _unused(dummy) -> list:
+    return [dummy, 0, 0, 0]
+
+
+def _dense_args(lay: Layout, buf: dict, dummy) -> tuple[list, dict]:
+    """Dequantized tokens in the model dtype (fake storage), read like a window."""
+    return [*_strided(buf["values"]), dummy, dummy, 0, 0, 0, *_unused(dummy), *_unused(dummy)], \
+        dict(FMT=_F_DENSE, **_NO_CONSTS)
+
+
+def _channel_args(lay: Layout, buf: dict, dummy) -> tuple[list, dict]:
+    sc, zr = buf["scale"], buf["zero"]  # [B, H, NB, D, P/G]
+    assert sc.stride() == zr.stride() and sc.stride(3) == sc.shape[4] and sc.stride(4) == 1
+    mixed = lay.bits is None
+    wid = [buf["widths"], *buf["widths"].stride()[:3]] if mixed else _unused(dummy)
+    off = [buf["offsets"], *buf["offsets"].stride()] if mixed else _unused(dummy)
+    codes = buf["codes"]
+    pack11 = lay.codes_per_word == PACK11
+    fast = lay.block % TILE_TOKENS == 0 and (mixed or lay.bits in _POW2_BITS) and not pack11
+    consts = dict(FMT=_F_CHANNEL, BITS=lay.bits or 2, MIXED=mixed, P=lay.block, G=lay.group,
+                  NG=lay.block // lay.group, FAST=fast, ROW_BITS=False, PACK11=pack11)
+    return [codes, codes.stride(0), codes.stride(1), 0, sc, zr, *sc.stride()[:3], *wid, *off], consts
+
+
+def _token_args(lay: Layout, buf: dict, dummy, row_bits: bool = False) -> tuple[list, dict]:
+    """Per-token groups; `row_bits`: a width per row (PM-KVQ), from `lens` (see `_lens`), generic path only. BITS
+    is then unused and fixed, so shrinks do not recompile the kernel."""
+    codes, sc, zr = buf["codes"], buf["scale"], buf["zero"]  # [B, H, T, X]
+    assert sc.stride() == zr.stride() and sc.stride(3) == 1
+    bits = 2 if row_bits else lay.bits
+    consts = dict(FMT=_F_TOKEN, BITS=bits, MIXED=False, P=TILE_TOKENS, G=lay.group, NG=sc.shape[3],
+                  FAST=not row_bits and bits in _POW2_BITS, ROW_BITS=row_bits, PACK11=False)
+    return [*_strided(codes), sc, zr, *sc.stride()[:3], *_unused(dummy), *_unused(dummy)], consts
+
+
+def _channel_problem(lay: Layout, buf: dict) -> str | None:
+    if lay.bits is None and lay.pack11:
+        return "KVmix's 11-codes-per-word 3-bit layout in a mixed-width store has no kernel format"
+    if lay.bits is None and lay.block % TILE_TOKENS:
+        return f"mixed-width channel block {lay.block} is not a multiple of {TILE_TOKENS} tokens"
+    return None
+
+
+def _token_problem(lay: Layout, buf: dict) -> str | None:
+    return None if lay.bits in CODE_BITS else f"token width {lay.bits} is not one of {CODE_BITS}"
+
+
+def _row_width_problem(lay: Layout, buf: dict) -> str | None:
+    widths = sorted(set(buf["row_bits"].tolist()))
+    return None if set(widths) <= set(ROW_WIDTHS) else f"per-row token widths {widths} are not all in {ROW_WIDTHS}"
+
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """How the kernel reads one packing format."""
+
+    args: Callable[[Layout, dict, torch.Tensor], tuple[list, dict]]  # (tensor args, constexprs) of one stream
+    problem: Callable[[Layout, dict], str | None] = lambda lay, buf: None  # why a store is out of reach, or None
+
+
+# The formats this kernel reads (mixkvq/layout.py); a store of any other format is refused by `supports`.
+STORE_FORMATS = {
+    PackingFormat.DENSE: StoreFormat(_dense_args),
+    PackingFormat.CHANNEL_GROUPS: StoreFormat(_channel_args, _channel_problem),
+    PackingFormat.TOKEN_GROUPS: StoreFormat(_token_args, _token_problem),
+    PackingFormat.ROW_WIDTH_TOKEN_GROUPS: StoreFormat(partial(_token_args, row_bits=True), _row_width_problem),
+}
+
+
+def _read(store) -> tuple[Layout | None, dict | None]:
+    return (None, None) if store is None else (store.layout(), store.buffers())
+
+
+def _store_args(lay: Layout | None, buf: dict | None, dummy) -> tuple[list, dict]:
+    """(tensor args, constexprs) locating one stream's quantized store for the kernel."""
+    if lay is None:
+        return [*_unused(dummy), dummy, dummy, 0, 0, 0, *_unused(dummy), *_unused(dummy)], \
+            dict(FMT=_F_NONE, **_NO_CONSTS)
+    return STORE_FORMATS[lay.format].args(lay, buf, dummy)
 
 
 def supports(layer) -> str | None:
     """Why the fused kernel cannot serve this layer, or None when it can."""
     ks, vs = layer.key_stream, layer.value_stream
     for st in (ks.store, vs.store):
-        # Exact types: a subclass may lay out or re-width its codes in ways this kernel does not know.
-        if st is not None and type(st) not in (ChannelGroupStore, TokenGroupStore, ProgressiveTokenStore):
-            return f"store {type(st).__name__} has no kernel format"
-        if st is None or not st.packed:  # fake storage is read as dense tokens, whatever its layout
+        if st is None:
             continue
-        if isinstance(st, ChannelGroupStore) and st.uniform_width is None:
-            if st.pack11:
-                return "KVmix's 11-codes-per-word 3-bit layout in a mixed-width store has no kernel format"
-            if st.p % TILE_TOKENS:
-                return f"mixed-width channel block {st.p} is not a multiple of {TILE_TOKENS} tokens"
-        if isinstance(st, ProgressiveTokenStore):
-            widths = sorted(set(st.row_bits.tolist()))
-            if not set(widths) <= set(ROW_WIDTHS):
-                return f"per-row token widths {widths} are not all in {ROW_WIDTHS}"
-        elif isinstance(st, TokenGroupStore) and st.bits not in CODE_BITS:
-            return f"token width {st.bits} is not one of {CODE_BITS}"
+        lay = st.layout()
+        fmt = STORE_FORMATS.get(lay.format)
+        if fmt is None:
+            return (f"layout {lay.format.value} has no reader in this kernel "
+                    f"(it reads {[f.value for f in STORE_FORMATS]})")
+        why = fmt.problem(lay, st.buffers())
+        if why is not None:
+            return why
     if (ks.sink is None) != (vs.sink is None):
         return "keys and values need the same sink"
     if layer.dim & (layer.dim - 1) or layer.dim < 16:
@@ -587,32 +629,40 @@ def supports(layer) -> str | None:
     return None
 
 
-def _lens(layer) -> torch.Tensor:
+def _lens(layer, k: tuple, v: tuple) -> torch.Tensor:
+    """Per row (LENS_COLS): sink, key store, value store and total tokens, key and value row widths."""
     ks, vs = layer.key_stream, layer.value_stream
     sink = ks.sink.lens if ks.sink is not None else torch.zeros_like(ks.window.lens)
     if vs.sink is not None and not torch.equal(vs.sink.lens, sink):
         raise RuntimeError("keys and values hold different numbers of sink tokens")
-    kq = ks.store.tokens() if ks.store is not None else torch.zeros_like(sink)
-    vq = vs.store.tokens() if vs.store is not None else torch.zeros_like(sink)
+    kq = k[1]["lens"] if k[0] is not None else torch.zeros_like(sink)
+    vq = v[1]["lens"] if v[0] is not None else torch.zeros_like(sink)
     total = ks.tokens()
-    cols = [sink, kq, vq, total, _row_bits(ks.store, sink), _row_bits(vs.store, sink)]  # LENS_COLS
+    cols = [sink, kq, vq, total, _row_bits(*k, sink), _row_bits(*v, sink)]  # LENS_COLS
     return torch.stack(cols, dim=1).to(torch.int32)
 
 
-def _row_bits(store, like: torch.Tensor) -> torch.Tensor:
+def _row_bits(lay: Layout | None, buf: dict | None, like: torch.Tensor) -> torch.Tensor:
     """Each row's code width in a per-row-width store (PM-KVQ, packed), else zeros (the kernel ignores them)."""
-    if isinstance(store, ProgressiveTokenStore) and store.packed:
-        return store.row_bits
+    if lay is not None and lay.format is PackingFormat.ROW_WIDTH_TOKEN_GROUPS:
+        return buf["row_bits"]
     return torch.zeros_like(like)
 
 
-def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, lean: bool | None = None) -> torch.Tensor:
-    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's sink + store + window.
+@dataclass(frozen=True, eq=False)
+class SplitPlan:
+    """One call's split-kernel launches, in order: (grid, keyword arguments) each, over the same arguments."""
 
-    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result; `lean`
-    forces (True) or forbids (False) the two-kernel split of whole tiles and the rest (None: `LEAN_MIN_TILES`).
-    """
+    args: list
+    launches: list[tuple[tuple[int, int, int], dict]]
+    o_part: torch.Tensor  # per split: output and log-sum-exp, merged by `_merge_splits_kernel`
+    lse_part: torch.Tensor
+    num_splits: int
+
+
+def split_plan(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None, lean: bool | None = None,
+               tuning: TritonTuning = DEFAULT_TUNING) -> SplitPlan:
+    """The split kernel's launches for `query` over the layer (see `fused_decode`), without launching them."""
     # `supports(layer)` was checked when the kernel was bound to the layer (kernels.resolve_decode_kernel).
     bsz, hq, qlen, dim = query.shape
     assert qlen == 1 and query.stride(-1) == 1
@@ -620,25 +670,27 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     gq = hq // n_kv
     ks, vs = layer.key_stream, layer.value_stream
     dev = query.device
-    lens_host = _lens(layer)
+    k, v = _read(ks.store), _read(vs.store)  # (layout, buffers) of each stream's store
+    lens_host = _lens(layer, k, v)
     # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
     lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
     dummy = ks.window.data
-    k_args, kc = _store_args(ks.store, dummy)
-    v_args, vc = _store_args(vs.store, dummy)
+    k_args, kc = _store_args(*k, dummy)
+    v_args, vc = _store_args(*v, dummy)
     ln = lens_host.numpy()  # host arithmetic in numpy: a few microseconds less per call than torch ops
     whole = np.minimum(ln[:, 1], ln[:, 2])
     whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores
     if lean is None:
-        lean = LEAN_MIN_TILES is not None and int(whole.sum()) // TILE_TOKENS * n_kv >= LEAN_MIN_TILES
+        lean = tuning.lean_min_tiles is not None and \
+            int(whole.sum()) // TILE_TOKENS * n_kv >= tuning.lean_min_tiles
     lean = bool(lean and kc["FAST"] and vc["FAST"] and int(whole.max()) > 0)
     # Splits cover the tokens after the sink (one kernel) or the whole tiles (lean; the rest is one more split).
     n_split = int(whole.max()) if lean else int((ln[:, 3] - ln[:, 0]).max())
     tiles = max(1, -(-n_split // TILE_TOKENS))
     if num_splits is None:
-        per_sm = SPLIT_PROGRAMS_PER_SM if dev.type == "cuda" else 4  # the interpreter: a few splits, few programs
+        per_sm = tuning.split_programs_per_sm if dev.type == "cuda" else 4  # the interpreter: a few splits
         want = -(-per_sm * _sm_count(dev) // (bsz * n_kv))
-        num_splits = max(1, min(tiles, want, MAX_SPLITS))
+        num_splits = max(1, min(tiles, want, tuning.max_splits))
     split_tokens = -(-tiles // num_splits) * TILE_TOKENS
     num_splits = max(1, -(-n_split // split_tokens)) + int(lean)
     o_part = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=dev)
@@ -654,20 +706,34 @@ def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | N
     consts = dict(GQ=gq, GP=max(16, triton.next_power_of_2(gq)), D=dim, BT=TILE_TOKENS, HAS_SINK=ks.sink is not None,
                   **{f"K_{k}": v for k, v in kc.items()}, **{f"V_{k}": v for k, v in vc.items()},
                   FP_BITS=fp_bits, MODEL_DTYPE=_TL_DTYPES[model_dtype], DOT_DTYPE=dot_dtype, N_KV=n_kv,
-                  WORD_MAJOR=WORD_MAJOR,
-                  num_warps=NUM_WARPS, num_stages=1)  # the main loop prefetches by hand; stages only cost shared memory
+                  num_warps=tuning.num_warps, num_stages=1)  # the loop prefetches by hand; stages only cost smem
+    regs = {} if tuning.max_registers is None else dict(maxnreg=tuning.max_registers)
     if lean:
-        regs = {} if LEAN_MAX_REGISTERS is None else dict(maxnreg=LEAN_MAX_REGISTERS)
-        _decode_split_kernel[(bsz, n_kv, num_splits - 1)](*args, **consts, PART=1, **regs)
-        regs = {} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)
-        _decode_split_kernel[(bsz, n_kv, 1)](*args, **consts, PART=2, **regs)
+        lean_regs = {} if tuning.lean_max_registers is None else dict(maxnreg=tuning.lean_max_registers)
+        launches = [((bsz, n_kv, num_splits - 1), dict(consts, PART=1, **lean_regs)),
+                    ((bsz, n_kv, 1), dict(consts, PART=2, **regs))]
     else:
-        regs = {} if MAX_REGISTERS is None else dict(maxnreg=MAX_REGISTERS)
-        _decode_split_kernel[(bsz, n_kv, num_splits)](*args, **consts, PART=0, **regs)
+        launches = [((bsz, n_kv, num_splits), dict(consts, PART=0, **regs))]
+    return SplitPlan(args, launches, o_part, lse_part, num_splits)
+
+
+def fused_decode(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None,
+                 out: torch.Tensor | None = None, lean: bool | None = None,
+                 tuning: TritonTuning = DEFAULT_TUNING) -> torch.Tensor:
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's sink + store + window.
+
+    `num_splits` overrides the split count picked from the device's SM count; `out` receives the result; `lean`
+    forces (True) or forbids (False) the two-kernel split of whole tiles and the rest (None: `lean_min_tiles`).
+    """
+    plan = split_plan(query, layer, scaling, num_splits, lean, tuning)
+    for grid, kwargs in plan.launches:
+        _decode_split_kernel[grid](*plan.args, **kwargs)
+    bsz, hq, _, dim = query.shape
     if out is None:
-        out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=dev)
-    _merge_splits_kernel[(bsz * hq,)](o_part, lse_part, out, num_splits, D=dim,
-                                      SP=max(2, triton.next_power_of_2(num_splits)), OUT_DTYPE=_TL_DTYPES[query.dtype])
+        out = torch.empty(bsz, 1, hq, dim, dtype=query.dtype, device=query.device)
+    _merge_splits_kernel[(bsz * hq,)](plan.o_part, plan.lse_part, out, plan.num_splits, D=dim,
+                                      SP=max(2, triton.next_power_of_2(plan.num_splits)),
+                                      OUT_DTYPE=_TL_DTYPES[query.dtype])
     return out
 
 

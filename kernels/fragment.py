@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from mixkvq.layout import PackingFormat
-from mixkvq.paged import page_problems, to_pages
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = ("fragment_decode.cu",)
@@ -76,13 +75,16 @@ def compiler_available() -> bool:
 
 def _page_layout(layer):
     ks = layer.key_stream.store
-    lay = ks.layout() if hasattr(ks, "layout") else None
+    lay = ks.layout() if ks is not None else None
     return lay.page if lay is not None and lay.format is PackingFormat.FRAGMENT_PAGES else None
 
 
 def supports(layer) -> str | None:
     """Why the CUDA kernel cannot serve this layer (None: it can, after `prepare`)."""
     if _page_layout(layer) is None:
+        # Imported here: the page stores build on mixkvq.storage, which kernels do not load (tests/test_layering.py).
+        from mixkvq.paged import page_problems
+
         problems = page_problems(layer)
         if problems:
             return "; ".join(problems)
@@ -108,6 +110,8 @@ def supports(layer) -> str | None:
 def prepare(layer) -> None:
     """Put a fresh layer's stores into fragment pages (once, when the kernel is bound)."""
     if _page_layout(layer) is None:
+        from mixkvq.paged import to_pages
+
         to_pages(layer)
 
 
@@ -118,13 +122,13 @@ def fragment_decode(query: torch.Tensor, layer, scaling: float, tuning: Tuning =
     The host work is the extension's: it reads the layer's per-row counters and plans the splits in C++.
     """
     ks, vs = layer.key_stream, layer.value_stream
-    kst = ks.store
-    pl = kst.pages.layout
+    pl = ks.store.layout().page
+    kb, vb = ks.store.buffers(), vs.store.buffers()  # one page buffer; each store's own token counts
     sink = ks.sink
     return extension(query.device).decode(
-        query, kst.pages.data, ks.window.data, vs.window.data, sink.data if sink is not None else None,
-        vs.sink.data if sink is not None else None, sink.lens if sink is not None else None, kst.count,
-        vs.store.count, ks.window.lens, scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group,
+        query, kb["pages"], ks.window.data, vs.window.data, sink.data if sink is not None else None,
+        vs.sink.data if sink is not None else None, sink.lens if sink is not None else None, kb["lens"],
+        vb["lens"], ks.window.lens, scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group,
         [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min], keys_only, tuning.variant)
 
 

@@ -1,10 +1,10 @@
 """Triton quantize-and-pack kernels for the cache's flush paths, bit-identical to `quantize` + `pack`.
 
-Two layouts, the two stores of mixkvq/storage.py:
-- per-token groups (TokenGroupStore): one program per (token tile, head, row) quantizes G-channel groups of each
+Two layouts of mixkvq/layout.py, written into buffers the store hands over:
+- per-token groups (TOKEN_GROUPS): one program per (token tile, head, row) quantizes G-channel groups of each
   token and writes codes [W words], scale and zero [D/G] straight into the store's RaggedBuffers at each
   row's current length: a released token costs one launch and no intermediate tensor.
-- per-channel groups along tokens (ChannelGroupStore): one program per (block, head, channel tile) quantizes
+- per-channel groups along tokens (CHANNEL_GROUPS): one program per (block, head, channel tile) quantizes
   G-token groups of each channel of a P-token block and writes each channel's words at its pool offset,
   full-precision channels (width code 0) as raw 16/32-bit patterns (`pack_float`), so one launch per width
   present covers the uniform (KIVI) and mixed (MixKVQ) cases.
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from mixkvq.quantizer import QuantSpec, check_bits, words_for
-from mixkvq.ragged import grow
+from mixkvq.ragged import Ragged, RaggedBuffer, grow
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TILE = 4096  # elements of a program's tile: keeps the fp32 tile in registers
@@ -226,13 +226,14 @@ def on_device_of(t: torch.Tensor):
 
 def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, codes: torch.Tensor,
                               scale: torch.Tensor, zero: torch.Tensor, starts: torch.Tensor | int = 0,
-                              counts: torch.Tensor | None = None) -> None:
+                              counts: torch.Tensor | None = None, tile_elements: int = _MAX_TILE) -> None:
     """Quantize per-token groups of x [B, H, T, D] and write them into preallocated destinations.
 
     codes [B, H, cap, words_for(D, bits)] int32, scale/zero [B, H, cap, D // group] (meta dtype). With
     starts/counts tensors (int64 [B], on x's device) row b writes its first counts[b] tokens at starts[b]..;
     with an int start and no counts, every row writes all T tokens at start.. (no index tensor to ship to the
-    device). Nothing else of the destinations is touched."""
+    device). Nothing else of the destinations is touched. `tile_elements` bounds a program's tile (tests make it
+    small, so that a few tokens span several programs)."""
     bits = check_bits(bits, "bits")
     b, h, t, d = x.shape
     if d % group:
@@ -249,7 +250,7 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
     if not ragged:
         starts = counts = codes  # placeholders, never read
     nw_pad, cpw_pad = _pow2(nw), _pow2(cpw)
-    bt = min(_pow2(t), max(1, _MAX_TILE // (nw_pad * cpw_pad)))
+    bt = min(_pow2(t), max(1, tile_elements // (nw_pad * cpw_pad)))
     with on_device_of(x):
         _tokens_kernel[(triton.cdiv(t, bt), h, b)](
             x, *x.stride(), codes, *codes.stride()[:3], scale, zero, *scale.stride()[:3], starts, counts, start0, t,
@@ -258,31 +259,32 @@ def quantize_pack_tokens_into(x: torch.Tensor, bits: int, group: int, spec: Quan
         )
 
 
-def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec):
+def quantize_pack_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, tile_elements: int = _MAX_TILE):
     """x [N, H, T, D] -> (codes int32 [N, H, T, words_for(D, bits)], scale, zero [N, H, T, D // group])."""
     n, h, t, d = x.shape
     codes = torch.empty(n, h, t, words_for(d, bits), dtype=torch.int32, device=x.device)
     scale = torch.empty(n, h, t, d // group, dtype=spec.meta_dtype, device=x.device)
     zero = torch.empty_like(scale)
-    quantize_pack_tokens_into(x, bits, group, spec, codes, scale, zero)
+    quantize_pack_tokens_into(x, bits, group, spec, codes, scale, zero, tile_elements=tile_elements)
     return codes, scale, zero
 
 
-def append_tokens(store, r) -> None:
-    """TokenGroupStore.append (packed) in one launch: grow the buffers as RaggedBuffer does, write in place."""
+def append_tokens(r: Ragged, bits: int, group: int, spec: QuantSpec, codes: RaggedBuffer, scale: RaggedBuffer,
+                  zero: RaggedBuffer) -> None:
+    """Quantize per-token groups of r's rows and append them to the three buffers of a per-token store (codes,
+    scale, zero) in one launch: grown as RaggedBuffer.append grows them, written in place."""
     if int(r.lens.max()) == 0:
         return
-    bufs = (store.codes, store.scale, store.zero)
-    need = int((store.codes.lens + r.lens).max())
+    bufs = (codes, scale, zero)
+    need = int((codes.lens + r.lens).max())
     for buf in bufs:
         buf.data = grow(buf.data, 2, need)
-    lens, t = store.codes.lens, r.data.shape[2]
+    lens, t = codes.lens, r.data.shape[2]
     if bool((r.lens == t).all()) and bool((lens == lens[0]).all()):  # equal rows (samples of one prompt)
         starts, counts = int(lens[0]), None
     else:
         starts, counts = torch.stack((lens, r.lens)).to(r.data.device, non_blocking=True)
-    quantize_pack_tokens_into(r.data, store.bits, store.g, store.spec, store.codes.data, store.scale.data,
-                              store.zero.data, starts, counts)
+    quantize_pack_tokens_into(r.data, bits, group, spec, codes.data, scale.data, zero.data, starts, counts)
     for buf in bufs:
         buf.lens += r.lens
 
@@ -328,10 +330,3 @@ def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tenso
                 H=h, D=d, P=p, G=group, WCODE=w, BITS=bits, CPW=cpw, NW=nw, NW_PAD=nw_pad, CPW_PAD=cpw_pad,
                 BD=bd, RAW=raw, HAS_WIDTHS=width_map is not None, **_numerics(spec), num_warps=4,
             )
-
-
-def write_channel_blocks(store, blocks, widths, rows, slots, word_base) -> None:
-    """ChannelGroupStore._write_packed's code writes (pool, scale, zero) in one launch per width present."""
-    uniform = store.uniform_width
-    quantize_pack_channel_blocks(blocks, uniform if uniform is not None else widths, store.g, store.spec,
-                                 store.pool, store.scale, store.zero, rows, slots, word_base)

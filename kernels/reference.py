@@ -11,6 +11,8 @@ not counted in the cache's byte figures. A store that rewrites its tokens bumps 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -28,22 +30,25 @@ class ReferenceState:
         have, total = self.decoded.lens, store.tokens()
         if bool((total > have).any()):
             start = int(have.min())
-            unit = getattr(store, "p", 1)  # channel-group stores decode whole blocks
-            start -= start % unit
+            start -= start % store.layout().read_unit  # e.g. channel groups decode whole blocks
             _, new = split_front(store.ragged(start), have - start)
             self.decoded.append(new)
         return self.decoded.view()
 
 
+# store -> its ReferenceState: held while the store lives (a layer whose stores are replaced starts afresh).
+_STATES: "weakref.WeakKeyDictionary[object, ReferenceState]" = weakref.WeakKeyDictionary()
+
+
 def stream_tokens(layer, name: str) -> Ragged:
     stream = getattr(layer, name)
     parts = [stream.sink.view()] if stream.sink is not None else []
-    if stream.store is not None:
-        states = layer.__dict__.setdefault("reference_states", {})
-        state = states.get(name)
-        if state is None or state.version != stream.store.version:
-            state = states[name] = ReferenceState(stream.store, stream.window.data)
-        parts.append(state.read(stream.store))
+    store = stream.store
+    if store is not None:
+        state = _STATES.get(store)
+        if state is None or state.version != store.version:
+            state = _STATES[store] = ReferenceState(store, stream.window.data)
+        parts.append(state.read(store))
     parts.append(stream.window.view())
     return ragged_cat(parts) if len(parts) > 1 else parts[0]
 

@@ -147,6 +147,7 @@ def run_row(cfg: DictConfig, rd: RunDir, method, loaded, devices: list[torch.dev
         "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
         "model_revision": loaded.revision, "model_weights_sha256": loaded.weights_sha256,
         "task": cfg.task.name, "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
+        "pack_kernel": cfg.quant.get("pack_kernel", "auto"),  # who packed the stores' writes (the same bits)
         # agreement with bf16 means chance under sampling, a deterministic comparison under greedy decoding
         "decoding": "sampled" if cfg.generation.do_sample else "greedy",
         # what `decode_kernel` resolved to: the kernels that produced the speed figures (older samples lack it)

@@ -382,6 +382,7 @@ def run(cfg: DictConfig) -> dict:
             "model": cfg.model.name, "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
             "task": cfg.task.name, "reference": f.reference, "reference_length": int(f.tokens),
             "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
+            "pack_kernel": cfg.quant.get("pack_kernel", "auto"),
             "decode_kernels_used": "+".join(sorted(set("+".join(samples["decode_kernels"]).split("+")))),
             "position_buckets": json.dumps(list(f.buckets)),
             **summarize(samples, list(f.buckets)),

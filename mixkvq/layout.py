@@ -1,7 +1,22 @@
 """Packed layouts as data: what a store holds and in what order, for stores, kernels and the reference alike.
 
-Each packed store answers `layout()` with a `Layout`: its `PackingFormat` and the numbers a reader needs (bits,
-groups, block). Kernels and the reference decoder read layouts and buffers; they do not reach into store classes.
+Every store answers two questions; the fused kernels (kernels/) read a store through these alone (the PyTorch
+reference asks the store to dequantize itself: `ragged(start)`, `version`):
+- `layout()`: a `Layout`, a frozen and hashable value: the `PackingFormat` and the numbers that locate codes
+  (code width, group, block, word packing, page layout). It does not change while the store lives.
+- `buffers()`: the store's tensors now, by name (`BUFFERS` lists the names of each format); valid until its next
+  write, which may reallocate them. Every format has `lens`, tokens stored per row (int64 [B], on the host).
+  - DENSE: `values` [B, H, T, D] in the model dtype (dequantized tokens: storage=fake).
+  - CHANNEL_GROUPS: `codes` int32 [B, H, words], one pool per (row, head); `scale`, `zero` [B, H, blocks, D,
+    block / group]. One width (`bits`): block k, channel d holds w = ceil(block / codes_per_word) words at
+    (k * D + d) * w. Mixed widths (`bits` None) add `widths` uint8 [B, H, blocks, D] (0: full
+    precision, raw model-dtype bits) and `offsets` int64 [B, H, blocks] (each block's first word; a block's
+    channels follow one another, each taking the words of its own width).
+  - TOKEN_GROUPS: `codes` int32 [B, H, T, words_for(D, bits)]; `scale`, `zero` [B, H, T, D / group].
+  - ROW_WIDTH_TOKEN_GROUPS: as TOKEN_GROUPS, with `row_bits` int64 [B] (host): row b's width; its tokens use the
+    first words_for(D, row_bits[b]) words of a `codes` row (the widest row's words).
+  - FRAGMENT_PAGES: `pages` int32 [B, H, pages, page_words], shared by a layer's key and value stores.
+Codes are `bits` wide, `codes_per_word` to an int32 word, the first in the lowest bits (mixkvq/quantizer.py).
 
 `FragmentPageLayout` is the layout made for the CUDA decode kernel (kernels/cuda): per (row, KV head, 32-token
 page) one contiguous page holding the page's key codes, key scales and zeros, value codes, value scales and zeros.
@@ -24,6 +39,8 @@ from functools import lru_cache
 
 import torch
 
+from mixkvq.quantizer import PACK11
+
 
 class PackingFormat(enum.Enum):
     """How a store lays out its codes (one entry per store kind; `Layout.format`)."""
@@ -37,14 +54,38 @@ class PackingFormat(enum.Enum):
 
 @dataclass(frozen=True)
 class Layout:
-    """A store's packing format and the numbers that locate its codes."""
+    """A store's packing format and the numbers that locate its codes (its tensors: the store's `buffers()`)."""
 
     format: PackingFormat
     bits: int | None = None  # one code width (None: mixed per block and channel, or per row)
     group: int | None = None  # tokens (channel groups) or channels (token groups) per scale and zero
     block: int | None = None  # tokens per block (channel groups)
-    pack11: bool = False  # KVmix's 3-bit words of 11 codes
+    pack11: bool = False  # KVmix's 3-bit words: 11 codes per word, the 11th of 2 bits (in bits 30-31)
     page: "FragmentPageLayout | None" = None  # FRAGMENT_PAGES only
+    read_unit: int = 1  # stored tokens decode in runs starting at multiples of this (whole blocks, whole pages)
+
+    @property
+    def codes_per_word(self) -> int | None:
+        """Codes per int32 word at the one width (None: widths differ per block and channel, or per row)."""
+        if self.bits is None:
+            return None
+        return PACK11 if self.pack11 and self.bits == 3 else 32 // self.bits
+
+    def buffer_names(self) -> tuple[str, ...]:
+        """The names `buffers()` answers for this layout."""
+        mixed = ("widths", "offsets") if self.format is PackingFormat.CHANNEL_GROUPS and self.bits is None else ()
+        return BUFFERS[self.format] + mixed + ("lens",)
+
+
+# Tensors every store of a format answers in `buffers()` (mixed-width channel groups add `widths`, `offsets`; every
+# format adds `lens`); what each holds: the module docstring.
+BUFFERS: dict[PackingFormat, tuple[str, ...]] = {
+    PackingFormat.DENSE: ("values",),
+    PackingFormat.CHANNEL_GROUPS: ("codes", "scale", "zero"),
+    PackingFormat.TOKEN_GROUPS: ("codes", "scale", "zero"),
+    PackingFormat.ROW_WIDTH_TOKEN_GROUPS: ("codes", "scale", "zero", "row_bits"),
+    PackingFormat.FRAGMENT_PAGES: ("pages",),
+}
 
 
 PAGE_TOKENS = 32  # tokens per page: one key group (per-channel scales) and two 16-token tiles

@@ -5,8 +5,8 @@
     python scripts/lm_eval_run.py method=kivi lm_eval.tasks=[gsm8k_cot_zeroshot_local]   # the project's way
 
 `kv_method` names a configs/method/*.yaml; any field of that method's config is an override by its own name
-(`k_bits=4`, `residual_length=64`); `kv_storage`, `kv_decode_kernel` and `kv_model` (the configs/model entry whose
-per-model settings a method reads, e.g. MixKVQ's target bits) complete the cache settings. Everything else goes
+(`k_bits=4`, `residual_length=64`); `kv_storage`, `kv_decode_kernel`, `kv_pack_kernel` and `kv_model` (the
+configs/model entry whose per-model settings a method reads, e.g. MixKVQ's target bits) complete the cache settings. Everything else goes
 to lm-eval's HFLM.
 
 Only generation measures KV quantization: a loglikelihood request is one prefill, which attends over exact K/V
@@ -33,7 +33,8 @@ from mixkvq.protocol import eos_ids
 
 MODEL_NAME = "hf-kvq"
 # Model arguments that set the cache rather than HFLM; method fields are recognised by name.
-CACHE_ARGS = {"kv_storage": "storage", "kv_decode_kernel": "attention.decode_kernel"}
+CACHE_ARGS = {"kv_storage": "storage", "kv_decode_kernel": "attention.decode_kernel",
+              "kv_pack_kernel": "quant.pack_kernel"}
 GENERATION_ONLY = (
     f"model {MODEL_NAME!r} runs generation tasks only: a loglikelihood request is one prefill, which attends over "
     "exact K/V here, so KV quantization would not change its score. Run loglikelihood tasks with lm-eval's 'hf' model"

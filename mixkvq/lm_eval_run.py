@@ -169,6 +169,7 @@ def run_task(cfg: DictConfig, task: str, lm, loaded, task_manager, started: dict
             "nominal_bits": lm.kv_method.nominal_bits, "storage": cfg.storage, "model": cfg.model.name,
             "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."), "task": task,
             "decode_kernel": cfg.attention.decode_kernel, "seed": cfg.seed,
+            "pack_kernel": cfg.quant.get("pack_kernel", "auto"),
             "decoding": "sampled" if gen.get("do_sample") else "greedy",
             "lm_eval_metric": key, "pass1": value, "pass1_se": stderr,
             "n_problems": len({s["doc_id"] for s in samples[task]}),  # samples hold one entry per filter

@@ -22,7 +22,7 @@ from mixkvq.config import per_model_settings
 from mixkvq.errors import ConfigError
 from mixkvq.quantizer import QuantSpec
 from mixkvq.registry import Registry
-from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+from mixkvq.storage import ChannelGroupStore, TokenGroupStore, check_pack_kernel
 
 # Every method by name, imported on first use; a new method adds its line here.
 METHODS: Registry[type["Method"]] = Registry("method", {
@@ -73,10 +73,12 @@ class Method:
 
     config_cls: type
 
-    def __init__(self, cfg, shape: ModelShape, quant: QuantSpec, storage: str, model_cfg=None):
+    def __init__(self, cfg, shape: ModelShape, quant: QuantSpec, storage: str, model_cfg=None,
+                 pack_kernel: str = "auto"):
         if storage not in STORAGE_MODES:
             raise ConfigError(f"storage={storage!r} is not valid; choose one of {list(STORAGE_MODES)}")
         self.cfg, self.shape, self.quant, self.storage = cfg, shape, quant, storage
+        self.pack_kernel = check_pack_kernel(pack_kernel)  # who packs the stores' writes (`quant.pack_kernel`)
         self.model_cfg = model_cfg  # the model config: its name (artifacts), its generation budget
         # The method's per-model paper settings for this model (`per_model` in its config), for options left null.
         self.per_model = per_model_settings(getattr(cfg, "per_model", None), model_name(model_cfg))
@@ -127,12 +129,12 @@ class Method:
     def channel_store(self, batch, block: int, group: int, width: int | None, pack11: bool = False) -> ChannelGroupStore:
         s = self.shape
         return ChannelGroupStore(batch, s.kv_heads, s.head_dim, block, group, s.dtype, self.device, self.quant,
-                                 self.storage == "packed", width, pack11)
+                                 self.storage == "packed", width, pack11, self.pack_kernel)
 
     def token_store(self, batch, group: int, bits: int) -> TokenGroupStore:
         s = self.shape
         return TokenGroupStore(batch, s.kv_heads, s.head_dim, group, bits, s.dtype, self.device, self.quant,
-                               self.storage == "packed")
+                               self.storage == "packed", self.pack_kernel)
 
 
 def method_config(node, extra: dict | None = None):
@@ -189,12 +191,14 @@ def check_type(key: str, value, kind) -> None:
 
 def build_method(cfg, model, method=None) -> Method:
     """The method of a run config: `cfg.method` (or the `method` node given instead), its storage, and the
-    quantizer settings `cfg.quant` for the model's dtype. `model` is the loaded model or its `ModelShape`.
-    The method's `per_model` settings (e.g. MixKVQ's target bits) are resolved for `cfg.model` (its name)."""
+    quantizer settings `cfg.quant` for the model's dtype (with `quant.pack_kernel`, who packs the stores' writes).
+    `model` is the loaded model or its `ModelShape`. The method's `per_model` settings (e.g. MixKVQ's target bits)
+    are resolved for `cfg.model` (its name)."""
     shape = model if isinstance(model, ModelShape) else ModelShape.of(model)
     quant = QuantSpec.from_config(cfg.quant, shape.dtype)
     config = method_config(cfg.method if method is None else method)
-    return METHODS.get(config.name)(config, shape, quant, cfg.storage, cfg.get("model"))
+    return METHODS.get(config.name)(config, shape, quant, cfg.storage, cfg.get("model"),
+                                    pack_kernel=cfg.quant.get("pack_kernel", "auto"))
 
 
 def check_choice(key: str, value, choices) -> None:

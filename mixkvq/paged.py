@@ -16,6 +16,8 @@ same tokens. `to_pages(layer)` swaps a fresh layer's stores when `page_problems(
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
@@ -72,8 +74,15 @@ class PagedKeyStore:
         self._heads = torch.arange(heads, device=dev)
 
     def layout(self) -> Layout:
+        return self._layout
+
+    @cached_property
+    def _layout(self) -> Layout:  # fixed for the store's life, read at every decode step: made once
         return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=PAGE_TOKENS, block=self.block,
-                      page=self.pages.layout)
+                      page=self.pages.layout, read_unit=PAGE_TOKENS)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {"pages": self.pages.data, "lens": self.count}
 
     def append(self, r: Ragged, widths_fn=None) -> None:
         split = whole_blocks(r, self.block)
@@ -157,7 +166,14 @@ class PagedValueStore:
         self.bytes_per_token = heads * pages.layout.value_bytes_per_token()
 
     def layout(self) -> Layout:
+        return self._layout
+
+    @cached_property
+    def _layout(self) -> Layout:  # fixed for the store's life, read at every decode step: made once
         return Layout(PackingFormat.FRAGMENT_PAGES, bits=self.bits, group=self.g, page=self.pages.layout)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {"pages": self.pages.data, "lens": self.count}
 
     def append(self, r: Ragged, widths_fn=None) -> None:
         if int(r.lens.max()) == 0:

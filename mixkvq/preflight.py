@@ -22,6 +22,7 @@ from mixkvq.models import ModelConfig, ModelFiles, _resolve_device, check_contex
 from mixkvq.quantizer import QuantSpec
 from mixkvq.results import RunState, check_saved_config, check_unlocked, run_name, run_state
 from mixkvq.sinks import resolve_mode
+from mixkvq.storage import check_pack_kernel
 from mixkvq.tasks import Problem, load_task
 
 
@@ -79,6 +80,7 @@ def check_cache_config(cfg: DictConfig) -> None:
     check_number("quant.min_scale", cfg.quant.min_scale, float, above=0)
     QuantSpec.from_config(cfg.quant, torch.float32)
     check_choice("attention.decode_kernel", cfg.attention.decode_kernel, decode_kernel_names())
+    check_pack_kernel(cfg.quant.get("pack_kernel", "auto"))
     check_choice("storage", cfg.storage, STORAGE_MODES)
 
 
@@ -133,10 +135,12 @@ def preflight(cfg: DictConfig) -> Checked:
     gen = generation_kwargs(cfg)
     mc = ModelConfig.from_cfg(cfg.model)
     shape_device = _resolve_device(mc.device)
-    why = kernel_unavailable(cfg.attention.decode_kernel, shape_device)
-    if why:
-        raise ConfigError(f"attention.decode_kernel={cfg.attention.decode_kernel!r} cannot run on this run's device "
-                          f"({shape_device}): {why}; choose auto or torch")
+    for key, name in (("attention.decode_kernel", cfg.attention.decode_kernel),
+                      ("quant.pack_kernel", cfg.quant.get("pack_kernel", "auto"))):
+        why = kernel_unavailable(name, shape_device)
+        if why:
+            raise ConfigError(f"{key}={name!r} cannot run on this run's device ({shape_device}): {why}; "
+                              "choose auto or torch")
     files = read_model_files(mc, cfg.hub_timeout_s)
     shape = model_shape(mc, files)
     method = build_method(cfg, shape)

@@ -14,22 +14,32 @@ keeps the dequantized tensor, computed by the same `dequantize`, so both give id
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from mixkvq.errors import ConfigError
 from mixkvq.layout import Layout, PackingFormat
 from mixkvq.quantizer import PACK11, QuantSpec, clamp_slot11, dequantize, pack, pack11, pack_float, quantize, unpack, words_for
 from mixkvq.ragged import Ragged, RaggedBuffer, from_token, grow, reserve, to_device, whole_blocks
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
-# Packed writes through the Triton kernels of kernels/pack.py: "auto" on CUDA tensors, "on" everywhere (CPU runs
-# them in the Triton interpreter: tests), "off" never. They store the bits `quantize` + `pack` store, on CPU and on
-# CUDA (both divide with IEEE division; tests/test_pack_kernels.py), so fake storage still gives the same tokens.
-PACK_KERNELS = "auto"
+# Who quantizes and packs a packed store's writes (`quant.pack_kernel`, a store's `pack_kernel`): "triton", the
+# kernels of kernels/pack.py (a CPU runs them in the Triton interpreter: tests); "torch", `quantize` + `pack`;
+# "auto", Triton on CUDA tensors. Both store the same bits on CPU and CUDA (IEEE divisions;
+# tests/test_pack_kernels.py), so the choice changes speed only, and fake storage still gives the same tokens.
+PACK_KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
-def _pack_kernels(t: torch.Tensor) -> bool:
-    return PACK_KERNELS == "on" or (PACK_KERNELS == "auto" and t.is_cuda)
+def check_pack_kernel(value: str, key: str = "quant.pack_kernel") -> str:
+    if value not in PACK_KERNEL_CHOICES:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(PACK_KERNEL_CHOICES)}")
+    return value
+
+
+def uses_pack_kernels(pack_kernel: str, t: torch.Tensor) -> bool:
+    """Whether a write of `t` goes through the Triton pack kernels under this choice."""
+    return pack_kernel == "triton" or (pack_kernel == "auto" and t.is_cuda)
 
 
 def _fp_bits(dtype: torch.dtype) -> int:
@@ -40,8 +50,9 @@ class ChannelGroupStore:
     """Per-channel groups along tokens, in blocks of `block` tokens with a width per (block, head, channel)."""
 
     def __init__(self, batch, heads, dim, block, group, dtype, device, spec: QuantSpec, packed: bool,
-                 uniform_width: int | None, pack11: bool = False):
+                 uniform_width: int | None, pack11: bool = False, pack_kernel: str = "auto"):
         assert block % group == 0
+        self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
         # KVmix's repo layout: 3-bit channels pack 11 codes per int32, the 11th clamped to 2 bits (block % 11 == 0).
         self.pack11 = pack11
         assert not pack11 or block % PACK11 == 0
@@ -70,10 +81,23 @@ class ChannelGroupStore:
     # -- layout arithmetic -------------------------------------------------------------------------------
 
     def layout(self) -> Layout:
+        return self._layout
+
+    @cached_property
+    def _layout(self) -> Layout:  # fixed for the store's life, read at every decode step: made once
         if not self.packed:
-            return Layout(PackingFormat.DENSE)
+            return Layout(PackingFormat.DENSE, read_unit=self.p)
         return Layout(PackingFormat.CHANNEL_GROUPS, bits=self.uniform_width, group=self.g, block=self.p,
-                      pack11=self.pack11)
+                      pack11=self.pack11, read_unit=self.p)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors of `layout()` (mixkvq/layout.py)."""
+        if not self.packed:
+            return {"values": self.values.flatten(2, 3), "lens": self.tokens()}
+        out = {"codes": self.pool, "scale": self.scale, "zero": self.zero, "lens": self.tokens()}
+        if self.uniform_width is None:
+            out.update(widths=self.widths, offsets=self.offsets)
+        return out
 
     def channel_words(self, widths: torch.Tensor) -> torch.Tensor:
         """int32 words one channel of one block occupies, per width code."""
@@ -164,10 +188,12 @@ class ChannelGroupStore:
         start_d = to_device(start, dev)
         base = start_d[:, :, None] + chan_off  # [N, H, D] word offset of each channel
         rows_d, slot_d = to_device(torch.stack((rows, slot)), dev)
-        if _pack_kernels(blocks) and not self.pack11:  # the kernels know the 10-per-word 3-bit layout only
-            from kernels.pack import write_channel_blocks
+        if uses_pack_kernels(self.pack_kernel, blocks) and not self.pack11:  # they pack 3-bit codes 10 per word
+            from kernels.pack import quantize_pack_channel_blocks
 
-            write_channel_blocks(self, blocks, widths, rows_d, slot_d, base)
+            uniform = self.uniform_width
+            quantize_pack_channel_blocks(blocks, uniform if uniform is not None else widths, self.g, self.spec,
+                                         self.pool, self.scale, self.zero, rows_d, slot_d, base)
         else:
             for mask, words, scale, zero in self._encode(blocks, widths):
                 dst = base[mask][:, None] + torch.arange(words.shape[1], device=dev)[None, :]
@@ -281,8 +307,10 @@ class ChannelGroupStore:
 class TokenGroupStore:
     """Per-token groups of `group` channels, one code width for the whole store."""
 
-    def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool):
+    def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool,
+                 pack_kernel: str = "auto"):
         assert dim % group == 0
+        self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
         self.b, self.h, self.d, self.g, self.bits = batch, heads, dim, group, bits
         self.dtype, self.spec, self.packed = dtype, spec, packed
         meta = spec.meta_dtype
@@ -296,10 +324,10 @@ class TokenGroupStore:
         self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
 
     def append(self, r: Ragged, widths_fn=None) -> None:
-        if self.packed and _pack_kernels(r.data):
+        if self.packed and uses_pack_kernels(self.pack_kernel, r.data):
             from kernels.pack import append_tokens
 
-            return append_tokens(self, r)
+            return append_tokens(r, self.bits, self.g, self.spec, self.codes, self.scale, self.zero)
         lead = r.data.shape[:3]
         codes, scale, zero = quantize(r.data.reshape(*lead, self.d // self.g, self.g), self.bits, self.spec)
         if self.packed:
@@ -317,8 +345,18 @@ class TokenGroupStore:
             buf.reserve(tokens)
 
     def layout(self) -> Layout:
+        return self._layout
+
+    @cached_property
+    def _layout(self) -> Layout:  # fixed for the store's life, read at every decode step: made once
         return Layout(PackingFormat.TOKEN_GROUPS, bits=self.bits, group=self.g) if self.packed \
             else Layout(PackingFormat.DENSE)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors of `layout()` (mixkvq/layout.py)."""
+        if not self.packed:
+            return {"values": self.values.data, "lens": self.tokens()}
+        return {"codes": self.codes.data, "scale": self.scale.data, "zero": self.zero.data, "lens": self.tokens()}
 
     @property
     def code_bits(self) -> torch.Tensor:

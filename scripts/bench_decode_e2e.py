@@ -135,7 +135,7 @@ def run(args) -> None:
     names = args.methods.split(",")
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, model="DeepSeek-R1-Distill-Qwen-7B config, random bf16 weights",
-                steps=args.steps, pack_kernels=args.pack_kernels)
+                steps=args.steps, pack_kernel=args.pack_kernel)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
 
@@ -144,13 +144,16 @@ def run(args) -> None:
         print(row, flush=True)
         (args.out / "decode_e2e.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
+    def overrides(name):  # the method's, packing as asked
+        return None if METHODS[name] is None else [*METHODS[name], f"quant.pack_kernel={args.pack_kernel}"]
+
     for context in [int(c) for c in args.contexts.split(",")]:
         for name in names:
-            one = measure(model, METHODS[name], 1, context, args.steps)
+            one = measure(model, overrides(name), 1, context, args.steps)
             add(dict(method=name, **one))
             if context in [int(c) for c in args.max_batch_contexts.split(",")]:
                 per_seq = one["kv_gib"] * 2**30 * 1.15  # windows and metadata grow by doubling: some slack
-                best = largest_batch(model, METHODS[name], context, args.steps, per_seq, args.cap)
+                best = largest_batch(model, overrides(name), context, args.steps, per_seq, args.cap)
                 if best is not None:
                     add(dict(method=name, **best))
     write_markdown(meta, rows, args.out / "decode_e2e.md")
@@ -216,8 +219,8 @@ def main() -> None:
     ap.add_argument("--max-batch-contexts", default="8192,32768", help="contexts at which the largest batch is run")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cap", type=int, default=256, help="largest batch tried")
-    ap.add_argument("--pack-kernels", default="auto", choices=["auto", "off"],
-                    help="quantize-and-pack through the Triton kernels (storage.PACK_KERNELS)")
+    ap.add_argument("--pack-kernel", default="auto", choices=["auto", "triton", "torch"],
+                    help="who quantizes and packs the stores' writes (quant.pack_kernel)")
     ap.add_argument("--plot", type=Path, help="only draw the PNG from a decode_e2e.json")
     args = ap.parse_args()
     if args.plot:
@@ -231,9 +234,6 @@ def main() -> None:
         raise SystemExit("--config-dir and --out are required (or --plot)")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
-    import mixkvq.storage
-
-    mixkvq.storage.PACK_KERNELS = args.pack_kernels
     run(args)
 
 

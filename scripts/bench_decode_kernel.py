@@ -18,7 +18,9 @@ uniform 2/4-bit formats on fragment pages; other methods are skipped for it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import time
 from pathlib import Path
@@ -33,23 +35,29 @@ from mixkvq.synthetic import fill_layer
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 SHAPES = [(1, 4096), (1, 32768), (8, 32768), (64, 32768)]
-# Kernel configurations a run can compare side by side (`--configs`): module settings of kernels/decode.py.
+# Kernel configurations a run can compare side by side (`--configs`): fields of kernels/decode.py's TritonTuning.
 CONFIGS = {
     "default": {},
-    "broadcast-unpack": dict(WORD_MAJOR=False),  # a word's codes spread over threads (the kernel before 2026-12-02)
-    "one-kernel": dict(LEAN_MIN_TILES=None),  # whole tiles and the rest in one kernel
-    "lean": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=None),  # whole tiles in their own kernel
-    "lean-r168": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=168),
-    "lean-r128": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=128),
-    "lean-r96": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=96),
-    "lean-r80": dict(LEAN_MIN_TILES=0, LEAN_MAX_REGISTERS=80),
-    "pps8": dict(SPLIT_PROGRAMS_PER_SM=8),  # more, shorter programs: less idle SM time in the last wave
-    "pps16": dict(SPLIT_PROGRAMS_PER_SM=16),
-    "pps32": dict(SPLIT_PROGRAMS_PER_SM=32),
-    "lean-pps8": dict(LEAN_MIN_TILES=0, SPLIT_PROGRAMS_PER_SM=8),
-    "lean-pps16": dict(LEAN_MIN_TILES=0, SPLIT_PROGRAMS_PER_SM=16),
-    "lean-pps32": dict(LEAN_MIN_TILES=0, SPLIT_PROGRAMS_PER_SM=32),
+    "one-kernel": dict(lean_min_tiles=None),  # whole tiles and the rest in one kernel
+    "lean": dict(lean_min_tiles=0, lean_max_registers=None),  # whole tiles in their own kernel
+    "lean-r168": dict(lean_min_tiles=0, lean_max_registers=168),
+    "lean-r128": dict(lean_min_tiles=0, lean_max_registers=128),
+    "lean-r96": dict(lean_min_tiles=0, lean_max_registers=96),
+    "lean-r80": dict(lean_min_tiles=0, lean_max_registers=80),
+    "pps8": dict(split_programs_per_sm=8),  # more, shorter programs: less idle SM time in the last wave
+    "pps16": dict(split_programs_per_sm=16),
+    "pps32": dict(split_programs_per_sm=32),
+    "lean-pps8": dict(lean_min_tiles=0, split_programs_per_sm=8),
+    "lean-pps16": dict(lean_min_tiles=0, split_programs_per_sm=16),
+    "lean-pps32": dict(lean_min_tiles=0, split_programs_per_sm=32),
 }
+
+
+def tuning_of(config: str, base: decode.TritonTuning = decode.DEFAULT_TUNING) -> decode.TritonTuning:
+    """The kernel settings of a named configuration, over `base`."""
+    return dataclasses.replace(base, **CONFIGS[config])
+
+
 # name -> config overrides. MixKVQ's `target_bits` is the mean over K and V codes with 2-bit values, so the
 # keys average 2 * target - 2 bits: 2.15 -> 2.3 key bits, 2.35 -> 2.7 key bits.
 METHODS = {
@@ -91,17 +99,6 @@ def bench_sdpa(bsz: int, ctx: int, gen) -> tuple[float, int]:
     return ms, 2 * k.numel() * 2 + q.numel() * 2
 
 
-def bench_method(overrides, bsz: int, ctx: int, gen, config: dict | None = None, kernel: str = "triton") -> dict:
-    saved = {k: getattr(decode, k) for k in (config or {})}
-    for k, v in (config or {}).items():
-        setattr(decode, k, v)
-    try:
-        return _bench_method(overrides, bsz, ctx, gen, kernel)
-    finally:
-        for k, v in saved.items():
-            setattr(decode, k, v)
-
-
 def wall_us(fn, n: int = 200) -> float:
     """Microseconds per call of `fn` called back to back, host time included (what a decode step pays)."""
     for _ in range(10):
@@ -126,14 +123,19 @@ def filled(overrides, bsz: int, ctx: int, gen, kernel: str):
     return method, layer
 
 
-KERNEL_FNS = {"triton": decode.fused_decode, "cuda": fragment.fragment_decode}
+KERNEL_FNS = {  # name -> (query, layer, scaling, Triton tuning) -> output
+    "triton": lambda q, layer, scaling, tuning: decode.fused_decode(q, layer, scaling, tuning=tuning),
+    "cuda": lambda q, layer, scaling, tuning: fragment.fragment_decode(q, layer, scaling),
+}
 
 
-def _bench_method(overrides, bsz: int, ctx: int, gen, kernel: str) -> dict | None:
+def bench_method(overrides, bsz: int, ctx: int, gen, tuning: decode.TritonTuning = decode.DEFAULT_TUNING,
+                 kernel: str = "triton") -> dict | None:
+    """One method's decode step timed with `kernel` (the Triton kernel with `tuning`); None if it cannot run it."""
     method, layer = filled(overrides, bsz, ctx, gen, kernel)
     if layer is None:
         return None
-    run = KERNEL_FNS[kernel]
+    run = functools.partial(KERNEL_FNS[kernel], tuning=tuning)
     q = torch.randn(bsz, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     scaling = HEAD_DIM**-0.5
     out = run(q, layer, scaling)
@@ -257,18 +259,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for decode_kernel.json and decode_kernel.md")
     ap.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES), help="BxL,BxL,...")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
-    ap.add_argument("--num-warps", type=int, default=decode.NUM_WARPS, help="warps per program of the split kernel")
-    ap.add_argument("--max-registers", type=int, default=decode.MAX_REGISTERS,
+    ap.add_argument("--num-warps", type=int, default=decode.DEFAULT_TUNING.num_warps,
+                    help="warps per program of the split kernel")
+    ap.add_argument("--max-registers", type=int, default=decode.DEFAULT_TUNING.max_registers,
                     help="registers per thread of the split kernel (fewer: more programs resident per SM)")
     ap.add_argument("--configs", default="default",
                     help=f"kernel configurations timed side by side, comma-separated, from {list(CONFIGS)}")
-    ap.add_argument("--tile", type=int, default=decode.TILE_TOKENS, help="tokens per tile (divides 128)")
     ap.add_argument("--kernels", default="triton", help=f"kernels timed per method, from {list(KERNEL_FNS)}")
     ap.add_argument("--gates", action="store_true", help="measure the CUDA kernel's gates (fragment_gates.{json,md})")
     args = ap.parse_args()
     if args.gates:
         return gates(args.out)
-    decode.NUM_WARPS, decode.TILE_TOKENS, decode.MAX_REGISTERS = args.num_warps, args.tile, args.max_registers
+    base = dataclasses.replace(decode.DEFAULT_TUNING, num_warps=args.num_warps, max_registers=args.max_registers)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     names = args.methods.split(",")
     configs = args.configs.split(",")
@@ -288,7 +290,7 @@ def main() -> None:
                          gbs=sdpa_bytes / sdpa_ms / 1e6, key_bits=16.0, wall_us=sdpa_wall(bsz, ctx, gen)))
         for name in names:
             for config, kernel in [(c, k) for c in configs for k in args.kernels.split(",")]:
-                r = bench_method(METHODS[name], bsz, ctx, gen, CONFIGS[config], kernel)
+                r = bench_method(METHODS[name], bsz, ctx, gen, tuning_of(config, base), kernel)
                 if r is None:
                     continue
                 label = name if config == "default" else f"{name} [{config}]"
@@ -298,7 +300,7 @@ def main() -> None:
                 print(f"B={bsz:3d} L={ctx:6d} {label:24s} {r['ms'] * 1e3:8.1f} us  x{sdpa_ms / r['ms']:.2f}", flush=True)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, copy_gbs=copy_gbs, num_warps=args.num_warps,
-                tile=args.tile, max_registers=args.max_registers)
+                tile=decode.TILE_TOKENS, max_registers=args.max_registers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_kernel.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Decode attention kernel, {meta['device']}, {meta['date']}", "",

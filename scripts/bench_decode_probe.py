@@ -1,6 +1,6 @@
 """Where the decode kernel's time goes: the whole-tile loop in full, with loads and dequantization only, and with
 loads only, side by side in one process (GPU). Needs `results/bench/sweeps-2026-12-02b/probe_experiment.patch`
-applied (it adds the `PROBE` setting to kernels/decode.py); the patch is not part of the kernel.
+applied (it adds the `probe` setting to kernels/decode.py's TritonTuning); the patch is not part of the kernel.
 
     git apply results/bench/sweeps-2026-12-02b/probe_experiment.patch
     python scripts/bench_decode_probe.py --out <dir>
@@ -9,6 +9,7 @@ applied (it adds the `PROBE` setting to kernels/decode.py); the patch is not par
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="8x32768,64x32768")
     ap.add_argument("--methods", default="kivi-2,kivi-4,mixkvq-k2.3")
     args = ap.parse_args()
-    if not hasattr(decode, "PROBE"):
+    if "probe" not in {f.name for f in dataclasses.fields(decode.TritonTuning)}:
         raise SystemExit("apply results/bench/sweeps-2026-12-02b/probe_experiment.patch first")
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
@@ -37,7 +38,8 @@ def main() -> None:
         for name in args.methods.split(","):
             for kernel, lean in (("one kernel", None), ("lean", 0)):
                 for probe, value in PROBES.items():
-                    r = bench.bench_method(bench.METHODS[name], bsz, ctx, gen, dict(PROBE=value, LEAN_MIN_TILES=lean))
+                    tuning = dataclasses.replace(decode.DEFAULT_TUNING, probe=value, lean_min_tiles=lean)
+                    r = bench.bench_method(bench.METHODS[name], bsz, ctx, gen, tuning)
                     rows.append(dict(B=bsz, L=ctx, method=name, kernel=kernel, probe=probe, us=r["ms"] * 1e3,
                                      bytes=r["bytes"]))
                     print(f"B={bsz:3d} L={ctx} {name:12s} {kernel:10s} {probe:13s} {r['ms'] * 1e3:8.1f} us", flush=True)

@@ -4,7 +4,7 @@
 
 GPU only. For each case, one step's worth of store writes (one append per layer, `--layers` layers of
 `--heads` KV heads of `--dim` channels, bf16 model) is timed with CUDA events, through the same store
-`append` the cache calls, once with `storage.PACK_KERNELS = "on"` and once with "off":
+`append` the cache calls, once with stores built with `pack_kernel="triton"` and once with "torch":
 - token release: KIVI values, sliding window: each row releases 1 token per step (TokenGroupStore);
 - value block flush: MixKVQ values, lazy buffer: each row releases a block of `--block` tokens;
 - key block flush: KIVI keys, uniform `--key-bits` per-channel groups (ChannelGroupStore);
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-import mixkvq.storage as storage
 from mixkvq.quantizer import QuantSpec, words_for
 from mixkvq.ragged import Ragged, RaggedBuffer
 from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
@@ -60,15 +59,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _token_store(args, batch, dtype, spec, capacity):
-    st = TokenGroupStore(batch, args.heads, args.dim, args.value_group, args.value_bits, dtype, DEVICE, spec, True)
+def _token_store(args, batch, dtype, spec, capacity, pack_kernel):
+    st = TokenGroupStore(batch, args.heads, args.dim, args.value_group, args.value_bits, dtype, DEVICE, spec, True,
+                         pack_kernel)
     for buf in (st.codes, st.scale, st.zero):  # steady state: no growth inside the timed loop
         buf.data = torch.zeros(batch, args.heads, capacity, buf.data.shape[3], dtype=buf.data.dtype, device=DEVICE)
     return st
 
 
-def _channel_store(args, batch, dtype, spec, blocks, width):
-    st = ChannelGroupStore(batch, args.heads, args.dim, args.block, args.key_group, dtype, DEVICE, spec, True, width)
+def _channel_store(args, batch, dtype, spec, blocks, width, pack_kernel):
+    st = ChannelGroupStore(batch, args.heads, args.dim, args.block, args.key_group, dtype, DEVICE, spec, True, width,
+                           pack_kernel=pack_kernel)
     fp_words = args.block * torch.finfo(dtype).bits // 32
     per_block = args.dim * (words_for(args.block, width) if width else max(fp_words, 1))
     st.pool = torch.zeros(batch, args.heads, blocks * per_block, dtype=torch.int32, device=DEVICE)
@@ -94,7 +95,7 @@ def _widths_fn(args):
 
 
 def _case(args, name, batch, dtype, spec):
-    """(make_stores() -> per-layer stores, the per-step inputs, widths_fn)."""
+    """(make_stores(pack_kernel) -> per-layer stores, the per-step inputs, widths_fn)."""
     total = args.warmup + args.steps
     tokens = 1 if name == "token_release" else args.block
     gen = torch.Generator(device=DEVICE).manual_seed(batch)
@@ -102,12 +103,12 @@ def _case(args, name, batch, dtype, spec):
          for _ in range(args.layers)]
     r = [Ragged(t, torch.full((batch,), tokens, dtype=torch.int64)) for t in x]
     if name in ("token_release", "value_block_flush"):
-        def make():
-            return [_token_store(args, batch, dtype, spec, total * tokens) for _ in range(args.layers)]
+        def make(pack_kernel):
+            return [_token_store(args, batch, dtype, spec, total * tokens, pack_kernel) for _ in range(args.layers)]
         return make, r, None
     width = args.key_bits if name == "key_block_flush" else None
-    def make():
-        return [_channel_store(args, batch, dtype, spec, total, width) for _ in range(args.layers)]
+    def make(pack_kernel):
+        return [_channel_store(args, batch, dtype, spec, total, width, pack_kernel) for _ in range(args.layers)]
     return make, r, _widths_fn(args) if width is None else None
 
 
@@ -160,18 +161,16 @@ def main(argv=None) -> None:
         for batch in args.batch:
             make, inputs, widths_fn = _case(args, name, batch, dtype, spec)
             times, stores = {}, {}
-            for mode in ("off", "on"):
-                storage.PACK_KERNELS = mode
-                stores[mode] = make()
+            for mode in ("torch", "triton"):
+                stores[mode] = make(mode)
                 times[mode] = _run(stores[mode], inputs, widths_fn, args)
-            storage.PACK_KERNELS = "auto"
-            same = all(_same_bits(a, b) for a, b in zip(stores["on"], stores["off"]))
+            same = all(_same_bits(a, b) for a, b in zip(stores["triton"], stores["torch"]))
             rows.append({
                 "case": name, "batch": batch, "tokens_per_row": inputs[0].data.shape[2], "layers": args.layers,
-                "torch_ms_per_step": times["off"], "triton_ms_per_step": times["on"],
-                "torch_us_per_call": 1e3 * times["off"] / args.layers,
-                "triton_us_per_call": 1e3 * times["on"] / args.layers,
-                "speedup": times["off"] / times["on"], "identical_bits": same,
+                "torch_ms_per_step": times["torch"], "triton_ms_per_step": times["triton"],
+                "torch_us_per_call": 1e3 * times["torch"] / args.layers,
+                "triton_us_per_call": 1e3 * times["triton"] / args.layers,
+                "speedup": times["torch"] / times["triton"], "identical_bits": same,
             })
             del stores
             torch.cuda.empty_cache()

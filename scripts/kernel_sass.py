@@ -9,9 +9,9 @@ iteration is one tile of `TILE_TOKENS` tokens for one warp) by opcode, and for t
 count alone, to set against the measured time in `results/bench/` (on 2026-12-02 the kernel ran at about a
 third of it: instruction count is not what bounds it; see results/bench/sweeps-2026-12-02b).
 
-    python scripts/kernel_sass.py --methods kivi-2,mixkvq-k2.3 --configs default,broadcast-unpack --out <dir>
+    python scripts/kernel_sass.py --methods kivi-2,mixkvq-k2.3 --configs default,lean --out <dir>
 
-`--configs` names kernel settings of `scripts/bench_decode_kernel.py` (module settings of kernels/decode.py).
+`--configs` names kernel settings of `scripts/bench_decode_kernel.py` (`TritonTuning` values of kernels/decode.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 from triton.runtime.jit import create_function_from_signature
 
-from bench_decode_kernel import CONFIGS
+from bench_decode_kernel import CONFIGS, tuning_of
 from kernels import decode
 from mixkvq.config import load_config
 from mixkvq.methods import ModelShape, build_method
@@ -50,8 +50,8 @@ H200 = dict(sms=132, clock_ghz=1.98, schedulers_per_sm=4)  # the GPU of results/
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def capture_launch(overrides: list[str], ctx: int = 1024) -> tuple:
-    """(args, kwargs) of the split kernel's launch for one method's layer filled with `ctx` tokens."""
+def capture_launch(overrides: list[str], tuning: decode.TritonTuning, ctx: int = 1024) -> tuple:
+    """(args, kwargs) of the split kernel's first launch for one method's layer filled with `ctx` tokens."""
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
     shape = ModelShape(layers=1, kv_heads=KV_HEADS, q_heads=Q_HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
                        device=torch.device("cpu"))
@@ -60,21 +60,10 @@ def capture_launch(overrides: list[str], ctx: int = 1024) -> tuple:
     gen = torch.Generator().manual_seed(0)
     fill_layer(layer, ctx, Q_HEADS, gen)
     q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, dtype=torch.bfloat16, generator=gen)
-    seen = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *a, **k: seen.append((a, k))
-
-    saved = decode._decode_split_kernel, decode._merge_splits_kernel
-    decode._decode_split_kernel = decode._merge_splits_kernel = Recorder()
-    try:
-        decode.fused_decode(q, layer, HEAD_DIM**-0.5)
-    finally:
-        decode._decode_split_kernel, decode._merge_splits_kernel = saved
-    args, kwargs = seen[0]
+    plan = decode.split_plan(q, layer, HEAD_DIM**-0.5, tuning=tuning)
+    _, kwargs = plan.launches[0]
     kwargs = {**kwargs, "DOT_DTYPE": triton.language.bfloat16}  # as on CUDA (the interpreter multiplies in fp32)
-    return args, kwargs
+    return plan.args, kwargs
 
 
 def compile_sm90(args, kwargs) -> dict:
@@ -122,22 +111,23 @@ def sass_loops(cubin: bytes) -> list[dict]:
     return loops
 
 
-def issue_floor_us(instr_per_warp_tile: int, bsz: int, ctx: int, gpu=H200) -> float:
+def issue_floor_us(instr_per_warp_tile: int, bsz: int, ctx: int, num_warps: int, gpu=H200) -> float:
     """Time for (B, L) if every scheduler issued one instruction of the hot loop per cycle, nothing else."""
     tiles = bsz * KV_HEADS * ctx // decode.TILE_TOKENS
-    warp_instr = tiles * decode.NUM_WARPS * instr_per_warp_tile
+    warp_instr = tiles * num_warps * instr_per_warp_tile
     return warp_instr / (gpu["sms"] * gpu["schedulers_per_sm"] * gpu["clock_ghz"] * 1e3)
 
 
 def report(name: str, config: str, bsz: int, ctx: int) -> dict:
-    args, kwargs = capture_launch(METHODS[name])
+    tuning = tuning_of(config)
+    args, kwargs = capture_launch(METHODS[name], tuning)
     asm = compile_sm90(args, kwargs)
     loops = sass_loops(asm["cubin"])
     # The loops with tensor-core instructions, in program order: the sink's (when there is one), the whole tiles'
     # (the hot loop), the rest's.
     mma = [lp for lp in loops if any(op.startswith("HMMA") for op, _ in lp["ops"])]
     hot = mma[1 if kwargs["HAS_SINK"] else 0]
-    floor = issue_floor_us(hot["instructions"], bsz, ctx)
+    floor = issue_floor_us(hot["instructions"], bsz, ctx, tuning.num_warps)
     row = dict(method=name, config=config, resources=resources(asm["ptx"]), loops=loops, hot_loop=hot["start"],
                hot_instructions=hot["instructions"], issue_floor_us=floor, shape=f"{bsz}x{ctx}")
     print(f"{name} [{config}]: {row['resources']}")
@@ -161,14 +151,7 @@ def main() -> None:
     rows = []
     for name in a.methods.split(","):
         for config in a.configs.split(","):
-            saved = {k: getattr(decode, k) for k in CONFIGS[config]}
-            for k, v in CONFIGS[config].items():
-                setattr(decode, k, v)
-            try:
-                rows.append(report(name, config, bsz, ctx))
-            finally:
-                for k, v in saved.items():
-                    setattr(decode, k, v)
+            rows.append(report(name, config, bsz, ctx))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "kernel_sass.json").write_text(json.dumps(rows, indent=1))

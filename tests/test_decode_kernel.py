@@ -88,12 +88,12 @@ def check(name, overrides, *, gqa=4, head_dim=128, dtype=torch.float32, storage=
     return layer
 
 
-def compare(name, layer, query, seed, num_splits=None, lean=None):
+def compare(name, layer, query, seed, num_splits=None, lean=None, tuning=decode.DEFAULT_TUNING):
     """The fused kernel's output for `query` against the fp64 ground truth, at the tolerances of the module doc."""
     bsz, _, _, head_dim = query.shape
     dtype, scaling = query.dtype, head_dim**-0.5
     poisoned = torch.full((bsz, 1, query.shape[1], head_dim), float("nan"), dtype=dtype, device=query.device)
-    got = decode.fused_decode(query, layer, scaling, num_splits=num_splits, out=poisoned, lean=lean)
+    got = decode.fused_decode(query, layer, scaling, num_splits=num_splits, out=poisoned, lean=lean, tuning=tuning)
     assert got.data_ptr() == poisoned.data_ptr()
     assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
     want = ground_truth(query, layer, scaling)
@@ -133,6 +133,22 @@ def test_whole_tiles_in_their_own_kernel(case):
     """The two-kernel form (whole tiles, then sink and the rest as one more split) gives the same answer."""
     name, overrides = FORMAT_CASES[case]
     check(name, overrides, lean=True, steps=10, num_splits=2)
+
+
+def test_tuning_is_a_value_passed_to_the_launch():
+    """Settings travel with the call (no module state): a tuning that sends whole tiles to their own kernel gives
+    the same answer, and its warps and register caps reach the launches it plans."""
+    method = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.float32, device="cpu")
+    layer, query = filled_layer(method, lengths=[301, 250], steps=5, gen=torch.Generator().manual_seed(0),
+                                device="cpu")
+    tuning = decode.TritonTuning(lean_min_tiles=0, num_warps=2, max_registers=96)
+    plan = decode.split_plan(query, layer, 128**-0.5, tuning=tuning)
+    assert [kw["PART"] for _, kw in plan.launches] == [1, 2]
+    assert all(kw["num_warps"] == 2 for _, kw in plan.launches)
+    assert "maxnreg" not in plan.launches[0][1] and plan.launches[1][1]["maxnreg"] == 96
+    default = decode.split_plan(query, layer, 128**-0.5)
+    assert [kw["PART"] for _, kw in default.launches] == [0] and decode.DEFAULT_TUNING.lean_min_tiles > 1000
+    compare("kivi, whole tiles by tuning", layer, query, 0, tuning=decode.TritonTuning(lean_min_tiles=0))
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 17])
@@ -191,28 +207,32 @@ def test_pmkvq_and_kvmix_layouts_take_the_generic_path():
         assert decode.supports(layer) is None
         assert resolve_decode_kernel("auto", torch.device("cuda"), layer) is decode.decode_attention
         for stream, want in zip((layer.key_stream, layer.value_stream), wants):
-            _, consts = decode._store_args(stream.store, stream.window.data)
+            store = stream.store
+            _, consts = decode._store_args(store.layout(), store.buffers(), stream.window.data)
             assert consts.items() >= want.items(), (case, consts)
-    _, consts = decode._store_args(build("kivi", [], **shape).new_cache(1).layers[0].key_stream.store, None)
+    store = build("kivi", [], **shape).new_cache(1).layers[0].key_stream.store
+    _, consts = decode._store_args(store.layout(), store.buffers(), None)
     assert consts["FAST"] is True and not consts["PACK11"] and not consts["ROW_BITS"]
 
 
 def test_layouts_without_a_kernel_format_are_refused_by_name():
     from baselines.pmkvq_store import ProgressiveTokenStore
+    from mixkvq.layout import Layout, PackingFormat
     from mixkvq.storage import ChannelGroupStore, TokenGroupStore
 
     spec = QuantSpec("half_even", "clamp", 1e-5, torch.float32)
     args = dict(batch=1, heads=2, dim=128, dtype=torch.float32, device="cpu", spec=spec, packed=True)
 
-    class OtherTokens(TokenGroupStore):
-        pass
+    class PagedTokens(TokenGroupStore):  # the kernel goes by the layout a store answers, not by its class
+        def layout(self):
+            return Layout(PackingFormat.FRAGMENT_PAGES, bits=2, group=128)
 
     stores = {
         "11-codes-per-word 3-bit layout in a mixed-width": ChannelGroupStore(**args, block=33, group=11,
                                                                              uniform_width=None, pack11=True),
         "mixed-width channel block 48": ChannelGroupStore(**args, block=48, group=16, uniform_width=None),
         "per-row token widths [3]": ProgressiveTokenStore(**args, group=128, bits=3),
-        "store OtherTokens has no kernel format": OtherTokens(**args, group=128, bits=2),
+        "layout fragment_pages has no reader": PagedTokens(**args, group=128, bits=2),
     }
     for why, store in stores.items():
         layer = build("mixkvq", [], kv_heads=2, q_heads=4, head_dim=128, dtype=torch.float32,

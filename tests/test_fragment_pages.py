@@ -158,6 +158,8 @@ def test_layout_is_data_the_kernel_reads():
     lay = layer.key_stream.store.layout()
     assert lay.format is PackingFormat.FRAGMENT_PAGES and lay.page == FragmentPageLayout(128, 2, 2, 32)
     assert layer.value_stream.store.layout().page is lay.page
+    kb, vb = (s.store.buffers() for s in (layer.key_stream, layer.value_stream))
+    assert kb.keys() == vb.keys() == set(lay.buffer_names()) and kb["pages"] is vb["pages"]  # one page buffer
 
 
 def test_the_cuda_kernel_is_not_picked_on_cpu_and_says_why():
@@ -192,6 +194,8 @@ def test_every_store_describes_its_layout(name, overrides, formats):
     layer = method.new_cache(1).layers[0]
     got = tuple(s.store.layout().format.name for s in (layer.key_stream, layer.value_stream))
     assert got == formats
+    for store in (layer.key_stream.store, layer.value_stream.store):  # the tensors the layout names, no others
+        assert sorted(store.buffers()) == sorted(store.layout().buffer_names())
     if name == "kivi" and formats[0] == "CHANNEL_GROUPS":
         lay = layer.key_stream.store.layout()
         assert (lay.bits, lay.group, lay.block, lay.pack11) == (2, 32, 128, False)

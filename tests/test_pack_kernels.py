@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import kernels.pack as pk
-import mixkvq.storage as storage
 from mixkvq.quantizer import DEGENERATE, ROUNDINGS, QuantSpec, _round, pack, quantize, words_for
 from mixkvq.ragged import Ragged, RaggedBuffer
 from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
@@ -114,13 +113,12 @@ def test_tie_group_exercises_both_roundings():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", BITS)
-def test_allocating_token_launcher_matches_quantize_pack(monkeypatch, device, bits):
-    monkeypatch.setattr(pk, "_MAX_TILE", 256)  # 2-4 tokens per program: 7 tokens span several programs
+def test_allocating_token_launcher_matches_quantize_pack(device, bits):
     gen = torch.Generator().manual_seed(SEED + bits)
     rounding, degenerate = SPECS[bits % 4]
     spec = QuantSpec(rounding, degenerate, 1e-6, torch.bfloat16)
     x = token_inputs(gen, (2, 1, 7, 64), 32, bits, torch.bfloat16)
-    got = pk.quantize_pack_tokens(x.to(device), bits, 32, spec)
+    got = pk.quantize_pack_tokens(x.to(device), bits, 32, spec, tile_elements=256)  # 7 tokens span several programs
     for g, w, what in zip(got, reference_tokens(x, bits, 32, spec), ("codes", "scale", "zero")):
         assert_same_bits(g.cpu(), w, what)
 
@@ -172,8 +170,9 @@ def assert_same_stores(got, want) -> None:
         assert_same_bits(a[name].cpu(), b[name].cpu(), name)
 
 
-def with_kernels(monkeypatch, on: bool) -> None:
-    monkeypatch.setattr(storage, "PACK_KERNELS", "on" if on else "off")
+def backend(on: bool) -> str:
+    """The stores' `pack_kernel`: the Triton kernels (on) or the PyTorch path."""
+    return "triton" if on else "torch"
 
 
 CHANNEL_CASES = [  # (width or None for mixed, D, P, G, model dtype, meta dtype, rounding, degenerate)
@@ -186,8 +185,8 @@ CHANNEL_CASES = [  # (width or None for mixed, D, P, G, model dtype, meta dtype,
 ]
 
 
-def channel_store(device, width, d, p, g, dtype, spec) -> ChannelGroupStore:
-    st = ChannelGroupStore(3, 2, d, p, g, dtype, device, spec, True, width)
+def channel_store(device, width, d, p, g, dtype, spec, pack_kernel) -> ChannelGroupStore:
+    st = ChannelGroupStore(3, 2, d, p, g, dtype, device, spec, True, width, pack_kernel=pack_kernel)
     # Capacity for every append below, so the kernel writes into poison rather than into fresh zeros.
     st.pool = poisoned((3, 2, 3 * d * p), torch.int32, device)
     st.scale = poisoned((3, 2, 3, d, p // g), spec.meta_dtype, device)
@@ -198,8 +197,8 @@ def channel_store(device, width, d, p, g, dtype, spec) -> ChannelGroupStore:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("width,d,p,g,dtype,meta,rounding,degenerate", CHANNEL_CASES,
                          ids=[f"w{c[0] or 'mixed'}-D{c[1]}P{c[2]}G{c[3]}-{str(c[4])[6:]}" for c in CHANNEL_CASES])
-def test_channel_block_kernel_writes_what_the_pytorch_path_writes(monkeypatch, device, width, d, p, g, dtype, meta,
-                                                                  rounding, degenerate):
+def test_channel_block_kernel_writes_what_the_pytorch_path_writes(device, width, d, p, g, dtype, meta, rounding,
+                                                                  degenerate):
     spec = QuantSpec(rounding, degenerate, 1e-6, meta)
     gen = torch.Generator().manual_seed(SEED + d + p + g)
     x = torch.randn(3, 2, 2 * p, d, generator=gen) * torch.rand(3, 2, 1, d, generator=gen) * 4
@@ -213,8 +212,7 @@ def test_channel_block_kernel_writes_what_the_pytorch_path_writes(monkeypatch, d
 
     stores = []
     for on in (False, True):
-        with_kernels(monkeypatch, on)
-        st = channel_store(device, width, d, p, g, dtype, spec)
+        st = channel_store(device, width, d, p, g, dtype, spec, backend(on))
         st.append(Ragged(x.to(device), torch.tensor([p, 0, 2 * p])), widths_fn)  # rows of 1, 0 and 2 blocks
         st.append(Ragged(x[:, :, :p].to(device), torch.tensor([p, p, 0])), widths_fn)
         stores.append(st)
@@ -224,14 +222,13 @@ def test_channel_block_kernel_writes_what_the_pytorch_path_writes(monkeypatch, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_channel_launcher_with_block_starts_lays_channels_out_like_the_store(monkeypatch, device):
+def test_channel_launcher_with_block_starts_lays_channels_out_like_the_store(device):
     # word_base [N, H] (block starts) instead of per-channel offsets: channel d at start + d * words_for(P, w).
     spec = QuantSpec("half_away", "clamp", 1e-6, torch.bfloat16)
     x = (torch.randn(3, 2, 128, 64, generator=torch.Generator().manual_seed(SEED)) * 2).to(torch.bfloat16)
-    with_kernels(monkeypatch, False)
-    want = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec)
+    want = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec, "torch")
     want.append(Ragged(x.to(device), torch.tensor([64, 0, 128])), None)
-    got = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec)
+    got = channel_store(device, 4, 64, 64, 32, torch.bfloat16, spec, "torch")
     rows, slots = torch.tensor([0, 2, 2], device=device), torch.tensor([0, 0, 1], device=device)
     blocks = x.reshape(3, 2, 2, 64, 64)[rows.cpu(), :, slots.cpu()].to(device)
     starts = (slots * 64 * words_for(64, 4))[:, None].expand(3, 2)
@@ -241,15 +238,14 @@ def test_channel_launcher_with_block_starts_lays_channels_out_like_the_store(mon
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_token_store_append_of_equal_rows_matches_the_pytorch_path(monkeypatch, device):
+def test_token_store_append_of_equal_rows_matches_the_pytorch_path(device):
     # Equal rows (samples of one prompt) take the launch without per-row index tensors.
     gen = torch.Generator().manual_seed(SEED + 1)
     spec = QuantSpec("half_away", "unit_scale", 1e-6, torch.float16)
     x = token_inputs(gen, (2, 2, 3, 64), 64, 3, torch.bfloat16).to(device)
     stores = []
     for on in (False, True):
-        with_kernels(monkeypatch, on)
-        st = TokenGroupStore(2, 2, 64, 64, 3, torch.bfloat16, device, spec, True)
+        st = TokenGroupStore(2, 2, 64, 64, 3, torch.bfloat16, device, spec, True, backend(on))
         for buf in (st.codes, st.scale, st.zero):
             buf.data = poisoned((2, 2, 8, buf.data.shape[3]), buf.data.dtype, device)
         for n in (3, 1, 2):
@@ -259,15 +255,14 @@ def test_token_store_append_of_equal_rows_matches_the_pytorch_path(monkeypatch, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_token_store_append_matches_the_pytorch_path(monkeypatch, device):
+def test_token_store_append_matches_the_pytorch_path(device):
     gen = torch.Generator().manual_seed(SEED)
     bits = BITS[int(torch.randint(0, 4, (1,), generator=gen))]
     spec = QuantSpec("half_even", "clamp", 1e-6, torch.bfloat16)
     x = token_inputs(gen, (3, 2, 5, 64), 32, bits, torch.bfloat16).to(device)
     stores = []
     for on in (False, True):
-        with_kernels(monkeypatch, on)
-        st = TokenGroupStore(3, 2, 64, 32, bits, torch.bfloat16, device, spec, True)
+        st = TokenGroupStore(3, 2, 64, 32, bits, torch.bfloat16, device, spec, True, backend(on))
         for buf in (st.codes, st.scale, st.zero):  # room for the first append only: the second one grows
             buf.data = poisoned((3, 2, 8, buf.data.shape[3]), buf.data.dtype, device)
         st.append(Ragged(x, torch.tensor([5, 0, 3])))
@@ -283,19 +278,44 @@ def test_token_store_append_matches_the_pytorch_path(monkeypatch, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["kivi", "mixkvq"])
-def test_generate_with_kernel_writes_gives_the_same_cache(monkeypatch, device, name):
+def test_generate_with_kernel_writes_gives_the_same_cache(device, name):
     model = tiny_model("llama", dtype=torch.bfloat16, layers=1).to(device)
     ids, mask = left_pad([p.to(device) for p in random_prompts([45, 29], seed=SEED % 1000)])
     # R = 32 so that keys flush blocks and (KIVI) the value window slides within a few steps.
-    method = build(name, ["method.residual_length=32"], model=model, storage="packed")
     runs = []
     for on in (False, True):
-        with_kernels(monkeypatch, on)
+        method = build(name, ["method.residual_length=32", f"quant.pack_kernel={backend(on)}"], model=model,
+                       storage="packed")
         runs.append(generate(model, method, ids, mask, max_new_tokens=8))
     (want, want_cache), (got, got_cache) = runs
+    assert got_cache.layers[0].key_stream.store.pack_kernel == "triton"  # the config reached the stores
     assert torch.equal(got, want), f"seed {SEED}"
     for gl, wl in zip(got_cache.layers, want_cache.layers):
         for stream in ("key_stream", "value_stream"):
             gs, ws = getattr(gl, stream).store, getattr(wl, stream).store
             assert int(ws.tokens().min()) > 0  # the store really holds tokens in every row
             assert_same_stores(gs, ws)
+
+
+def test_the_pack_kernel_is_a_config_value_checked_before_work_and_out_of_older_runs_identity():
+    from omegaconf import OmegaConf
+
+    from mixkvq.config import load_config
+    from mixkvq.errors import ConfigError
+    from mixkvq.preflight import check_cache_config
+    from mixkvq.results import config_hash
+
+    cfg = load_config([])
+    assert cfg.quant.pack_kernel == "auto"
+    older = OmegaConf.to_container(cfg, resolve=True)
+    del older["quant"]["pack_kernel"]  # a run written before the option existed
+    assert config_hash(cfg) == config_hash(older)
+    assert config_hash(load_config(["quant.pack_kernel=torch"])) != config_hash(cfg)
+    with pytest.raises(ConfigError, match=r"quant.pack_kernel='on'.*'auto', 'triton', 'torch'"):
+        check_cache_config(load_config(["quant.pack_kernel=on"]))
+    with pytest.raises(ConfigError, match=r"pack_kernel='off'"):
+        TokenGroupStore(1, 1, 64, 32, 2, torch.float32, "cpu", QuantSpec("half_even", "clamp", 1e-6, torch.float32),
+                        True, "off")
+    method = build("kivi", ["quant.pack_kernel=torch"], kv_heads=2, q_heads=4, head_dim=64)
+    layer = method.new_cache(1).layers[0]
+    assert {s.store.pack_kernel for s in (layer.key_stream, layer.value_stream)} == {"torch"}

@@ -96,6 +96,8 @@ CASES = [
     (["hub_timeout_s=0"], ["hub_timeout_s", "0"]),
     (["attention.decode_kernel=cuda_magic"], ["attention.decode_kernel", "cuda_magic", "torch"]),
     (["attention.decode_kernel=triton"], ["attention.decode_kernel", "triton", "CUDA"]),
+    (["quant.pack_kernel=cuda_magic"], ["quant.pack_kernel", "cuda_magic", "torch"]),
+    (["quant.pack_kernel=triton"], ["quant.pack_kernel", "triton", "CUDA"]),
     (["task=gsm8k", "task.data_files={empty.jsonl}"], ["task.data_files", "empty.jsonl", "no problems"]),
     (["task=gsm8k", "task.data_files={malformed.jsonl}"], ["task.data_files", "malformed.jsonl", "line 2"]),
     (["task=gsm8k", "task.data_files={no-calibration}"], ["task.data_files", "no-calibration", "is a folder"]),
