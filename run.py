@@ -11,14 +11,14 @@ import hydra
 from omegaconf import DictConfig
 
 from mixkvq.errors import ConfigError
-from mixkvq.interrupts import Interrupted, signals_interrupt
+from mixkvq.runs.interrupts import Interrupted, signals_interrupt
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:
     with signals_interrupt():
         try:
-            from mixkvq.evaluate import evaluate  # heavy imports after Hydra has parsed the command line
+            from mixkvq.eval.evaluate import evaluate  # heavy imports after Hydra has parsed the command line
 
             return evaluate(cfg)
         except ConfigError as e:

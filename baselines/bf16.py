@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixkvq.cache import QuantizedLayer
-from mixkvq.methods import Method
+from mixkvq.kv.cache import QuantizedLayer
+from mixkvq.kv.methods import Method
 
 
 @dataclass(frozen=True)

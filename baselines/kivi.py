@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixkvq.cache import QuantizedLayer
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group
-from mixkvq.quantizer import check_bits
+from mixkvq.kv.cache import QuantizedLayer
+from mixkvq.kv.methods import Method, check_choice, check_group
+from mixkvq.kv.quantizer import check_bits
 
 AXES = ("channel", "token")
 VALUE_WINDOWS = ("sliding", "flush")

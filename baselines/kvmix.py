@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mixkvq.artifacts import load_artifact
-from mixkvq.cache import QuantizedLayer
-from mixkvq.calibration import calibration_dataset, lm_loss, load_texts, prompt_ids, register_calibrator
+from mixkvq.calib.artifacts import load_artifact
+from mixkvq.calib.calibration import calibration_dataset, lm_loss, load_texts, prompt_ids, register_calibrator
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group
-from mixkvq.quantizer import PACK11, check_bits
+from mixkvq.kv.cache import QuantizedLayer
+from mixkvq.kv.methods import Method, check_choice, check_group
+from mixkvq.kv.quantizer import PACK11, check_bits
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def kvmix_profile(model, tokenizer, prompts: list[torch.Tensor], mode: str) -> d
     single_backward: one backward per prompt collects every layer's gradients at once. per_layer: the repo's
     loop, one forward+backward per layer with only that layer's weights trainable (same numbers, L× the cost).
     """
-    from mixkvq.attention import attention_modules
+    from mixkvq.kv.attention import attention_modules
 
     mods = attention_modules(model)
     pad = model.generation_config.pad_token_id

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from baselines.pmkvq_store import SHRINK_RULES, ProgressiveTokenStore
-from mixkvq.artifacts import load_artifact
-from mixkvq.cache import QuantizedLayer
-from mixkvq.calibration import calibration_dataset, capture, load_texts, register_calibrator, token_chunks
+from mixkvq.calib.artifacts import load_artifact
+from mixkvq.calib.calibration import calibration_dataset, capture, load_texts, register_calibrator, token_chunks
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice
-from mixkvq.quantizer import QuantSpec, fake_quantize
+from mixkvq.kv.cache import QuantizedLayer
+from mixkvq.kv.methods import Method, check_choice
+from mixkvq.kv.quantizer import QuantSpec, fake_quantize
 
 MIB = 2**20  # the repo's "MB" (the worked value of §6.3: Mem(2) = 8 MiB per layer for R1-Qwen-7B)
 LADDER = (16, 8, 4, 2)
@@ -152,7 +152,7 @@ def fold_key_scales(model, scales: torch.Tensor) -> None:
     scales: [layers, kv_heads, D/2]. Folded into k_proj / q_proj rows (and biases), or into k_norm / q_norm
     weights for models that normalize q and k per head after the projection (Qwen3).
     """
-    from mixkvq.attention import attention_modules
+    from mixkvq.kv.attention import attention_modules
 
     mods = attention_modules(model)
     if scales.shape[0] != len(mods):

@@ -1,7 +1,7 @@
 """PM-KVQ's progressive store (METHODS.md §6.2): per-token groups whose code width shrinks over time, per row.
 
 The store subclass, its shrink rule and its kernel-facing layout (`PackingFormat.ROW_WIDTH_TOKEN_GROUPS`: a code
-width per batch row) belong to PM-KVQ alone; the shared stores they build on are in `mixkvq/storage.py`.
+width per batch row) belong to PM-KVQ alone; the shared stores they build on are in `mixkvq/kv/storage.py`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from functools import cached_property
 
 import torch
 
-from mixkvq.layout import Layout, PackingFormat
-from mixkvq.quantizer import QuantSpec, dequantize, pack, quantize, unpack, words_for
-from mixkvq.ragged import Ragged, RaggedBuffer, from_token, to_device
-from mixkvq.storage import TokenGroupStore
+from mixkvq.kv.layout import Layout, PackingFormat
+from mixkvq.kv.quantizer import QuantSpec, dequantize, pack, quantize, unpack, words_for
+from mixkvq.kv.ragged import Ragged, RaggedBuffer, from_token, to_device
+from mixkvq.kv.storage import TokenGroupStore
 
 SHRINK_RULES = ("equivalent", "direct", "modified")
 

@@ -10,7 +10,7 @@ values leave their windows under different rules (KIVI: keys in R-blocks, values
 streams are located independently for each token: position u after the sink is in the key store iff
 u < key_store_len[b], and likewise for values.
 
-The launcher reads each store through its layout and buffers (mixkvq/layout.py), looked up by `Layout.format` in
+The launcher reads each store through its layout and buffers (mixkvq/kv/layout.py), looked up by `Layout.format` in
 `STORE_FORMATS`; it knows no store class. Store formats (constexprs `K_FMT` / `V_FMT`, one per stream; `K_FAST` /
 `V_FAST` when whole tiles unpack without gathers):
 - channel: per-channel groups of G tokens in blocks of P tokens (KIVI/MixKVQ/KVmix keys); a block's channel d
@@ -24,7 +24,7 @@ The launcher reads each store through its layout and buffers (mixkvq/layout.py),
 - dense: the store holds dequantized tokens in the model dtype (`storage=fake`).
 
 Codes of 2/3/4/8 (and, per row, 16) bits, floor(32/w) codes per word, first code in the lowest bits
-(mixkvq/quantizer.py). The dequantized value is rounded to the model dtype before use, as the PyTorch reference
+(mixkvq/kv/quantizer.py). The dequantized value is rounded to the model dtype before use, as the PyTorch reference
 does. Per-row widths, KVmix's 11-per-word keys and channel blocks that are not a multiple of the tile take the
 generic (masked) path only.
 """
@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from kernels.pack import on_device_of
-from mixkvq.layout import Layout, PackingFormat
-from mixkvq.quantizer import CODE_BITS, PACK11
+from mixkvq.kv.layout import Layout, PackingFormat
+from mixkvq.kv.quantizer import CODE_BITS, PACK11
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
@@ -587,7 +587,7 @@ class StoreFormat:
     problem: Callable[[Layout, dict], str | None] = lambda lay, buf: None  # why a store is out of reach, or None
 
 
-# The formats this kernel reads (mixkvq/layout.py); a store of any other format is refused by `supports`.
+# The formats this kernel reads (mixkvq/kv/layout.py); a store of any other format is refused by `supports`.
 STORE_FORMATS = {
     PackingFormat.DENSE: StoreFormat(_dense_args),
     PackingFormat.CHANNEL_GROUPS: StoreFormat(_channel_args, _channel_problem),

@@ -1,7 +1,7 @@
 """The CUDA decode kernel over fragment pages (kernels/cuda/fragment_decode.cuh), registered as `cuda`.
 
 It serves layers whose key and value stores are uniform 2/4-bit formats that fit a `FragmentPageLayout`
-(KIVI-2, KIVI-4; mixkvq/paged.py converts a fresh layer's stores when the kernel is bound). The extension is
+(KIVI-2, KIVI-4; mixkvq/kv/paged.py converts a fresh layer's stores when the kernel is bound). The extension is
 compiled by `torch.utils.cpp_extension.load` the first time a CUDA layer asks for it (about 45 s on an H200;
 cached by torch afterwards) and imported lazily, so machines without a GPU or a compiler never touch it.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mixkvq.layout import PackingFormat
+from mixkvq.kv.layout import PackingFormat
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = ("fragment_decode.cu",)
@@ -82,8 +82,8 @@ def _page_layout(layer):
 def supports(layer) -> str | None:
     """Why the CUDA kernel cannot serve this layer (None: it can, after `prepare`)."""
     if _page_layout(layer) is None:
-        # Imported here: the page stores build on mixkvq.storage, which kernels do not load (tests/test_layering.py).
-        from mixkvq.paged import page_problems
+        # Imported here: the page stores build on mixkvq.kv.storage, which kernels do not load (tests/test_layering.py).
+        from mixkvq.kv.paged import page_problems
 
         problems = page_problems(layer)
         if problems:
@@ -110,7 +110,7 @@ def supports(layer) -> str | None:
 def prepare(layer) -> None:
     """Put a fresh layer's stores into fragment pages (once, when the kernel is bound)."""
     if _page_layout(layer) is None:
-        from mixkvq.paged import to_pages
+        from mixkvq.kv.paged import to_pages
 
         to_pages(layer)
 

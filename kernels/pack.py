@@ -1,6 +1,6 @@
 """Triton quantize-and-pack kernels for the cache's flush paths, bit-identical to `quantize` + `pack`.
 
-Two layouts of mixkvq/layout.py, written into buffers the store hands over:
+Two layouts of mixkvq/kv/layout.py, written into buffers the store hands over:
 - per-token groups (TOKEN_GROUPS): one program per (token tile, head, row) quantizes G-channel groups of each
   token and writes codes [W words], scale and zero [D/G] straight into the store's RaggedBuffers at each
   row's current length: a released token costs one launch and no intermediate tensor.
@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mixkvq.quantizer import QuantSpec, check_bits, words_for
-from mixkvq.ragged import Ragged, RaggedBuffer, grow
+from mixkvq.kv.quantizer import QuantSpec, check_bits, words_for
+from mixkvq.kv.ragged import Ragged, RaggedBuffer, grow
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_TILE = 4096  # elements of a program's tile: keeps the fp32 tile in registers

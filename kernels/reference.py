@@ -16,7 +16,7 @@ import weakref
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mixkvq.ragged import Ragged, RaggedBuffer, ragged_cat, split_front
+from mixkvq.kv.ragged import Ragged, RaggedBuffer, ragged_cat, split_front
 
 
 class ReferenceState:

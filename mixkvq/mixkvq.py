@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mixkvq.artifacts import load_artifact
-from mixkvq.cache import QuantizedLayer
-from mixkvq.calibration import register_calibrator
+from mixkvq.calib.artifacts import load_artifact
+from mixkvq.calib.calibration import register_calibrator
 from mixkvq.errors import ConfigError
-from mixkvq.methods import Method, check_choice, check_group
-from mixkvq.quantizer import check_bits
-from mixkvq.ragged import to_device
-from mixkvq.storage import FULL_PRECISION
+from mixkvq.kv.cache import QuantizedLayer
+from mixkvq.kv.methods import Method, check_choice, check_group
+from mixkvq.kv.quantizer import check_bits
+from mixkvq.kv.ragged import to_device
+from mixkvq.kv.storage import FULL_PRECISION
 
 TIER_BITS = (16, 4, 2)  # full precision counts 16 bits in the `codes` measure (§5.7 item 7)
 
@@ -283,10 +283,10 @@ def calibrate(cfg, loaded, method) -> tuple[dict, dict]:
 
     from omegaconf import OmegaConf
 
-    from mixkvq.grading import grade_many
-    from mixkvq.methods import build_method
-    from mixkvq.protocol import build_prompt, generate_samples
-    from mixkvq.tasks import load_task, task_config
+    from mixkvq.eval.grading import grade_many
+    from mixkvq.eval.protocol import build_prompt, generate_samples
+    from mixkvq.eval.tasks import load_task, task_config
+    from mixkvq.kv.methods import build_method
 
     s = cfg.method.search
     if s.dataset != "gsm8k_train":

@@ -1,7 +1,7 @@
 """End-to-end decode throughput and peak memory on a random-weight DeepSeek-R1-Distill-Qwen-7B, one GPU.
 
 For each method and context length the cache of every layer is filled with random keys and values through the
-method's own flush and pack path (mixkvq/synthetic.py: same stored state, hence same decode cost, as a real
+method's own flush and pack path (mixkvq/kv/synthetic.py: same stored state, hence same decode cost, as a real
 prefill), then `--steps` decode steps of the whole model are timed (after warm-up). `bf16-dynamic` is transformers'
 DynamicCache with SDPA, the baseline; `bf16` is the unquantized reference through this harness's cache.
 
@@ -44,8 +44,8 @@ def build_model(config_dir: Path):
 
 def new_cache(model, overrides, batch: int, context: int, room: int):
     from mixkvq.config import load_config
-    from mixkvq.methods import build_method
-    from mixkvq.synthetic import fill_cache
+    from mixkvq.kv.methods import build_method
+    from mixkvq.kv.synthetic import fill_cache
 
     if overrides is None:
         return dynamic_cache(model, batch, context)
@@ -70,8 +70,8 @@ def dynamic_cache(model, batch: int, context: int):
 
 def decode_steps(model, cache, batch: int, steps: int, warmup: int = WARMUP) -> float:
     """Seconds per decode step of the whole model."""
-    from mixkvq.attention import bind
-    from mixkvq.cache import QuantizedCache
+    from mixkvq.kv.attention import bind
+    from mixkvq.kv.cache import QuantizedCache
 
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
 

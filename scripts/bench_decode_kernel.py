@@ -2,7 +2,7 @@
 
 Shapes of DeepSeek-R1-Distill-Qwen-7B's attention (28 query heads, 4 KV heads, head_dim 128). For each (B, L),
 each method's layer is filled with L random tokens per row through its own flush and pack path
-(mixkvq/synthetic.py), then one decode step's attention is timed with `triton.testing.do_bench` (median), side
+(mixkvq/kv/synthetic.py), then one decode step's attention is timed with `triton.testing.do_bench` (median), side
 by side with `scaled_dot_product_attention` over a bf16 cache of the same length (GQA-native, `enable_gqa`).
 Bytes read are the layer's live bytes (codes, scales, zeros, width maps, full-precision windows) plus the query;
 GB/s is bytes / time; the device-to-device copy bandwidth is measured in the same process for reference.
@@ -30,8 +30,8 @@ import triton
 
 from kernels import decode, fragment
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.synthetic import fill_layer
+from mixkvq.kv.methods import ModelShape, build_method
+from mixkvq.kv.synthetic import fill_layer
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 SHAPES = [(1, 4096), (1, 32768), (8, 32768), (64, 32768)]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from mixkvq.quantizer import QuantSpec, words_for
-from mixkvq.ragged import Ragged, RaggedBuffer
-from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
+from mixkvq.kv.quantizer import QuantSpec, words_for
+from mixkvq.kv.ragged import Ragged, RaggedBuffer
+from mixkvq.kv.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
 
 DEVICE = "cuda"
 CASES = ("token_release", "value_block_flush", "key_block_flush", "mixed_key_block_flush")

@@ -1,6 +1,6 @@
 """Offline calibration, Hydra-configured like run.py; writes the artifact a run of the method then loads.
 
-Each method that calibrates registers its calibrator in its own module (mixkvq/calibration.py: the registry and
+Each method that calibrates registers its calibrator in its own module (mixkvq/calib/calibration.py: the registry and
 the tooling calibrators share); this script builds the method, runs its calibrator and writes the artifact.
 
     python scripts/calibrate.py method=pmkvq model=deepseek-r1-distill-7b     # sensitivity, IP, key scales
@@ -27,10 +27,10 @@ def calibrate(cfg: DictConfig, loaded=None) -> Path:
     """Calibrate cfg.method on cfg.model (or on an already `loaded` model, as tests do) and write the artifact."""
     import torch
 
-    from mixkvq.artifacts import artifact_dir, save_artifact
-    from mixkvq.calibration import calibrator
-    from mixkvq.methods import ModelShape, build_method, method_config
-    from mixkvq.models import load_model
+    from mixkvq.calib.artifacts import artifact_dir, save_artifact
+    from mixkvq.calib.calibration import calibrator
+    from mixkvq.eval.models import load_model
+    from mixkvq.kv.methods import ModelShape, build_method, method_config
 
     name = cfg.method.name
     calibrate_method = calibrator(name)  # registered in the method's own module

@@ -20,7 +20,7 @@ from mixkvq.errors import ConfigError
 
 @hydra.main(config_path="../configs", config_name="fidelity", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    from mixkvq import fidelity  # heavy imports after Hydra has parsed the command line
+    from mixkvq.eval import fidelity  # heavy imports after Hydra has parsed the command line
 
     try:
         return fidelity.run(cfg)

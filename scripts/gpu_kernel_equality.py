@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from mixkvq.config import load_config
-from mixkvq.methods import build_method
-from mixkvq.models import load_model
-from mixkvq.protocol import build_prompt, generate_samples
+from mixkvq.eval.models import load_model
+from mixkvq.eval.protocol import build_prompt, generate_samples
+from mixkvq.kv.methods import build_method
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

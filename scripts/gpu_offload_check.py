@@ -1,10 +1,10 @@
 """Single-GPU offload check: the same greedy fp32 tokens with half the layers offloaded to the CPU as on one GPU.
 
 A random-weight DeepSeek-R1-Distill-Qwen-7B cut to `--layers` layers (real widths) is written once as a checkpoint,
-then loaded twice through `mixkvq.models.load_model`: on one GPU, and with `model.device_map` putting the first half
+then loaded twice through `mixkvq.eval.models.load_model`: on one GPU, and with `model.device_map` putting the first half
 of the layers on GPU 0 and offloading the rest to the CPU (accelerate keeps their weights in host memory and runs
 them on GPU 0, so their caches live there). Every method generates greedily in fp32 through the harness's own path
-(`mixkvq.protocol.generate_samples`, EOS masked for `--tokens` tokens); the tokens must be identical.
+(`mixkvq.eval.protocol.generate_samples`, EOS masked for `--tokens` tokens); the tokens must be identical.
 Writes <out>.json and <out>.md; exits 1 on any difference.
 
     python scripts/gpu_offload_check.py --model-path .gpu/r1-7b --out results/bench/offload_check
@@ -25,11 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, run from anywhere
 
-from mixkvq import placement, provenance
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.models import load_model, model_config
-from mixkvq.protocol import build_prompt, generate_samples
+from mixkvq.eval import placement
+from mixkvq.eval.models import load_model, model_config
+from mixkvq.eval.protocol import build_prompt, generate_samples
+from mixkvq.kv.methods import ModelShape, build_method
+from mixkvq.runs import provenance
 
 MODEL = "deepseek-r1-distill-7b"
 QUESTION = "A train leaves at 3 pm and travels 180 km at 60 km/h. When does it arrive?"
@@ -69,7 +70,7 @@ def write_checkpoint(model_path: str, overrides: dict, folder: Path) -> None:
 
 def weights_placement(model) -> dict[str, int]:
     """Layers by where their weights are: a device, or 'offloaded' (meta in the model, host memory in accelerate)."""
-    from mixkvq.attention import attention_modules
+    from mixkvq.kv.attention import attention_modules
 
     counts: dict[str, int] = {}
     for mod in attention_modules(model):

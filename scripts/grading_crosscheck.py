@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--reference {spec!r} must read TASK=FILE:COLUMN")
         references.append((task, Path(path), column))
 
-    from mixkvq.grading_crosscheck import agreement_table, crosscheck, reference_samples, run_samples
+    from mixkvq.eval.grading_crosscheck import agreement_table, crosscheck, reference_samples, run_samples
 
     sources = [run_samples(r) for r in runs]
     sources += [reference_samples(t, path, c, args.reference_limit) for t, path, c in references]

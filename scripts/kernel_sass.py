@@ -34,8 +34,8 @@ from triton.runtime.jit import create_function_from_signature
 from bench_decode_kernel import CONFIGS, tuning_of
 from kernels import decode
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.synthetic import fill_layer
+from mixkvq.kv.methods import ModelShape, build_method
+from mixkvq.kv.synthetic import fill_layer
 
 # The shapes and method formats of the GPU benchmark (scripts/bench_decode_kernel.py).
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128

@@ -23,7 +23,7 @@ from mixkvq.errors import ConfigError  # noqa: E402
 @hydra.main(config_path="../configs", config_name="lm_eval", version_base=None)
 def main(cfg: DictConfig):
     try:
-        from mixkvq import lm_eval_run  # heavy imports after Hydra has parsed the command line
+        from mixkvq.lmeval import run as lm_eval_run  # heavy imports after Hydra has parsed the command line
     except ModuleNotFoundError as e:
         print(f"error: {e.name} is missing; install the extra: pip install -e \".[lm-eval]\"", file=sys.stderr)
         sys.exit(2)

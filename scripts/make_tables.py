@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from mixkvq import tables
+from mixkvq.eval import tables
 
 REPO = tables.REPO
 

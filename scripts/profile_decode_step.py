@@ -2,7 +2,7 @@
 kernel launches and device syncs per step, for bf16 DynamicCache and the harness's methods.
 
 Random-weight model from a config folder (shapes and speed only), one prompt repeated to `--batch` samples
-through `mixkvq.protocol.generate_samples` (the path `run.py` takes), `--new-tokens` sampled tokens.
+through `mixkvq.eval.protocol.generate_samples` (the path `run.py` takes), `--new-tokens` sampled tokens.
 
     python scripts/profile_decode_step.py --config-dir DIR --out results/bench/decode_step_profile   # GPU
 """
@@ -57,8 +57,8 @@ def make_generate(model, tokenizer, overrides, batch: int):
         return plain
 
     from mixkvq.config import load_config
-    from mixkvq.methods import build_method
-    from mixkvq.protocol import generate_samples
+    from mixkvq.eval.protocol import generate_samples
+    from mixkvq.kv.methods import build_method
 
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
     method = build_method(cfg, model)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from mixkvq.models import load_model
-from mixkvq.protocol import build_prompt, generate_batch, generate_samples
+from mixkvq.eval.models import load_model
+from mixkvq.eval.protocol import build_prompt, generate_batch, generate_samples
 from test_models import qwen7b_dir, tiny_qwen  # noqa: F401  (fixture)
 from tiny import build
 
@@ -59,8 +59,8 @@ def test_the_option_keeps_older_runs_identity_and_is_checked():
 
     from mixkvq.config import load_config
     from mixkvq.errors import ConfigError
-    from mixkvq.preflight import generation_kwargs
-    from mixkvq.results import config_hash
+    from mixkvq.eval.preflight import generation_kwargs
+    from mixkvq.runs.results import config_hash
 
     cfg = load_config([])
     older = OmegaConf.to_container(cfg, resolve=True)

@@ -29,7 +29,7 @@ def test_bf16_method_matches_dynamic_cache(family):
 
 
 def test_every_registered_method_has_a_case():
-    from mixkvq.methods import METHODS
+    from mixkvq.kv.methods import METHODS
 
     covered = {case.build(model_shape(layers=2)).cfg.name for case in METHOD_CASES.values()}
     missing = sorted(set(METHODS.names()) - covered)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mixkvq.config import load_config
-from mixkvq.methods import ModelShape
+from mixkvq.kv.methods import ModelShape
 from tiny import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _calibrate_module():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, shared_data):
-    from mixkvq.models import load_model
+    from mixkvq.eval.models import load_model
 
     root = tmp_path_factory.mktemp("calibration")
     data = shared_data / "gsm8k" / "train.jsonl"
@@ -71,7 +71,7 @@ def test_each_calibration_writes_its_artifact_with_data_hash_and_config(calibrat
 @pytest.mark.parametrize("name,extra", [("pmkvq", ["method.max_len=1024", "method.budget_mean_bits=3"]),
                                          ("kvmix", [])])
 def test_fake_and_packed_give_the_same_tokens_on_smollm2(calibrated, name, extra):
-    from mixkvq.protocol import build_prompt, generate_samples
+    from mixkvq.eval.protocol import build_prompt, generate_samples
 
     root, loaded = calibrated
     prompt = build_prompt(loaded.tokenizer, "Natalia sold clips to 48 of her friends in April, and then she sold "
@@ -135,7 +135,7 @@ def test_pmkvq_text_source_is_parquet_and_loads_offline_from_a_local_file(tmp_pa
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
-    from mixkvq.calibration import load_texts
+    from mixkvq.calib.calibration import load_texts
 
     docs = [f"\\\\section{{Paper {i}}} We prove theorem {i}." for i in range(6)]
     shard = tmp_path / "0000.parquet"

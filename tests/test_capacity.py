@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixkvq.attention import bind
+from mixkvq.kv.attention import bind
 from tiny import build, generate_dynamic, random_prompts, tiny_model
 
 NEW = 300  # KIVI and MixKVQ flush two 128-token blocks after a 40-token prompt

@@ -18,7 +18,7 @@ import torch
 
 from kernels import decode
 from kernels.reference import stream_tokens
-from mixkvq.quantizer import QuantSpec
+from mixkvq.kv.quantizer import QuantSpec
 from method_cases import PMKVQ_NO_ARTIFACT as PMKVQ
 from tiny import build, generate, left_pad, random_prompts, tiny_model
 
@@ -217,8 +217,8 @@ def test_pmkvq_and_kvmix_layouts_take_the_generic_path():
 
 def test_layouts_without_a_kernel_format_are_refused_by_name():
     from baselines.pmkvq_store import ProgressiveTokenStore
-    from mixkvq.layout import Layout, PackingFormat
-    from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+    from mixkvq.kv.layout import Layout, PackingFormat
+    from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
 
     spec = QuantSpec("half_even", "clamp", 1e-5, torch.float32)
     args = dict(batch=1, heads=2, dim=128, dtype=torch.float32, device="cpu", spec=spec, packed=True)
@@ -336,7 +336,7 @@ def test_generate_gives_the_same_tokens_with_the_fused_kernel_on_cuda(name):
 
 @pytest.mark.parametrize("name", ["kivi", "mixkvq"])
 def test_synthetic_fill_leaves_the_state_a_prefill_leaves(name):
-    from mixkvq.synthetic import fill_cache
+    from mixkvq.kv.synthetic import fill_cache
 
     context, shape = 700, dict(kv_heads=2, q_heads=4, head_dim=64, dtype=torch.float32, device="cpu")
     method = build(name, FORMAT_CASES["mixkvq" if name == "mixkvq" else "kivi-2"][1], **shape)

@@ -112,7 +112,7 @@ def test_r1_7b_config_runs_with_random_weights_and_the_real_chat_template(tmp_pa
     assert row["model"] == "deepseek-r1-distill-7b" and row["model_source"] == "random_init"
     from transformers import AutoTokenizer
 
-    from mixkvq.protocol import build_prompt
+    from mixkvq.eval.protocol import build_prompt
 
     tok = AutoTokenizer.from_pretrained(R1_7B)
     prompt = build_prompt(tok, "What is 2+2?", "{question}\nPlease reason", think_prefix=True)
@@ -152,7 +152,7 @@ def test_bad_input_stops_with_one_clear_message_and_leaves_results_intact(defaul
 
     from mixkvq.config import load_config
     from mixkvq.errors import ConfigError
-    from mixkvq.evaluate import evaluate
+    from mixkvq.eval.evaluate import evaluate
 
     results, _ = default_job
     before = digest(results)

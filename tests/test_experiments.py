@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mixkvq.experiments import expand, job_cost, plan
+from mixkvq.runs.experiments import expand, job_cost, plan
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -112,7 +112,7 @@ def test_the_jobs_of_one_sweep_share_a_wandb_group(monkeypatch, tmp_path):
 
     from hydra.core.hydra_config import HydraConfig
 
-    from mixkvq.sinks import WandbSink, sweep_group
+    from mixkvq.runs.sinks import WandbSink, sweep_group
 
     assert sweep_group() is None  # a single run outside Hydra has none
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
@@ -134,7 +134,7 @@ def test_the_jobs_of_one_sweep_share_a_wandb_group(monkeypatch, tmp_path):
 
 
 def test_the_planner_reads_each_jobs_gpus_and_a_slurm_launch_is_split_by_gpu_count():
-    from mixkvq import slurm_gpus
+    from mixkvq.runs import slurm_gpus
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose("config", overrides=["+experiment=mixkvq_table3"], return_hydra_config=True)

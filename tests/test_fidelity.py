@@ -1,4 +1,4 @@
-"""Teacher-forced fidelity (mixkvq/fidelity.py, scripts/fidelity.py): the measure is sensitive, the bf16 path is
+"""Teacher-forced fidelity (mixkvq/eval/fidelity.py, scripts/fidelity.py): the measure is sensitive, the bf16 path is
 at the noise floor, and runs resume and report like evaluation runs."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-import mixkvq.storage
-from mixkvq import fidelity
-from mixkvq.fidelity import Reference, drive, greedy_references, layer_table, summarize
-from mixkvq.tasks import Problem
+from mixkvq.eval import fidelity
+from mixkvq.eval.fidelity import Reference, drive, greedy_references, layer_table, summarize
+from mixkvq.eval.tasks import Problem
+import mixkvq.kv.storage
 from tiny import build, random_prompts, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def test_float32_bf16_path_matches_dynamic_cache_almost_exactly():
 def test_scales_off_by_one_percent_raise_kl_clearly(bf16_setup, monkeypatch):
     model, refs = bf16_setup
     _, good = _score(model, refs, "bits/kivi8")
-    honest = mixkvq.storage.dequantize
-    monkeypatch.setattr(mixkvq.storage, "dequantize", lambda c, s, z, d: honest(c, s * 1.01, z, d))
+    honest = mixkvq.kv.storage.dequantize
+    monkeypatch.setattr(mixkvq.kv.storage, "dequantize", lambda c, s, z, d: honest(c, s * 1.01, z, d))
     _, broken = _score(model, refs, "bits/kivi8")
     # 8-bit codes alone sit near the bf16 floor; every scale 1% off must stand out by an order of magnitude.
     assert good["kl_mean"] < 2 * BF16_KL_THRESHOLD

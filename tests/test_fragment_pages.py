@@ -13,9 +13,9 @@ import torch
 
 from kernels import fragment, resolve_decode_kernel
 from kernels.reference import decode_attention as reference_decode
-from mixkvq.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, channel_meta_order, code_order,
+from mixkvq.kv.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, channel_meta_order, code_order,
                            pack_tile, register_element, token_meta_order, unpack_tile)
-from mixkvq.paged import PagedKeyStore, PagedValueStore, page_problems, to_pages
+from mixkvq.kv.paged import PagedKeyStore, PagedValueStore, page_problems, to_pages
 from test_decode_kernel import ground_truth
 from tiny import build
 

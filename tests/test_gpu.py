@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.reference import stream_tokens
-from mixkvq.methods import ModelShape
+from mixkvq.kv.methods import ModelShape
 from tiny import build, generate, generate_dynamic, left_pad, random_prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mixkvq import grading
 from mixkvq.errors import ConfigError
-from mixkvq.grading import GRADERS, Grade, extract_boxed, grade, grade_many, last_number
-from mixkvq.tasks import load_task, task_config
+from mixkvq.eval import grading
+from mixkvq.eval.grading import GRADERS, Grade, extract_boxed, grade, grade_many, last_number
+from mixkvq.eval.tasks import load_task, task_config
 
 # --- extract_boxed ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 
 from baselines.kvmix import allocate, high_bit_count, kvmix_profile
 from mixkvq.errors import ConfigError
-from mixkvq.quantizer import pack11, unpack11
+from mixkvq.kv.quantizer import pack11, unpack11
 from tiny import build, generate, random_prompts, tiny_model
 
 H, D = 2, 128  # the shape `build` gives by default

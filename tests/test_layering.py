@@ -1,7 +1,7 @@
 """Layers of the code, read from the source: kernels read layouts and buffers, never store classes; settings are
 values, never module state.
 
-A kernel (kernels/) sees a store only through `layout()` and `buffers()` (mixkvq/layout.py), so no module under
+A kernel (kernels/) sees a store only through `layout()` and `buffers()` (mixkvq/kv/layout.py), so no module under
 kernels/ imports a store class, a store module or a private name of mixkvq, and kernels and the stores load
 without each other.
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STORE_MODULES = ("mixkvq/storage.py", "mixkvq/paged.py", *sorted(
+STORE_MODULES = ("mixkvq/kv/storage.py", "mixkvq/kv/paged.py", *sorted(
     str(p.relative_to(REPO)) for p in (REPO / "baselines").glob("*.py")))
 
 
@@ -56,7 +56,7 @@ def imports(tree: ast.Module):
 def test_kernels_import_no_store_class_no_store_module_and_no_private_name():
     classes = store_classes()
     assert {"ChannelGroupStore", "TokenGroupStore", "PagedKeyStore"} <= classes  # the walk finds the stores
-    forbidden_modules = {"mixkvq.storage"} | {module_name(rel) for rel in STORE_MODULES if rel.startswith("baselines")}
+    forbidden_modules = {"mixkvq.kv.storage"} | {module_name(rel) for rel in STORE_MODULES if rel.startswith("baselines")}
     bad = []
     for path in kernel_files():
         for module, name, line in imports(parse(path)):
@@ -81,9 +81,9 @@ def loaded_after(statement: str) -> set[str]:
 def test_kernels_and_stores_load_without_each_other():
     # The stores reach kernels.pack only when they write through it; kernels reach the page stores only when the
     # CUDA kernel converts a layer. Neither side's import pulls in the other: no import circle.
-    kernels = sorted(m for m in loaded_after("import mixkvq.storage") if m.split(".")[0] == "kernels")
-    assert not kernels, f"importing mixkvq.storage loads {kernels}"
-    assert "mixkvq.storage" not in loaded_after("import kernels"), "importing kernels loads mixkvq.storage"
+    kernels = sorted(m for m in loaded_after("import mixkvq.kv.storage") if m.split(".")[0] == "kernels")
+    assert not kernels, f"importing mixkvq.kv.storage loads {kernels}"
+    assert "mixkvq.kv.storage" not in loaded_after("import kernels"), "importing kernels loads mixkvq.kv.storage"
 
 
 # ---- settings are values ---------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def checked_files() -> list[Path]:
 
 
 def module_file(name: str) -> Path | None:
-    """The source of a project module (`mixkvq.storage`), or None when `name` is no project module."""
+    """The source of a project module (`mixkvq.kv.storage`), or None when `name` is no project module."""
     if name.split(".")[0] not in PACKAGES:
         return None
     base = REPO.joinpath(*name.split("."))
@@ -108,7 +108,7 @@ def module_file(name: str) -> Path | None:
 
 
 def module_aliases(tree: ast.Module) -> dict[str, str]:
-    """Local name -> project module it is bound to by an import (`import mixkvq.storage as s`, `from kernels import
+    """Local name -> project module it is bound to by an import (`import mixkvq.kv.storage as s`, `from kernels import
     decode`, `import kernels.pack` binding `kernels`)."""
     out = {}
     for node in ast.walk(tree):
@@ -208,7 +208,7 @@ def test_no_code_assigns_a_setting_of_a_project_module():
 def test_the_assignment_check_sees_every_form(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import kernels.decode\nimport mixkvq.storage as storage\nfrom kernels import pack\n"
+        "import kernels.decode\nimport mixkvq.kv.storage as storage\nfrom kernels import pack\n"
         "from mixkvq import models\n"
         "kernels.decode.NUM_WARPS = 8\nstorage.PACK_KERNELS = 'on'\npack._MAX_TILE += 1\n"
         "setattr(kernels.decode, 'X', 1)\n"
@@ -217,6 +217,6 @@ def test_the_assignment_check_sees_every_form(tmp_path):
         "    monkeypatch.setattr('kernels.pack._MAX_TILE', 256)\n"
         "    monkeypatch.setattr(models, '_pip_download', None)\n")  # a function: a test double, allowed
     assert [line.split(" ", 1)[1] for line in module_assignments(sample)] == [
-        "assigns kernels.decode.NUM_WARPS", "assigns mixkvq.storage.PACK_KERNELS", "assigns kernels.pack._MAX_TILE",
-        "setattrs an attribute of kernels.decode", "monkeypatches the setting mixkvq.storage.PACK_KERNELS",
+        "assigns kernels.decode.NUM_WARPS", "assigns mixkvq.kv.storage.PACK_KERNELS", "assigns kernels.pack._MAX_TILE",
+        "setattrs an attribute of kernels.decode", "monkeypatches the setting mixkvq.kv.storage.PACK_KERNELS",
         "monkeypatches the setting kernels.pack._MAX_TILE"]

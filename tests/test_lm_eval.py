@@ -17,8 +17,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from mixkvq.config import load_config  # noqa: E402
 from mixkvq.errors import ConfigError  # noqa: E402
-from mixkvq.lm_eval_model import MODEL_NAME, QuantizedKVLM, cache_config  # noqa: E402
-from mixkvq.lm_eval_run import check_tasks  # noqa: E402
+from mixkvq.lmeval.model import MODEL_NAME, QuantizedKVLM, cache_config  # noqa: E402
+from mixkvq.lmeval.run import check_tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "mixkvq" / "lm_eval_tasks"
@@ -41,7 +41,7 @@ def task_manager(shared_data, tmp_path_factory) -> TaskManager:
 
 @pytest.fixture(scope="module")
 def smol():
-    from mixkvq.models import load_model
+    from mixkvq.eval.models import load_model
 
     return load_model(load_config().model)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mixkvq.errors import ConfigError
+from mixkvq.kv.quantizer import words_for
+from mixkvq.kv.storage import FULL_PRECISION
 from mixkvq.mixkvq import mean_code_bits, paper_tiers, salience
-from mixkvq.quantizer import words_for
-from mixkvq.storage import FULL_PRECISION
 from tiny import build, generate, random_prompts, tiny_model
 
 H, HQ, D = 2, 4, 128  # head_dim of every target model; the shape `build` gives by default
@@ -244,7 +244,7 @@ def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
                 if value.dim() >= 3 and id(value) not in seen:
                     seen.add(id(value))
                     total += value.numel() * value.element_size()
-            elif type(value).__module__.startswith(("mixkvq.storage", "mixkvq.ragged")):
+            elif type(value).__module__.startswith(("mixkvq.kv.storage", "mixkvq.kv.ragged")):
                 walk(value)
 
     for stream in (layer.key_stream, layer.value_stream):
@@ -274,7 +274,7 @@ def test_impossible_settings_are_refused_by_name(name, override, match):
 
 
 def test_unknown_method_lists_the_valid_ones():
-    from mixkvq.methods import method_config
+    from mixkvq.kv.methods import method_config
 
     with pytest.raises(ConfigError, match="bf16.*kivi.*mixkvq"):
         method_config({"name": "kvquant"})

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from mixkvq.metrics import agreement, summarize
+from mixkvq.eval.metrics import agreement, summarize
 
 
 def frame(records):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixkvq import models
 from mixkvq.errors import ConfigError
-from mixkvq.models import (
+from mixkvq.eval import models
+from mixkvq.eval.models import (
     GGUFSpec,
     LoadedModel,
     apply_overrides,
@@ -74,7 +74,7 @@ EXPECTED = {  # name: (hub id, target bits, tau_bf16, tau_uint4, think_prefix)
 
 def test_model_yamls_match_the_paper_settings():
     from mixkvq.config import load_config
-    from mixkvq.methods import build_method
+    from mixkvq.kv.methods import build_method
     from tiny import model_shape
 
     assert models.model_names() == sorted(EXPECTED)

@@ -13,10 +13,10 @@ import random
 import pytest
 import torch
 
+from mixkvq.kv.quantizer import DEGENERATE, ROUNDINGS, QuantSpec, _round, pack, quantize, words_for
+from mixkvq.kv.ragged import Ragged, RaggedBuffer
+from mixkvq.kv.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
 import kernels.pack as pk
-from mixkvq.quantizer import DEGENERATE, ROUNDINGS, QuantSpec, _round, pack, quantize, words_for
-from mixkvq.ragged import Ragged, RaggedBuffer
-from mixkvq.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
 from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -302,8 +302,8 @@ def test_the_pack_kernel_is_a_config_value_checked_before_work_and_out_of_older_
 
     from mixkvq.config import load_config
     from mixkvq.errors import ConfigError
-    from mixkvq.preflight import check_cache_config
-    from mixkvq.results import config_hash
+    from mixkvq.eval.preflight import check_cache_config
+    from mixkvq.runs.results import config_hash
 
     cfg = load_config([])
     assert cfg.quant.pack_kernel == "auto"

@@ -1,4 +1,4 @@
-"""Models spread over devices (mixkvq/placement.py): each cache layer is built where its layer runs, a cache built
+"""Models spread over devices (mixkvq/eval/placement.py): each cache layer is built where its layer runs, a cache built
 for another placement is refused, offloaded layers (weights on `meta`, run elsewhere by accelerate) decode the same
 tokens as the model in one piece, and bad placement configs stop with the valid choices. CPU only: layers
 "elsewhere" are on the meta device, or offloaded to disk and run on the CPU."""
@@ -10,11 +10,11 @@ import torch
 from accelerate import dispatch_model
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
 
-from mixkvq import placement
-from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
-from mixkvq.methods import ModelShape
-from mixkvq.models import _check_gpu_count, model_config
+from mixkvq.eval import placement
+from mixkvq.eval.models import _check_gpu_count, model_config
+from mixkvq.kv.attention import bind
+from mixkvq.kv.methods import ModelShape
 from tests.tiny import build, generate, random_prompts, tiny_model
 
 # Every method, with settings that need no calibration artifact.
@@ -154,7 +154,7 @@ def test_where_a_model_runs_is_not_part_of_a_runs_identity():
     from omegaconf import OmegaConf
 
     from mixkvq.config import load_config
-    from mixkvq.results import config_hash, twin_key
+    from mixkvq.runs.results import config_hash, twin_key
 
     cfg = load_config(["model=deepseek-r1-distill-32b"])
     moved = load_config(["model=deepseek-r1-distill-32b", "model.gpus=4", "model.device_map=balanced",

@@ -8,15 +8,15 @@ import random
 import pytest
 import torch
 
-from mixkvq.models import model_config
+from mixkvq.eval.models import model_config
 
 from baselines.pmkvq import brute_force_allocation, fold_key_scales, solve_allocation
 from baselines.pmkvq_store import ProgressiveTokenStore, shrink_codes
-from mixkvq.artifacts import load_artifact, save_artifact
+from mixkvq.calib.artifacts import load_artifact, save_artifact
 from mixkvq.errors import ConfigError
-from mixkvq.methods import ModelShape
-from mixkvq.quantizer import QuantSpec, quantize
-from mixkvq.ragged import Ragged
+from mixkvq.kv.methods import ModelShape
+from mixkvq.kv.quantizer import QuantSpec, quantize
+from mixkvq.kv.ragged import Ragged
 from tiny import build, generate, random_prompts, tiny_model
 
 H, D = 2, 128
@@ -180,8 +180,8 @@ def test_fake_and_packed_give_the_same_tokens_through_shrinks_and_budget_stops(r
 def test_budget_stop_ends_the_sample_and_is_recorded():
     from transformers import StoppingCriteriaList
 
-    from mixkvq.attention import bind
-    from mixkvq.protocol import CacheStop
+    from mixkvq.eval.protocol import CacheStop
+    from mixkvq.kv.attention import bind
 
     model = tiny_model("llama", q_heads=4, kv_heads=2, head_dim=128)
     ids = torch.stack(random_prompts([100], seed=4))
@@ -227,7 +227,7 @@ def test_blockwise_budgets_favour_the_sensitive_layers(tmp_path):
 
 def _post_rope(model, ids):
     """Each layer's post-RoPE query and key, via the calibration capture."""
-    from mixkvq.calibration import capture
+    from mixkvq.calib.calibration import capture
 
     seen = {}
     with capture(model, lambda i, q, k, v: seen.__setitem__(i, (q.detach().clone(), k.detach().clone()))):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixkvq.errors import ConfigError
-from mixkvq.quantizer import (
+from mixkvq.kv.quantizer import (
     CODE_BITS, QuantSpec, dequantize, pack, pack_float, quantize, unpack, unpack_float, words_for,
 )
 

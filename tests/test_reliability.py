@@ -24,11 +24,11 @@ import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mixkvq import evaluate as evaluate_module
 from mixkvq.config import CONFIG_DIR, load_config
 from mixkvq.errors import ConfigError
-from mixkvq.preflight import preflight
-from mixkvq.results import RunDir, find_finished, run_state
+from mixkvq.eval import evaluate as evaluate_module
+from mixkvq.eval.preflight import preflight
+from mixkvq.runs.results import RunDir, find_finished, run_state
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["logger.mode=disabled", "progress=false", "grading_workers=0", "task.limit=2", "task.n_samples=2"]
@@ -192,7 +192,7 @@ def test_a_summary_that_counts_more_than_the_samples_hold_is_redone(tmp_path):
 
 
 def test_every_job_of_a_sweep_is_checked_before_the_first_starts(results):
-    from mixkvq.experiments import check_sweep
+    from mixkvq.runs.experiments import check_sweep
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         compose("config")
@@ -203,7 +203,7 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_starts(results):
 def test_a_shipped_experiment_with_missing_calibration_is_refused(tmp_path):
     from omegaconf import OmegaConf
 
-    from mixkvq.experiments import plan
+    from mixkvq.runs.experiments import plan
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=["+experiment=kvmix_bits"], return_hydra_config=True)
@@ -213,7 +213,7 @@ def test_a_shipped_experiment_with_missing_calibration_is_refused(tmp_path):
 
 
 def test_grading_workers_leave_with_a_killed_run():
-    code = ("import time; from mixkvq.grading import grade_many; grade_many(['1', '2'], ['1', '2'], 'gsm', 2); "
+    code = ("import time; from mixkvq.eval.grading import grade_many; grade_many(['1', '2'], ['1', '2'], 'gsm', 2); "
             "print('ready', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -298,7 +298,7 @@ def test_a_hub_that_never_answers_stops_the_run_within_its_time_limit(overrides,
 def test_an_unreachable_wandb_costs_its_time_limit_then_the_run_goes_on(silent_server, monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
-    from mixkvq.sinks import WandbSink
+    from mixkvq.runs.sinks import WandbSink
 
     monkeypatch.setenv("WANDB_BASE_URL", silent_server)
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
@@ -313,7 +313,7 @@ def test_an_unreachable_wandb_costs_its_time_limit_then_the_run_goes_on(silent_s
 
 
 def test_a_malformed_calibration_file_is_named_with_its_line(data, shared_data):
-    from mixkvq.calibration import load_texts
+    from mixkvq.calib.calibration import load_texts
 
     texts, source = load_texts({"fields": ["question"]}, str(shared_data / "gsm8k" / "train.jsonl"), 3, 0)
     assert len(texts) == 3 and source["documents"] == 3

@@ -8,11 +8,11 @@ import types
 import pytest
 from omegaconf import OmegaConf
 
-from mixkvq import provenance, results
 from mixkvq.errors import ConfigError
-from mixkvq.results import RunDir, find_reference, find_runs, run_name, twin_key
-from mixkvq.sinks import WandbSink, resolve_mode
-from mixkvq.summary import format_summary
+from mixkvq.eval.summary import format_summary
+from mixkvq.runs import provenance, results
+from mixkvq.runs.results import RunDir, find_reference, find_runs, run_name, twin_key
+from mixkvq.runs.sinks import WandbSink, resolve_mode
 
 
 def make_cfg(method="kivi", task="aime24", results_dir="results/runs", **method_params):
@@ -239,7 +239,7 @@ def test_provenance():
 
 
 def test_weights_and_problems_are_identified_by_content(tmp_path):
-    from mixkvq.tasks import Problem
+    from mixkvq.eval.tasks import Problem
 
     a, b = Problem("p0", "What is 2+2?", "4"), Problem("p1", "What is 3+3?", "6")
     assert provenance.problems_sha256([a, b]) == provenance.problems_sha256([Problem("p0", "What is 2+2?", "4"), b])
@@ -416,7 +416,7 @@ def test_cpu_peak_memory_is_the_runs_own_not_the_process_lifetime():
     import numpy as np
     import torch
 
-    from mixkvq.evaluate import peak_memory, reset_peak_memory
+    from mixkvq.eval.evaluate import peak_memory, reset_peak_memory
 
     cpu = [torch.device("cpu")]
     block = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed: an earlier job's peak

@@ -51,7 +51,7 @@ def test_the_scan_sees_imports_at_module_level_and_inside_functions(tmp_path):
 
 
 def test_methods_are_imported_on_first_use_only():
-    code = ("import sys; from mixkvq.methods import METHODS; names = METHODS.names(); "
+    code = ("import sys; from mixkvq.kv.methods import METHODS; names = METHODS.names(); "
             "before = sorted(m for m in sys.modules if m.startswith('baselines.')); METHODS.get('kivi'); "
             "after = sorted(m for m in sys.modules if m.startswith('baselines.')); print(names, before, after)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -62,7 +62,7 @@ def test_methods_are_imported_on_first_use_only():
 def test_a_method_registered_by_string_is_built_by_name():
     from mixkvq.registry import Registry
 
-    code = ("from mixkvq.methods import METHODS, method_config, register_method; "
+    code = ("from mixkvq.kv.methods import METHODS, method_config, register_method; "
             "register_method('bf16_again', 'baselines.bf16:Bf16'); "
             "assert METHODS.get('bf16_again') is METHODS.get('bf16'); "
             "print(method_config({'name': 'bf16_again', 'nominal_bits': '16'}))")
@@ -77,7 +77,7 @@ def test_a_method_registered_by_string_is_built_by_name():
 
 
 def test_calibrators_are_found_through_their_method():
-    from mixkvq.calibration import calibrating_methods, calibrator
+    from mixkvq.calib.calibration import calibrating_methods, calibrator
 
     assert calibrating_methods() == ["kvmix", "mixkvq", "pmkvq"]
     assert calibrator("kvmix").run.__module__ == "baselines.kvmix"

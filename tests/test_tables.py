@@ -1,4 +1,4 @@
-"""Aggregation into tables and plots (mixkvq/tables.py, scripts/make_tables.py) and the notebook that uses it.
+"""Aggregation into tables and plots (mixkvq/eval/tables.py, scripts/make_tables.py) and the notebook that uses it.
 
 tests/fixtures/results holds real runs of the default model (bf16, KIVI, MixKVQ on GSM-Symbolic and GSM8K; 2
 problems x 2 samples, 32 new tokens), written by run.py; tests/fixtures/fidelity the run rows, layer tables and
@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mixkvq import tables
+from mixkvq.eval import tables
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "results"

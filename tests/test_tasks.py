@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mixkvq.config import CONFIG_DIR
 from mixkvq.errors import ConfigError
-from mixkvq.tasks import TASKS, Problem, load_task, task_config
+from mixkvq.eval.tasks import TASKS, Problem, load_task, task_config
 
 REQUIRED_KEYS = {"name", "n_samples", "limit", "grader", "data_dir", "data_files", "hub"}
 

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from mixkvq.attention import bind
 from mixkvq.config import load_config
-from mixkvq.methods import Method, ModelShape, build_method
+from mixkvq.kv.attention import bind
+from mixkvq.kv.methods import Method, ModelShape, build_method
 
 FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
 

@@ -37,7 +37,7 @@ VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "progre
                  "hub_timeout_s")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
-# Model keys that say where a model runs (mixkvq/placement.py), never what it computes: a run resumed on other GPUs
+# Model keys that say where a model runs (mixkvq/eval/placement.py), never what it computes: a run resumed on other GPUs
 # is the same run, and runs made before these keys existed keep their names.
 PLACEMENT_KEYS = ("device_map", "max_memory", "gpus")
 REFERENCE_METHOD = "bf16"

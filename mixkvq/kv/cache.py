@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mixkvq.ragged import Ragged, RaggedBuffer, left_align, ragged_cat, split_front
-from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+from mixkvq.kv.ragged import Ragged, RaggedBuffer, left_align, ragged_cat, split_front
+from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
 
 # How many window tokens each row releases after a step, given its window lengths w and residual R.
 WINDOW_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
@@ -115,7 +115,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.is_prefill = True  # set by each update(): the first one is the prefill
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
-        self.probe = None  # fidelity diagnostics (mixkvq/fidelity.py): sees the exact K/V and each decode output
+        self.probe = None  # fidelity diagnostics (mixkvq/eval/fidelity.py): sees the exact K/V and each decode output
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.is_initialized = True

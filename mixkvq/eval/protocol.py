@@ -9,11 +9,11 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kernels import kernels_in_use
-from mixkvq.attention import bind
-from mixkvq.cache import QuantizedCache
-from mixkvq.methods import Method
-from mixkvq.ragged import to_device
-from mixkvq.placement import input_device
+from mixkvq.eval.placement import input_device
+from mixkvq.kv.attention import bind
+from mixkvq.kv.cache import QuantizedCache
+from mixkvq.kv.methods import Method
+from mixkvq.kv.ragged import to_device
 
 THINK = "<think>\n"
 

@@ -35,20 +35,20 @@ from transformers import DynamicCache
 
 from kernels import kernels_in_use
 from kernels.reference import attend
-from mixkvq import provenance
-from mixkvq.attention import bind
 from mixkvq.errors import ConfigError
-from mixkvq.fidelity_metrics import layer_table, summarize
-from mixkvq.methods import Method, ModelShape, build_method
-from mixkvq.models import check_context, load_model
-from mixkvq.preflight import check_cache_config
-from mixkvq.placement import input_device
-from mixkvq.protocol import build_prompt, eos_ids
+from mixkvq.eval.fidelity_metrics import layer_table, summarize
+from mixkvq.eval.models import check_context, load_model
+from mixkvq.eval.placement import input_device
+from mixkvq.eval.preflight import check_cache_config
+from mixkvq.eval.protocol import build_prompt, eos_ids
+from mixkvq.eval.tasks import Problem, load_task
+from mixkvq.kv.attention import bind
+from mixkvq.kv.methods import Method, ModelShape, build_method
+from mixkvq.kv.ragged import RaggedBuffer, left_align
 from mixkvq.registry import Registry
-from mixkvq.results import RUN_FILE, RunDir, _read_table, _write_table, config_hash, find_finished, twin_key
-from mixkvq.sinks import WandbSink, sweep_group
-from mixkvq.ragged import RaggedBuffer, left_align
-from mixkvq.tasks import Problem, load_task
+from mixkvq.runs import provenance
+from mixkvq.runs.results import RUN_FILE, RunDir, _read_table, _write_table, config_hash, find_finished, twin_key
+from mixkvq.runs.sinks import WandbSink, sweep_group
 
 LAYERS_FILE = "layers.parquet"
 REFERENCES_DIR = ".references"  # dot-prefixed: never taken for a run directory

@@ -1,6 +1,6 @@
 """Paper-table experiments (`python run.py +experiment=NAME`): expand the sweep, check every job, estimate cost.
 
-Runs in the submitting process before anything is launched (mixkvq.hydra_callbacks.ExperimentPlan): every job's
+Runs in the submitting process before anything is launched (mixkvq.runs.hydra_callbacks.ExperimentPlan): every job's
 config is composed and checked like a run checks itself (methods against the registry, tasks, kernels, decoding),
 so an experiment naming a model, task or method that does not exist is refused before a job is submitted.
 The cost is a rough model from configs/cost/ (decode rate per model, mean response length per task), printed as
@@ -83,8 +83,8 @@ def plan(config_name: str, sweeper_params: dict, task_overrides: list[str], cost
 
     A job whose method does not exist is still costed (with the reference method in its place), so the
     estimate covers the whole experiment while it is refused."""
-    from mixkvq.preflight import check_artifacts, check_static
-    from mixkvq.tasks import TASKS
+    from mixkvq.eval.preflight import check_artifacts, check_static
+    from mixkvq.eval.tasks import TASKS
 
     jobs, errors = [], defaultdict(int)
     for overrides in expand(sweeper_params, task_overrides):
@@ -113,7 +113,7 @@ def plan(config_name: str, sweeper_params: dict, task_overrides: list[str], cost
 
 def check_sweep(config_name: str, sweeper_params: dict, task_overrides: list[str]) -> list[str]:
     """Every job of a `-m` sweep through the run's own preflight, before the first starts; one line per bad job."""
-    from mixkvq.preflight import preflight
+    from mixkvq.eval.preflight import preflight
 
     errors = []
     for n, overrides in enumerate(expand(sweeper_params, task_overrides)):

@@ -1,7 +1,7 @@
 """GPUs each Slurm job asks for (`hydra/launcher=slurm`): what its model needs, `model.gpus`.
 
 hydra-submitit-launcher submits a sweep as one job array with one `gpus_per_node`. So before anything is launched
-(mixkvq.hydra_callbacks.SlurmGpus) every job of the sweep is composed and its model's need read: when they agree,
+(mixkvq.runs.hydra_callbacks.SlurmGpus) every job of the sweep is composed and its model's need read: when they agree,
 that count goes into the launcher's config; a sweep whose models need different counts is refused, naming the
 launches to split it into. `hydra.launcher.gpus_per_node=N` (or MIXKVQ_SLURM_GPUS) forces N for every job and is
 refused below a model's need; null asks for no GPU (CPU-only nodes).
@@ -52,7 +52,7 @@ def check(needs: list[tuple[str, int]], count: int | None, is_forced: bool) -> t
 def job_needs(config_name: str, sweeper_params: dict, task_overrides: list[str]) -> list[tuple[str, int]]:
     """(model, model.gpus) of every job of the sweep, composed as the jobs will be. A job that does not compose is
     left out here: the experiment plan, or the job itself, names what is wrong with it."""
-    from mixkvq.experiments import _compose, expand
+    from mixkvq.runs.experiments import _compose, expand
 
     needs = []
     for overrides in expand(sweeper_params, task_overrides):

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mixkvq.artifacts import model_name
-from mixkvq.cache import QuantizedCache, QuantizedLayer, Stream
+from mixkvq.calib.artifacts import model_name
 from mixkvq.config import per_model_settings
 from mixkvq.errors import ConfigError
-from mixkvq.quantizer import QuantSpec
+from mixkvq.kv.cache import QuantizedCache, QuantizedLayer, Stream
+from mixkvq.kv.quantizer import QuantSpec
+from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore, check_pack_kernel
 from mixkvq.registry import Registry
-from mixkvq.storage import ChannelGroupStore, TokenGroupStore, check_pack_kernel
 
 # Every method by name, imported on first use; a new method adds its line here.
 METHODS: Registry[type["Method"]] = Registry("method", {
@@ -55,7 +55,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model) -> "ModelShape":
-        from mixkvq import placement
+        from mixkvq.eval import placement
 
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

@@ -139,7 +139,7 @@ def execution_devices(model, modules: list[torch.nn.Module]) -> list[torch.devic
 
 def layer_devices(model) -> list[torch.device]:
     """Per decoder layer (in layer order), the device its attention runs on."""
-    from mixkvq.attention import attention_modules
+    from mixkvq.kv.attention import attention_modules
 
     return execution_devices(model, attention_modules(model))
 

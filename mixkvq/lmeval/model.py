@@ -1,6 +1,6 @@
 """lm-evaluation-harness model `hf-kvq`: lm-eval's HF model with every generate call on a fresh quantized KV cache.
 
-    python -m mixkvq.lm_eval_cli run --model hf-kvq --model_args pretrained=<hub id>,kv_method=kivi,k_bits=4 \
+    python -m mixkvq.lmeval.cli run --model hf-kvq --model_args pretrained=<hub id>,kv_method=kivi,k_bits=4 \
         --tasks gsm8k_cot_zeroshot          # lm-eval's own CLI, with this model registered
     python scripts/lm_eval_run.py method=kivi lm_eval.tasks=[gsm8k_cot_zeroshot_local]   # the project's way
 
@@ -26,10 +26,10 @@ from lm_eval.models.huggingface import HFLM
 from omegaconf import DictConfig, OmegaConf
 
 from kernels import kernels_in_use
-from mixkvq.attention import bind
 from mixkvq.errors import ConfigError, choice_error
-from mixkvq.methods import METHODS, ModelShape, build_method
-from mixkvq.protocol import eos_ids
+from mixkvq.eval.protocol import eos_ids
+from mixkvq.kv.attention import bind
+from mixkvq.kv.methods import METHODS, ModelShape, build_method
 
 MODEL_NAME = "hf-kvq"
 # Model arguments that set the cache rather than HFLM; method fields are recognised by name.
@@ -46,7 +46,7 @@ def cache_config(kv_method: str, kv_model: str | None = None, **args) -> tuple[D
     arguments left for HFLM. Composed from configs/ like a run (the same defaults); bad values raise ConfigError
     here, before a model is loaded."""
     from mixkvq.config import CONFIG_DIR, load_config
-    from mixkvq.preflight import check_cache_config
+    from mixkvq.eval.preflight import check_cache_config
 
     path = CONFIG_DIR / "method" / f"{kv_method}.yaml"
     if not path.is_file():
@@ -68,7 +68,7 @@ def cache_config(kv_method: str, kv_model: str | None = None, **args) -> tuple[D
 
 def model_entry(pretrained) -> str | None:
     """The configs/model entry whose hub id is `pretrained`: its per-model method settings apply."""
-    from mixkvq.models import model_config, model_names
+    from mixkvq.eval.models import model_config, model_names
 
     if not isinstance(pretrained, str):
         return None

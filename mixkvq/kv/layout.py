@@ -16,7 +16,7 @@ reference asks the store to dequantize itself: `ragged(start)`, `version`):
   - ROW_WIDTH_TOKEN_GROUPS: as TOKEN_GROUPS, with `row_bits` int64 [B] (host): row b's width; its tokens use the
     first words_for(D, row_bits[b]) words of a `codes` row (the widest row's words).
   - FRAGMENT_PAGES: `pages` int32 [B, H, pages, page_words], shared by a layer's key and value stores.
-Codes are `bits` wide, `codes_per_word` to an int32 word, the first in the lowest bits (mixkvq/quantizer.py).
+Codes are `bits` wide, `codes_per_word` to an int32 word, the first in the lowest bits (mixkvq/kv/quantizer.py).
 
 `FragmentPageLayout` is the layout made for the CUDA decode kernel (kernels/cuda): per (row, KV head, 32-token
 page) one contiguous page holding the page's key codes, key scales and zeros, value codes, value scales and zeros.
@@ -39,7 +39,7 @@ from functools import lru_cache
 
 import torch
 
-from mixkvq.quantizer import PACK11
+from mixkvq.kv.quantizer import PACK11
 
 
 class PackingFormat(enum.Enum):

@@ -22,16 +22,16 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tabulate import tabulate
 
-from mixkvq.fidelity_metrics import TOKEN_COLUMNS
-from mixkvq.fidelity_metrics import summarize as summarize_fidelity
-from mixkvq.results import CONFIG_FILE, METHOD_KEYS, RUN_FILE, SAMPLES_FILE, VOLATILE_KEYS, restore_moved_keys
+from mixkvq.eval.fidelity_metrics import TOKEN_COLUMNS
+from mixkvq.eval.fidelity_metrics import summarize as summarize_fidelity
+from mixkvq.runs.results import CONFIG_FILE, METHOD_KEYS, RUN_FILE, SAMPLES_FILE, VOLATILE_KEYS, restore_moved_keys
 
-# Fidelity runs (scripts/fidelity.py) as mixkvq/fidelity.py writes them; not imported from there (torch).
+# Fidelity runs (scripts/fidelity.py) as mixkvq/eval/fidelity.py writes them; not imported from there (torch).
 FIDELITY_KIND = "fidelity"
 LAYERS_FILE = "layers.parquet"
 
 MIB = 2**20
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def repo_path(path: str | Path) -> Path:

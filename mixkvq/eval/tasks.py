@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixkvq.config import CONFIG_DIR
 from mixkvq.errors import ConfigError
-from mixkvq.grading import GRADERS
-from mixkvq.interrupts import TimeLimit, time_limit
+from mixkvq.eval.grading import GRADERS
 from mixkvq.registry import Registry
+from mixkvq.runs.interrupts import TimeLimit, time_limit
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # What changes tokens or grades: the model stack, the problem sources (reasoning-gym generates GSM-Symbolic), the
 # graders; the last is this project.
 PACKAGES = ("torch", "transformers", "triton", "datasets", "reasoning-gym", "math-verify", "mixkvq-harness")

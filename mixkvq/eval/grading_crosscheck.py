@@ -17,10 +17,10 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks.aime.utils import last_boxed_only_string, remove_boxed, strip_string
 from omegaconf import OmegaConf
 
-from mixkvq.grading import extract_boxed, grade_many
-from mixkvq.results import CONFIG_FILE, SAMPLES_FILE
+from mixkvq.eval.grading import extract_boxed, grade_many
+from mixkvq.runs.results import CONFIG_FILE, SAMPLES_FILE
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def reference_samples(task: str, data_file: Path, column: str,
     written by people, where a grader's false negatives show (model runs on a small model are mostly wrong)."""
     import json
 
-    from mixkvq.tasks import load_task, task_config
+    from mixkvq.eval.tasks import load_task, task_config
 
     problems = load_task(task_config(task, data_files=str(data_file), limit=limit))
     texts = [json.loads(line)[column] for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mixkvq.ragged import Ragged
+from mixkvq.kv.ragged import Ragged
 
 
 def random_kv(batch: int, heads: int, tokens: int, dim: int, dtype, device, gen: torch.Generator,

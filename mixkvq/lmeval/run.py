@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mixkvq import provenance
 from mixkvq.errors import ConfigError
-from mixkvq.evaluate import peak_memory
-from mixkvq.preflight import check_cache_config
-from mixkvq.results import RUN_FILE, RunDir, find_finished
-from mixkvq.summary import format_summary
+from mixkvq.eval.evaluate import peak_memory
+from mixkvq.eval.preflight import check_cache_config
+from mixkvq.eval.summary import format_summary
+from mixkvq.runs import provenance
+from mixkvq.runs.results import RUN_FILE, RunDir, find_finished
 
 STATS_FILE = "cache_stats.jsonl"
 REQUESTS_CACHE = "requests"  # lm-eval appends "_rank<i>.db"
@@ -60,7 +60,7 @@ def check_tasks(cfg: DictConfig, task_manager) -> None:
             raise ConfigError(f"lm-eval task {task!r} could not be loaded: {type(e).__name__}: {e}") from e
         other = sorted({t.OUTPUT_TYPE for t in loaded} - {"generate_until"})
         if other:
-            from mixkvq.lm_eval_model import GENERATION_ONLY
+            from mixkvq.lmeval.model import GENERATION_ONLY
 
             raise ConfigError(f"lm-eval task {task!r} requests {other}; {GENERATION_ONLY}")
         keys = sorted({f"{m['metric']},{f.name}" for t in loaded for m in t.config.metric_list for f in t._filters})
@@ -108,8 +108,8 @@ def run(cfg: DictConfig) -> dict | list[dict]:
     """Run every task of `cfg.lm_eval.tasks`; returns the run row (a list of rows for several tasks)."""
     from lm_eval.tasks import TaskManager
 
-    from mixkvq.lm_eval_model import QuantizedKVLM
-    from mixkvq.models import load_model
+    from mixkvq.eval.models import load_model
+    from mixkvq.lmeval.model import QuantizedKVLM
 
     check_cache_config(cfg)
     task_manager = TaskManager(include_path=cfg.lm_eval.include_path)

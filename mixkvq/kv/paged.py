@@ -1,6 +1,6 @@
 """Fragment pages: a layer's uniform-width key and value stores in the layout of the CUDA decode kernel.
 
-`FragmentPages` is one [B, H, pages, page_words] int32 buffer (mixkvq/layout.py `FragmentPageLayout`); a layer's
+`FragmentPages` is one [B, H, pages, page_words] int32 buffer (mixkvq/kv/layout.py `FragmentPageLayout`); a layer's
 key stream and value stream each write their half of every page through a store of their own, so the window rules,
 flush timing and byte accounting of the method are unchanged:
 
@@ -20,11 +20,11 @@ from functools import cached_property
 
 import torch
 
-from mixkvq.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
+from mixkvq.kv.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
                            check_page_layout, pack_tile, token_meta_order, token_slots, unpack_tile)
-from mixkvq.quantizer import QuantSpec, dequantize, quantize
-from mixkvq.ragged import Ragged, grow, reserve, to_device, whole_blocks
-from mixkvq.storage import ChannelGroupStore, TokenGroupStore
+from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
+from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
+from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
 
 
 class FragmentPages:

@@ -1,4 +1,4 @@
-"""KV storage shared by every method: the quantized stores over the ragged buffers of `mixkvq.ragged`.
+"""KV storage shared by every method: the quantized stores over the ragged buffers of `mixkvq.kv.ragged`.
 
 Two quantized layouts cover the four methods (METHODS.md §1):
 - ChannelGroupStore: tokens arrive in blocks of P tokens; each channel of each block of each head has its
@@ -19,9 +19,9 @@ from functools import cached_property
 import torch
 
 from mixkvq.errors import ConfigError
-from mixkvq.layout import Layout, PackingFormat
-from mixkvq.quantizer import PACK11, QuantSpec, clamp_slot11, dequantize, pack, pack11, pack_float, quantize, unpack, words_for
-from mixkvq.ragged import Ragged, RaggedBuffer, from_token, grow, reserve, to_device, whole_blocks
+from mixkvq.kv.layout import Layout, PackingFormat
+from mixkvq.kv.quantizer import PACK11, QuantSpec, clamp_slot11, dequantize, pack, pack11, pack_float, quantize, unpack, words_for
+from mixkvq.kv.ragged import Ragged, RaggedBuffer, from_token, grow, reserve, to_device, whole_blocks
 
 FULL_PRECISION = 0  # width code of a channel kept in the model dtype
 # Who quantizes and packs a packed store's writes (`quant.pack_kernel`, a store's `pack_kernel`): "triton", the
@@ -91,7 +91,7 @@ class ChannelGroupStore:
                       pack11=self.pack11, read_unit=self.p)
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        """The tensors of `layout()` (mixkvq/layout.py)."""
+        """The tensors of `layout()` (mixkvq/kv/layout.py)."""
         if not self.packed:
             return {"values": self.values.flatten(2, 3), "lens": self.tokens()}
         out = {"codes": self.pool, "scale": self.scale, "zero": self.zero, "lens": self.tokens()}
@@ -353,7 +353,7 @@ class TokenGroupStore:
             else Layout(PackingFormat.DENSE)
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        """The tensors of `layout()` (mixkvq/layout.py)."""
+        """The tensors of `layout()` (mixkvq/kv/layout.py)."""
         if not self.packed:
             return {"values": self.values.data, "lens": self.tokens()}
         return {"codes": self.codes.data, "scale": self.scale.data, "zero": self.zero.data, "lens": self.tokens()}

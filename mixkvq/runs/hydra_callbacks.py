@@ -11,10 +11,11 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from mixkvq import metrics, slurm_gpus
 from mixkvq.errors import ConfigError
-from mixkvq.results import RUN_FILE, find_finished
-from mixkvq.summary import format_summary
+from mixkvq.eval import metrics
+from mixkvq.eval.summary import format_summary
+from mixkvq.runs import slurm_gpus
+from mixkvq.runs.results import RUN_FILE, find_finished
 
 
 def fill_agreement(rows: list[dict]) -> list[dict]:
@@ -63,7 +64,7 @@ class MultirunSummary(Callback):
         if lm_eval:
             print("\n" + format_summary(lm_eval))
         if fidelity:
-            from mixkvq.fidelity import format_table
+            from mixkvq.eval.fidelity import format_table
 
             print("\n" + format_table(fidelity))
 
@@ -80,7 +81,7 @@ class ExperimentPlan(Callback):
         if "experiment" not in config:
             if (config_name or "config") != "config":  # scripts/fidelity.py sweeps check their own jobs
                 return
-            from mixkvq.experiments import check_sweep
+            from mixkvq.runs.experiments import check_sweep
 
             errors = check_sweep(config_name or "config", params, list(config.hydra.overrides.task))
             if errors:
@@ -89,7 +90,7 @@ class ExperimentPlan(Callback):
                     print(f"  {e}", file=sys.stderr)
                 sys.exit(2)
             return
-        from mixkvq.experiments import format_plan, plan
+        from mixkvq.runs.experiments import format_plan, plan
 
         exp = config.experiment
         jobs, errors = plan(config_name or "config", params, list(config.hydra.overrides.task), config.cost)
@@ -112,7 +113,7 @@ class ExperimentPlan(Callback):
 
 
 class SlurmGpus(Callback):
-    """Before a Slurm sweep is submitted: every job asks for the GPUs its model needs (mixkvq/slurm_gpus.py); a sweep
+    """Before a Slurm sweep is submitted: every job asks for the GPUs its model needs (mixkvq/runs/slurm_gpus.py); a sweep
     whose models need different counts is refused (exit 2), naming the launches to split it into."""
 
     def on_multirun_start(self, config, config_name=None, **kwargs) -> None:

@@ -17,13 +17,13 @@ from omegaconf import DictConfig
 
 from kernels import decode_kernel_names, kernel_unavailable
 from mixkvq.errors import ConfigError
-from mixkvq.methods import METHODS, STORAGE_MODES, Method, ModelShape, build_method, check_choice, method_config
-from mixkvq.models import ModelConfig, ModelFiles, _resolve_device, check_context, read_model_files
-from mixkvq.quantizer import QuantSpec
-from mixkvq.results import RunState, check_saved_config, check_unlocked, run_name, run_state
-from mixkvq.sinks import resolve_mode
-from mixkvq.storage import check_pack_kernel
-from mixkvq.tasks import Problem, load_task
+from mixkvq.eval.models import ModelConfig, ModelFiles, _resolve_device, check_context, read_model_files
+from mixkvq.eval.tasks import Problem, load_task
+from mixkvq.kv.methods import METHODS, STORAGE_MODES, Method, ModelShape, build_method, check_choice, method_config
+from mixkvq.kv.quantizer import QuantSpec
+from mixkvq.kv.storage import check_pack_kernel
+from mixkvq.runs.results import RunState, check_saved_config, check_unlocked, run_name, run_state
+from mixkvq.runs.sinks import resolve_mode
 
 
 def check_number(key: str, value, kind: type = int, *, low=None, high=None, above=None, nullable=False) -> None:
@@ -95,7 +95,7 @@ def check_static(cfg: DictConfig) -> None:
 def check_artifacts(cfg: DictConfig) -> None:
     """The calibration artifact this config reads exists, is readable and was made for this model (its shape is
     compared once the model's config is read): for sweeps planned where the model's files are not at hand."""
-    from mixkvq.artifacts import load_artifact
+    from mixkvq.calib.artifacts import load_artifact
 
     method = method_config(cfg.method)
     if METHODS.get(method.name).needs_artifact(method):
@@ -129,7 +129,7 @@ def model_shape(mc: ModelConfig, files: ModelFiles) -> ModelShape:
 
 def preflight(cfg: DictConfig) -> Checked:
     """Every check, in the order a user fixes things: config, model files, method, data, context, run folder."""
-    from mixkvq.protocol import build_prompt
+    from mixkvq.eval.protocol import build_prompt
 
     check_static(cfg)
     gen = generation_kwargs(cfg)

@@ -18,8 +18,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kernels import resolve_decode_kernel
-from mixkvq.cache import QuantizedCache
-from mixkvq.placement import execution_devices
+from mixkvq.eval.placement import execution_devices
+from mixkvq.kv.cache import QuantizedCache
 
 ATTENTION_NAME = "quantized_kv"
 

@@ -2,7 +2,7 @@
 
 A method that reads a calibration artifact registers its calibrator in its own module with `register_calibrator`
 (PM-KVQ's sensitivities and key scales, KVmix's layer importance, MixKVQ's threshold search): a function that takes
-a loaded model and tokenizer and returns the artifact payload the method reads at run time (mixkvq/artifacts.py).
+a loaded model and tokenizer and returns the artifact payload the method reads at run time (mixkvq/calib/artifacts.py).
 This module holds what calibrators share: calibration text (a hub dataset by default, a local file as an override,
 never the test set), token chunks and chat prompts, the LM loss, and the capture of post-RoPE q/k/v inside
 attention. `scripts/calibrate.py` looks the calibrator up here, runs it and writes the artifact.
@@ -53,7 +53,7 @@ def register_calibrator(method: str, without_artifact: Callable):
 
 def calibrating_methods() -> list[str]:
     """The registered methods that calibrate (imports every method's module: for messages, not for runs)."""
-    from mixkvq.methods import METHODS
+    from mixkvq.kv.methods import METHODS
 
     for name in METHODS.names():
         METHODS.get(name)
@@ -62,7 +62,7 @@ def calibrating_methods() -> list[str]:
 
 def calibrator(method: str) -> Calibrator:
     """The calibrator of `method`: its module, found through the method registry, registers it when imported."""
-    from mixkvq.methods import METHODS
+    from mixkvq.kv.methods import METHODS
 
     METHODS.get(method)  # an unknown method: the error names the registered ones
     if method not in CALIBRATORS:
@@ -129,7 +129,7 @@ def _local_rows(path: Path, limit: int) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).slice(0, limit).to_pylist()
-    from mixkvq.tasks import read_jsonl  # errors name the file and the line
+    from mixkvq.eval.tasks import read_jsonl  # errors name the file and the line
 
     return [row for _, row in read_jsonl(path, "data_files")[:limit]]
 

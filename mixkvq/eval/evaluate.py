@@ -1,7 +1,7 @@
 """One run: config -> model, method, problems -> generate, grade, write rows -> summary.
 
 Everything that can be wrong with the config, the data or the run folder is checked before the model loads
-(mixkvq.preflight). Rows are written after every problem (atomically), so a killed run loses at most the problem
+(mixkvq.eval.preflight). Rows are written after every problem (atomically), so a killed run loses at most the problem
 it was on, and a restarted run skips what is already written; SIGINT and SIGTERM stop it keeping every finished
 problem, and say so.
 """
@@ -17,16 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mixkvq import metrics, placement, provenance
-from mixkvq.grading import grade_many, stop_workers
-from mixkvq.interrupts import Interrupted
-from mixkvq.methods import ModelShape, build_method
-from mixkvq.models import load_model
-from mixkvq.preflight import preflight
-from mixkvq.protocol import generate_batch
-from mixkvq.results import RUN_FILE, RunDir, find_reference, twin_key
-from mixkvq.sinks import WandbSink, sweep_group
-from mixkvq.summary import format_summary
+from mixkvq.eval import metrics, placement
+from mixkvq.eval.grading import grade_many, stop_workers
+from mixkvq.eval.models import load_model
+from mixkvq.eval.preflight import preflight
+from mixkvq.eval.protocol import generate_batch
+from mixkvq.eval.summary import format_summary
+from mixkvq.kv.methods import ModelShape, build_method
+from mixkvq.runs import provenance
+from mixkvq.runs.interrupts import Interrupted
+from mixkvq.runs.results import RUN_FILE, RunDir, find_reference, twin_key
+from mixkvq.runs.sinks import WandbSink, sweep_group
 
 
 def reset_peak_memory(devices: list[torch.device]) -> None:
