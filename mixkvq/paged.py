@@ -220,7 +220,8 @@ class PagedValueStore:
         add = codes.reshape(b, h, self.d).to(torch.int32) << self._shift32[col]
         pg.data.view(b, h, -1).index_add_(2, self._word[col] + tile_base, add)
         meta = torch.cat((_to_bits16(scale), _to_bits16(zero)), dim=2)  # [B, H, 2 * groups]
-        pg.data.view(b, h, -1).view(torch.int16)[:, :, self._meta_slots[in_page] + page * 2 * pg.layout.page_words] = meta
+        slots = self._meta_slots[in_page] + page * 2 * pg.layout.page_words
+        pg.data.view(b, h, -1).view(torch.int16)[:, :, slots] = meta
         self.count += 1
         self._common = pos + 1
 
