@@ -244,7 +244,7 @@ def test_allocated_bytes_count_every_tensor_of_the_packed_cache():
                 if value.dim() >= 3 and id(value) not in seen:
                     seen.add(id(value))
                     total += value.numel() * value.element_size()
-            elif type(value).__module__.startswith("mixkvq.storage"):
+            elif type(value).__module__ in ("mixkvq.storage", "mixkvq.ragged"):
                 walk(value)
 
     for stream in (layer.key_stream, layer.value_stream):
