@@ -197,6 +197,11 @@ class PMKVQLayer(QuantizedLayer):
         super().__init__(*args, **kwargs)
         self.method, self.budget = method, budget
         self.overflowed = torch.zeros(len(self.pad), dtype=torch.bool)  # rows past the budget at the lowest width
+        # (stores' state, seq_len, least bytes left below the budget over the rows not stopped) at the last count:
+        # until a store changes, each step adds exactly `step_bytes` to every row, so no row can pass the budget
+        # before that headroom is used up and the steps in between need not count (`budget_flags`).
+        self.headroom: tuple | None = None
+        self.step_bytes = 2 * self.heads * self.dim * 16 // 8  # a full-precision token more in each stream
 
     @property
     def beta(self) -> torch.Tensor:
@@ -222,6 +227,23 @@ class PMKVQLayer(QuantizedLayer):
         row over budget until later steps have halved enough."""
         return (self.budget_bytes() > self.budget) & ~self.overflowed
 
+    def _stores_state(self) -> tuple:
+        k, v = self.key_stream, self.value_stream
+        return k.releases, v.releases, k.store.version, v.store.version
+
+    def budget_flags(self) -> torch.Tensor | None:
+        """`over_budget()`, or None while the headroom of the last count shows that no row can be over."""
+        held = self.headroom
+        if held is not None and held[0] == self._stores_state() and \
+                (self.seq_len - held[1]) * self.step_bytes <= held[2]:
+            return None
+        used = self.budget_bytes()
+        over = (used > self.budget) & ~self.overflowed
+        left = [self.budget - u for u, stopped in zip(used.tolist(), self.overflowed.tolist()) if not stopped]
+        self.headroom = None if bool(over.any()) else \
+            (self._stores_state(), self.seq_len, min(left, default=float("inf")))
+        return over
+
     def enforce_budget(self) -> None:
         """Halve β of the rows over budget; a row over budget at the lowest width is stopped (or raises).
 
@@ -230,8 +252,8 @@ class PMKVQLayer(QuantizedLayer):
         """
         rule = self.method.cfg.shrink_rule
         while True:
-            over = self.over_budget()
-            if not bool(over.any()):
+            over = self.budget_flags()
+            if over is None or not bool(over.any()):
                 return
             stuck = over & (self.beta <= LOWEST)
             if bool(stuck.any()):

@@ -108,22 +108,36 @@ class MixKVQLayer(QuantizedLayer):
         self.method = method
         batch, dev = len(self.pad), self.key_stream.window.data.device  # the layer's own device
         self.q_abs_sum = torch.zeros(batch, q_heads, self.dim, dtype=torch.float32, device=dev)
-        self.q_count = torch.zeros(batch, dtype=torch.int64)  # queries seen per row (each over all heads)
+        self.prefill_queries = torch.zeros(batch, dtype=torch.int64)  # real queries per row in prefill
+        self.decode_queries = 0  # and since: one per row per decode step (a host int: no op per step)
         self.key_lo = torch.full((batch, self.heads, self.dim), float("inf"), device=dev)
         self.key_hi = torch.full((batch, self.heads, self.dim), float("-inf"), device=dev)
         self.key_stream.widths_fn = self.key_widths
 
     def observe_queries(self, query: torch.Tensor) -> None:
-        # Counted on the host (query_start lives there); a decode step (no padding) needs no mask at all.
+        if not self.is_prefill:  # one query per row, no padding: |Q| added as is (fp32 adds of exact values)
+            self.decode_queries += 1
+            self.q_abs_sum.add_(query[:, :, 0].abs())
+            return
+        # Counted on the host (query_start lives there).
         valid = torch.arange(query.shape[2])[None, :] >= self.query_start[:, None]
-        self.q_count += valid.sum(dim=1)
+        self.prefill_queries += valid.sum(dim=1)
         q = query.float().abs()
         if int(self.query_start.max()) > 0:
             q = q * to_device(valid, query.device)[:, None, :, None]
         self.q_abs_sum += q.sum(dim=2)
 
+    @property
+    def q_count(self) -> torch.Tensor:
+        """Queries seen per row (each over all heads)."""
+        return self.prefill_queries + self.decode_queries
+
     def on_keys(self, keys: torch.Tensor, start: torch.Tensor) -> None:
         if self.method.cfg.sensitivity_tokens != "all":
+            return
+        if not self.is_prefill:  # one key per row: the range over it is the key itself
+            self.key_lo = torch.minimum(self.key_lo, keys[:, :, 0])
+            self.key_hi = torch.maximum(self.key_hi, keys[:, :, 0])
             return
         k = keys.float()
         lo, hi = k, k

@@ -1,10 +1,13 @@
 """Where a decode step's time goes in a real `generate` call: wall time per step, host (Python) time by function,
-kernel launches and device syncs per step, for bf16 DynamicCache and the harness's methods.
+kernel launches and device syncs per step, and the tensor ops of the cache's own work per layer and step (the
+model's ops left out; mixkvq/kv/op_count.py), for bf16 DynamicCache and the harness's methods.
 
 Random-weight model from a config folder (shapes and speed only), one prompt repeated to `--batch` samples
 through `mixkvq.eval.protocol.generate_samples` (the path `run.py` takes), `--new-tokens` sampled tokens.
 
     python scripts/profile_decode_step.py --config-dir DIR --out results/bench/decode_step_profile   # GPU
+    python scripts/profile_decode_step.py --config-dir DIR --out OUT --device cpu --layers 2 --batch 2 \
+        --prompt-tokens 160 --new-tokens 160   # cache ops per layer and step on CPU
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-DEVICE = "cuda"
 
-def sync():
-    if DEVICE == "cuda":
+def sync(device: str):
+    if device == "cuda":
         torch.cuda.synchronize()
 
 
@@ -32,27 +34,27 @@ METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16"], "bf16-sdpa": ["method=
            "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
 
 
-def build(config_dir: Path, layers: int | None):
+def build(config_dir: Path, layers: int | None, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(config_dir)
     if layers:
         cfg.num_hidden_layers = layers
-    with torch.device(DEVICE):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     return model, AutoTokenizer.from_pretrained(config_dir)
 
 
-def make_generate(model, tokenizer, overrides, batch: int):
+def make_generate(model, tokenizer, overrides, batch: int, device: str):
     """A function (prompt ids, new tokens) -> seconds, generating `batch` samples the way run.py does."""
     if overrides is None:
         def plain(ids, new):
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=batch, **SAMPLING,
                                max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-            sync()
+            sync(device)
             return time.perf_counter() - t0
         return plain
 
@@ -104,10 +106,11 @@ def sync_sites(fn, ids, new: int, top: int = 12) -> list[dict]:
     return [dict(site=k, per_step=v / new) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:top]]
 
 
-def launch_profile(fn, ids, new: int) -> dict:
+def launch_profile(fn, ids, new: int, device: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
         fn(ids, new)
     counts = {}
     for e in prof.key_averages():
@@ -121,15 +124,39 @@ def launch_profile(fn, ids, new: int) -> dict:
     return out
 
 
+def op_profile(fn, ids, new: int) -> dict:
+    """Cache-only ops per layer and step (mixkvq/kv/op_count.py), mean over ordinary decode steps and over flush steps;
+    `data`: those on cache data (the rest are host-side lengths on a GPU)."""
+    from mixkvq.kv.op_count import CacheOpCounter
+
+    with CacheOpCounter() as counter:
+        fn(ids, new)
+    out = {}
+    for kind, recs in counter.by_kind().items():
+        if kind != "prefill":
+            out[f"{kind}_ops"] = sum(r.total for r in recs) / len(recs)
+            out[f"{kind}_data_ops"] = sum(r.data_total for r in recs) / len(recs)
+    return out
+
+
 def write_markdown(out: Path, meta: dict, rows: list[dict]) -> None:
     """profile.md from the rows of profile.json (also for rows merged from several calls)."""
     lines = [f"# Decode step profile ({meta['device']}, {meta['date']}, torch {meta['torch']})", "",
-             f"Random-weight model, {meta['layers']} layers, batch {meta['batch']}, "
-             f"prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} sampled new tokens; `python scripts/profile_decode_step.py`.", "",
-             "| method | ms/step | tok/s | launches/step | syncs/step | memcpy/step |", "|---|---|---|---|---|---|"]
+             f"Random-weight model, {meta['layers']} layers, batch {meta['batch']}, prompt {meta['prompt_tokens']} "
+             f"tokens, {meta['new_tokens']} sampled new tokens; `python scripts/profile_decode_step.py`.", "",
+             "Cache ops: the aten ops of the cache's own work per layer and step (the model's SDPA and the rest of its "
+             "forward left out), mean over ordinary decode steps / over flush steps (a block moved into a store, and "
+             "the step after); in brackets those on cache data, the rest being host-side lengths on a GPU.", "",
+             "| method | ms/step | tok/s | launches/step | syncs/step | memcpy/step "
+             "| cache ops/layer/step (decode, flush) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ops(r, kind):
+        return f"{r[f'{kind}_ops']:.0f} [{r[f'{kind}_data_ops']:.0f}]" if f"{kind}_ops" in r else "-"
+
     for r in rows:
         lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
-                     f"{r['syncs']:.0f} | {r['memcpy']:.0f} |")
+                     f"{r['syncs']:.0f} | {r['memcpy']:.0f} | {ops(r, 'decode')}, {ops(r, 'flush')} |")
     for r in rows:
         lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
         lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
@@ -150,28 +177,29 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
+    ap.add_argument("--device", default="cuda", help="cpu: timings are a smoke test; the cache ops count as on a GPU")
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    device = args.device
 
-    model, tokenizer = build(args.config_dir, args.layers)
-    ids = torch.randint(1000, 20000, (1, args.prompt_tokens), device=DEVICE)
-    meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", date=datetime.date.today().isoformat(), torch=torch.__version__,
+    model, tokenizer = build(args.config_dir, args.layers, device)
+    ids = torch.randint(1000, 20000, (1, args.prompt_tokens), device=device)
+    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                date=datetime.date.today().isoformat(), torch=torch.__version__,
                 batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                 layers=model.config.num_hidden_layers)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.methods.split(","):
-        fn = make_generate(model, tokenizer, METHODS[name], args.batch)
+        fn = make_generate(model, tokenizer, METHODS[name], args.batch, device)
         fn(ids, 4)  # warm-up: kernels built and tuned
         prefill = min(fn(ids, 1) for _ in range(2))
         total = fn(ids, args.new_tokens)
         step_ms = (total - prefill) / (args.new_tokens - 1) * 1e3
         row = dict(method=name, step_ms=step_ms, prefill_ms=prefill * 1e3,
-                   tok_s=args.batch * args.new_tokens / total, **launch_profile(fn, ids, 16),
+                   tok_s=args.batch * args.new_tokens / total, **launch_profile(fn, ids, 16, device),
+                   **op_profile(fn, ids, args.new_tokens),
                    host=host_profile(fn, ids, 16, args.top),
-                   sync_sites=sync_sites(fn, ids, 8) if DEVICE == "cuda" else [])
+                   sync_sites=sync_sites(fn, ids, 8) if device == "cuda" else [])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("host", "aten_ops_per_step", "sync_sites")}),
               flush=True)

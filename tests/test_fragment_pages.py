@@ -105,12 +105,14 @@ def filled_layer_into(layer, method, lengths, steps, gen):
     return layer, rand(len(lengths), s.q_heads, 1, s.head_dim)
 
 
+@pytest.mark.parametrize("lengths", [[301, 250, 77], [260, 260]], ids=["ragged", "equal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", sorted(KIVI_CASES))
-def test_paged_stores_hold_exactly_what_the_flat_stores_hold(case, dtype):
+def test_paged_stores_hold_exactly_what_the_flat_stores_hold(case, dtype, lengths):
+    # Equal rows take the value store's one-token path on every decode step (one position for every row).
     name, overrides = KIVI_CASES[case]
     seed = random.randrange(2**31)
-    (flat, q), (paged, q2) = _twin_layers(name, overrides, dtype, 128, 4, [301, 250, 77], 75, seed)
+    (flat, q), (paged, q2) = _twin_layers(name, overrides, dtype, 128, 4, lengths, 75, seed)
     assert torch.equal(q, q2)
     assert isinstance(paged.key_stream.store, PagedKeyStore) and isinstance(paged.value_stream.store, PagedValueStore)
     for stream in ("key_stream", "value_stream"):

@@ -20,12 +20,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from mixkvq.kv.ragged import Ragged, RaggedBuffer, left_align, ragged_cat, split_front
 from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
 
-# How many window tokens each row releases after a step, given its window lengths w and residual R.
+# How many window tokens each row releases after a step, given its window lengths w and residual R. A rule is
+# elementwise (each row's count from its own length), so it is tabulated once per stream (`RULE_TABLE` lengths):
+# a step whose windows the table covers decides without an op.
 WINDOW_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "keep": lambda w, r: torch.zeros_like(w),  # bf16 reference: nothing is ever quantized
     "flush": lambda w, r: (w // r) * r,  # modulo-R buffer: whole R-blocks leave once the buffer is full
     "sliding": lambda w, r: (w - r).clamp_min(0),  # the last R tokens stay at full precision
 }
+RULE_TABLE = 8192  # window lengths tabulated per stream (longer windows evaluate the rule on their lengths)
 
 
 class Stream:
@@ -38,17 +41,29 @@ class Stream:
         self.residual, self.sink_tokens = residual, sink
         self.window = RaggedBuffer(batch, heads, dim, dtype, device)
         self.sink = RaggedBuffer(batch, heads, dim, dtype, device) if sink else None
+        self.sink_full = not sink  # every row's sink holds its `sink` tokens: new tokens go straight to the window
         self.store = store
         self.widths_fn = widths_fn
         self.reserved_tokens: int | None = None  # set by reserve()
         self.fp_bits = torch.empty((), dtype=dtype).element_size() * 8
         self.fp_token_bytes = heads * dim * self.fp_bits // 8
+        # Tokens each window length releases, and the shortest that releases any: with the rows' common window
+        # length (or their longest below it) a step decides on the host alone.
+        table = self.window_rule(torch.arange(RULE_TABLE), residual) if store is not None else None
+        self.release_table: list[int] = table.tolist() if table is not None else []
+        self.quiet_below = next((w for w, n in enumerate(self.release_table) if n > 0),
+                                RULE_TABLE if store is not None else float("inf"))
+        self.releases = 0  # store appends so far: readers that keep derived state (the reference decoder) compare it
+        self.last_release: int | None = None  # tokens per row of the last one when every row moved as many
+        self.newest: Ragged | None = None  # a decode step's token (the reference decoder copies it; not a prefill's)
 
     def append(self, r: Ragged) -> None:
-        if self.sink is not None:
+        self.newest = r if r.common == 1 else None  # a prefill's K/V are not kept alive past their step
+        if not self.sink_full:
             room = (self.sink_tokens - self.sink.lens).clamp_min(0)
             head, r = split_front(r, torch.minimum(room, r.lens))
             self.sink.append(head)
+            self.sink_full = min(self.sink.lens.tolist()) >= self.sink_tokens
         self.window.append(r)
 
     def reserve(self, tokens: int) -> None:
@@ -63,9 +78,30 @@ class Stream:
             self.store.reserve(tokens)
 
     def release(self) -> None:
-        n = self.window_rule(self.window.lens, self.residual)
-        if self.store is not None and int(n.max()) > 0:
-            self.store.append(self.window.pop_front(n), self.widths_fn)
+        """Move the tokens the window rule releases into the store."""
+        if self.store is None:
+            return
+        window = self.window
+        common = window.common
+        if common is not None and common < len(self.release_table):  # equal windows: the table decides
+            k = self.release_table[common]
+            if k:
+                self._move(torch.tensor([k] * len(window.lens)), k)
+            return
+        if window.top < self.quiet_below:  # no row's window is long enough to release anything
+            return
+        n = self.window_rule(window.lens, self.residual)
+        counts = n.tolist()
+        if max(counts) > 0:
+            self._move(n, counts[0] if min(counts) == max(counts) else None)
+
+    def _move(self, n: torch.Tensor, k: int | None) -> None:
+        """Store the first n[b] window tokens of each row (`k`: their common count), then drop them from the window:
+        the store reads them in place, so the window shifts once, after."""
+        self.store.append(self.window.front(n, k), self.widths_fn)
+        self.window.drop_front(n, k)
+        self.releases += 1
+        self.last_release = k
 
     def ragged(self) -> Ragged:
         """Every stored token of each row in order, dequantized (the reference attention's input)."""
@@ -112,6 +148,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.heads, self.dim = heads, dim
         self.seq_len = 0  # rectangular length as transformers counts it (pads included)
         self.query_start = pad  # per row: first real position of the current step's queries
+        # A decode step's constants, made once: its queries start at 0 and each row stores one token.
+        self.no_pad, self.one_each = torch.zeros_like(pad), torch.ones_like(pad)
         self.is_prefill = True  # set by each update(): the first one is the prefill
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
@@ -129,12 +167,17 @@ class QuantizedLayer(CacheLayerMixin):
                 "batch_size * num_return_sequences"
             )
         self.is_prefill = self.seq_len == 0
-        if not self.is_prefill and key_states.shape[2] != 1:
-            raise NotImplementedError("quantized caches decode one token per step (no chunked prefill)")
-        start = self.pad if self.is_prefill else torch.zeros_like(self.pad)
+        if self.is_prefill:
+            start = self.pad
+            keys, values = left_align(key_states, start), left_align(value_states, start)
+        else:
+            if key_states.shape[2] != 1:
+                raise NotImplementedError("quantized caches decode one token per step (no chunked prefill)")
+            start = self.no_pad
+            keys, values = Ragged(key_states, self.one_each, 1), Ragged(value_states, self.one_each, 1)
         self.query_start = start
-        self.key_stream.append(left_align(key_states, start))
-        self.value_stream.append(left_align(value_states, start))
+        self.key_stream.append(keys)
+        self.value_stream.append(values)
         if self.probe is not None:
             self.probe.on_update(key_states, value_states, start)
         self.on_keys(key_states, start)
@@ -174,6 +217,10 @@ class QuantizedLayer(CacheLayerMixin):
         """Per row: whether the layer holds more than a method's byte budget after this step (None: no budget)."""
         return None
 
+    def budget_flags(self) -> torch.Tensor | None:
+        """`over_budget()` as the step's statistics read it: None also when the method knows no row is over."""
+        return self.over_budget()
+
     # -- accounting --------------------------------------------------------------------------------------------
 
     def tokens(self) -> torch.Tensor:
@@ -207,6 +254,8 @@ class QuantizedCache(Cache):
         # Per row: the forward step at which a method ended the sample (PM-KVQ budget overflow), else -1.
         # Forward j produces token j+1, so a row stopped at j keeps its first j generated tokens.
         self.stop_step = torch.full((len(layers[0].pad) if layers else 0,), -1, dtype=torch.int64)
+        # step_totals' per-store figures (by stream) and their sums, as of each store's last write.
+        self._store_state: dict = {"entries": {}, "sums": None}
 
     def stop_rows(self, rows: torch.Tensor) -> None:
         """End these rows' samples at the current forward step (the first stop of a row wins)."""
@@ -223,19 +272,53 @@ class QuantizedCache(Cache):
             return
         over = torch.zeros(len(self.stop_step), dtype=torch.bool)
         for layer in self.layers:
-            flags = layer.over_budget()
+            flags = layer.budget_flags()
             if flags is not None:
                 over |= flags.cpu()
-        self.snapshots.append(
-            {
-                "code_bits": sum(layer.code_bits() for layer in self.layers),
-                "live_bytes": sum(layer.live_bytes() for layer in self.layers),
-                "elements": sum(layer.elements() for layer in self.layers),
-                "over_budget": over,
-            }
-        )
+        self.snapshots.append({**self.step_totals(), "over_budget": over})
         if self.storage == "packed":
             self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes())
+
+    def step_totals(self) -> dict[str, torch.Tensor]:
+        """Per row, summed over layers and streams: code bits, live bytes and elements (what `code_bits()`,
+        `live_bytes()` and `elements()` of every layer add up to), in a few ops whatever the number of layers.
+
+        Every stream holds each row's seq_len - pad tokens; those not in a store are at full precision. What the
+        stores hold changes only when they are written (a release, a rewrite), so their sums are kept in between.
+        Every value is an integer (code bits in float64, exact below 2^53), so the order of the sums changes none.
+        """
+        first = self.layers[0]
+        streams = [s for layer in self.layers for s in (layer.key_stream, layer.value_stream)]
+        fp_bytes = first.key_stream.fp_token_bytes
+        assert all(s.fp_token_bytes == fp_bytes for s in streams), "streams of one cache share dtype and shape"
+        tokens = first.seq_len - first.pad  # [B]: pads are never stored
+        fp = tokens * len(streams)
+        stored = self._store_sums(streams)
+        if stored is not None:
+            fp = fp - stored[0]
+        code_bits = fp.to(torch.float64) * (fp_bytes * 8)
+        live_bytes = fp * fp_bytes
+        if stored is not None:
+            code_bits, live_bytes = code_bits + stored[1], live_bytes + stored[2]
+        elements = tokens * sum(2 * layer.heads * layer.dim for layer in self.layers)
+        return {"code_bits": code_bits, "live_bytes": live_bytes, "elements": elements}
+
+    def _store_sums(self, streams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(tokens, code bits, live bytes) per row over every store, recomputed only after a store was written."""
+        held = self._store_state
+        changed = False
+        for s in streams:
+            if s.store is None:
+                continue
+            key = (id(s.store), s.releases, s.store.version)
+            entry = held["entries"].get(id(s))
+            if entry is None or entry[0] != key:
+                held["entries"][id(s)] = (key, s.store.tokens(), s.store.code_bits, s.store.live_bytes)
+                changed = True
+        if changed:
+            entries = list(held["entries"].values())
+            held["sums"] = tuple(torch.stack([e[i] for e in entries]).sum(0) for i in (1, 2, 3))
+        return held["sums"]
 
     def allocated_bytes(self) -> int:
         return sum(layer.allocated_bytes() for layer in self.layers)

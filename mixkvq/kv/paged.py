@@ -21,7 +21,7 @@ from functools import cached_property
 import torch
 
 from mixkvq.kv.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
-                           check_page_layout, pack_tile, token_meta_order, token_slots, unpack_tile)
+                           check_page_layout, code_order, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
 from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
@@ -69,6 +69,7 @@ class PagedKeyStore:
         self.tier_counts: dict[int, int] = {}
         self.version = 0
         dev = pages.data.device
+        code_order(self.d, bits, "key")  # pack_tile's table, built once (a Python loop) here rather than at a flush
         self._order = to_device(channel_meta_order(self.d), dev)
         self._inverse = to_device(torch.argsort(channel_meta_order(self.d)), dev)
         self._heads = torch.arange(heads, device=dev)
@@ -164,6 +165,14 @@ class PagedValueStore:
         self._heads = torch.arange(heads, device=dev)[None, :, None]
         self._group_ids = torch.arange(self.groups, device=dev)[None, :]
         self.bytes_per_token = heads * pages.layout.value_bytes_per_token()
+        # For a decode step's one token per row at one position (`_append_one`): int32 shifts (a code shifted into
+        # bit 31 wraps to the word's two's-complement value, as the int64 path computes it), and the 16-bit slots of
+        # a token's scales then zeros within a page, per token of the page.
+        self._shift32 = self._shift.to(torch.int32)
+        slots = self._inverse.view(PAGE_TOKENS, self.groups)
+        off_s, off_z = 2 * pages.words["value_scale"][0], 2 * pages.words["value_zero"][0]
+        self._meta_slots = torch.cat((slots + off_s, slots + off_z), dim=1)  # [32, 2 * groups]
+        self._common: int | None = 0  # every row's token count while they are all equal
 
     def layout(self) -> Layout:
         return self._layout
@@ -176,6 +185,8 @@ class PagedValueStore:
         return {"pages": self.pages.data, "lens": self.count}
 
     def append(self, r: Ragged, widths_fn=None) -> None:
+        if r.common == 1 and self._common is not None:
+            return self._append_one(r)
         if int(r.lens.max()) == 0:
             return
         dev = r.data.device
@@ -207,6 +218,28 @@ class PagedValueStore:
             col16 = page[:, None] * (2 * pg.layout.page_words) + 2 * off + at
             flat16[bd[:, None, None], self._heads, col16[:, None, :]] = _to_bits16(meta[bd, :, jd])
         self.count += r.lens
+        counts = self.count.tolist()
+        self._common = counts[0] if min(counts) == max(counts) else None
+
+    def _append_one(self, r: Ragged) -> None:
+        """One token per row, every row at the same position (a sliding window's decode step): the same codes,
+        scales and zeros as `append` writes, placed by host arithmetic and three writes."""
+        b, h = r.data.shape[:2]
+        codes, scale, zero = quantize(r.data[:, :, :1].reshape(b, h, self.groups, self.g), self.bits, self.spec)
+        pos = self._common
+        page, in_page, col = pos // PAGE_TOKENS, pos % PAGE_TOKENS, pos % TILE_TOKENS
+        self.pages.reserve(page + 1)
+        pg = self.pages
+        off, nw = pg.words["value_codes"]
+        tile_base = page * pg.layout.page_words + off + in_page // TILE_TOKENS * nw // 2
+        # Slots are disjoint and start at zero: adding a code into its word is or-ing it in (see `append`).
+        add = codes.reshape(b, h, self.d).to(torch.int32) << self._shift32[col]
+        pg.data.view(b, h, -1).index_add_(2, self._word[col] + tile_base, add)
+        meta = torch.cat((_to_bits16(scale), _to_bits16(zero)), dim=2)  # [B, H, 2 * groups]
+        slots = self._meta_slots[in_page] + page * 2 * pg.layout.page_words
+        pg.data.view(b, h, -1).view(torch.int16)[:, :, slots] = meta
+        self.count += 1
+        self._common = pos + 1
 
     def tokens(self) -> torch.Tensor:
         return self.count

@@ -29,6 +29,9 @@ class Ragged:
 
     data: torch.Tensor  # [B, H, T, X]
     lens: torch.Tensor  # [B]
+    # Every row's length when they are all equal and the producer knows it without reading `lens` (a decode step's
+    # one token per row): lets a buffer append without an op on the lengths. None: not known, read `lens`.
+    common: int | None = None
 
 
 def token_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,7 @@ def left_align(x: torch.Tensor, start: torch.Tensor) -> Ragged:
     """Tokens x[b, :, start[b]:] of a left-padded batch as a left-aligned Ragged."""
     t = x.shape[2]
     if int(start.max()) == 0:
-        return Ragged(x, torch.full_like(start, t))
+        return Ragged(x, torch.full_like(start, t), t)
     idx = to_device((torch.arange(t)[None, :] + start[:, None]).clamp_max(t - 1), x.device)
     return Ragged(x.gather(2, token_index(idx, x)), t - start)
 
@@ -80,6 +83,9 @@ def ragged_cat(parts: list[Ragged]) -> Ragged:
 
 
 def from_token(r: Ragged, start: int) -> Ragged:
+    if r.common is not None:  # equal rows: the lengths from the host, no op
+        common = max(r.common - start, 0)
+        return Ragged(r.data[:, :, start:], torch.tensor([common] * len(r.lens)), common)
     return Ragged(r.data[:, :, start:], (r.lens - start).clamp_min(0))
 
 
@@ -107,42 +113,111 @@ def reserve(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
 
 
 class RaggedBuffer:
-    """A growable [B, H, capacity, X] tensor with per-row lengths (`reserve` sets the capacity once)."""
+    """A growable [B, H, capacity, X] tensor with per-row lengths (`reserve` sets the capacity once).
+
+    `lens` (host) is the truth. The buffer also keeps the longest row's length, and the rows' common length while
+    they are all equal, as Python ints, so that a decode step's append, read and release dispatch no op on the
+    lengths. Assigning `lens` drops those ints (they are read back from the tensor when next needed): change the
+    lengths by assigning them, never in place through a reference to the tensor.
+    """
 
     def __init__(self, batch: int, heads: int, width: int, dtype: torch.dtype, device, capacity: int = 0):
         self.data = torch.zeros(batch, heads, capacity, width, dtype=dtype, device=device)
-        self.lens = torch.zeros(batch, dtype=torch.int64)
+        self._lens = torch.zeros(batch, dtype=torch.int64)
+        self._top, self._common = 0, 0
+
+    @property
+    def lens(self) -> torch.Tensor:
+        return self._lens
+
+    @lens.setter
+    def lens(self, value: torch.Tensor) -> None:
+        self._lens = value
+        self._top = None
+
+    def _shape(self) -> tuple[int, int | None]:
+        if self._top is None:
+            lens = self._lens.tolist()  # a host read, no op
+            self._top = max(lens, default=0)
+            self._common = lens[0] if lens and min(lens) == self._top else None
+        return self._top, self._common
+
+    @property
+    def top(self) -> int:
+        """The longest row's length."""
+        return self._shape()[0]
+
+    @property
+    def common(self) -> int | None:
+        """Every row's length while they are all equal, else None."""
+        return self._shape()[1]
 
     def append(self, r: Ragged) -> None:
+        top, common = self._shape()
+        k = r.common
+        if k is not None:  # every row appends k tokens (a decode step): no op on the lengths but their update
+            if k == 0:
+                return
+            self.data = grow(self.data, 2, top + k)
+            if common is not None:  # ... at the same place
+                self.data[:, :, common:common + k] = r.data[:, :, :k]
+            else:  # ... each at its own length: one scatter
+                b, h, _, x = r.data.shape
+                at = to_device(self._lens, self.data.device)[:, None, None, None]
+                if k > 1:
+                    at = at + torch.arange(k, device=self.data.device)[:, None]
+                self.data.scatter_(2, at.expand(b, h, k, x), r.data[:, :, :k])
+            self._lens += k
+            self._top, self._common = top + k, None if common is None else common + k
+            return
         if int(r.lens.max()) == 0:
             return
-        self.data = grow(self.data, 2, int((self.lens + r.lens).max()))
-        if rectangular(r) and bool((self.lens == self.lens[0]).all()):  # every row appends at the same place
-            at = int(self.lens[0])
-            self.data[:, :, at:at + r.data.shape[2]] = r.data
-            self.lens += r.lens
-            return
-        valid = torch.arange(r.data.shape[2])[None, :] < r.lens[:, None]
-        b, j = valid.nonzero(as_tuple=True)
-        b, dst, j = to_device(torch.stack((b, self.lens[b] + j, j)), self.data.device)
-        self.data[b, :, dst] = r.data[b, :, j]
-        self.lens += r.lens
+        self.data = grow(self.data, 2, int((self._lens + r.lens).max()))
+        if rectangular(r) and common is not None:  # every row appends at the same place
+            self.data[:, :, common:common + r.data.shape[2]] = r.data
+        else:
+            valid = torch.arange(r.data.shape[2])[None, :] < r.lens[:, None]
+            b, j = valid.nonzero(as_tuple=True)
+            b, dst, j = to_device(torch.stack((b, self._lens[b] + j, j)), self.data.device)
+            self.data[b, :, dst] = r.data[b, :, j]
+        self._lens += r.lens
+        self._top = None
 
     def reserve(self, tokens: int) -> None:
         self.data = reserve(self.data, 2, tokens)
 
     def view(self) -> Ragged:
-        return Ragged(self.data[:, :, : int(self.lens.max())], self.lens)
+        top, common = self._shape()
+        return Ragged(self.data[:, :, :top], self._lens, common)
 
-    def pop_front(self, n: torch.Tensor) -> Ragged:
-        head, rest = split_front(self.view(), n)
-        head = Ragged(head.data.clone(), head.lens)
-        # The rest may be a view of this buffer (split_front's slice): copy it out before it is moved over.
-        self.data[:, :, : rest.data.shape[2]] = rest.data.clone()
-        self.lens = rest.lens
-        keep = 2 * max(int(self.lens.max()), 16)
+    def front(self, n: torch.Tensor, k: int | None = None) -> Ragged:
+        """The first n[b] tokens of each row, as a view of the buffer (`k`: n's common value, when known)."""
+        if k is not None:
+            return Ragged(self.data[:, :, :k], n, k)
+        return Ragged(self.data[:, :, : max(int(n.max()), 0)], n)
+
+    def drop_front(self, n: torch.Tensor, k: int | None = None) -> None:
+        """Remove the first n[b] tokens of each row (`k`: n's common value, when known: a shift by one slice)."""
+        top, common = self._shape()
+        if k is not None:
+            if top > k:  # source and destination overlap: the rest is copied out before it moves over
+                self.data[:, :, : top - k] = self.data[:, :, k:top].clone()
+            self._lens -= k
+            self._top, self._common = top - k, None if common is None else common - k
+        else:
+            _, rest = split_front(self.view(), n)
+            # The rest may be a view of this buffer (split_front's slice): copy it out before it is moved over.
+            self.data[:, :, : rest.data.shape[2]] = rest.data.clone()
+            self.lens = rest.lens
+        keep = 2 * max(self.top, 16)
         if self.data.shape[2] > max(keep, 1024):  # a prefill's worth left the window: give its room back
             self.data = self.data[:, :, :keep].clone()
+
+    def pop_front(self, n: torch.Tensor) -> Ragged:
+        """The first n[b] tokens of each row, removed from the buffer (a copy)."""
+        head = self.front(n)
+        head = Ragged(head.data.clone(), n.clone())
+        self.drop_front(n)
         return head
 
     def allocated_bytes(self) -> int:

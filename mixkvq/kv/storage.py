@@ -331,11 +331,12 @@ class TokenGroupStore:
         lead = r.data.shape[:3]
         codes, scale, zero = quantize(r.data.reshape(*lead, self.d // self.g, self.g), self.bits, self.spec)
         if self.packed:
-            self.codes.append(Ragged(pack(codes.reshape(*lead, self.d), self.bits), r.lens))
-            self.scale.append(Ragged(scale, r.lens))
-            self.zero.append(Ragged(zero, r.lens))
+            self.codes.append(Ragged(pack(codes.reshape(*lead, self.d), self.bits), r.lens, r.common))
+            self.scale.append(Ragged(scale, r.lens, r.common))
+            self.zero.append(Ragged(zero, r.lens, r.common))
         else:
-            self.values.append(Ragged(dequantize(codes, scale, zero, self.dtype).reshape(*lead, self.d), r.lens))
+            self.values.append(Ragged(dequantize(codes, scale, zero, self.dtype).reshape(*lead, self.d), r.lens,
+                                      r.common))
 
     def tokens(self) -> torch.Tensor:
         return (self.codes if self.packed else self.values).lens
