@@ -108,9 +108,9 @@ class ProgressiveTokenStore(TokenGroupStore):
             words = pack(codes, bits) if self.packed else codes.to(torch.int32)
             codes_out[rows, ..., : words.shape[-1]] = words
             scale_out[rows], zero_out[rows] = scale, zero
-        self.codes.append(Ragged(codes_out, r.lens))
-        self.scale.append(Ragged(scale_out, r.lens))
-        self.zero.append(Ragged(zero_out, r.lens))
+        self.codes.append(Ragged(codes_out, r.lens, r.common))
+        self.scale.append(Ragged(scale_out, r.lens, r.common))
+        self.zero.append(Ragged(zero_out, r.lens, r.common))
         if not self.packed:
             self.values.append(self._dequantized(Ragged(codes_out, r.lens), Ragged(scale_out, r.lens),
                                                  Ragged(zero_out, r.lens)))

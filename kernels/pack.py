@@ -280,8 +280,9 @@ def append_tokens(r: Ragged, bits: int, group: int, spec: QuantSpec, codes: Ragg
     for buf in bufs:
         buf.data = grow(buf.data, 2, need)
     lens, t = codes.lens, r.data.shape[2]
-    if bool((r.lens == t).all()) and bool((lens == lens[0]).all()):  # equal rows (samples of one prompt)
-        starts, counts = int(lens[0]), None
+    full = r.common == t if r.common is not None else bool((r.lens == t).all())  # every row appends all t tokens
+    if full and codes.common is not None:  # ... at the same place (samples of one prompt): no op on the lengths
+        starts, counts = codes.common, None
     else:
         starts, counts = torch.stack((lens, r.lens)).to(r.data.device, non_blocking=True)
     quantize_pack_tokens_into(r.data, bits, group, spec, codes.data, scale.data, zero.data, starts, counts)

@@ -54,9 +54,10 @@ def _cache_code() -> tuple[set, set]:
 
     from mixkvq.kv.attention import quantized_kv_attention
     from mixkvq.kv.cache import QuantizedLayer
-    from mixkvq.kv.methods import import_methods
+    from mixkvq.kv.methods import METHODS
 
-    import_methods()
+    for name in METHODS.names():  # every registered method's layer classes (the registry imports lazily)
+        METHODS.get(name)
     layers, todo = [], [QuantizedLayer]
     while todo:
         cls = todo.pop()
