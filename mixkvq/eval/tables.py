@@ -414,6 +414,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _style(*axes) -> None:
+    """A light grid on each panel, and its legend when it has labelled lines."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+
+
+def _save(fig, path, **savefig) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, **savefig)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_pareto(runs: pd.DataFrame, path: str | Path, bits: str = "storage_bits_mean"):
     """pass@1 vs stored bits per element, one panel per (model, task), the Pareto front as a line."""
     plt = _pyplot()
@@ -433,10 +448,7 @@ def plot_pareto(runs: pd.DataFrame, path: str | Path, bits: str = "storage_bits_
         ax.set(title=f"{model} / {task}", xlabel="storage bits per KV element", ylabel="pass@1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def context_points(samples: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -466,14 +478,8 @@ def plot_memory_context(samples: pd.DataFrame, runs: pd.DataFrame, path: str | P
     mem.set(xlabel="context tokens (prompt + generated)", ylabel="KV cache (MiB, measured)", title="memory vs context")
     speed.set(xlabel="context tokens (prompt + generated)", ylabel="decode tokens/s (per problem)",
               title="throughput vs context")
-    for ax in (mem, speed):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _style(mem, speed)
+    return _save(fig, path)
 
 
 def plot_vs_papers(comparison: pd.DataFrame, path: str | Path, title: str = ""):
@@ -513,10 +519,7 @@ def plot_vs_papers(comparison: pd.DataFrame, path: str | Path, title: str = ""):
                                                            label="ours")]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def _fidelity_groups(fidelity: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -551,10 +554,7 @@ def plot_fidelity_pareto(fidelity: pd.DataFrame, path: str | Path, bits: str = "
         for ax in (kl_ax, top_ax):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_fidelity_layers(fidelity: pd.DataFrame, layers: pd.DataFrame, path: str | Path):
@@ -576,14 +576,8 @@ def plot_fidelity_layers(fidelity: pd.DataFrame, layers: pd.DataFrame, path: str
                    yscale="log")
         k_ax.set(title="keys: SQNR of dequantized cache", xlabel="layer", ylabel="SQNR (dB)")
         v_ax.set(title="values: SQNR of dequantized cache", xlabel="layer", ylabel="SQNR (dB)")
-        for ax in (err_ax, k_ax, v_ax):
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _style(err_ax, k_ax, v_ax)
+    return _save(fig, path)
 
 
 def plot_fidelity_positions(fidelity: pd.DataFrame, path: str | Path):
@@ -603,10 +597,5 @@ def plot_fidelity_positions(fidelity: pd.DataFrame, path: str | Path):
                     label=r["label"])
         ax.set(title=name, xlabel="position in the reference (tokens, bucket middle)", ylabel="mean KL (nats)",
                yscale="log", xscale="log")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _style(ax)
+    return _save(fig, path)
