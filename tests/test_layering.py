@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STORE_MODULES = ("mixkvq/kv/storage.py", "mixkvq/kv/paged.py", *sorted(
+STORE_MODULES = ("mixkvq/kv/storage.py", "mixkvq/kv/paged.py", "mixkvq/kv/tiered.py", *sorted(
     str(p.relative_to(REPO)) for p in (REPO / "baselines").glob("*.py")))
 
 

@@ -16,6 +16,8 @@ reference asks the store to dequantize itself: `ragged(start)`, `version`):
   - ROW_WIDTH_TOKEN_GROUPS: as TOKEN_GROUPS, with `row_bits` int64 [B] (host): row b's width; its tokens use the
     first words_for(D, row_bits[b]) words of a `codes` row (the widest row's words).
   - FRAGMENT_PAGES: `pages` int32 [B, H, pages, page_words], shared by a layer's key and value stores.
+  - TIERED_FRAGMENT_PAGES: `pool` int32 [B, H, words], one pool per (row, head) of variable-size blocks, and
+    `offsets` int64 [B, H, blocks] (each block's first word); a block's bytes: `TieredPageLayout`.
 Codes are `bits` wide, `codes_per_word` to an int32 word, the first in the lowest bits (mixkvq/kv/quantizer.py).
 
 `FragmentPageLayout` is the layout made for the CUDA decode kernel (kernels/cuda): per (row, KV head, 32-token
@@ -29,6 +31,10 @@ t = lane % 4) holds four 32-bit registers per 16x16 A tile, register `reg` holdi
 (row g + 8 * (reg & 1), columns 2t + 8 * (reg >> 1) + {0, 1}). Keys are the A operand with tokens as rows and
 channels as columns (one tile per 16 channels: a "k-step"); values are the A operand transposed (channels as rows,
 tokens as columns; one tile per 16 channels: an "m-tile").
+
+`TieredPageLayout` holds MixKVQ's mixed-width keys for a kernel of the same kind: per block, the key channels are
+permuted into their tiers (full precision, 4-bit, 2-bit) and each tier is a uniform key tile of its own channel
+count, in `code_order` with `channel_meta_order` scales and zeros, so a kernel runs one uniform loop per tier.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class PackingFormat(enum.Enum):
     ROW_WIDTH_TOKEN_GROUPS = "row_width_token_groups"  # token groups at one width per batch row (PM-KVQ)
     DENSE = "dense"  # dequantized tokens in the model dtype (storage=fake)
     FRAGMENT_PAGES = "fragment_pages"  # keys and values of 32 tokens per page in fragment order (CUDA kernel)
+    TIERED_FRAGMENT_PAGES = "tiered_fragment_pages"  # mixed-width key blocks as per-tier fragment tiles (MixKVQ)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Layout:
     block: int | None = None  # tokens per block (channel groups)
     pack11: bool = False  # KVmix's 3-bit words: 11 codes per word, the 11th of 2 bits (in bits 30-31)
     page: "FragmentPageLayout | None" = None  # FRAGMENT_PAGES only
+    tiers: "TieredPageLayout | None" = None  # TIERED_FRAGMENT_PAGES only
     read_unit: int = 1  # stored tokens decode in runs starting at multiples of this (whole blocks, whole pages)
 
     @property
@@ -85,6 +93,7 @@ BUFFERS: dict[PackingFormat, tuple[str, ...]] = {
     PackingFormat.TOKEN_GROUPS: ("codes", "scale", "zero"),
     PackingFormat.ROW_WIDTH_TOKEN_GROUPS: ("codes", "scale", "zero", "row_bits"),
     PackingFormat.FRAGMENT_PAGES: ("pages",),
+    PackingFormat.TIERED_FRAGMENT_PAGES: ("pool", "offsets"),
 }
 
 
@@ -103,10 +112,11 @@ class FragmentPageLayout:
     - value codes: two 16-token tiles (k-steps of the value product) in fragment order, likewise.
     - value scale and zero: 32 tokens x `head_dim // value_group` groups each, in `token_meta_order`.
     Scales and zeros are in the model dtype (16-bit), which the kernel multiplies into its operands.
+    `key_bits` None: pages of values only, the keys being held in another layout (MixKVQ's `TieredPageLayout`).
     """
 
     head_dim: int
-    key_bits: int
+    key_bits: int | None
     value_bits: int
     value_group: int  # channels per value scale (per-token groups)
     meta_bytes: int = 2
@@ -126,7 +136,7 @@ class FragmentPageLayout:
 
     @property
     def key_words_per_lane(self) -> int:
-        return self.words_per_lane(self.head_dim, self.key_bits)
+        return self.words_per_lane(self.head_dim, self.key_bits) if self.key_bits is not None else 0
 
     @property
     def value_words_per_lane(self) -> int:
@@ -135,7 +145,8 @@ class FragmentPageLayout:
     def sections(self) -> dict[str, tuple[int, int]]:
         """name -> (byte offset, bytes) within a page."""
         d, m = self.head_dim, self.meta_bytes
-        sizes = [("key_codes", PAGE_TOKENS * d * self.key_bits // 8), ("key_scale", d * m), ("key_zero", d * m),
+        dk, kb = (d, self.key_bits) if self.key_bits is not None else (0, 0)  # no key part: empty key sections
+        sizes = [("key_codes", PAGE_TOKENS * dk * kb // 8), ("key_scale", dk * m), ("key_zero", dk * m),
                  ("value_codes", PAGE_TOKENS * d * self.value_bits // 8),
                  ("value_scale", PAGE_TOKENS * self.value_groups * m), ("value_zero", PAGE_TOKENS * self.value_groups * m)]
         out, at = {}, 0
@@ -162,16 +173,115 @@ class FragmentPageLayout:
         return self.head_dim * self.value_bits // 8 + 2 * self.value_groups * self.meta_bytes
 
 
-def check_page_layout(head_dim: int, key_bits: int, value_bits: int, value_group: int) -> list[str]:
-    """Why these numbers have no fragment page layout (empty when they do)."""
+def check_page_layout(head_dim: int, key_bits: int | None, value_bits: int, value_group: int) -> list[str]:
+    """Why these numbers have no fragment page layout (empty when they do; key_bits None: values only)."""
     out = []
     if head_dim not in PAGE_HEAD_DIMS:
         out.append(f"head_dim {head_dim} is not one of {list(PAGE_HEAD_DIMS)}")
     for what, bits in (("key", key_bits), ("value", value_bits)):
-        if bits not in PAGE_BITS:
+        if bits not in PAGE_BITS and not (what == "key" and bits is None):
             out.append(f"{what} width {bits} is not one of {list(PAGE_BITS)}")
     if value_group % 16 or head_dim % value_group:
         out.append(f"value group {value_group} is not a multiple of 16 dividing head_dim {head_dim}")
+    return out
+
+
+# ---- tiered pages: MixKVQ's mixed-width key blocks ------------------------------------------------------------
+
+TIER_WIDTHS = (0, 4, 2)  # a block's tiers in order, by width code (0: full precision, raw model-dtype bits)
+TIER_BITS = (16, 4, 2)  # bits per element of each tier
+TIER_STEP = 16  # a tier's channels are padded to whole k-steps
+TIER_SECTIONS = ("fp_values", "k4_codes", "k2_codes")  # each tier's first section in a page (its others follow)
+
+
+def tier_channels(count):
+    """Channels of a tier of `count` channels as stored: whole k-steps (ints or int64 tensors alike)."""
+    return -(-count // TIER_STEP) * TIER_STEP
+
+
+def tile_channels(count, bits: int):
+    """Channels a tier's code tile spans: `tier_channels` rounded up to whole int32 words per lane (2-bit: a word
+    holds two k-steps, so 32 channels); the extra channels' codes are zero."""
+    return -(-tier_channels(count) * bits // 64) * 64 // bits
+
+
+@dataclass(frozen=True)
+class TieredPageLayout:
+    """One MixKVQ key block per (row, KV head, `block` tokens), contiguous, 16-byte aligned sections:
+
+        header: perm uint8 [head_dim] | counts uint8 [16]: (full precision, 4-bit, 2-bit), then zeros
+        page j (j < block / 32, 32 tokens each):
+            fp_values | k4_codes | k4_scale | k4_zero | k2_codes | k2_scale | k2_zero
+
+    `perm` lists the block's channels by tier (full precision, 4-bit, 2-bit in `TIER_WIDTHS` order; ascending within
+    a tier): tier t's channel i is perm[start_t + i], start_t the sum of the counts before it, so a kernel gathers
+    the query's columns once per block. A tier of n channels is a uniform key tile of c = `tier_channels(n)`
+    channels (whole k-steps; padding channels hold zero values, codes, scales and zeros, so whatever query column
+    meets them adds 0):
+    - fp_values: the raw model-dtype bits in `code_order(c, 16, "key")`: the MMA's A fragments as they are;
+    - kB_codes: two 16-token tiles in `code_order(c', B, "key")`, c' = `tile_channels(n, B)` (c at 4 bits; at 2 bits
+      a word holds two k-steps, so an odd number of k-steps leaves the upper half of each lane's last word zero);
+    - kB_scale, kB_zero: the c channels' scales and zeros of the page's 32-token group, in `channel_meta_order(c)`.
+    A tier without channels has empty sections.
+
+    Blocks lie at variable offsets, each right after the one before in its (row, head) pool, found through one
+    offset per block: a block's size follows from its counts (`block_bytes`), whereas a fixed capacity would be
+    sized for the worst case (every channel at full precision, 16 bits) and hold about six times what a 2.3-bit mix
+    needs. Within a block no offset is stored: every section's place follows from the counts (`page_sections`).
+    What is counted is what is stored: header, every section with its padding channels, the 8-byte offset.
+    """
+
+    head_dim: int
+    block: int
+    value_bytes: int = 2  # raw full-precision values, scales and zeros: the model dtype (bf16 / fp16)
+
+    def __post_init__(self):
+        problems = check_tiered_layout(self.head_dim, self.block, self.value_bytes)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def pages(self) -> int:
+        return self.block // PAGE_TOKENS
+
+    @property
+    def header_bytes(self) -> int:
+        return self.head_dim + 16
+
+    def page_sections(self, counts) -> dict:
+        """name -> (byte offset within a page, bytes) for tier counts (full precision, 4-bit, 2-bit): three ints, or
+        three int64 tensors of one shape (a block each)."""
+        n_fp, n4, n2 = counts
+        m = self.value_bytes
+        sizes = [("fp_values", PAGE_TOKENS * tier_channels(n_fp) * m)]
+        for name, n, bits in (("k4", n4, 4), ("k2", n2, 2)):
+            c = tier_channels(n)
+            sizes += [(f"{name}_codes", PAGE_TOKENS * tile_channels(n, bits) * bits // 8), (f"{name}_scale", c * m),
+                      (f"{name}_zero", c * m)]
+        out, at = {}, 0
+        for name, n in sizes:
+            out[name] = (at, n)
+            at = at + n
+        return out
+
+    def page_bytes(self, counts):
+        off, n = self.page_sections(counts)["k2_zero"]
+        return off + n
+
+    def block_bytes(self, counts):
+        """Bytes of a block in the pool (header and pages; its offset is held apart, in `offsets`)."""
+        return self.header_bytes + self.pages * self.page_bytes(counts)
+
+
+def check_tiered_layout(head_dim: int, block: int, value_bytes: int = 2) -> list[str]:
+    """Why these numbers have no tiered page layout (empty when they do)."""
+    out = []
+    if head_dim not in PAGE_HEAD_DIMS:
+        out.append(f"head_dim {head_dim} is not one of {list(PAGE_HEAD_DIMS)}")
+    if block <= 0 or block % PAGE_TOKENS:
+        out.append(f"block {block} is not a positive multiple of {PAGE_TOKENS}")
+    if value_bytes != 2:
+        out.append(f"{8 * value_bytes}-bit model dtype: tiers hold 16-bit values, scales and zeros")
     return out
 
 

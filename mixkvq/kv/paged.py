@@ -275,6 +275,8 @@ class PagedValueStore:
         return Ragged(vals[:, :, cut:top - first * PAGE_TOKENS], lens)
 
     def allocated_bytes(self) -> int:
+        if self.pages.layout.key_bits is None:  # pages of values only: this store's alone
+            return self.pages.data.numel() * 4
         return 0  # counted by the key store, which reports the whole page buffer
 
 

@@ -1,0 +1,81 @@
+"""The key product of a decode kernel over tiered pages (mixkvq/kv/layout.py `TieredPageLayout`), in PyTorch.
+
+No CUDA kernel reads tiered pages yet; this is the math it is to do, read from a store's `layout()` and `buffers()`
+alone, so that the kernel has a statement to be tested against. Per (row, KV head, block): the block's permutation
+gathers the GQA group's query columns once (tier order); per 32-token page each tier then runs as a uniform key tile
+into the same score accumulator, as the fragment kernel does for one width (kernels/cuda/fragment_decode.cuh):
+- full precision: q . k over the tier's raw values;
+- 4-bit and 2-bit: scores = (q * s) . codes + q . z, the scales folded into the query (q' = q * s per channel) and
+  the zeros giving one bias per head (z . q), never a dequantized key.
+A tier's padding channels hold zero values, codes, scales and zeros, so the query columns they meet (the next
+tier's, or zeros past the last) add nothing.
+
+`kernel_numerics=False` computes in float64 without rounding (the fold itself, exactly); True rounds as the kernel
+does: q' to the model dtype (one 16-bit multiply per pair), products summed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixkvq.kv.layout import (PAGE_TOKENS, TIER_BITS, TIER_SECTIONS, TIER_STEP, TIER_WIDTHS, Layout, PackingFormat,
+                              channel_meta_order, tier_channels, tile_channels, unpack_tile)
+
+
+def tiered_scores(query: torch.Tensor, layout: Layout, buffers: dict, kernel_numerics: bool = False) -> torch.Tensor:
+    """q . k of every stored token: query [B, Hq, 1, D] -> [B, Hq, T] (T: the longest row's tokens; 0 past a
+    row's `lens`), float64, or fp32 with `kernel_numerics`. Query head i reads KV head i // (Hq / H)."""
+    if layout.format is not PackingFormat.TIERED_FRAGMENT_PAGES:
+        raise ValueError(f"layout {layout.format.value} is not tiered pages")
+    lay = layout.tiers
+    pool, offsets, lens = buffers["pool"].cpu(), buffers["offsets"].cpu(), buffers["lens"]
+    b_n, h_n, d = pool.shape[0], pool.shape[1], lay.head_dim
+    g = query.shape[1] // h_n
+    acc_dtype = torch.float32 if kernel_numerics else torch.float64
+    out = torch.zeros(b_n, query.shape[1], int(lens.max()), dtype=acc_dtype)
+    hw = lay.header_bytes // 4
+    for b in range(b_n):
+        for h in range(h_n):
+            q = query[b, h * g:(h + 1) * g, 0].cpu()  # [g, D]
+            if not kernel_numerics:
+                q = q.double()
+            for k in range(int(lens[b]) // lay.block):
+                base = int(offsets[b, h, k])
+                header = pool[b, h, base:base + hw].view(torch.uint8)
+                perm, counts = header[:d].long(), header[d:d + len(TIER_WIDTHS)].tolist()
+                # The block's query columns in tier order, gathered once; padding slots past D read zeros.
+                qp = torch.cat((q[:, perm], q.new_zeros(g, TIER_STEP)), dim=1)
+                sec = {name: off // 4 for name, (off, _) in lay.page_sections(counts).items()}
+                page_words = lay.page_bytes(counts) // 4
+                starts = [sum(counts[:t]) for t in range(len(counts))]
+                for j in range(lay.pages):
+                    page = pool[b, h, base + hw + j * page_words:base + hw + (j + 1) * page_words]
+                    acc = torch.zeros(g, PAGE_TOKENS, dtype=acc_dtype)
+                    for t, name in enumerate(TIER_SECTIONS):
+                        if counts[t]:
+                            c = tier_channels(counts[t])
+                            acc += _tier_scores(qp[:, starts[t]:starts[t] + c], page[sec[name]:], t, c,
+                                                query.dtype, kernel_numerics)
+                    out[b, h * g:(h + 1) * g, k * lay.block + j * PAGE_TOKENS:][:, :PAGE_TOKENS] = acc
+    return out
+
+
+def _tier_scores(q: torch.Tensor, words: torch.Tensor, t: int, c: int, dtype: torch.dtype,
+                 kernel_numerics: bool) -> torch.Tensor:
+    """One tier of one page: q [g, c] (tier order) against the tier's sections from words[0] on -> [g, 32].
+    `dtype`: the model dtype (raw values, scales and zeros)."""
+    acc = torch.float32 if kernel_numerics else torch.float64
+    if TIER_WIDTHS[t] == 0:  # raw 16-bit values, two 16-token tiles
+        raw = unpack_tile(words[:2 * 32 * c // 4].reshape(2, -1), c, 16, "key").reshape(PAGE_TOKENS, c)
+        keys = torch.where(raw >= 1 << 15, raw - (1 << 16), raw).to(torch.int16).view(dtype)
+        return q.to(acc) @ keys.to(acc).T
+    bits = TIER_BITS[t]
+    cw = tile_channels(c, bits)
+    nw = 2 * 32 * cw * bits // 64  # two tiles, 32 lanes
+    codes = unpack_tile(words[:nw].reshape(2, -1), cw, bits, "key").reshape(PAGE_TOKENS, cw)[:, :c].to(acc)
+    inv = torch.argsort(channel_meta_order(c))
+    s, z = (words[nw + i * c // 2:nw + (i + 1) * c // 2].contiguous().view(torch.int16)[inv].view(dtype)
+            for i in (0, 1))
+    if kernel_numerics:  # q' = q * s rounded to the model dtype (a 16-bit multiply); z . q as one more MMA row
+        return (q * s).to(acc) @ codes.T + (q.to(acc) @ z.to(acc))[:, None]
+    return (q * s.to(acc)) @ codes.T + (q @ z.to(acc))[:, None]
