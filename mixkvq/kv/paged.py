@@ -54,7 +54,22 @@ def _to_bits16(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.int16)
 
 
-class PagedKeyStore:
+class _OnPages:
+    """What a store on fragment pages answers alike: its tokens per row (`count`), room reserved as whole pages,
+    and the paper's code bits (one width per store)."""
+
+    def tokens(self) -> torch.Tensor:
+        return self.count
+
+    def reserve(self, tokens: int) -> None:
+        self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
+
+    @property
+    def code_bits(self) -> torch.Tensor:
+        return self.count.to(torch.float64) * self.h * self.d * self.bits
+
+
+class PagedKeyStore(_OnPages):
     """Per-channel key groups of 32 tokens, in blocks of `block` tokens, written into fragment pages."""
 
     def __init__(self, pages: FragmentPages, batch: int, heads: int, block: int, bits: int, dtype: torch.dtype,
@@ -112,15 +127,6 @@ class PagedKeyStore:
         self.nblocks += nb
         self.count += nb * self.block
 
-    def tokens(self) -> torch.Tensor:
-        return self.count
-
-    def reserve(self, tokens: int) -> None:
-        self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
-
-    @property
-    def code_bits(self) -> torch.Tensor:
-        return self.tokens().to(torch.float64) * self.h * self.d * self.bits
 
     @property
     def live_bytes(self) -> torch.Tensor:
@@ -147,7 +153,7 @@ class PagedKeyStore:
         return self.pages.data.numel() * 4  # the whole page buffer; the value store counts none of it
 
 
-class PagedValueStore:
+class PagedValueStore(_OnPages):
     """Per-token value groups written token by token into fragment pages."""
 
     def __init__(self, pages: FragmentPages, batch: int, heads: int, group: int, bits: int, dtype: torch.dtype,
@@ -241,15 +247,6 @@ class PagedValueStore:
         self.count += 1
         self._common = pos + 1
 
-    def tokens(self) -> torch.Tensor:
-        return self.count
-
-    def reserve(self, tokens: int) -> None:
-        self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
-
-    @property
-    def code_bits(self) -> torch.Tensor:
-        return self.count.to(torch.float64) * self.h * self.d * self.bits
 
     @property
     def live_bytes(self) -> torch.Tensor:

@@ -42,6 +42,18 @@ def uses_pack_kernels(pack_kernel: str, t: torch.Tensor) -> bool:
     return pack_kernel == "triton" or (pack_kernel == "auto" and t.is_cuda)
 
 
+def pool_starts(used: torch.Tensor, rows: torch.Tensor, words: torch.Tensor):
+    """Where new blocks go in their rows' word pools: a row's new blocks follow what its pool holds (`used` [B, H]),
+    one after another. `rows` [N]: each block's row; `words` [N, H]: its size. Returns (first word of each block
+    [N, H], words added per row [B, H], blocks added per row [B])."""
+    excl = torch.cumsum(words, 0) - words
+    per_row = torch.bincount(rows, minlength=len(used))
+    first = torch.cumsum(per_row, 0) - per_row
+    start = used[rows] + excl - excl[first[rows]]
+    added = torch.zeros_like(used).index_add_(0, rows, words)
+    return start, added, per_row
+
+
 def _fp_bits(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() * 8
 
@@ -170,12 +182,7 @@ class ChannelGroupStore:
         wpc = self.channel_words(widths)  # [N, H, D]
         chan_off = torch.cumsum(wpc, dim=2) - wpc
         total = wpc.sum(dim=2).cpu()  # [N, H]
-        # Blocks of one row are laid out one after another in that row's pool, after what is there.
-        excl = torch.cumsum(total, 0) - total
-        per_row = torch.bincount(rows, minlength=self.b)
-        first = torch.cumsum(per_row, 0) - per_row
-        start = self.used[rows] + excl - excl[first[rows]]  # [N, H]
-        added = torch.zeros_like(self.used).index_add_(0, rows, total)
+        start, added, per_row = pool_starts(self.used, rows, total)
         need = int((self.used + added).max())
         if need > self.pool.shape[2]:
             self.pool = reserve(self.pool, 2, self._pool_need(need, int((self.nblocks + per_row).max())))

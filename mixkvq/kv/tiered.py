@@ -26,7 +26,7 @@ from mixkvq.kv.layout import (PAGE_TOKENS, TIER_BITS, TIER_SECTIONS, TIER_STEP, 
 from mixkvq.kv.paged import FragmentPages, PagedValueStore
 from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
-from mixkvq.kv.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore
+from mixkvq.kv.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore, pool_starts
 
 OFFSET_BYTES = 8  # a block's entry in `offsets` (int64)
 
@@ -89,12 +89,7 @@ class TieredPagedKeyStore:
         lay = self.tiers
         per_tier = tuple(counts.unbind(-1))
         total = (lay.block_bytes(per_tier) // 4).cpu()  # [N, H] words
-        # A row's new blocks follow what its pool holds, one after another.
-        excl = torch.cumsum(total, 0) - total
-        per_row = torch.bincount(rows, minlength=self.b)
-        first = torch.cumsum(per_row, 0) - per_row
-        start = self.used[rows] + excl - excl[first[rows]]  # [N, H]
-        added = torch.zeros_like(self.used).index_add_(0, rows, total)
+        start, added, per_row = pool_starts(self.used, rows, total)
         need = int((self.used + added).max())
         if need > self.pool.shape[2]:
             self.pool = reserve(self.pool, 2, self._pool_need(need, int((self.nblocks + per_row).max())))
