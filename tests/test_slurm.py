@@ -43,7 +43,9 @@ def slurm(tmp_path_factory) -> dict:
         pytest.skip(f"Slurm binaries absent ({', '.join(missing)}); install with `apt-get install slurm-wlm munge` "
                     f"(.ci/run does)")
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": "6917", "SLURM_LOCAL_GPUS": "2",
+    # A port per pytest-xdist worker (gw0, gw1, ...), so Slurms started by parallel workers never collide.
+    port = 6917 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": str(port), "SLURM_LOCAL_GPUS": "2",
            "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     try:
         up = subprocess.run([str(SLURM_LOCAL), "up"], env=env, capture_output=True, text=True, timeout=120)
