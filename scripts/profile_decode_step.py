@@ -119,6 +119,14 @@ def launch_profile(fn, ids, new: int, device: str) -> dict:
             "syncs": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
             "memcpy": ("cudaMemcpyAsync", "cudaMemcpy")}
     out = {k: sum(counts.get(n, 0) for n in names) / new for k, names in keys.items()}
+    # GPU busy time: kernel and copy time on the device per step. Far below ms/step means the host (Python,
+    # launches) bounds the step; near it, the device work does.
+    busy = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            busy[e.key] = busy.get(e.key, 0.0) + e.self_device_time_total / 1e3 / new
+    out["gpu_busy_ms"] = sum(busy.values())
+    out["gpu_top"] = dict(sorted(busy.items(), key=lambda kv: -kv[1])[:8])
     ops = sorted(((k, v / new) for k, v in counts.items() if k.startswith("aten::")), key=lambda kv: -kv[1])[:25]
     out["aten_ops_per_step"] = dict(ops)
     return out
@@ -147,17 +155,21 @@ def write_markdown(out: Path, meta: dict, rows: list[dict]) -> None:
              "Cache ops: the aten ops of the cache's own work per layer and step (the model's SDPA and the rest of its "
              "forward left out), mean over ordinary decode steps / over flush steps (a block moved into a store, and "
              "the step after); in brackets those on cache data, the rest being host-side lengths on a GPU.", "",
-             "| method | ms/step | tok/s | launches/step | syncs/step | memcpy/step "
+             "| method | ms/step | GPU busy ms/step | tok/s | launches/step | syncs/step | memcpy/step "
              "| cache ops/layer/step (decode, flush) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
 
     def ops(r, kind):
         return f"{r[f'{kind}_ops']:.0f} [{r[f'{kind}_data_ops']:.0f}]" if f"{kind}_ops" in r else "-"
 
     for r in rows:
-        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
+        busy = f"{r['gpu_busy_ms']:.1f}" if "gpu_busy_ms" in r else "-"
+        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {busy} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
                      f"{r['syncs']:.0f} | {r['memcpy']:.0f} | {ops(r, 'decode')}, {ops(r, 'flush')} |")
     for r in rows:
+        if r.get("gpu_top"):
+            lines += ["", f"## {r['method']}: device time by kernel (per step)", "", "| kernel | ms |", "|---|---|"]
+            lines += [f"| `{k[:90]}` | {v:.2f} |" for k, v in r["gpu_top"].items()]
         lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
         lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
         lines += ["", f"## {r['method']}: host time by function (16 steps, per step)", "",
