@@ -193,6 +193,8 @@ def _scale_rows(linear, factor: torch.Tensor) -> None:
 
 
 class PMKVQLayer(QuantizedLayer):
+    replays_decode_steps = False  # no CUDA-graph replay yet: its budget check reads the host each step
+
     def __init__(self, *args, method: "PMKVQ", budget: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.method, self.budget = method, budget

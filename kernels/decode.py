@@ -642,6 +642,14 @@ def _lens(layer, k: tuple, v: tuple) -> torch.Tensor:
     return torch.stack(cols, dim=1).to(torch.int32)
 
 
+def _device_lens(layer) -> torch.Tensor:
+    """`_lens` of a step a CUDA graph replays, from the windows' device lengths alone (such a layer has no sink and
+    no store: `Stream.replayable`)."""
+    total = layer.key_stream.window.device_lens
+    zero = torch.zeros_like(total)
+    return torch.stack((zero, zero, zero, total, zero, zero), dim=1).to(torch.int32)
+
+
 def _row_bits(lay: Layout | None, buf: dict | None, like: torch.Tensor) -> torch.Tensor:
     """Each row's code width in a per-row-width store (PM-KVQ, packed), else zeros (the kernel ignores them)."""
     if lay is not None and lay.format is PackingFormat.ROW_WIDTH_TOKEN_GROUPS:
@@ -671,21 +679,25 @@ def split_plan(query: torch.Tensor, layer, scaling: float, num_splits: int | Non
     ks, vs = layer.key_stream, layer.value_stream
     dev = query.device
     k, v = _read(ks.store), _read(vs.store)  # (layout, buffers) of each stream's store
-    lens_host = _lens(layer, k, v)
-    # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
-    lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
+    planned = layer.graph_tokens  # a step a CUDA graph records: device lengths, splits planned for this many tokens
+    if planned is None:
+        lens_host = _lens(layer, k, v)
+        # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
+        lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
+        ln = lens_host.numpy()  # host arithmetic in numpy: a few microseconds less per call than torch ops
+        whole = np.minimum(ln[:, 1], ln[:, 2])
+        whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores
+    else:
+        lens, whole = _device_lens(layer), np.zeros(1, dtype=np.int64)
     dummy = ks.window.data
     k_args, kc = _store_args(*k, dummy)
     v_args, vc = _store_args(*v, dummy)
-    ln = lens_host.numpy()  # host arithmetic in numpy: a few microseconds less per call than torch ops
-    whole = np.minimum(ln[:, 1], ln[:, 2])
-    whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores
     if lean is None:
         lean = tuning.lean_min_tiles is not None and \
             int(whole.sum()) // TILE_TOKENS * n_kv >= tuning.lean_min_tiles
     lean = bool(lean and kc["FAST"] and vc["FAST"] and int(whole.max()) > 0)
     # Splits cover the tokens after the sink (one kernel) or the whole tiles (lean; the rest is one more split).
-    n_split = int(whole.max()) if lean else int((ln[:, 3] - ln[:, 0]).max())
+    n_split = int(whole.max()) if lean else int((ln[:, 3] - ln[:, 0]).max()) if planned is None else planned
     tiles = max(1, -(-n_split // TILE_TOKENS))
     if num_splits is None:
         per_sm = tuning.split_programs_per_sm if dev.type == "cuda" else 4  # the interpreter: a few splits

@@ -103,6 +103,8 @@ def target_tiers(a: torch.Tensor, tau_bf16: float, tau_uint4: float, key_bits: f
 
 
 class MixKVQLayer(QuantizedLayer):
+    replays_decode_steps = False  # no CUDA-graph replay yet: query statistics and tiers run on the host
+
     def __init__(self, *args, method: "MixKVQ", q_heads: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method

@@ -31,6 +31,7 @@ def sync(device: str):
 
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # the protocol of run.py
 METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16"], "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch"],
+           "bf16-graphs": ["method=bf16", "attention.cuda_graphs=true"],
            "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
 
 
@@ -60,6 +61,7 @@ def make_generate(model, tokenizer, overrides, batch: int, device: str):
 
     from mixkvq.config import load_config
     from mixkvq.eval.protocol import generate_samples
+    from mixkvq.kv.graphs import GraphSettings
     from mixkvq.kv.methods import build_method
 
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
@@ -69,7 +71,10 @@ def make_generate(model, tokenizer, overrides, batch: int, device: str):
     def harness(ids, new):
         prompt = tokenizer.decode(ids[0])
         gen = {**SAMPLING, "max_new_tokens": new, "min_new_tokens": new}
-        return generate_samples(model, tokenizer, method, prompt, batch, gen, 0, cfg.attention.decode_kernel).seconds
+        out = generate_samples(model, tokenizer, method, prompt, batch, gen, 0, cfg.attention.decode_kernel,
+                               GraphSettings.from_config(cfg.attention))
+        harness.graph_counts = vars(out.graph_counts) if out.graph_counts is not None else None
+        return out.seconds
     return harness
 
 
@@ -167,9 +172,16 @@ def write_markdown(out: Path, meta: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {busy} | {r['tok_s']:.0f} | {r['launches']:.0f} | "
                      f"{r['syncs']:.0f} | {r['memcpy']:.0f} | {ops(r, 'decode')}, {ops(r, 'flush')} |")
     for r in rows:
+        if r.get("graph_counts"):
+            c = r["graph_counts"]
+            lines += ["", f"{r['method']}: of the timed call's forwards, {c['replayed']} replayed from CUDA graphs, "
+                      f"{c['recorded']} recorded, {c['eager']} eager (prefill, first step of a bucket)."]
+    for r in rows:
         if r.get("gpu_top"):
             lines += ["", f"## {r['method']}: device time by kernel (per step)", "", "| kernel | ms |", "|---|---|"]
             lines += [f"| `{k[:90]}` | {v:.2f} |" for k, v in r["gpu_top"].items()]
+        if "host" not in r:
+            continue
         lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
         lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
         lines += ["", f"## {r['method']}: host time by function (16 steps, per step)", "",
@@ -189,6 +201,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="step times, launches and device time only")
     ap.add_argument("--device", default="cuda", help="cpu: timings are a smoke test; the cache ops count as on a GPU")
     args = ap.parse_args()
     device = args.device
@@ -207,11 +220,13 @@ def main() -> None:
         prefill = min(fn(ids, 1) for _ in range(2))
         total = fn(ids, args.new_tokens)
         step_ms = (total - prefill) / (args.new_tokens - 1) * 1e3
+        graph_counts = getattr(fn, "graph_counts", None)  # of the timed call
         row = dict(method=name, step_ms=step_ms, prefill_ms=prefill * 1e3,
-                   tok_s=args.batch * args.new_tokens / total, **launch_profile(fn, ids, 16, device),
-                   **op_profile(fn, ids, args.new_tokens),
-                   host=host_profile(fn, ids, 16, args.top),
-                   sync_sites=sync_sites(fn, ids, 8) if device == "cuda" else [])
+                   tok_s=args.batch * args.new_tokens / total, graph_counts=graph_counts,
+                   **launch_profile(fn, ids, 16, device))
+        if not args.quick:
+            row.update(**op_profile(fn, ids, args.new_tokens), host=host_profile(fn, ids, 16, args.top),
+                       sync_sites=sync_sites(fn, ids, 8) if device == "cuda" else [])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("host", "aten_ops_per_step", "sync_sites")}),
               flush=True)

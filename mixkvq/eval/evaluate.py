@@ -23,6 +23,7 @@ from mixkvq.eval.models import load_model
 from mixkvq.eval.preflight import preflight
 from mixkvq.eval.protocol import generate_batch
 from mixkvq.eval.summary import format_summary
+from mixkvq.kv.graphs import GraphSettings
 from mixkvq.kv.methods import ModelShape, build_method
 from mixkvq.runs import provenance
 from mixkvq.runs.interrupts import Interrupted
@@ -92,7 +93,8 @@ def evaluate(cfg: DictConfig) -> dict:
             for group in todo:
                 seed = cfg.seed + group[0]
                 outs = generate_batch(model, tokenizer, method, [prompts[problems[i].id] for i in group],
-                                      cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel)
+                                      cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel,
+                                      GraphSettings.from_config(cfg.attention))
                 rows, call_tokens = [], 0
                 for index, out in zip(group, outs):
                     problem = problems[index]
@@ -108,6 +110,8 @@ def evaluate(cfg: DictConfig) -> dict:
                             # gen_seconds: this problem's share of its generate call (`problems_in_call` problems)
                             "seed": seed, "gen_seconds": out.seconds, "problems_in_call": len(group),
                             "kv_peak_allocated_bytes": out.kv_peak_allocated_bytes, "decode_kernels": out.decode_kernels,
+                            # decode steps of the call replayed from CUDA graphs (None: graphs off or not possible)
+                            "graph_replayed_steps": out.graph_counts.replayed if out.graph_counts else None,
                             **out.cache_stats[s],
                         }
                         for s in range(len(out.texts))

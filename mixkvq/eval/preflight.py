@@ -80,6 +80,8 @@ def check_cache_config(cfg: DictConfig) -> None:
     check_number("quant.min_scale", cfg.quant.min_scale, float, above=0)
     QuantSpec.from_config(cfg.quant, torch.float32)
     check_choice("attention.decode_kernel", cfg.attention.decode_kernel, decode_kernel_names())
+    check_number("attention.cuda_graphs", cfg.attention.get("cuda_graphs", False), bool)
+    check_number("attention.graph_bucket_tokens", cfg.attention.get("graph_bucket_tokens", 512), int, low=1)
     check_pack_kernel(cfg.quant.get("pack_kernel", "auto"))
     check_choice("storage", cfg.storage, STORAGE_MODES)
 

@@ -12,6 +12,7 @@ from kernels import kernels_in_use
 from mixkvq.eval.placement import input_device
 from mixkvq.kv.attention import bind
 from mixkvq.kv.cache import QuantizedCache
+from mixkvq.kv.graphs import GraphCounts, GraphSettings, graphed
 from mixkvq.kv.methods import Method
 from mixkvq.kv.ragged import to_device
 
@@ -55,16 +56,17 @@ class Generation:
     kv_peak_allocated_bytes: int | None
     decode_kernels: str  # what `attention.decode_kernel` resolved to over the layers, e.g. "triton"
     cache: QuantizedCache  # the call's cache (rows of every prompt in it), read after generate (MixKVQ's search)
+    graph_counts: GraphCounts | None = None  # decode steps replayed from CUDA graphs (None: graphs off or impossible)
 
 
 def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen: dict, seed: int,
-                     decode_kernel: str) -> Generation:
+                     decode_kernel: str, graphs: GraphSettings = GraphSettings()) -> Generation:
     """n samples of one prompt in one generate call: no padding inside a problem, a fresh cache."""
-    return generate_batch(model, tokenizer, method, [prompt], n, gen, seed, decode_kernel)[0]
+    return generate_batch(model, tokenizer, method, [prompt], n, gen, seed, decode_kernel, graphs)[0]
 
 
 def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int, gen: dict, seed: int,
-                   decode_kernel: str) -> list[Generation]:
+                   decode_kernel: str, graphs: GraphSettings = GraphSettings()) -> list[Generation]:
     """n samples of each prompt in one generate call (prompts left-padded, rows i*n .. i*n+n-1 are prompt i's),
     through a fresh cache allocated once for the longest prompt + max_new_tokens. Each Generation gets an equal
     share of the call's seconds, so per-problem seconds add up to the time spent."""
@@ -83,7 +85,7 @@ def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int,
     ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with bind(model, cache, decode_kernel), torch.no_grad():
+    with bind(model, cache, decode_kernel), graphed(model, cache, graphs) as graph_counts, torch.no_grad():
         kernels = kernels_in_use(cache.layers)
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, num_return_sequences=n,
                              pad_token_id=pad_id, eos_token_id=sorted(stop),
@@ -107,4 +109,4 @@ def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int,
     peak = cache.peak_allocated_bytes if method.storage == "packed" else None
     share = seconds / len(encoded)
     return [Generation(tokens[i:i + n], texts[i:i + n], truncated[i:i + n], share, stats[i:i + n], peak, kernels,
-                       cache) for i in range(0, len(tokens), n)]
+                       cache, graph_counts) for i in range(0, len(tokens), n)]

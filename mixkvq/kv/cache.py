@@ -95,6 +95,13 @@ class Stream:
         if max(counts) > 0:
             self._move(n, counts[0] if min(counts) == max(counts) else None)
 
+    def replayable(self) -> bool:
+        """Whether this stream's next decode step writes and reads by device lengths alone (a CUDA graph can replay
+        it): for now a window that keeps every token (bf16), with room for the token, and no sink or store."""
+        w = self.window
+        return (self.store is None and self.sink is None and self.window_rule is WINDOW_RULES["keep"]
+                and w.top < w.capacity)
+
     def _move(self, n: torch.Tensor, k: int | None) -> None:
         """Store the first n[b] window tokens of each row (`k`: their common count), then drop them from the window:
         the store reads them in place, so the window shifts once, after."""
@@ -153,6 +160,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.is_prefill = True  # set by each update(): the first one is the prefill
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
+        self.graph_tokens: int | None = None  # while a CUDA graph records a decode step: the tokens its splits plan for
         self.probe = None  # fidelity diagnostics (mixkvq/eval/fidelity.py): sees the exact K/V and each decode output
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -183,6 +191,32 @@ class QuantizedLayer(CacheLayerMixin):
         self.on_keys(key_states, start)
         self.seq_len += key_states.shape[2]
         return key_states, value_states
+
+    # -- decode steps replayed from a CUDA graph (mixkvq/kv/graphs.py) ----------------------------------------
+
+    # A subclass whose hooks keep host state per step (MixKVQ's query statistics, PM-KVQ's budgets) sets False.
+    replays_decode_steps = True
+
+    def replay_tokens(self) -> int | None:
+        """The longest row's token count after the next decode step when that step can be replayed from a CUDA
+        graph (every write and read by device tensors, nothing released), else None."""
+        if not self.replays_decode_steps or self.probe is not None or self.seq_len == 0:
+            return None
+        ks, vs = self.key_stream, self.value_stream
+        if not (ks.replayable() and vs.replayable()):
+            return None
+        ks.window.track_on_device(), vs.window.track_on_device()
+        return ks.window.top + 1
+
+    def advance_host(self) -> None:
+        """The host side of one decode step whose device work a CUDA graph replayed (what `update` and the
+        attention's hooks do on the host for a step that `replay_tokens` allowed)."""
+        self.is_prefill = False
+        self.query_start = self.no_pad
+        for stream in (self.key_stream, self.value_stream):
+            stream.window.advance(1)
+            stream.newest = None
+        self.seq_len += 1
 
     def get_seq_length(self) -> int:
         return self.seq_len
@@ -322,6 +356,18 @@ class QuantizedCache(Cache):
 
     def allocated_bytes(self) -> int:
         return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def replay_tokens(self) -> int | None:
+        """The longest row's token count after the next decode step, when every layer can replay it from a CUDA
+        graph, else None."""
+        tops = [layer.replay_tokens() for layer in self.layers]
+        return None if any(t is None for t in tops) else max(tops)
+
+    def advance_host(self) -> None:
+        """The host side of a decode step a CUDA graph replayed: every layer's, then the step's statistics."""
+        for layer in self.layers:
+            layer.advance_host()
+        self.step_done(len(self.layers) - 1)
 
     def reserve(self, tokens: int) -> None:
         """Allocate every layer for `tokens` tokens per row (prompt + max_new_tokens, known when generate starts)."""

@@ -324,16 +324,17 @@ def code_order(head_dim: int, bits: int, kind: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _flat_order(head_dim: int, bits: int, kind: str) -> torch.Tensor:
+def _flat_order(head_dim: int, bits: int, kind: str, device: torch.device) -> torch.Tensor:
+    # One copy per device: a copy at every call would synchronize the stream at every key flush.
     o = code_order(head_dim, bits, kind)
-    return (o[..., 0] * head_dim + o[..., 1]).reshape(-1)  # slot -> token * head_dim + channel
+    return (o[..., 0] * head_dim + o[..., 1]).reshape(-1).to(device)  # slot -> token * head_dim + channel
 
 
 def pack_tile(codes: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
     """Codes [..., 16, head_dim] (integers < 2**bits) -> int32 words [..., 32 * W] in fragment order."""
     d = codes.shape[-1]
     flat = codes.reshape(*codes.shape[:-2], TILE_TOKENS * d).to(torch.int64)
-    slots = flat[..., _flat_order(d, bits, kind).to(codes.device)]  # [..., 32*W*R*2]
+    slots = flat[..., _flat_order(d, bits, kind, codes.device)]  # [..., 32*W*R*2]
     w, rpw = FragmentPageLayout.words_per_lane(d, bits), 16 // bits
     slots = slots.reshape(*codes.shape[:-2], 32 * w, rpw, 2)
     shift = (torch.arange(rpw, device=codes.device)[:, None] * bits
@@ -350,7 +351,7 @@ def unpack_tile(words: torch.Tensor, head_dim: int, bits: int, kind: str) -> tor
              + 16 * torch.arange(2, device=words.device)[None, :])
     slots = ((w[..., None, None] >> shift) & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
     out = torch.empty_like(slots)
-    out[..., _flat_order(head_dim, bits, kind).to(words.device)] = slots
+    out[..., _flat_order(head_dim, bits, kind, words.device)] = slots
     return out.reshape(*words.shape[:-1], TILE_TOKENS, head_dim)
 
 

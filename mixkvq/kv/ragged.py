@@ -125,6 +125,10 @@ class RaggedBuffer:
         self.data = torch.zeros(batch, heads, capacity, width, dtype=dtype, device=device)
         self._lens = torch.zeros(batch, dtype=torch.int64)
         self._top, self._common = 0, 0
+        # The lengths on the data's device, kept current by one-token appends (`track_on_device`), so that a decode
+        # step writes and reads by device tensors alone and can be replayed from a CUDA graph. Any other change of
+        # the lengths drops it.
+        self.device_lens: torch.Tensor | None = None
 
     @property
     def lens(self) -> torch.Tensor:
@@ -134,6 +138,23 @@ class RaggedBuffer:
     def lens(self, value: torch.Tensor) -> None:
         self._lens = value
         self._top = None
+        self.device_lens = None
+
+    def track_on_device(self) -> torch.Tensor:
+        """Start keeping the lengths on the device (see `device_lens`); returns them."""
+        if self.device_lens is None:
+            self.device_lens = to_device(self._lens, self.data.device).clone()
+        return self.device_lens
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[2]
+
+    def advance(self, k: int) -> None:
+        """The host side of appending k tokens to every row, for a step whose device work a CUDA graph replays."""
+        top, common = self._shape()
+        self._lens += k
+        self._top, self._common = top + k, None if common is None else common + k
 
     def _shape(self) -> tuple[int, int | None]:
         if self._top is None:
@@ -159,6 +180,13 @@ class RaggedBuffer:
             if k == 0:
                 return
             self.data = grow(self.data, 2, top + k)
+            if self.device_lens is not None and k == 1:  # at the device lengths: the same ops at every step
+                b, h, _, x = r.data.shape
+                self.data.scatter_(2, self.device_lens[:, None, None, None].expand(b, h, 1, x), r.data[:, :, :1])
+                self.device_lens += 1
+                self.advance(1)
+                return
+            self.device_lens = None
             if common is not None:  # ... at the same place
                 self.data[:, :, common:common + k] = r.data[:, :, :k]
             else:  # ... each at its own length: one scatter
@@ -167,11 +195,11 @@ class RaggedBuffer:
                 if k > 1:
                     at = at + torch.arange(k, device=self.data.device)[:, None]
                 self.data.scatter_(2, at.expand(b, h, k, x), r.data[:, :, :k])
-            self._lens += k
-            self._top, self._common = top + k, None if common is None else common + k
+            self.advance(k)
             return
         if int(r.lens.max()) == 0:
             return
+        self.device_lens = None
         self.data = grow(self.data, 2, int((self._lens + r.lens).max()))
         if rectangular(r) and common is not None:  # every row appends at the same place
             self.data[:, :, common:common + r.data.shape[2]] = r.data
@@ -199,6 +227,7 @@ class RaggedBuffer:
     def drop_front(self, n: torch.Tensor, k: int | None = None) -> None:
         """Remove the first n[b] tokens of each row (`k`: n's common value, when known: a shift by one slice)."""
         top, common = self._shape()
+        self.device_lens = None
         if k is not None:
             if top > k:  # source and destination overlap: the rest is copied out before it moves over
                 self.data[:, :, : top - k] = self.data[:, :, k:top].clone()

@@ -1,0 +1,158 @@
+"""Decode steps replayed from CUDA graphs: the model's forward and the cache's work of a decode step recorded once,
+then replayed with one launch, so that a step costs the device's time rather than Python's and ~1400 launches.
+
+`graphed(model, cache)` wraps the model's forward for one `generate` call. A decode step runs from a graph when
+every cache layer says it can (`QuantizedCache.replay_tokens`): its writes and reads go through device tensors
+alone (device lengths, a buffer reserved for the whole call) and it releases nothing into a store. The decode
+kernel plans its splits for a bucket of `bucket_tokens` tokens (rows shorter than that end their splits early),
+so one graph serves every step until the longest row crosses into the next bucket; then the next bucket's step
+runs once eagerly (kernels built), is recorded and replayed. Any other step (prefill, a release, a method not yet
+graph-safe) runs the eager forward. The host side of a replayed step (lengths, statistics) is `advance_host`.
+
+Replays give the same tokens as the eager path (tests/test_gpu.py): the recorded kernels are the eager ones, only
+their lengths come from device tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import kernels_in_use
+from mixkvq.kv.cache import QuantizedCache
+
+# The inputs a decode step's forward gets from `generate` that a graph holds in its own buffers; any other tensor
+# input makes the step eager.
+STEP_INPUTS = ("input_ids", "position_ids")
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """`attention.cuda_graphs` and `attention.graph_bucket_tokens`."""
+
+    enabled: bool = False
+    bucket_tokens: int = 512
+
+    @classmethod
+    def from_config(cls, attention) -> GraphSettings:
+        return cls(bool(attention.get("cuda_graphs", cls.enabled)),
+                   int(attention.get("graph_bucket_tokens", cls.bucket_tokens)))
+
+
+@dataclass
+class GraphCounts:
+    """What ran how, over one generate call (recorded in run rows as `graph_steps`)."""
+
+    replayed: int = 0
+    recorded: int = 0
+    eager: int = 0
+    buckets: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    output: object  # the forward's output; its logits live in the graph's memory
+
+
+class GraphedDecode:
+    """The forward `generate` calls: eager for prefill and other steps, graph replays where the cache allows."""
+
+    def __init__(self, forward, cache: QuantizedCache, bucket_tokens: int):
+        if bucket_tokens < 1:
+            raise ValueError(f"bucket_tokens must be positive, got {bucket_tokens}")
+        self.forward, self.cache, self.bucket = forward, cache, bucket_tokens
+        self.counts = GraphCounts()
+        self._current: tuple[int, _Recorded] | None = None  # the bucket's graph (earlier buckets never return)
+        self._warm: set[int] = set()  # buckets whose step ran eagerly once with device lengths
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, *args, **kwargs):
+        planned = self._planned(args, kwargs)
+        if planned is None:
+            self.counts.eager += 1
+            return self.forward(*args, **kwargs)
+        if self._current is not None and self._current[0] == planned:
+            rec = self._current[1]
+            for name in STEP_INPUTS:
+                rec.inputs[name].copy_(kwargs[name])
+            rec.graph.replay()
+            self.cache.advance_host()
+            self.counts.replayed += 1
+            return rec.output
+        if planned not in self._warm:  # the bucket's kernels are built outside a recording
+            self._warm.add(planned)
+            self.counts.eager += 1
+            return self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, kwargs)))
+        self._current = None  # the previous bucket's graph and memory are not needed again
+        rec = self._record(planned, kwargs)
+        self._current = (planned, rec)
+        rec.graph.replay()  # recording ran the step's host side; its device work runs now
+        self.counts.recorded += 1
+        self.counts.buckets.append(planned)
+        return rec.output
+
+    def _planned(self, args, kwargs) -> int | None:
+        """The bucket this step's splits plan for, when the step can run from a graph, else None."""
+        ids = kwargs.get("input_ids")
+        if args or ids is None or ids.shape[1] != 1 or not ids.is_cuda:
+            return None
+        if any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k not in (*STEP_INPUTS, "attention_mask")):
+            return None
+        if any(kwargs.get(name) is None for name in STEP_INPUTS):
+            return None
+        tokens = self.cache.replay_tokens()
+        return None if tokens is None else -(-tokens // self.bucket) * self.bucket
+
+    def _graph_kwargs(self, kwargs: dict, inputs: dict) -> dict:
+        # No attention mask: decode attention reads each row's length from the cache (attention.quantized_kv_mask).
+        return {**{k: v for k, v in kwargs.items() if k not in (*STEP_INPUTS, "attention_mask")},
+                **{name: inputs[name] for name in STEP_INPUTS}, "attention_mask": None}
+
+    def _with_plan(self, planned: int, fn):
+        for layer in self.cache.layers:
+            layer.graph_tokens = planned
+        try:
+            return fn()
+        finally:
+            for layer in self.cache.layers:
+                layer.graph_tokens = None
+
+    def _record(self, planned: int, kwargs: dict) -> _Recorded:
+        inputs = {name: kwargs[name].clone() for name in STEP_INPUTS}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, inputs)))
+        return _Recorded(graph, inputs, output)
+
+
+def graph_problem(model, cache: QuantizedCache) -> str | None:
+    """Why no decode step of this call can run from a CUDA graph (None: the steps the cache allows can)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return f"the model is not on one CUDA device ({sorted(map(str, devices))})"
+    kernels = kernels_in_use(cache.layers)
+    if kernels != "triton":  # the one kernel that plans its splits from device lengths (kernels/decode.py)
+        return f"the decode kernel is {kernels!r}, not 'triton'"
+    return None
+
+
+@contextmanager
+def graphed(model, cache: QuantizedCache, settings: GraphSettings):
+    """Within the block (inside `bind`), `model`'s forward replays decode steps from CUDA graphs where `cache`
+    allows (see the module docstring); yields the `GraphCounts`, or None when disabled or not possible here."""
+    if not settings.enabled or graph_problem(model, cache) is not None:
+        yield None
+        return
+    original = model.forward  # the bound method of the class (an instance attribute would be ours)
+    runner = GraphedDecode(original, cache, settings.bucket_tokens)
+    # `generate` inspects the forward's signature (which inputs it takes): the wrapper shows the original's.
+    model.forward = functools.wraps(original)(runner)
+    try:
+        yield runner.counts
+    finally:
+        del model.forward
