@@ -69,7 +69,6 @@ class GraphedDecode:
         self.counts = GraphCounts()
         self._current: tuple[int, _Recorded] | None = None  # the bucket's graph (earlier buckets never return)
         self._warm: set[int] = set()  # buckets whose step ran eagerly once with device lengths
-        self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, *args, **kwargs):
         planned = self._planned(args, kwargs)
@@ -125,7 +124,7 @@ class GraphedDecode:
     def _record(self, planned: int, kwargs: dict) -> _Recorded:
         inputs = {name: kwargs[name].clone() for name in STEP_INPUTS}
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):  # its own memory pool, freed with the graph when the next bucket starts
             output = self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, inputs)))
         return _Recorded(graph, inputs, output)
 
