@@ -30,9 +30,10 @@ def sync(device: str):
 
 
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # the protocol of run.py
-METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16"], "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch"],
-           "bf16-graphs": ["method=bf16", "attention.cuda_graphs=true"],
-           "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
+EAGER = "attention.cuda_graphs=never"
+METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
+           "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch", EAGER],
+           "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
 
 
 def build(config_dir: Path, layers: int | None, device: str):
@@ -111,29 +112,40 @@ def sync_sites(fn, ids, new: int, top: int = 12) -> list[dict]:
     return [dict(site=k, per_step=v / new) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:top]]
 
 
-def launch_profile(fn, ids, new: int, device: str) -> dict:
+def _profiled(fn, ids, new: int, device: str) -> tuple[dict, dict]:
+    """(calls by name, device ms by kernel) of one call generating `new` tokens."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         fn(ids, new)
-    counts = {}
+    counts, busy = {}, {}
     for e in prof.key_averages():
         counts[e.key] = counts.get(e.key, 0) + e.count
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            busy[e.key] = busy.get(e.key, 0.0) + e.self_device_time_total / 1e3
+    return counts, busy
+
+
+def launch_profile(fn, ids, new: int, device: str) -> dict:
+    """Per decode step: launches, syncs, copies, device time and aten ops, as the difference between a call of
+    1 + `new` tokens and a call of 1 (the prefill and its token), so the prefill is not spread over the steps."""
+    (c1, b1), (cn, bn) = _profiled(fn, ids, 1, device), _profiled(fn, ids, 1 + new, device)
+
+    def per_step(a: dict, b: dict) -> dict:
+        return {k: (b.get(k, 0) - a.get(k, 0)) / new for k in b}
+
+    counts, busy = per_step(c1, cn), per_step(b1, bn)
     keys = {"launches": ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"),
             "syncs": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
             "memcpy": ("cudaMemcpyAsync", "cudaMemcpy")}
-    out = {k: sum(counts.get(n, 0) for n in names) / new for k, names in keys.items()}
-    # GPU busy time: kernel and copy time on the device per step. Far below ms/step means the host (Python,
-    # launches) bounds the step; near it, the device work does.
-    busy = {}
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            busy[e.key] = busy.get(e.key, 0.0) + e.self_device_time_total / 1e3 / new
+    out = {k: sum(counts.get(n, 0) for n in names) for k, names in keys.items()}
+    # Device time per step (kernels and copies): far below ms/step means the host (Python, launches) bounds the
+    # step; near it, the device's work does.
     out["gpu_busy_ms"] = sum(busy.values())
     out["gpu_top"] = dict(sorted(busy.items(), key=lambda kv: -kv[1])[:8])
-    ops = sorted(((k, v / new) for k, v in counts.items() if k.startswith("aten::")), key=lambda kv: -kv[1])[:25]
-    out["aten_ops_per_step"] = dict(ops)
+    out["aten_ops_per_step"] = dict(sorted(((k, v) for k, v in counts.items() if k.startswith("aten::")),
+                                           key=lambda kv: -kv[1])[:25])
     return out
 
 

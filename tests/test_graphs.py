@@ -102,9 +102,10 @@ def test_graph_settings_come_from_the_config_and_bad_values_are_refused():
     from mixkvq.errors import ConfigError
     from mixkvq.eval.preflight import check_cache_config
 
-    cfg = load_config(["attention.cuda_graphs=true", "attention.graph_bucket_tokens=256"])
-    assert GraphSettings.from_config(cfg.attention) == GraphSettings(True, 256)
-    for bad, key in (("attention.cuda_graphs=3", "attention.cuda_graphs"),
+    assert GraphSettings.from_config(load_config([]).attention) == GraphSettings(True, 512)  # on by default
+    cfg = load_config(["attention.cuda_graphs=never", "attention.graph_bucket_tokens=256"])
+    assert GraphSettings.from_config(cfg.attention) == GraphSettings(False, 256)
+    for bad, key in (("attention.cuda_graphs=true", "attention.cuda_graphs"),
                      ("attention.graph_bucket_tokens=0", "attention.graph_bucket_tokens")):
         with pytest.raises(ConfigError, match=key):
             check_cache_config(load_config([bad]))

@@ -19,6 +19,7 @@ from kernels import decode_kernel_names, kernel_unavailable
 from mixkvq.errors import ConfigError
 from mixkvq.eval.models import ModelConfig, ModelFiles, _resolve_device, check_context, read_model_files
 from mixkvq.eval.tasks import Problem, load_task
+from mixkvq.kv.graphs import GRAPH_MODES
 from mixkvq.kv.methods import METHODS, STORAGE_MODES, Method, ModelShape, build_method, check_choice, method_config
 from mixkvq.kv.quantizer import QuantSpec
 from mixkvq.kv.storage import check_pack_kernel
@@ -80,7 +81,7 @@ def check_cache_config(cfg: DictConfig) -> None:
     check_number("quant.min_scale", cfg.quant.min_scale, float, above=0)
     QuantSpec.from_config(cfg.quant, torch.float32)
     check_choice("attention.decode_kernel", cfg.attention.decode_kernel, decode_kernel_names())
-    check_number("attention.cuda_graphs", cfg.attention.get("cuda_graphs", False), bool)
+    check_choice("attention.cuda_graphs", cfg.attention.get("cuda_graphs", "auto"), GRAPH_MODES)
     check_number("attention.graph_bucket_tokens", cfg.attention.get("graph_bucket_tokens", 512), int, low=1)
     check_pack_kernel(cfg.quant.get("pack_kernel", "auto"))
     check_choice("storage", cfg.storage, STORAGE_MODES)

@@ -24,6 +24,9 @@ import torch
 from kernels import kernels_in_use
 from mixkvq.kv.cache import QuantizedCache
 
+# auto: replay the decode steps the cache allows, on one CUDA device (the speed and the tokens of a run then come
+# from the same kernels, their splits planned per bucket); never: every step eager (debugging, comparisons).
+GRAPH_MODES = ("auto", "never")
 # The inputs a decode step's forward gets from `generate` that a graph holds in its own buffers; any other tensor
 # input makes the step eager.
 STEP_INPUTS = ("input_ids", "position_ids")
@@ -31,14 +34,14 @@ STEP_INPUTS = ("input_ids", "position_ids")
 
 @dataclass(frozen=True)
 class GraphSettings:
-    """`attention.cuda_graphs` and `attention.graph_bucket_tokens`."""
+    """`attention.cuda_graphs` (`GRAPH_MODES`) and `attention.graph_bucket_tokens`."""
 
-    enabled: bool = False
+    enabled: bool = True
     bucket_tokens: int = 512
 
     @classmethod
     def from_config(cls, attention) -> GraphSettings:
-        return cls(bool(attention.get("cuda_graphs", cls.enabled)),
+        return cls(attention.get("cuda_graphs", "auto") == "auto",
                    int(attention.get("graph_bucket_tokens", cls.bucket_tokens)))
 
 
