@@ -48,6 +48,10 @@ def test_which_decode_steps_may_replay():
     top = cache.layers[0].key_stream.window.top
     assert cache.replay_tokens() == top + 1  # bf16 windows keep every token by device lengths
     assert cache.layers[0].key_stream.window.device_lens is not None
+    where = cache.replay_buffers()
+    assert cache.replay_buffers() == where
+    cache.layers[1].value_stream.window.reserve(80)  # a buffer that moves invalidates what was recorded over it
+    assert cache.replay_buffers() != where
     full = _bf16_after_prefill(capacity=9 + 3 - 1)  # the last token of the call filled the reserved windows
     assert full.replay_tokens() is None
     cache.layers[1].probe = object()  # fidelity probes see each step on the host

@@ -208,6 +208,16 @@ class QuantizedLayer(CacheLayerMixin):
         ks.window.track_on_device(), vs.window.track_on_device()
         return ks.window.top + 1
 
+    def replay_buffers(self) -> tuple:
+        """Where the device tensors a replayable step writes and reads live (address and shape): a recorded step is
+        valid only while they stay where they were when it was recorded."""
+        out = []
+        for w in (self.key_stream.window, self.value_stream.window):
+            out += [(w.data.data_ptr(), tuple(w.data.shape))]
+            if w.device_lens is not None:
+                out += [(w.device_lens.data_ptr(), tuple(w.device_lens.shape))]
+        return tuple(out)
+
     def advance_host(self) -> None:
         """The host side of one decode step whose device work a CUDA graph replayed (what `update` and the
         attention's hooks do on the host for a step that `replay_tokens` allowed)."""
@@ -362,6 +372,9 @@ class QuantizedCache(Cache):
         graph, else None."""
         tops = [layer.replay_tokens() for layer in self.layers]
         return None if any(t is None for t in tops) else max(tops)
+
+    def replay_buffers(self) -> tuple:
+        return tuple(layer.replay_buffers() for layer in self.layers)
 
     def advance_host(self) -> None:
         """The host side of a decode step a CUDA graph replayed: every layer's, then the step's statistics."""

@@ -60,6 +60,7 @@ class _Recorded:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
     output: object  # the forward's output; its logits live in the graph's memory
+    buffers: tuple  # the cache's buffers when recorded (`QuantizedCache.replay_buffers`)
 
 
 class GraphedDecode:
@@ -78,8 +79,9 @@ class GraphedDecode:
         if planned is None:
             self.counts.eager += 1
             return self.forward(*args, **kwargs)
-        if self._current is not None and self._current[0] == planned:
-            rec = self._current[1]
+        current = self._current
+        if current is not None and current[0] == planned and current[1].buffers == self.cache.replay_buffers():
+            rec = current[1]
             for name in STEP_INPUTS:
                 rec.inputs[name].copy_(kwargs[name])
             rec.graph.replay()
@@ -90,7 +92,7 @@ class GraphedDecode:
             self._warm.add(planned)
             self.counts.eager += 1
             return self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, kwargs)))
-        self._current = None  # the previous bucket's graph and memory are not needed again
+        self._current = None  # the previous graph (another bucket, or buffers that moved) is not needed again
         rec = self._record(planned, kwargs)
         self._current = (planned, rec)
         rec.graph.replay()  # recording ran the step's host side; its device work runs now
@@ -126,10 +128,11 @@ class GraphedDecode:
 
     def _record(self, planned: int, kwargs: dict) -> _Recorded:
         inputs = {name: kwargs[name].clone() for name in STEP_INPUTS}
+        buffers = self.cache.replay_buffers()  # before the step: the recording sees these
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # its own memory pool, freed with the graph when the next bucket starts
             output = self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, inputs)))
-        return _Recorded(graph, inputs, output)
+        return _Recorded(graph, inputs, output, buffers)
 
 
 def graph_problem(model, cache: QuantizedCache) -> str | None:
