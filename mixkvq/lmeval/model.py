@@ -5,7 +5,7 @@
     python scripts/lm_eval_run.py method=kivi lm_eval.tasks=[gsm8k_cot_zeroshot_local]   # the project's way
 
 `kv_method` names a configs/method/*.yaml; any field of that method's config is an override by its own name
-(`k_bits=4`, `residual_length=64`); `kv_storage`, `kv_decode_kernel`, `kv_pack_kernel` and `kv_model` (the
+(`k_bits=4`, `residual_length=64`); `kv_storage`, `kv_decode_kernel`, `kv_pack_kernel`, `kv_cuda_graphs` and `kv_model` (the
 configs/model entry whose per-model settings a method reads, e.g. MixKVQ's target bits) complete the cache settings. Everything else goes
 to lm-eval's HFLM.
 
@@ -29,12 +29,13 @@ from kernels import kernels_in_use
 from mixkvq.errors import ConfigError, choice_error
 from mixkvq.eval.protocol import eos_ids
 from mixkvq.kv.attention import bind
+from mixkvq.kv.graphs import GraphSettings, graphed
 from mixkvq.kv.methods import METHODS, ModelShape, build_method
 
 MODEL_NAME = "hf-kvq"
 # Model arguments that set the cache rather than HFLM; method fields are recognised by name.
 CACHE_ARGS = {"kv_storage": "storage", "kv_decode_kernel": "attention.decode_kernel",
-              "kv_pack_kernel": "quant.pack_kernel"}
+              "kv_pack_kernel": "quant.pack_kernel", "kv_cuda_graphs": "attention.cuda_graphs"}
 GENERATION_ONLY = (
     f"model {MODEL_NAME!r} runs generation tasks only: a loglikelihood request is one prefill, which attends over "
     "exact K/V here, so KV quantization would not change its score. Run loglikelihood tasks with lm-eval's 'hf' model"
@@ -99,6 +100,7 @@ class QuantizedKVLM(HFLM):
         self.kv_method = build_method(OmegaConf.create(run_cfg), shape)
         self.kv_method.prepare_model(self.model)
         self.decode_kernel = c.attention.decode_kernel
+        self.graphs = GraphSettings.from_config(c.attention)
         self.kv_stats_file = Path(kv_stats_file) if kv_stats_file else None
         self.cache_records: list[dict] = []
 
@@ -109,21 +111,22 @@ class QuantizedKVLM(HFLM):
         pad = None if mask is None else (mask == 0).sum(dim=1)  # generate_until pads on the left
         cache = self.kv_method.new_cache(context.shape[0], pad, capacity=max_length)  # prompt + max_gen_toks
         start = time.perf_counter()
-        with bind(self.model, cache, self.decode_kernel):
+        with bind(self.model, cache, self.decode_kernel), graphed(self.model, cache, self.graphs) as counts:
             kernels = kernels_in_use(cache.layers)
             out = super()._model_generate(context, max_length, stop, past_key_values=cache, **generation_kwargs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._record(cache, out[:, context.shape[1]:], time.perf_counter() - start, kernels)
+        self._record(cache, out[:, context.shape[1]:], time.perf_counter() - start, kernels, counts)
         return out
 
-    def _record(self, cache, generated: torch.Tensor, seconds: float, kernels: str) -> None:
+    def _record(self, cache, generated: torch.Tensor, seconds: float, kernels: str, counts=None) -> None:
         """Cache statistics of each row at its own end: the first EOS or padding token ends a row."""
         ends = eos_ids(self.model, self.tokenizer) | {self.tokenizer.pad_token_id}
         lengths = [next((i + 1 for i, t in enumerate(row) if t in ends), len(row)) for row in generated.tolist()]
         stats = cache.sequence_stats(torch.tensor(lengths))
         # A KV budget (PM-KVQ) that ends a row cannot stop lm-eval's generate: recorded, not cut.
         rows = [{"n_tokens": n, "gen_seconds": seconds, "batch_rows": len(lengths), "decode_kernels": kernels,
+                 "graph_replayed_steps": counts.replayed if counts is not None else None,
                  "truncated_by_budget": bool(step >= 0),
                  "kv_peak_allocated_bytes": cache.peak_allocated_bytes if cache.storage == "packed" else None, **s}
                 for n, s, step in zip(lengths, stats, cache.stop_step.tolist())]
