@@ -199,7 +199,8 @@ class QuantizedLayer(CacheLayerMixin):
 
     def replay_tokens(self) -> int | None:
         """The longest row's token count after the next decode step when that step can be replayed from a CUDA
-        graph (every write and read by device tensors, nothing released), else None."""
+        graph (every write and read by device tensors, nothing released), else None. When it can, the windows
+        keep their lengths on the device from here on (`RaggedBuffer.track_on_device`)."""
         if not self.replays_decode_steps or self.probe is not None or self.seq_len == 0:
             return None
         ks, vs = self.key_stream, self.value_stream
