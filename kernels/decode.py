@@ -45,6 +45,7 @@ import triton.language as tl
 from kernels.pack import on_device_of
 from mixkvq.kv.layout import Layout, PackingFormat
 from mixkvq.kv.quantizer import CODE_BITS, PACK11
+from mixkvq.kv.ragged import to_device
 
 _F_NONE, _F_CHANNEL, _F_TOKEN, _F_DENSE = 0, 1, 2, 3
 TILE_TOKENS = 32  # tokens per tile: divides every mixed-width channel block (P is a multiple of the group, >= 32)
@@ -682,8 +683,7 @@ def split_plan(query: torch.Tensor, layer, scaling: float, num_splits: int | Non
     planned = layer.graph_tokens  # a step a CUDA graph records: device lengths, splits planned for this many tokens
     if planned is None:
         lens_host = _lens(layer, k, v)
-        # Through pinned memory, so the copy is asynchronous (a pageable copy would synchronise the stream).
-        lens = lens_host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else lens_host
+        lens = to_device(lens_host, dev)  # through pinned memory: a pageable copy would synchronise the stream
         ln = lens_host.numpy()  # host arithmetic in numpy: a few microseconds less per call than torch ops
         whole = np.minimum(ln[:, 1], ln[:, 2])
         whole = whole - whole % TILE_TOKENS  # per row: tokens in whole tiles of both stores

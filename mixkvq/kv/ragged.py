@@ -20,6 +20,10 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """
     if t.device.type != "cpu" or torch.device(device).type != "cuda":
         return t.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        # A recorded copy would read this host buffer's contents at every replay, not the values of that step.
+        raise RuntimeError("a host tensor is copied to the device inside a decode step that a CUDA graph records; "
+                           "that step's layer must not say it replays (QuantizedLayer.replay_tokens)")
     return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
