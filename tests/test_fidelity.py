@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from mixkvq.config import load_config
+from mixkvq.errors import ConfigError
 from mixkvq.eval import fidelity
 from mixkvq.eval.fidelity import Reference, drive, greedy_references, layer_table, summarize
 from mixkvq.eval.tasks import Problem
@@ -108,18 +110,34 @@ def test_gold_reference_is_the_worked_solution_without_calculator_markup():
                                                  "The answer is \\boxed{1018}.")
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_SETTINGS = [
     ("fidelity.reference=sampled", "unknown fidelity.reference 'sampled'; valid choices: 'gold', 'greedy'"),
     # the default task is generated without worked solutions
     ("fidelity.reference=gold", "unknown task for fidelity.reference=gold 'gsm_symbolic'; valid choices: 'gsm8k'"),
     ("fidelity.tokens=0", "fidelity.tokens=0 must be a positive integer"),
     ("fidelity.buckets=[5,10]", "fidelity.buckets=[5, 10] must be increasing integers starting at 0"),
-])
-def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, override, message):
-    proc = subprocess.run([sys.executable, "scripts/fidelity.py", override, f"results_dir={tmp_path}",
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS)
+def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(fidelity, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(fidelity, "load_task", lambda *a, **k: pytest.fail("the task was loaded"))
+    cfg = load_config([override, f"results_dir={tmp_path}", "logger.mode=disabled"], config_name="fidelity")
+    with pytest.raises(ConfigError) as refused:
+        fidelity.run(cfg)
+    assert message in str(refused.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_fidelity_script_refuses_a_bad_setting_with_exit_2_and_one_message(tmp_path):
+    # The command-line contract of scripts/fidelity.py; the settings it checks are the test above's.
+    proc = subprocess.run([sys.executable, "scripts/fidelity.py", "fidelity.tokens=0", f"results_dir={tmp_path}",
                            "logger.mode=disabled"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert "loaded smollm2" not in proc.stderr and not any(tmp_path.iterdir())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == ["error: fidelity.tokens=0 must be a positive integer"], errors
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
