@@ -141,8 +141,9 @@ def test_the_fidelity_script_refuses_a_bad_setting_with_exit_2_and_one_message(t
 
 
 @pytest.mark.slow
-def test_a_run_writes_its_files_and_resumes_only_what_is_missing(tmp_path, shared_data):
-    args = [sys.executable, "scripts/fidelity.py", "method=kivi", "task=gsm8k",
+def test_a_run_writes_its_files_and_resumes_only_what_is_missing(tmp_path, shared_data, tiny_run_model):
+    # the tiny random-weight model (two layers): the files and the resume are what is tested, not the weights
+    args = [sys.executable, "scripts/fidelity.py", "method=kivi", *tiny_run_model, "task=gsm8k",
             f"task.data_files={shared_data / 'gsm8k' / 'test.jsonl'}", "task.limit=3", "fidelity.tokens=24",
             "fidelity.batch_size=2", "fidelity.layer_stats_every=2", "method.residual_length=32",
             "method.group_size=32", "logger.mode=disabled", "progress=false", f"results_dir={tmp_path}"]
@@ -156,7 +157,7 @@ def test_a_run_writes_its_files_and_resumes_only_what_is_missing(tmp_path, share
     assert row["kind"] == "fidelity" and row["n_tokens"] == 72 and 0 < row["kl_mean"] and row["top1"] <= 1
     assert row["storage_bits_mean"] < 16 and row["decode_kernels_used"] == "torch"
     layers = pd.read_parquet(rd / "layers.parquet")
-    assert len(layers) == 30 and (layers["key_sqnr_db"] > 0).all() and (layers["attn_rel_err"] > 0).all()
+    assert len(layers) == 2 and (layers["key_sqnr_db"] > 0).all() and (layers["attn_rel_err"] > 0).all()
     assert "KL mean" in first.stdout and "kivi-KIVI-2" in first.stdout
 
     # Lose the last batch's problem and the run row, as a killed run would: the rerun redoes only that problem.
