@@ -77,7 +77,8 @@ def test_fake_and_packed_give_the_same_tokens_on_smollm2(calibrated, name, extra
     prompt = build_prompt(loaded.tokenizer, "Natalia sold clips to 48 of her friends in April, and then she sold "
                           "half as many clips in May. How many clips did Natalia sell altogether?",
                           "{question}\nPlease reason step by step.", False)
-    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 150}
+    # 100 tokens: past the first stored block of every row, and past PM-KVQ's first shrink
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 100}
     tokens, caches = {}, {}
     for storage in ("packed", "fake"):
         model = copy.deepcopy(loaded.model)  # PM-KVQ folds its key scales into the weights

@@ -267,10 +267,11 @@ def test_a_run_names_the_kernels_its_layers_resolved_to():
     assert kernels_in_use(layers[:1]) == "triton" and kernels_in_use([]) == "none"
 
 
-GENERATE_CASES = {  # method overrides and new tokens for the generate equality tests (no calibration artifacts)
-    "mixkvq": ([], 24),
-    "kvmix": (["method.layer_bits={key:[3],value:[4]}"], 12),  # the repo's 11-per-word 3-bit keys
-    "pmkvq": ([*PMKVQ, "method.max_len=400"], 12),  # both rows at 4 bits after prefill, row 1 shrinks to 2
+GENERATE_CASES = {  # method overrides, prompt lengths and new tokens for the generate equality tests (no artifacts)
+    # row 0 flushes its first key block on decode step 6 and reads it for four steps
+    "mixkvq": ([], [122, 140], 10),
+    "kvmix": (["method.layer_bits={key:[3],value:[4]}"], [110, 140], 12),  # the repo's 11-per-word 3-bit keys
+    "pmkvq": ([*PMKVQ, "method.max_len=400"], [110, 140], 12),  # both rows at 4 bits after prefill, row 1 shrinks to 2
 }
 
 
@@ -278,14 +279,16 @@ GENERATE_CASES = {  # method overrides and new tokens for the generate equality 
 def test_generate_gives_the_same_tokens_with_the_fused_kernel(name):
     # Short, because the interpreter is slow: row 0 flushes its first key block during decode, row 1 at prefill.
     model = tiny_model("qwen2", q_heads=8, kv_heads=2, layers=1)
-    ids, mask = left_pad(random_prompts([110, 140], seed=7))
-    overrides, new_tokens = GENERATE_CASES[name]
+    overrides, lengths, new_tokens = GENERATE_CASES[name]
+    ids, mask = left_pad(random_prompts(lengths, seed=7))
     method = build(name, overrides, model=model)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     fused, cache = generate(model, method, ids, mask, decode_kernel="triton", **gen)
     ref, _ = generate(model, method, ids, mask, decode_kernel="torch", **gen)
     assert all(layer.decode_fn is decode.decode_attention for layer in cache.layers)
     assert torch.equal(fused, ref)
+    if name == "mixkvq":
+        assert cache.layers[0].key_stream.store.tokens().tolist() == [128, 128]
     if name == "pmkvq":
         assert cache.layers[0].beta.tolist() == [4, 2]
 

@@ -103,7 +103,12 @@ def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path
 def test_r1_7b_config_runs_with_random_weights_and_the_real_chat_template(tmp_path):
     overrides = [
         "method=mixkvq", "model=deepseek-r1-distill-7b", f"model.path={R1_7B}", "model.random_init=true",
-        "+model.config_overrides.num_hidden_layers=2", "model.max_new_tokens=6", "task.size=1",
+        # two layers of a quarter of the width: 7 query heads on 1 KV head of 128 channels (the 7B's group of 7 and
+        # head size); random weights of the full width take most of a minute to draw on a CPU
+        "+model.config_overrides.num_hidden_layers=2", "+model.config_overrides.hidden_size=896",
+        "+model.config_overrides.num_attention_heads=7", "+model.config_overrides.num_key_value_heads=1",
+        "+model.config_overrides.intermediate_size=512",
+        "model.max_new_tokens=6", "task.size=1",
         "task.n_samples=1", "generation.do_sample=false",
     ]
     run(*overrides, results=tmp_path)
@@ -147,7 +152,8 @@ BAD = [
 
 def test_bad_input_stops_with_one_clear_message_and_leaves_results_intact(default_job):
     """Every bad input is refused before any result is touched, by an error that names it: in-process, as
-    `run.py` composes and evaluates (`test_a_config_error_exits_2_...` runs `run.py` itself once)."""
+    `run.py` composes and evaluates (test_reliability.py's `test_run_py_refuses_a_bad_value_with_exit_2_...` runs
+    `run.py` itself once: exit 2, one message, no traceback)."""
     from hydra.errors import HydraException
 
     from mixkvq.config import load_config
@@ -160,15 +166,4 @@ def test_bad_input_stops_with_one_clear_message_and_leaves_results_intact(defaul
         with pytest.raises((ConfigError, HydraException)) as refused:  # Hydra's: a missing group option or key
             evaluate(load_config([*QUICK, f"results_dir={results}", *overrides, "task.limit=1"]))
         assert named in str(refused.value), f"{overrides}: the error does not name {named!r}: {refused.value}"
-    assert digest(results) == before
-
-
-def test_a_config_error_exits_2_with_one_message_and_no_traceback(default_job):
-    results, _ = default_job
-    before = digest(results)
-    proc = run("storage=compressed", "task.limit=1", results=results, check=False, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "compressed" in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
     assert digest(results) == before

@@ -156,3 +156,20 @@ def test_the_planner_reads_each_jobs_gpus_and_a_slurm_launch_is_split_by_gpu_cou
     count, errors = slurm_gpus.check(pairs, 1, is_forced=True)
     assert errors == ["hydra.launcher.gpus_per_node=1 is fewer than model.gpus=2 of deepseek-r1-distill-32b; ask for 2 "
                       "GPUs, or set model.gpus=1 too if the model fits"]
+
+
+def test_a_gpu_count_forced_on_the_command_line_below_a_models_need_is_refused(monkeypatch):
+    # The forced half of test_slurm's refusal test, in process: `hydra.launcher.gpus_per_node=N` on the command line
+    # is the user's count, checked against every job's model.gpus (test_slurm runs the unforced split through run.py).
+    from mixkvq.errors import ConfigError
+    from mixkvq.runs import slurm_gpus
+
+    monkeypatch.delenv(slurm_gpus.ENV, raising=False)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=1"],
+                      return_hydra_config=True)
+        needs = slurm_gpus.job_needs("config", {"model": "deepseek-r1-distill-32b,deepseek-r1-distill-14b"}, [])
+    assert slurm_gpus.is_slurm(cfg) and slurm_gpus.forced(cfg)
+    with pytest.raises(ConfigError, match="hydra.launcher.gpus_per_node=1 is fewer than model.gpus=2 of "
+                                          "deepseek-r1-distill-32b; ask for 2 GPUs"):
+        slurm_gpus.assign(cfg, needs)

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from mixkvq.config import load_config
+from mixkvq.errors import ConfigError
 from mixkvq.eval import fidelity
 from mixkvq.eval.fidelity import Reference, drive, greedy_references, layer_table, summarize
 from mixkvq.eval.tasks import Problem
@@ -108,23 +110,40 @@ def test_gold_reference_is_the_worked_solution_without_calculator_markup():
                                                  "The answer is \\boxed{1018}.")
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_SETTINGS = [
     ("fidelity.reference=sampled", "unknown fidelity.reference 'sampled'; valid choices: 'gold', 'greedy'"),
     # the default task is generated without worked solutions
     ("fidelity.reference=gold", "unknown task for fidelity.reference=gold 'gsm_symbolic'; valid choices: 'gsm8k'"),
     ("fidelity.tokens=0", "fidelity.tokens=0 must be a positive integer"),
     ("fidelity.buckets=[5,10]", "fidelity.buckets=[5, 10] must be increasing integers starting at 0"),
-])
-def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, override, message):
-    proc = subprocess.run([sys.executable, "scripts/fidelity.py", override, f"results_dir={tmp_path}",
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS)
+def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(fidelity, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(fidelity, "load_task", lambda *a, **k: pytest.fail("the task was loaded"))
+    cfg = load_config([override, f"results_dir={tmp_path}", "logger.mode=disabled"], config_name="fidelity")
+    with pytest.raises(ConfigError) as refused:
+        fidelity.run(cfg)
+    assert message in str(refused.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_fidelity_script_refuses_a_bad_setting_with_exit_2_and_one_message(tmp_path):
+    # The command-line contract of scripts/fidelity.py; the settings it checks are the test above's.
+    proc = subprocess.run([sys.executable, "scripts/fidelity.py", "fidelity.tokens=0", f"results_dir={tmp_path}",
                            "logger.mode=disabled"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert "loaded smollm2" not in proc.stderr and not any(tmp_path.iterdir())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == ["error: fidelity.tokens=0 must be a positive integer"], errors
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
-def test_a_run_writes_its_files_and_resumes_only_what_is_missing(tmp_path, shared_data):
-    args = [sys.executable, "scripts/fidelity.py", "method=kivi", "task=gsm8k",
+def test_a_run_writes_its_files_and_resumes_only_what_is_missing(tmp_path, shared_data, tiny_run_model):
+    # the tiny random-weight model (two layers): the files and the resume are what is tested, not the weights
+    args = [sys.executable, "scripts/fidelity.py", "method=kivi", *tiny_run_model, "task=gsm8k",
             f"task.data_files={shared_data / 'gsm8k' / 'test.jsonl'}", "task.limit=3", "fidelity.tokens=24",
             "fidelity.batch_size=2", "fidelity.layer_stats_every=2", "method.residual_length=32",
             "method.group_size=32", "logger.mode=disabled", "progress=false", f"results_dir={tmp_path}"]
@@ -138,7 +157,7 @@ def test_a_run_writes_its_files_and_resumes_only_what_is_missing(tmp_path, share
     assert row["kind"] == "fidelity" and row["n_tokens"] == 72 and 0 < row["kl_mean"] and row["top1"] <= 1
     assert row["storage_bits_mean"] < 16 and row["decode_kernels_used"] == "torch"
     layers = pd.read_parquet(rd / "layers.parquet")
-    assert len(layers) == 30 and (layers["key_sqnr_db"] > 0).all() and (layers["attn_rel_err"] > 0).all()
+    assert len(layers) == 2 and (layers["key_sqnr_db"] > 0).all() and (layers["attn_rel_err"] > 0).all()
     assert "KL mean" in first.stdout and "kivi-KIVI-2" in first.stdout
 
     # Lose the last batch's problem and the run row, as a killed run would: the rerun redoes only that problem.
