@@ -9,7 +9,7 @@ so one graph serves every step until the longest row crosses into the next bucke
 runs once eagerly (kernels built), is recorded and replayed. Any other step (prefill, a release, a method not yet
 graph-safe) runs the eager forward. The host side of a replayed step (lengths, statistics) is `advance_host`.
 
-Replays give the same tokens as the eager path (tests/test_gpu.py): the recorded kernels are the eager ones, only
+Replays give the same tokens as the eager path (tests/test_graphs.py): the recorded kernels are the eager ones, only
 their lengths come from device tensors.
 """
 
@@ -47,7 +47,7 @@ class GraphSettings:
 
 @dataclass
 class GraphCounts:
-    """What ran how, over one generate call (recorded in run rows as `graph_steps`)."""
+    """What ran how, over one generate call (run rows record `replayed` as `graph_replayed_steps`)."""
 
     replayed: int = 0
     recorded: int = 0
