@@ -26,15 +26,18 @@ import glob, sys
 import pandas as pd
 out, new, samples = sys.argv[1:]
 lines = [f"# run.py throughput ({new} new tokens x {samples} samples per problem)", "",
-         "| run | method | problems per call | rows per call | tokens/s | peak GiB | decode kernels | device |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| run | method | problems per call | rows per call | tokens/s | peak GiB | decode kernels "
+         "| decode steps from CUDA graphs | device |",
+         "|---|---|---|---|---|---|---|---|---|"]
 for path in sorted(glob.glob(f"{out}/*/*/run.parquet")):
     r = pd.read_parquet(path).iloc[0]
     s = pd.read_parquet(path.replace("run.parquet", "samples.parquet"))
     per_call = int(s["problems_in_call"].max())
+    replayed = s["graph_replayed_steps"].dropna() if "graph_replayed_steps" in s else []
+    graphs = f"{int(replayed.iloc[0])} per call" if len(replayed) else "none"
     lines.append(f"| {path.split('/')[-3]} | {r['method']} | {per_call} | {per_call * int(samples)} | "
                  f"{r['tokens_per_s']:.0f} | {r['peak_mem_bytes'] / 2**30:.1f} | {r['decode_kernels_used']} | "
-                 f"{r['device']} |")
+                 f"{graphs} | {r['device']} |")
 text = "\n".join(lines) + "\n"
 print(text)
 open(f"{out}/run_throughput.md", "w").write(text)
