@@ -44,8 +44,6 @@ class KiviConfig:
 
 
 class KiviLayer(QuantizedLayer):
-    replays_decode_steps = False  # no CUDA-graph replay yet: its stores are written at host positions
-
     def __init__(self, *args, before_attention: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.before_attention = before_attention

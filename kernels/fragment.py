@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mixkvq.kv.layout import PackingFormat
+from mixkvq.kv.layout import PAGE_TOKENS, PackingFormat
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = ("fragment_decode.cu",)
@@ -119,17 +119,35 @@ def fragment_decode(query: torch.Tensor, layer, scaling: float, tuning: Tuning =
                     keys_only: bool = False) -> torch.Tensor:
     """query [B, Hq, 1, D] -> [B, 1, Hq, D] (keys_only: the splits' [max, sum] partials of the key product).
 
-    The host work is the extension's: it reads the layer's per-row counters and plans the splits in C++.
+    The host work is the extension's: it reads the layer's per-row counters and plans the splits in C++. In a step
+    a CUDA graph records (`layer.graph_tokens` set), the kernel reads the counters from the device instead, and the
+    splits are planned for the bucket's tokens and for the longest tail such a step can have (`graph_bounds`).
     """
     ks, vs = layer.key_stream, layer.value_stream
     pl = ks.store.layout().page
     kb, vb = ks.store.buffers(), vs.store.buffers()  # one page buffer; each store's own token counts
     sink = ks.sink
+    device_counts, bounds = [], []
+    if layer.graph_tokens is not None:
+        device_counts = [ks.store.device_count, vs.store.device_count, ks.window.device_lens]
+        if sink is not None:
+            device_counts.append(sink.device_lens)
+        bounds = list(graph_bounds(layer))
     return extension(query.device).decode(
         query, kb["pages"], ks.window.data, vs.window.data, sink.data if sink is not None else None,
         vs.sink.data if sink is not None else None, sink.lens if sink is not None else None, kb["lens"],
         vb["lens"], ks.window.lens, scaling * LOG2E, pl.key_bits, pl.value_bits, pl.value_group,
-        [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min], keys_only, tuning.variant)
+        [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min], keys_only, tuning.variant,
+        device_counts, bounds)
+
+
+def graph_bounds(layer) -> tuple[int, int]:
+    """(full pages, tail tokens) that a replayed step's splits are planned for: the bucket's pages, and the sink plus
+    the longest window such a step attends over (`Stream.replay_release`: at most residual + 1) plus a partial page.
+    The tail is what lies beyond the pages both stores have filled, so it is at most that."""
+    ks, vs = layer.key_stream, layer.value_stream
+    window = max(ks.residual, vs.residual) + 1
+    return layer.graph_tokens // PAGE_TOKENS, ks.sink_tokens + window + PAGE_TOKENS - 1
 
 
 def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:

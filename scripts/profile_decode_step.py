@@ -33,7 +33,8 @@ SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # the protoco
 EAGER = "attention.cuda_graphs=never"
 METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
            "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch", EAGER],
-           "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "mixkvq": ["method=mixkvq"]}
+           "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "kivi-2-eager": ["method=kivi", EAGER],
+           "mixkvq": ["method=mixkvq"]}
 
 
 def build(config_dir: Path, layers: int | None, device: str):

@@ -10,6 +10,7 @@ import torch
 from kernels.decode import fused_decode
 from mixkvq.kv.attention import bind
 from mixkvq.kv.graphs import GraphSettings, graphed
+from mixkvq.kv.paged import to_pages
 from mixkvq.kv.ragged import Ragged, RaggedBuffer
 from method_cases import METHOD_CASES
 from tiny import build, generate, left_pad, random_prompts, tiny_model
@@ -28,51 +29,91 @@ def test_one_token_appends_by_device_lengths_write_what_host_appends_write():
         assert torch.equal(dev.device_lens, host.lens)  # the device copy kept up
     assert torch.equal(dev.data, host.data) and torch.equal(dev.lens, host.lens)
     assert (dev.top, dev.common) == (host.top, host.common) == (9, None)
-    dev.drop_front(torch.tensor([1, 1, 1]), 1)  # any other change of the lengths drops the device copy
-    assert dev.device_lens is None
+    tracked = dev.device_lens
+    dev.drop_front(torch.tensor([1, 1, 1]), 1)  # a common drop: on the device too
+    assert dev.device_lens is tracked and torch.equal(tracked, torch.tensor([8, 5, 7]))
+    dev.drop_front(torch.tensor([2, 0, 1]))  # any other change: the host's lengths copied over the tracked ones
+    assert dev.device_lens is tracked and torch.equal(tracked, torch.tensor([6, 5, 6]))
+    dev.append(Ragged(torch.randn(3, 2, 2, 8), torch.tensor([2, 1, 0])))
+    assert dev.device_lens is tracked and torch.equal(tracked, dev.lens)
 
 
-def _bf16_after_prefill(capacity: int, new: int = 3):
-    model = tiny_model("llama", layers=2)
-    ids, mask = left_pad(random_prompts([9, 6], seed=3))
-    method = build("bf16", model=model)
+def _after_prefill(name: str, capacity: int, new: int = 3, overrides=(), lengths=(9, 6), paged: bool = False):
+    """A cache after a greedy generate of `new` tokens on a tiny CPU model (`paged`: KIVI's stores in the CUDA
+    kernel's fragment pages, read by the reference decoder)."""
+    dtype = torch.bfloat16 if paged else torch.float32
+    model = tiny_model("llama", layers=2, dtype=dtype)
+    ids, mask = left_pad(random_prompts(list(lengths), seed=3))
+    method = build(name, list(overrides), model=model)
     cache = method.new_cache(len(ids), (mask == 0).sum(dim=1), capacity=capacity)
+    if paged:
+        for layer in cache.layers:
+            to_pages(layer)
     with bind(model, cache, "torch"), torch.no_grad():
         model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False, max_new_tokens=new,
                        pad_token_id=0)
     return cache
 
 
+# KIVI with a 32-token residual on fragment pages: prompts of 45 and 38 tokens leave both value windows full (each
+# step releases one value token at the device's count) and the key windows at 13 and 6 tokens (ragged: the first
+# row flushes a block 19 tokens in, an eager step).
+KIVI_PAGED = dict(name="kivi", overrides=["method.residual_length=32"], lengths=(45, 38), paged=True)
+
+
 def test_which_decode_steps_may_replay():
-    cache = _bf16_after_prefill(capacity=40)
+    cache = _after_prefill("bf16", capacity=40)
     top = cache.layers[0].key_stream.window.top
-    assert cache.replay_tokens() == top + 1  # bf16 windows keep every token by device lengths
+    tokens, releases = cache.replay_step()
+    assert tokens == top + 1 and set(releases) == {((0, None), (0, None))}  # bf16 windows keep every token
     assert cache.layers[0].key_stream.window.device_lens is not None
     where = cache.replay_buffers()
     assert cache.replay_buffers() == where
     cache.layers[1].value_stream.window.reserve(80)  # a buffer that moves invalidates what was recorded over it
     assert cache.replay_buffers() != where
-    full = _bf16_after_prefill(capacity=9 + 3 - 1)  # the last token of the call filled the reserved windows
-    assert full.replay_tokens() is None
+    full = _after_prefill("bf16", capacity=9 + 3 - 1)  # the last token of the call filled the reserved windows
+    assert full.replay_step() is None
     cache.layers[1].probe = object()  # fidelity probes see each step on the host
-    assert cache.replay_tokens() is None
+    assert cache.replay_step() is None
+
+    kivi = _after_prefill(capacity=45 + 40, new=3, **KIVI_PAGED)
+    tokens, releases = kivi.replay_step()
+    # Keys release nothing; values release one token each, from a window of R = 32 tokens.
+    assert set(releases) == {((0, None), (1, 32))}
+    assert tokens == 45 + 3  # 45 + 2 generated tokens stored, plus the step's
+    layer = kivi.layers[0]
+    assert layer.value_stream.store.device_count is not None
+    for step in range(30):  # up to the first row's key flush: an eager step
+        kivi.layers[0].key_stream.window.advance(1)  # (the host's view of a step's key, enough to ask)
+        if kivi.replay_step() is None:
+            break
+    assert kivi.layers[0].key_stream.window.lens.tolist()[0] + 1 == 32 and step == 15
+
     model = tiny_model("llama", layers=2)
     ids, mask = left_pad(random_prompts([9, 6], seed=3))
-    for name, case in METHOD_CASES.items():  # the quantized methods are not graph-safe yet: they say so
+    for name, case in METHOD_CASES.items():  # flat stores keep their counts on the host: their steps stay eager
         if case.quantized:
             _, quantized = generate(model, case.build(model), ids, mask, max_new_tokens=2)
-            assert quantized.replay_tokens() is None, name
+            assert quantized.replay_step() is None, name
 
 
-def test_the_host_side_of_a_replayed_step_is_the_eager_steps():
-    eager, replayed = _bf16_after_prefill(capacity=40, new=3), _bf16_after_prefill(capacity=40, new=2)
-    replayed.replay_tokens()
-    replayed.advance_host()  # what a replay does on the host; the graph did the device writes
+@pytest.mark.parametrize("case", ["bf16", "kivi-paged"])
+def test_the_host_side_of_a_replayed_step_is_the_eager_steps(case):
+    kw = dict(name="bf16", capacity=40) if case == "bf16" else dict(capacity=45 + 40, **KIVI_PAGED)
+    eager, replayed = _after_prefill(new=3, **kw), _after_prefill(new=2, **kw)
+    _, releases = replayed.replay_step()
+    replayed.advance_host(releases)  # what a replay does on the host; the graph did the device writes
     for a, b in zip(eager.layers, replayed.layers):
         assert a.seq_len == b.seq_len and a.is_prefill == b.is_prefill
         for s in ("key_stream", "value_stream"):
-            wa, wb = getattr(a, s).window, getattr(b, s).window
+            sa, sb = getattr(a, s), getattr(b, s)
+            wa, wb = sa.window, sb.window
             assert torch.equal(wa.lens, wb.lens) and (wa.top, wa.common) == (wb.top, wb.common)
+            assert (sa.releases, sa.last_release) == (sb.releases, sb.last_release)
+            if sa.store is not None:
+                assert torch.equal(sa.store.tokens(), sb.store.tokens())
+                # the eager step moved the device's count; a replay would have
+                assert torch.equal(sa.store.device_count, sb.store.device_count + (s == "value_stream"))
     assert len(eager.snapshots) == len(replayed.snapshots)
     for k in ("code_bits", "live_bytes", "elements"):
         assert torch.equal(eager.snapshots[-1][k], replayed.snapshots[-1][k])
@@ -89,7 +130,7 @@ def test_splits_planned_for_a_bucket_give_the_eager_attention():
     k, v = torch.randn(2, 3, 2, 70, 64, device=dev)
     layer.update(k, v)
     layer.update(*torch.randn(2, 3, 2, 1, 64, device=dev))  # a decode step's token
-    assert cache.replay_tokens() is not None  # windows tracked on the device from here
+    assert cache.replay_step() is not None  # windows tracked on the device from here
     layer.update(*torch.randn(2, 3, 2, 1, 64, device=dev))
     q = torch.randn(3, 4, 1, 64, device=dev)
     want = fused_decode(q, layer, 0.125)
@@ -146,3 +187,36 @@ def test_replayed_decode_steps_give_the_eager_tokens(bucket):
     assert counts.replayed >= 40 and counts.recorded >= 1, counts
     if bucket == 16:
         assert len(counts.buckets) >= 3  # the longest row crossed buckets: one graph each
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_kivi_steps_replayed_on_the_cuda_kernel_give_the_eager_tokens():
+    """KIVI-2 (residual 32) on the CUDA kernel's fragment pages: value releases replayed at device positions, key
+    flushes eager, ragged rows. Greedy tokens with graphs equal the eager path's; most steps replayed."""
+    from kernels import fragment
+    from mixkvq.kv.graphs import GraphSettings as GS
+
+    if not fragment.compiler_available():
+        pytest.skip("no CUDA compiler for the kernel")
+    model = tiny_model("qwen2", dtype=torch.bfloat16, layers=2, q_heads=8, kv_heads=2, head_dim=128).cuda()
+    ids, mask = left_pad([p.cuda() for p in random_prompts([45, 38, 50], seed=11)])
+    runs = []
+    for on in (False, True):
+        method = build("kivi", ["method.residual_length=32"], model=model)
+        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 60)
+        with bind(model, cache, "cuda"), graphed(model, cache, GS(on, 64)) as counts, torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                 max_new_tokens=60, min_new_tokens=60, pad_token_id=0)
+        runs.append((out, counts, cache))
+    (want, off, eager), (got, counts, replayed) = runs
+    assert off is None and counts is not None
+    assert torch.equal(got, want)
+    assert counts.replayed >= 30 and counts.eager >= 3, counts  # the rows' key flushes ran eagerly
+    for a, b in zip(eager.layers, replayed.layers):  # the stores hold the same codes
+        for s in ("key_stream", "value_stream"):
+            sa, sb = getattr(a, s), getattr(b, s)
+            assert torch.equal(sa.store.tokens(), sb.store.tokens())
+            assert torch.equal(sa.store.device_count.cpu(), sb.store.tokens())
+            assert torch.equal(sa.window.lens, sb.window.lens)
+        assert torch.equal(a.key_stream.store.pages.data, b.key_stream.store.pages.data)

@@ -93,7 +93,8 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
                      c10::optional<torch::Tensor> sink_lens, torch::Tensor key_store_lens,
                      torch::Tensor value_store_lens, torch::Tensor key_window_lens,
                      double scale_log2, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                     std::vector<int64_t> tuning, bool keys_only, int64_t variant) {
+                     std::vector<int64_t> tuning, bool keys_only, int64_t variant,
+                     std::vector<torch::Tensor> device_counts, std::vector<int64_t> bounds) {
   const int batch = q.size(0), hq = q.size(1), d = q.size(3), n_kv = pages.size(1);
   TORCH_CHECK(batch <= fpd::MAX_ROWS, "fragment decode: batch ", batch, " > ", fpd::MAX_ROWS);
   TORCH_CHECK(q.stride(3) == 1 && pages.is_contiguous() && pages.scalar_type() == torch::kInt32);
@@ -121,17 +122,33 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
               " KV heads (at most ", fpd::HEADS, " per KV head)");
   p.n_kv = n_kv;
   p.scale_log2 = static_cast<float>(scale_log2);
-  const int64_t* kq = key_store_lens.data_ptr<int64_t>();
-  const int64_t* vq = value_store_lens.data_ptr<int64_t>();
-  const int64_t* kw = key_window_lens.data_ptr<int64_t>();
-  const int64_t* sk = sink_lens.has_value() ? sink_lens->data_ptr<int64_t>() : nullptr;
   int max_full = 0, max_tail = 0;
-  for (int b = 0; b < batch; ++b) {
-    const int sink = sk ? int(sk[b]) : 0, total = int(kq[b] + kw[b]);
-    p.lens[b] = make_int4(sink, int(kq[b]), int(vq[b]), total);
-    const int full = int(std::min(kq[b], vq[b])) / fpd::PAGE_TOKENS;
-    max_full = std::max(max_full, full);
-    max_tail = std::max(max_tail, sink + total - full * fpd::PAGE_TOKENS);
+  if (!device_counts.empty()) {
+    // A step a CUDA graph records: the kernel reads the counts from these device tensors at every replay, and the
+    // splits cover the bounds the caller planned for (kernels/fragment.py graph_bounds).
+    TORCH_CHECK(device_counts.size() == (sink_lens.has_value() ? 4u : 3u) && bounds.size() == 2,
+                "fragment decode: device counts (key store, value store, key window[, sink]) and bounds");
+    for (const auto& t : device_counts)
+      TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kInt64 && t.is_contiguous() && t.numel() == batch,
+                  "fragment decode: device counts are int64 CUDA tensors of the batch size");
+    p.dev_kq = device_counts[0].data_ptr<int64_t>();
+    p.dev_vq = device_counts[1].data_ptr<int64_t>();
+    p.dev_kw = device_counts[2].data_ptr<int64_t>();
+    p.dev_sink = device_counts.size() == 4 ? device_counts[3].data_ptr<int64_t>() : nullptr;
+    max_full = int(bounds[0]);
+    max_tail = int(bounds[1]);
+  } else {
+    const int64_t* kq = key_store_lens.data_ptr<int64_t>();
+    const int64_t* vq = value_store_lens.data_ptr<int64_t>();
+    const int64_t* kw = key_window_lens.data_ptr<int64_t>();
+    const int64_t* sk = sink_lens.has_value() ? sink_lens->data_ptr<int64_t>() : nullptr;
+    for (int b = 0; b < batch; ++b) {
+      const int sink = sk ? int(sk[b]) : 0, total = int(kq[b] + kw[b]);
+      p.lens[b] = make_int4(sink, int(kq[b]), int(vq[b]), total);
+      const int full = int(std::min(kq[b], vq[b])) / fpd::PAGE_TOKENS;
+      max_full = std::max(max_full, full);
+      max_tail = std::max(max_tail, sink + total - full * fpd::PAGE_TOKENS);
+    }
   }
   const auto split = plan_splits(int64_t(batch) * n_kv, max_full, max_tail, sm_count(q.get_device()), tuning[0],
                                  tuning[1], tuning[2]);

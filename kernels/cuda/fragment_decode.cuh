@@ -46,7 +46,17 @@ struct Params {
   int gqa, n_kv;
   float scale_log2;  // softmax scale * log2(e)
   int4 lens[MAX_ROWS];  // per row: sink tokens, key store tokens, value store tokens, tokens after the sink
+  // When set (a step a CUDA graph replays), the counts are read from these device arrays instead of `lens`:
+  // key store, value store and key window tokens per row, and the sink's (null: none).
+  const int64_t* dev_kq; const int64_t* dev_vq; const int64_t* dev_kw; const int64_t* dev_sink;
 };
+
+// Row b's (sink, key store, value store, tokens after the sink).
+__device__ __forceinline__ int4 row_lens(const Params& p, int b) {
+  if (p.dev_kq == nullptr) return p.lens[b];
+  const int kq = int(p.dev_kq[b]);
+  return make_int4(p.dev_sink ? int(p.dev_sink[b]) : 0, kq, int(p.dev_vq[b]), kq + int(p.dev_kw[b]));
+}
 
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
@@ -246,7 +256,7 @@ __device__ __forceinline__ void write_partial(const Params& p, int b, int h, int
 template <typename T, int D, int KB, int VB, int VG, int WARPS>
 __device__ void tail_split(const Params& p, int b, int h, int tsplit, char* smem) {
   constexpr int DPL = D / 32;
-  const int4 L = p.lens[b];
+  const int4 L = row_lens(p, b);
   const int sink = L.x, kq = L.y, vq = L.z, total = L.w;
   const int full = min(kq, vq) / PAGE_TOKENS * PAGE_TOKENS;
   const int n_tail = sink + total - full;
@@ -341,7 +351,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_c
     return;
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int4 L = p.lens[b];
+  const int4 L = row_lens(p, b);
   const int full_pages = min(L.y, L.z) / PAGE_TOKENS;
   const int first = split * p.pages_per_split;
   const int last = min(first + p.pages_per_split, full_pages);

@@ -74,6 +74,8 @@ class Stream:
             self.sink.reserve(self.sink_tokens)
         if self.window_rule is WINDOW_RULES["keep"]:
             self.window.reserve(tokens)
+        elif self.store is not None:  # a decode step's window: the residual, the step's token and one to release
+            self.window.reserve(min(self.residual + 2, tokens))
         if self.store is not None:
             self.store.reserve(tokens)
 
@@ -95,12 +97,60 @@ class Stream:
         if max(counts) > 0:
             self._move(n, counts[0] if min(counts) == max(counts) else None)
 
-    def replayable(self) -> bool:
-        """Whether this stream's next decode step writes and reads by device lengths alone (a CUDA graph can replay
-        it): for now a window that keeps every token (bf16), with room for the token, and no sink or store."""
-        w = self.window
-        return (self.store is None and self.sink is None and self.window_rule is WINDOW_RULES["keep"]
-                and w.top < w.capacity)
+    def replay_release(self) -> tuple[int, int | None] | None:
+        """When this stream's next decode step writes and reads by device tensors alone (a CUDA graph can replay it):
+        (tokens per row it releases into the store, 0 or 1; the window's length before the step when it releases,
+        since the window's shift copies that many), else None.
+
+        Such a step appends its token at the window's device lengths, into room already there; a full sink stays as
+        it is; a store takes part only if it keeps its token count on the device (`device_count`), and a release
+        only if it writes one token per row by device positions (`appends_one_by_device`). A window longer than the
+        residual is left to the eager path (the decode kernel plans its tail for at most residual + 1 tokens)."""
+        w, store = self.window, self.store
+        if w.top >= w.capacity or not self.sink_full:
+            return None
+        if store is None:  # (the Triton kernel's device lengths of such a layer are its windows': no sink)
+            return (0, None) if self.window_rule is WINDOW_RULES["keep"] and self.sink is None else None
+        if getattr(store, "device_count", None) is None or w.top > self.residual:
+            return None
+        if w.top + 1 < self.quiet_below:  # no row's window reaches a release
+            return 0, None
+        common = w.common
+        if common is None or common + 1 >= len(self.release_table):
+            return None
+        k = self.release_table[common + 1]
+        if k == 0:
+            return 0, None
+        if (k == 1 and getattr(store, "appends_one_by_device", False) and store.has_room(1)
+                and w.shrinks_to(common) is None):
+            return 1, common
+        return None
+
+    def track_on_device(self) -> None:
+        """Keep the window's (and a sink's) lengths on the device from here on (`RaggedBuffer.track_on_device`)."""
+        self.window.track_on_device()
+        if self.sink is not None:
+            self.sink.track_on_device()
+
+    def replay_buffers(self) -> list:
+        """(address, shape) of every device tensor a replayable step of this stream writes or reads."""
+        bufs = [self.window.data, self.window.device_lens]
+        if self.sink is not None:
+            bufs += [self.sink.data, self.sink.device_lens]
+        if self.store is not None:
+            bufs += self.store.replay_buffers()
+        return [(t.data_ptr(), tuple(t.shape)) for t in bufs if t is not None]
+
+    def advance_host(self, release: tuple[int, int | None]) -> None:
+        """The host side of a decode step a CUDA graph replayed: the window took a token and released
+        `release[0]` per row into the store (what `append` and `release` do on the host)."""
+        k = release[0]
+        self.window.advance(1 - k)
+        if k:
+            self.store.advance_host(k)
+            self.releases += 1
+            self.last_release = k
+        self.newest = None
 
     def _move(self, n: torch.Tensor, k: int | None) -> None:
         """Store the first n[b] window tokens of each row (`k`: their common count), then drop them from the window:
@@ -197,36 +247,32 @@ class QuantizedLayer(CacheLayerMixin):
     # A subclass whose hooks keep host state per step (MixKVQ's query statistics, PM-KVQ's budgets) sets False.
     replays_decode_steps = True
 
-    def replay_tokens(self) -> int | None:
-        """The longest row's token count after the next decode step when that step can be replayed from a CUDA
-        graph (every write and read by device tensors, nothing released), else None. When it can, the windows
-        keep their lengths on the device from here on (`RaggedBuffer.track_on_device`)."""
+    def replay_step(self) -> tuple[int, tuple] | None:
+        """When the next decode step can be replayed from a CUDA graph (every write and read by device tensors):
+        (an upper bound on the longest row's tokens after it, each stream's `replay_release`), else None. When it
+        can, the streams keep their lengths on the device from here on (`Stream.track_on_device`)."""
         if not self.replays_decode_steps or self.probe is not None or self.seq_len == 0:
             return None
         ks, vs = self.key_stream, self.value_stream
-        if not (ks.replayable() and vs.replayable()):
+        releases = (ks.replay_release(), vs.replay_release())
+        if None in releases:
             return None
-        ks.window.track_on_device(), vs.window.track_on_device()
-        return ks.window.top + 1
+        ks.track_on_device(), vs.track_on_device()
+        stored = int(ks.store.tokens().max()) if ks.store is not None else 0  # host counters: no op on the device
+        return (ks.sink.top if ks.sink is not None else 0) + stored + ks.window.top + 1, releases
 
     def replay_buffers(self) -> tuple:
         """Where the device tensors a replayable step writes and reads live (address and shape): a recorded step is
         valid only while they stay where they were when it was recorded."""
-        out = []
-        for w in (self.key_stream.window, self.value_stream.window):
-            out += [(w.data.data_ptr(), tuple(w.data.shape))]
-            if w.device_lens is not None:
-                out += [(w.device_lens.data_ptr(), tuple(w.device_lens.shape))]
-        return tuple(out)
+        return tuple(self.key_stream.replay_buffers() + self.value_stream.replay_buffers())
 
-    def advance_host(self) -> None:
+    def advance_host(self, releases: tuple) -> None:
         """The host side of one decode step whose device work a CUDA graph replayed (what `update` and the
-        attention's hooks do on the host for a step that `replay_tokens` allowed)."""
+        attention's hooks do on the host for a step that `replay_step` allowed, with the releases it named)."""
         self.is_prefill = False
         self.query_start = self.no_pad
-        for stream in (self.key_stream, self.value_stream):
-            stream.window.advance(1)
-            stream.newest = None
+        self.key_stream.advance_host(releases[0])
+        self.value_stream.advance_host(releases[1])
         self.seq_len += 1
 
     def get_seq_length(self) -> int:
@@ -368,19 +414,25 @@ class QuantizedCache(Cache):
     def allocated_bytes(self) -> int:
         return sum(layer.allocated_bytes() for layer in self.layers)
 
-    def replay_tokens(self) -> int | None:
-        """The longest row's token count after the next decode step, when every layer can replay it from a CUDA
-        graph, else None."""
-        tops = [layer.replay_tokens() for layer in self.layers]
-        return None if any(t is None for t in tops) else max(tops)
+    def replay_step(self) -> tuple[int, tuple] | None:
+        """When every layer can replay the next decode step from a CUDA graph: (an upper bound on the longest row's
+        tokens after it, every layer's releases: what a recording of the step is valid for), else None."""
+        steps = []
+        for layer in self.layers:
+            step = layer.replay_step()
+            if step is None:
+                return None
+            steps.append(step)
+        return max(t for t, _ in steps), tuple(r for _, r in steps)
 
     def replay_buffers(self) -> tuple:
         return tuple(layer.replay_buffers() for layer in self.layers)
 
-    def advance_host(self) -> None:
-        """The host side of a decode step a CUDA graph replayed: every layer's, then the step's statistics."""
-        for layer in self.layers:
-            layer.advance_host()
+    def advance_host(self, releases: tuple) -> None:
+        """The host side of a decode step a CUDA graph replayed (`releases`: what `replay_step` said before it):
+        every layer's, then the step's statistics."""
+        for layer, r in zip(self.layers, releases):
+            layer.advance_host(r)
         self.step_done(len(self.layers) - 1)
 
     def reserve(self, tokens: int) -> None:

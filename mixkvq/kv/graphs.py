@@ -2,12 +2,14 @@
 then replayed with one launch, so that a step costs the device's time rather than Python's and ~1400 launches.
 
 `graphed(model, cache)` wraps the model's forward for one `generate` call. A decode step runs from a graph when
-every cache layer says it can (`QuantizedCache.replay_tokens`): its writes and reads go through device tensors
-alone (device lengths, a buffer reserved for the whole call) and it releases nothing into a store. The decode
-kernel plans its splits for a bucket of `bucket_tokens` tokens (rows shorter than that end their splits early),
-so one graph serves every step until the longest row crosses into the next bucket; then the next bucket's step
-runs once eagerly (kernels built), is recorded and replayed. Any other step (prefill, a release, a method not yet
-graph-safe) runs the eager forward. The host side of a replayed step (lengths, statistics) is `advance_host`.
+every cache layer says it can (`QuantizedCache.replay_step`): its writes and reads go through device tensors
+alone (device lengths and store counts, buffers reserved for the whole call), and each stream releases at most one
+token per row into its store, at device positions (KIVI's sliding value window). The decode kernel plans its splits
+for a bucket of `bucket_tokens` tokens (rows shorter than that end their splits early), so one graph serves every
+step with the same releases until the longest row crosses into the next bucket; then the next bucket's step runs
+once eagerly (kernels built), is recorded and replayed. Any other step (prefill, a block flush, a method not yet
+graph-safe) runs the eager forward. The host side of a replayed step (lengths, counts, statistics) is
+`QuantizedCache.advance_host`.
 
 Replays give the same tokens as the eager path (tests/test_graphs.py): the recorded kernels are the eager ones, only
 their lengths come from device tensors.
@@ -30,6 +32,9 @@ GRAPH_MODES = ("auto", "never")
 # The inputs a decode step's forward gets from `generate` that a graph holds in its own buffers; any other tensor
 # input makes the step eager.
 STEP_INPUTS = ("input_ids", "position_ids")
+# The decode kernels that read lengths from the device and plan their splits for a bucket when a step is recorded
+# (kernels/decode.py split_plan, kernels/fragment.py fragment_decode).
+GRAPH_KERNELS = ("triton", "cuda")
 
 
 @dataclass(frozen=True)
@@ -71,37 +76,40 @@ class GraphedDecode:
             raise ValueError(f"bucket_tokens must be positive, got {bucket_tokens}")
         self.forward, self.cache, self.bucket = forward, cache, bucket_tokens
         self.counts = GraphCounts()
-        self._current: tuple[int, _Recorded] | None = None  # the bucket's graph (earlier buckets never return)
-        self._warm: set[int] = set()  # buckets whose step ran eagerly once with device lengths
+        self._bucket: int | None = None  # the bucket of the graphs held (earlier buckets never return)
+        self._graphs: dict[tuple, _Recorded] = {}  # this bucket's graphs, one per pattern of releases
+        self._warm: set[tuple] = set()  # (bucket, releases) whose step ran eagerly once with device lengths
 
     def __call__(self, *args, **kwargs):
-        planned = self._planned(args, kwargs)
-        if planned is None:
+        step = self._planned(args, kwargs)
+        if step is None:
             self.counts.eager += 1
             return self.forward(*args, **kwargs)
-        current = self._current
-        if current is not None and current[0] == planned and current[1].buffers == self.cache.replay_buffers():
-            rec = current[1]
+        planned, releases = step
+        if planned != self._bucket:  # a new bucket: the previous one's graphs are not needed again
+            self._bucket, self._graphs = planned, {}
+        rec = self._graphs.get(releases)
+        if rec is not None and rec.buffers == self.cache.replay_buffers():
             for name in STEP_INPUTS:
                 rec.inputs[name].copy_(kwargs[name])
             rec.graph.replay()
-            self.cache.advance_host()
+            self.cache.advance_host(releases)
             self.counts.replayed += 1
             return rec.output
-        if planned not in self._warm:  # the bucket's kernels are built outside a recording
-            self._warm.add(planned)
+        if step not in self._warm:  # the step's kernels are built outside a recording
+            self._warm.add(step)
             self.counts.eager += 1
             return self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, kwargs)))
-        self._current = None  # the previous graph (another bucket, or buffers that moved) is not needed again
+        self._graphs.pop(releases, None)  # recorded over buffers that moved since
         rec = self._record(planned, kwargs)
-        self._current = (planned, rec)
+        self._graphs[releases] = rec
         rec.graph.replay()  # recording ran the step's host side; its device work runs now
         self.counts.recorded += 1
         self.counts.buckets.append(planned)
         return rec.output
 
-    def _planned(self, args, kwargs) -> int | None:
-        """The bucket this step's splits plan for, when the step can run from a graph, else None."""
+    def _planned(self, args, kwargs) -> tuple[int, tuple] | None:
+        """(the bucket this step's splits plan for, the cache's releases), when the step can run from a graph."""
         ids = kwargs.get("input_ids")
         if args or ids is None or ids.shape[1] != 1 or not ids.is_cuda:
             return None
@@ -109,8 +117,11 @@ class GraphedDecode:
             return None
         if any(kwargs.get(name) is None for name in STEP_INPUTS):
             return None
-        tokens = self.cache.replay_tokens()
-        return None if tokens is None else -(-tokens // self.bucket) * self.bucket
+        step = self.cache.replay_step()
+        if step is None:
+            return None
+        tokens, releases = step
+        return -(-tokens // self.bucket) * self.bucket, releases
 
     def _graph_kwargs(self, kwargs: dict, inputs: dict) -> dict:
         # No attention mask: decode attention reads each row's length from the cache (attention.quantized_kv_mask).
@@ -141,8 +152,8 @@ def graph_problem(model, cache: QuantizedCache) -> str | None:
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         return f"the model is not on one CUDA device ({sorted(map(str, devices))})"
     kernels = kernels_in_use(cache.layers)
-    if kernels != "triton":  # the one kernel that plans its splits from device lengths (kernels/decode.py)
-        return f"the decode kernel is {kernels!r}, not 'triton'"
+    if not set(kernels.split("+")) <= set(GRAPH_KERNELS):
+        return f"the decode kernel is {kernels!r}, not one of {list(GRAPH_KERNELS)}"
     return None
 
 

@@ -55,11 +55,32 @@ def _to_bits16(x: torch.Tensor) -> torch.Tensor:
 
 
 class _OnPages:
-    """What a store on fragment pages answers alike: its tokens per row (`count`), room reserved as whole pages,
+    """What a store on fragment pages answers alike: its tokens per row (`count` on the host, `device_count` on the
+    pages' device: the CUDA kernel reads that one in a step a CUDA graph replays), room reserved as whole pages,
     and the paper's code bits (one width per store)."""
+
+    def _init_counts(self, batch: int) -> None:
+        self.count = torch.zeros(batch, dtype=torch.int64)
+        self.device_count = torch.zeros(batch, dtype=torch.int64, device=self.pages.data.device)
+
+    def _counted(self) -> None:
+        """After a write at host positions: the device's counts copied from the host's (in place: a recorded step
+        that reads them stays valid)."""
+        self.device_count.copy_(to_device(self.count, self.pages.data.device))
 
     def tokens(self) -> torch.Tensor:
         return self.count
+
+    def has_room(self, k: int) -> bool:
+        """Whether every row can take k more tokens without the pages growing."""
+        return int(self.count.max()) + k <= self.pages.data.shape[2] * PAGE_TOKENS
+
+    def replay_buffers(self) -> list[torch.Tensor]:
+        return [self.pages.data, self.device_count]
+
+    def advance_host(self, k: int) -> None:
+        """The host side of k tokens per row that a replayed step appended by device positions."""
+        self.count += k
 
     def reserve(self, tokens: int) -> None:
         self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
@@ -80,7 +101,7 @@ class PagedKeyStore(_OnPages):
         self.g = PAGE_TOKENS
         self.packed = True
         self.nblocks = torch.zeros(batch, dtype=torch.int64)
-        self.count = torch.zeros(batch, dtype=torch.int64)  # tokens per row (the kernel reads it every step)
+        self._init_counts(batch)  # tokens per row (the kernel reads them every step)
         self.tier_counts: dict[int, int] = {}
         self.version = 0
         dev = pages.data.device
@@ -126,7 +147,7 @@ class PagedKeyStore(_OnPages):
             pg.data[row_d, head, page_d, off:off + nw] = bits16.view(torch.int32)
         self.nblocks += nb
         self.count += nb * self.block
-
+        self._counted()
 
     @property
     def live_bytes(self) -> torch.Tensor:
@@ -161,7 +182,7 @@ class PagedValueStore(_OnPages):
         self.pages, self.b, self.h, self.d = pages, batch, heads, pages.layout.head_dim
         self.g, self.bits, self.dtype, self.spec = group, bits, dtype, spec
         self.packed = True
-        self.count = torch.zeros(batch, dtype=torch.int64)
+        self._init_counts(batch)
         self.version = 0
         self.groups = self.d // group
         dev = pages.data.device
@@ -171,14 +192,19 @@ class PagedValueStore(_OnPages):
         self._heads = torch.arange(heads, device=dev)[None, :, None]
         self._group_ids = torch.arange(self.groups, device=dev)[None, :]
         self.bytes_per_token = heads * pages.layout.value_bytes_per_token()
-        # For a decode step's one token per row at one position (`_append_one`): int32 shifts (a code shifted into
-        # bit 31 wraps to the word's two's-complement value, as the int64 path computes it), and the 16-bit slots of
-        # a token's scales then zeros within a page, per token of the page.
-        self._shift32 = self._shift.to(torch.int32)
+        # For a decode step's one token per row (`_append_one`), per token of a page: the int32 word within the page
+        # of each code, its int32 shift (a code shifted into bit 31 wraps to the word's two's-complement value, as
+        # the int64 path computes it), and the 16-bit slots of the token's scales then zeros within the page.
+        off, nw = pages.words["value_codes"]
+        in_page = torch.arange(PAGE_TOKENS, device=dev)
+        self._word_at = off + in_page[:, None] // TILE_TOKENS * (nw // 2) + self._word[in_page % TILE_TOKENS]
+        self._shift_at = self._shift[in_page % TILE_TOKENS].to(torch.int32)  # [32, D]
         slots = self._inverse.view(PAGE_TOKENS, self.groups)
         off_s, off_z = 2 * pages.words["value_scale"][0], 2 * pages.words["value_zero"][0]
         self._meta_slots = torch.cat((slots + off_s, slots + off_z), dim=1)  # [32, 2 * groups]
-        self._common: int | None = 0  # every row's token count while they are all equal
+        self._top = 0  # the longest row's count (a Python int: the one-token path reserves without an op)
+
+    appends_one_by_device = True  # a decode step's token goes in at `device_count`: a CUDA graph can replay it
 
     def layout(self) -> Layout:
         return self._layout
@@ -191,7 +217,7 @@ class PagedValueStore(_OnPages):
         return {"pages": self.pages.data, "lens": self.count}
 
     def append(self, r: Ragged, widths_fn=None) -> None:
-        if r.common == 1 and self._common is not None:
+        if r.common == 1:
             return self._append_one(r)
         if int(r.lens.max()) == 0:
             return
@@ -224,28 +250,33 @@ class PagedValueStore(_OnPages):
             col16 = page[:, None] * (2 * pg.layout.page_words) + 2 * off + at
             flat16[bd[:, None, None], self._heads, col16[:, None, :]] = _to_bits16(meta[bd, :, jd])
         self.count += r.lens
-        counts = self.count.tolist()
-        self._common = counts[0] if min(counts) == max(counts) else None
+        self._top = int(self.count.max())
+        self._counted()
 
     def _append_one(self, r: Ragged) -> None:
-        """One token per row, every row at the same position (a sliding window's decode step): the same codes,
-        scales and zeros as `append` writes, placed by host arithmetic and three writes."""
+        """One token per row (a sliding window's decode step): the same codes, scales and zeros as `append` writes,
+        placed at each row's `device_count` by device arithmetic (no host value reaches the device, so a CUDA graph
+        can replay it) and two scatters."""
         b, h = r.data.shape[:2]
         codes, scale, zero = quantize(r.data[:, :, :1].reshape(b, h, self.groups, self.g), self.bits, self.spec)
-        pos = self._common
-        page, in_page, col = pos // PAGE_TOKENS, pos % PAGE_TOKENS, pos % TILE_TOKENS
-        self.pages.reserve(page + 1)
+        self.pages.reserve(self._top // PAGE_TOKENS + 1)  # no op when reserved
         pg = self.pages
-        off, nw = pg.words["value_codes"]
-        tile_base = page * pg.layout.page_words + off + in_page // TILE_TOKENS * nw // 2
+        pos = self.device_count
+        in_page = pos % PAGE_TOKENS
+        base = pos // PAGE_TOKENS * pg.layout.page_words  # [B]: the first word of each row's page
         # Slots are disjoint and start at zero: adding a code into its word is or-ing it in (see `append`).
-        add = codes.reshape(b, h, self.d).to(torch.int32) << self._shift32[col]
-        pg.data.view(b, h, -1).index_add_(2, self._word[col] + tile_base, add)
+        add = codes.reshape(b, h, self.d).to(torch.int32) << self._shift_at[in_page][:, None, :]
+        flat = pg.data.view(b, h, -1)
+        flat.scatter_add_(2, (self._word_at[in_page] + base[:, None])[:, None, :].expand(b, h, self.d), add)
         meta = torch.cat((_to_bits16(scale), _to_bits16(zero)), dim=2)  # [B, H, 2 * groups]
-        slots = self._meta_slots[in_page] + page * 2 * pg.layout.page_words
-        pg.data.view(b, h, -1).view(torch.int16)[:, :, slots] = meta
-        self.count += 1
-        self._common = pos + 1
+        slots = self._meta_slots[in_page] + 2 * base[:, None]  # [B, 2 * groups]
+        flat.view(torch.int16).scatter_(2, slots[:, None, :].expand(b, h, -1), meta)
+        self.device_count += 1
+        self.advance_host(1)
+
+    def advance_host(self, k: int) -> None:
+        self.count += k
+        self._top += k
 
 
     @property

@@ -129,9 +129,10 @@ class RaggedBuffer:
         self.data = torch.zeros(batch, heads, capacity, width, dtype=dtype, device=device)
         self._lens = torch.zeros(batch, dtype=torch.int64)
         self._top, self._common = 0, 0
-        # The lengths on the data's device, kept current by one-token appends (`track_on_device`), so that a decode
-        # step writes and reads by device tensors alone and can be replayed from a CUDA graph. Any other change of
-        # the lengths drops it.
+        self.floor = capacity  # the capacity a release never shrinks the buffer below (`reserve`)
+        # The lengths on the data's device (`track_on_device`), so that a decode step writes and reads by device
+        # tensors alone and can be replayed from a CUDA graph: one-token appends and common drops update it there;
+        # any other change of the lengths copies them over it.
         self.device_lens: torch.Tensor | None = None
 
     @property
@@ -142,7 +143,7 @@ class RaggedBuffer:
     def lens(self, value: torch.Tensor) -> None:
         self._lens = value
         self._top = None
-        self.device_lens = None
+        self._refresh_device_lens()
 
     def track_on_device(self) -> torch.Tensor:
         """Start keeping the lengths on the device (see `device_lens`); returns them."""
@@ -150,12 +151,18 @@ class RaggedBuffer:
             self.device_lens = to_device(self._lens, self.data.device).clone()
         return self.device_lens
 
+    def _refresh_device_lens(self) -> None:
+        # Copied into the tensor already tracked, which stays where it is: a recorded step that reads it stays valid.
+        if self.device_lens is not None:
+            self.device_lens.copy_(to_device(self._lens, self.data.device))
+
     @property
     def capacity(self) -> int:
         return self.data.shape[2]
 
     def advance(self, k: int) -> None:
-        """The host side of appending k tokens to every row, for a step whose device work a CUDA graph replays."""
+        """The host side of appending k tokens to every row (k < 0: dropping -k from the front of every row), for a
+        step whose device work a CUDA graph replays."""
         top, common = self._shape()
         self._lens += k
         self._top, self._common = top + k, None if common is None else common + k
@@ -190,7 +197,6 @@ class RaggedBuffer:
                 self.device_lens += 1
                 self.advance(1)
                 return
-            self.device_lens = None
             if common is not None:  # ... at the same place
                 self.data[:, :, common:common + k] = r.data[:, :, :k]
             else:  # ... each at its own length: one scatter
@@ -200,10 +206,10 @@ class RaggedBuffer:
                     at = at + torch.arange(k, device=self.data.device)[:, None]
                 self.data.scatter_(2, at.expand(b, h, k, x), r.data[:, :, :k])
             self.advance(k)
+            self._refresh_device_lens()
             return
         if int(r.lens.max()) == 0:
             return
-        self.device_lens = None
         self.data = grow(self.data, 2, int((self._lens + r.lens).max()))
         if rectangular(r) and common is not None:  # every row appends at the same place
             self.data[:, :, common:common + r.data.shape[2]] = r.data
@@ -214,9 +220,12 @@ class RaggedBuffer:
             self.data[b, :, dst] = r.data[b, :, j]
         self._lens += r.lens
         self._top = None
+        self._refresh_device_lens()
 
     def reserve(self, tokens: int) -> None:
+        """Room for `tokens` tokens per row, kept from here on (a release does not give it back)."""
         self.data = reserve(self.data, 2, tokens)
+        self.floor = max(self.floor, tokens)
 
     def view(self) -> Ragged:
         top, common = self._shape()
@@ -231,20 +240,25 @@ class RaggedBuffer:
     def drop_front(self, n: torch.Tensor, k: int | None = None) -> None:
         """Remove the first n[b] tokens of each row (`k`: n's common value, when known: a shift by one slice)."""
         top, common = self._shape()
-        self.device_lens = None
         if k is not None:
             if top > k:  # source and destination overlap: the rest is copied out before it moves over
                 self.data[:, :, : top - k] = self.data[:, :, k:top].clone()
-            self._lens -= k
-            self._top, self._common = top - k, None if common is None else common - k
+            self.advance(-k)
+            if self.device_lens is not None:
+                self.device_lens -= k
         else:
             _, rest = split_front(self.view(), n)
             # The rest may be a view of this buffer (split_front's slice): copy it out before it is moved over.
             self.data[:, :, : rest.data.shape[2]] = rest.data.clone()
             self.lens = rest.lens
-        keep = 2 * max(self.top, 16)
-        if self.data.shape[2] > max(keep, 1024):  # a prefill's worth left the window: give its room back
+        keep = self.shrinks_to(self.top)
+        if keep is not None:  # a prefill's worth left the window: give its room back
             self.data = self.data[:, :, :keep].clone()
+
+    def shrinks_to(self, top: int) -> int | None:
+        """The capacity a release that leaves `top` tokens shrinks the buffer to (None: it keeps its room)."""
+        keep = max(2 * max(top, 16), self.floor)
+        return keep if self.data.shape[2] > max(keep, 1024) else None
 
     def pop_front(self, n: torch.Tensor) -> Ragged:
         """The first n[b] tokens of each row, removed from the buffer (a copy)."""
