@@ -67,8 +67,6 @@ def allocate(scores: list[float], n_high: int, high: int, low: int) -> list[int]
 
 
 class KVmixLayer(QuantizedLayer):
-    replays_decode_steps = False  # no CUDA-graph replay yet: its stores are written at host positions
-
     def update(self, key_states, value_states, *args, **kwargs):
         out = super().update(key_states, value_states, *args, **kwargs)
         # KVmix quantizes before the step's attention (§7.3), so release here, not after attention.

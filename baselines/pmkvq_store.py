@@ -53,6 +53,7 @@ class ProgressiveTokenStore(TokenGroupStore):
 
     def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool):
         super().__init__(batch, heads, dim, group, bits, dtype, device, spec, packed)
+        self.device_count = None  # its writes and shrinks count on the host only: its steps stay eager
         self.row_bits = torch.full((batch,), bits, dtype=torch.int64)
         if not packed:  # fake: the dense tokens kernels read (`values`), plus unpacked codes for shrinking
             self.codes = RaggedBuffer(batch, heads, dim, torch.int32, device)

@@ -644,11 +644,15 @@ def _lens(layer, k: tuple, v: tuple) -> torch.Tensor:
 
 
 def _device_lens(layer) -> torch.Tensor:
-    """`_lens` of a step a CUDA graph replays, from the windows' device lengths alone (such a layer has no sink and
-    no store: `Stream.replayable`)."""
-    total = layer.key_stream.window.device_lens
-    zero = torch.zeros_like(total)
-    return torch.stack((zero, zero, zero, total, zero, zero), dim=1).to(torch.int32)
+    """`_lens` of a step a CUDA graph replays, from device tensors alone: the windows' and sink's device lengths and
+    the stores' device counts (`Stream.replay_release`; no store of such a step has a width per row)."""
+    ks, vs = layer.key_stream, layer.value_stream
+    window = ks.window.device_lens
+    zero = torch.zeros_like(window)
+    sink = ks.sink.device_lens if ks.sink is not None else zero
+    kq = ks.store.device_count if ks.store is not None else zero
+    vq = vs.store.device_count if vs.store is not None else zero
+    return torch.stack((sink, kq, vq, sink + kq + window, zero, zero), dim=1).to(torch.int32)
 
 
 def _row_bits(lay: Layout | None, buf: dict | None, like: torch.Tensor) -> torch.Tensor:

@@ -143,10 +143,10 @@ def fragment_decode(query: torch.Tensor, layer, scaling: float, tuning: Tuning =
 
 def graph_bounds(layer) -> tuple[int, int]:
     """(full pages, tail tokens) that a replayed step's splits are planned for: the bucket's pages, and the sink plus
-    the longest window such a step attends over (`Stream.replay_release`: at most residual + 1) plus a partial page.
-    The tail is what lies beyond the pages both stores have filled, so it is at most that."""
+    the longest window such a step attends over (`Stream.replay_release`: at most `quiet_below` tokens) plus a
+    partial page. The tail is what lies beyond the pages both stores have filled, so it is at most that."""
     ks, vs = layer.key_stream, layer.value_stream
-    window = max(ks.residual, vs.residual) + 1
+    window = max(ks.quiet_below, vs.quiet_below)
     return layer.graph_tokens // PAGE_TOKENS, ks.sink_tokens + window + PAGE_TOKENS - 1
 
 

@@ -103,8 +103,6 @@ def target_tiers(a: torch.Tensor, tau_bf16: float, tau_uint4: float, key_bits: f
 
 
 class MixKVQLayer(QuantizedLayer):
-    replays_decode_steps = False  # no CUDA-graph replay yet: query statistics and tiers run on the host
-
     def __init__(self, *args, method: "MixKVQ", q_heads: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
@@ -129,6 +127,10 @@ class MixKVQLayer(QuantizedLayer):
             q = q * to_device(valid, query.device)[:, None, :, None]
         self.q_abs_sum += q.sum(dim=2)
 
+    def advance_host(self, releases: tuple) -> None:
+        super().advance_host(releases)
+        self.decode_queries += 1  # observe_queries' host side (the replay added |Q|)
+
     @property
     def q_count(self) -> torch.Tensor:
         """Queries seen per row (each over all heads)."""
@@ -137,9 +139,9 @@ class MixKVQLayer(QuantizedLayer):
     def on_keys(self, keys: torch.Tensor, start: torch.Tensor) -> None:
         if self.method.cfg.sensitivity_tokens != "all":
             return
-        if not self.is_prefill:  # one key per row: the range over it is the key itself
-            self.key_lo = torch.minimum(self.key_lo, keys[:, :, 0])
-            self.key_hi = torch.maximum(self.key_hi, keys[:, :, 0])
+        if not self.is_prefill:  # one key per row: the range over it is the key itself (in place: graph-safe)
+            torch.minimum(self.key_lo, keys[:, :, 0], out=self.key_lo)
+            torch.maximum(self.key_hi, keys[:, :, 0], out=self.key_hi)
             return
         k = keys.float()
         lo, hi = k, k

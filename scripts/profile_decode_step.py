@@ -34,7 +34,7 @@ EAGER = "attention.cuda_graphs=never"
 METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
            "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch", EAGER],
            "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "kivi-2-eager": ["method=kivi", EAGER],
-           "mixkvq": ["method=mixkvq"]}
+           "mixkvq": ["method=mixkvq"], "mixkvq-eager": ["method=mixkvq", EAGER]}
 
 
 def build(config_dir: Path, layers: int | None, device: str):

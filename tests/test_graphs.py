@@ -91,29 +91,47 @@ def test_which_decode_steps_may_replay():
 
     model = tiny_model("llama", layers=2)
     ids, mask = left_pad(random_prompts([9, 6], seed=3))
-    for name, case in METHOD_CASES.items():  # flat stores keep their counts on the host: their steps stay eager
-        if case.quantized:
+    for name, case in METHOD_CASES.items():
+        if case.quantized:  # short prompts: nothing leaves a window yet, so every method but PM-KVQ may replay
             _, quantized = generate(model, case.build(model), ids, mask, max_new_tokens=2)
-            assert quantized.replay_step() is None, name
+            step = quantized.replay_step()
+            if name == "pmkvq":  # its budget check reads the host each step
+                assert step is None
+            else:
+                assert step is not None and set(step[1]) == {((0, None), (0, None))}, name
+    # A sliding window on a flat value store releases one token per step at host positions: eager.
+    kivi = _after_prefill("kivi", capacity=45 + 40, overrides=["method.residual_length=32"], lengths=(45, 38))
+    assert kivi.replay_step() is None
 
 
-@pytest.mark.parametrize("case", ["bf16", "kivi-paged"])
+HOST_SIDE_CASES = {
+    "bf16": dict(name="bf16", capacity=40),
+    "kivi-paged": dict(capacity=45 + 40, **KIVI_PAGED),
+    # MixKVQ and KVmix after a flush of their 32-token blocks (prompts of 45 and 38 tokens), steps in between
+    "mixkvq": dict(name="mixkvq", capacity=45 + 40, overrides=["method.residual_length=32"], lengths=(45, 38)),
+    "kvmix": dict(name="kvmix", capacity=45 + 40, overrides=METHOD_CASES["kvmix"].overrides, lengths=(45, 38)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOST_SIDE_CASES))
 def test_the_host_side_of_a_replayed_step_is_the_eager_steps(case):
-    kw = dict(name="bf16", capacity=40) if case == "bf16" else dict(capacity=45 + 40, **KIVI_PAGED)
+    kw = HOST_SIDE_CASES[case]
     eager, replayed = _after_prefill(new=3, **kw), _after_prefill(new=2, **kw)
     _, releases = replayed.replay_step()
     replayed.advance_host(releases)  # what a replay does on the host; the graph did the device writes
-    for a, b in zip(eager.layers, replayed.layers):
+    for a, b, rel in zip(eager.layers, replayed.layers, releases):
         assert a.seq_len == b.seq_len and a.is_prefill == b.is_prefill
-        for s in ("key_stream", "value_stream"):
+        assert getattr(a, "q_count", None) is None or torch.equal(a.q_count, b.q_count)  # MixKVQ's statistics
+        for s, (k, _) in zip(("key_stream", "value_stream"), rel):
             sa, sb = getattr(a, s), getattr(b, s)
             wa, wb = sa.window, sb.window
             assert torch.equal(wa.lens, wb.lens) and (wa.top, wa.common) == (wb.top, wb.common)
             assert (sa.releases, sa.last_release) == (sb.releases, sb.last_release)
             if sa.store is not None:
+                assert int(sa.store.tokens().max()) > 0 or case == "bf16"
                 assert torch.equal(sa.store.tokens(), sb.store.tokens())
-                # the eager step moved the device's count; a replay would have
-                assert torch.equal(sa.store.device_count, sb.store.device_count + (s == "value_stream"))
+                # the eager step moved the device's count by its release; a replay would have
+                assert torch.equal(sa.store.device_count, sb.store.device_count + k)
     assert len(eager.snapshots) == len(replayed.snapshots)
     for k in ("code_bits", "live_bytes", "elements"):
         assert torch.equal(eager.snapshots[-1][k], replayed.snapshots[-1][k])
@@ -165,17 +183,19 @@ def test_graphs_stay_off_where_they_cannot_run():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("bucket", [16, 512])
-def test_replayed_decode_steps_give_the_eager_tokens(bucket):
-    """Greedy generate on a tiny fp32 model: steps replayed from graphs (crossing buckets when `bucket` is small)
-    give the eager path's tokens, and most steps did replay."""
+@pytest.mark.parametrize("name,bucket", [("bf16", 16), ("bf16", 512), ("mixkvq", 64), ("kvmix", 64)])
+def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
+    """Greedy generate on a tiny fp32 model with the Triton kernel: steps replayed from graphs (crossing buckets
+    when `bucket` is small; MixKVQ and KVmix flushing blocks eagerly in between) give the eager path's tokens, and
+    most steps did replay."""
     from mixkvq.kv.graphs import GraphSettings as GS
 
     model = tiny_model("qwen2", layers=2, q_heads=8, kv_heads=2, head_dim=64).cuda()
     ids, mask = left_pad([p.cuda() for p in random_prompts([23, 17, 30], seed=7)])
+    overrides = {"mixkvq": ["method.residual_length=32"], "kvmix": METHOD_CASES["kvmix"].overrides}.get(name, [])
     runs = []
     for on in (False, True):
-        method = build("bf16", model=model)
+        method = build(name, list(overrides), model=model)
         cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 60)
         with bind(model, cache, "triton"), graphed(model, cache, GS(on, bucket)) as counts, torch.no_grad():
             out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,

@@ -104,14 +104,14 @@ class Stream:
 
         Such a step appends its token at the window's device lengths, into room already there; a full sink stays as
         it is; a store takes part only if it keeps its token count on the device (`device_count`), and a release
-        only if it writes one token per row by device positions (`appends_one_by_device`). A window longer than the
-        residual is left to the eager path (the decode kernel plans its tail for at most residual + 1 tokens)."""
+        only if it writes one token per row by device positions (`appends_one_by_device`). The window attended over
+        is at most `quiet_below` tokens long (the CUDA kernel plans its tail for that: kernels/fragment.py)."""
         w, store = self.window, self.store
         if w.top >= w.capacity or not self.sink_full:
             return None
         if store is None:  # (the Triton kernel's device lengths of such a layer are its windows': no sink)
             return (0, None) if self.window_rule is WINDOW_RULES["keep"] and self.sink is None else None
-        if getattr(store, "device_count", None) is None or w.top > self.residual:
+        if getattr(store, "device_count", None) is None or w.top >= self.quiet_below:
             return None
         if w.top + 1 < self.quiet_below:  # no row's window reaches a release
             return 0, None

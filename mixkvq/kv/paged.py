@@ -24,7 +24,7 @@ from mixkvq.kv.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layo
                            check_page_layout, code_order, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
-from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
+from mixkvq.kv.storage import ChannelGroupStore, CountedOnDevice, TokenGroupStore
 
 
 class FragmentPages:
@@ -54,19 +54,13 @@ def _to_bits16(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.int16)
 
 
-class _OnPages:
+class _OnPages(CountedOnDevice):
     """What a store on fragment pages answers alike: its tokens per row (`count` on the host, `device_count` on the
-    pages' device: the CUDA kernel reads that one in a step a CUDA graph replays), room reserved as whole pages,
-    and the paper's code bits (one width per store)."""
+    pages' device), room reserved as whole pages, and the paper's code bits (one width per store)."""
 
     def _init_counts(self, batch: int) -> None:
         self.count = torch.zeros(batch, dtype=torch.int64)
-        self.device_count = torch.zeros(batch, dtype=torch.int64, device=self.pages.data.device)
-
-    def _counted(self) -> None:
-        """After a write at host positions: the device's counts copied from the host's (in place: a recorded step
-        that reads them stays valid)."""
-        self.device_count.copy_(to_device(self.count, self.pages.data.device))
+        self._init_device_count(batch, self.pages.data.device)
 
     def tokens(self) -> torch.Tensor:
         return self.count
@@ -74,13 +68,6 @@ class _OnPages:
     def has_room(self, k: int) -> bool:
         """Whether every row can take k more tokens without the pages growing."""
         return int(self.count.max()) + k <= self.pages.data.shape[2] * PAGE_TOKENS
-
-    def replay_buffers(self) -> list[torch.Tensor]:
-        return [self.pages.data, self.device_count]
-
-    def advance_host(self, k: int) -> None:
-        """The host side of k tokens per row that a replayed step appended by device positions."""
-        self.count += k
 
     def reserve(self, tokens: int) -> None:
         self.pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)
@@ -275,6 +262,7 @@ class PagedValueStore(_OnPages):
         self.advance_host(1)
 
     def advance_host(self, k: int) -> None:
+        """The host side of k tokens per row appended at the device's counts (here, or by a replayed step)."""
         self.count += k
         self._top += k
 

@@ -58,7 +58,26 @@ def _fp_bits(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() * 8
 
 
-class ChannelGroupStore:
+class CountedOnDevice:
+    """A store's tokens per row kept on its device too (`device_count`), so that a decode step a CUDA graph replays
+    reads them there (the decode kernels' lengths). Each write at host positions copies the host's counts over it, in
+    place (a recorded step that reads it stays valid)."""
+
+    device_count: torch.Tensor | None = None
+
+    def _init_device_count(self, batch: int, device) -> None:
+        self.device_count = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def _counted(self) -> None:
+        if self.device_count is not None:
+            self.device_count.copy_(to_device(self.tokens(), self.device_count.device))
+
+    def replay_buffers(self) -> list[torch.Tensor]:
+        """The device tensors a decode step reads: what the kernels read (`buffers()`) and the device counts."""
+        return [t for name, t in self.buffers().items() if name != "lens"] + [self.device_count]
+
+
+class ChannelGroupStore(CountedOnDevice):
     """Per-channel groups along tokens, in blocks of `block` tokens with a width per (block, head, channel)."""
 
     def __init__(self, batch, heads, dim, block, group, dtype, device, spec: QuantSpec, packed: bool,
@@ -89,6 +108,7 @@ class ChannelGroupStore:
             self.values = torch.zeros(batch, heads, 0, block, dim, dtype=dtype, device=device)
         self.tier_counts: dict[int, int] = {}
         self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
+        self._init_device_count(batch, device)
 
     # -- layout arithmetic -------------------------------------------------------------------------------
 
@@ -154,6 +174,7 @@ class ChannelGroupStore:
         else:
             self._write_fake(blocks, widths, rows, slot)
         self.nblocks += nb
+        self._counted()
 
     def _count(self, widths: torch.Tensor, rows: torch.Tensor) -> None:
         per_block_bits = self._code_bits(widths).sum(dim=(1, 2)).to(torch.float64).cpu()
@@ -311,7 +332,7 @@ class ChannelGroupStore:
         return -(-need * reserved // blocks)  # the words per block so far, over every reserved block
 
 
-class TokenGroupStore:
+class TokenGroupStore(CountedOnDevice):
     """Per-token groups of `group` channels, one code width for the whole store."""
 
     def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool,
@@ -329,8 +350,13 @@ class TokenGroupStore:
             self.values = RaggedBuffer(batch, heads, dim, dtype, device)
         self.bytes_per_token = heads * (words_for(dim, bits) * 4 + 2 * (dim // group) * meta.itemsize)
         self.version = 0  # bumped by anything that rewrites stored tokens in place (none yet)
+        self._init_device_count(batch, device)
 
     def append(self, r: Ragged, widths_fn=None) -> None:
+        self._append(r)
+        self._counted()
+
+    def _append(self, r: Ragged) -> None:
         if self.packed and uses_pack_kernels(self.pack_kernel, r.data):
             from kernels.pack import append_tokens
 
