@@ -55,19 +55,25 @@ int64_t page_bytes(int d, int kb, int vb, int vg) {
 }  // namespace
 
 // How a call is split over CTAs. Main splits: the count whose waves of resident CTAs finish soonest (waves x pages
-// per split), fewer splits on ties (each writes a partial the merge reads). Tail: enough CTAs to fill what the main
-// splits leave idle, at least `tail_min` tokens each. Returns (pages per main split, tail tokens per split).
+// per split), fewer splits on ties (each writes a partial the merge reads). Tail (its warps take one token each in
+// turn, so a long tail in one CTA is the call's critical path): per (row, KV head), as many CTAs of at least
+// `tail_min` tokens as fit the slots the main splits leave idle in their last wave, or, when none are idle (the
+// tail starts a wave of its own), as fit one wave; at most 8. Returns (pages per main split, tail tokens per split).
 std::pair<int, int> plan_splits(int64_t pairs, int64_t full_pages, int64_t tail_tokens, int64_t sms,
                                 int64_t ctas_per_sm, int64_t max_splits, int64_t tail_min) {
   const int64_t slots = sms * ctas_per_sm;
-  int64_t best = -1, pps = std::max<int64_t>(full_pages, 1);
+  int64_t best = -1, pps = std::max<int64_t>(full_pages, 1), main_ctas = 0;
   for (int64_t n = 1; n <= max_splits; ++n) {
     const int64_t per = (full_pages + n - 1) / n;
     if (per == 0) break;
     const int64_t cost = (pairs * n + slots - 1) / slots * per;
-    if (best < 0 || cost < best) { best = cost; pps = per; }
+    if (best < 0 || cost < best) { best = cost; pps = per; main_ctas = pairs * n; }
   }
-  const int64_t tail_ctas = std::max<int64_t>(1, std::min<int64_t>(8, slots / std::max<int64_t>(pairs, 1) / 4));
+  pairs = std::max<int64_t>(pairs, 1);
+  const int64_t idle = (main_ctas + slots - 1) / slots * slots - main_ctas;
+  const int64_t room = idle >= pairs ? idle / pairs : slots / pairs;
+  const int64_t want = (tail_tokens + tail_min - 1) / std::max<int64_t>(tail_min, 1);
+  const int64_t tail_ctas = std::max<int64_t>(1, std::min<int64_t>({8, room, want}));
   const int64_t tail = std::max<int64_t>(tail_min, (tail_tokens + tail_ctas - 1) / tail_ctas);
   return {int(pps), int(tail)};
 }

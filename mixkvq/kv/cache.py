@@ -202,6 +202,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.key_stream, self.value_stream = key_stream, value_stream
         self.pad = pad  # left padding of each row in the prompt: never stored
+        self.least_pad = int(pad.min()) if len(pad) else 0
         self.heads, self.dim = heads, dim
         self.seq_len = 0  # rectangular length as transformers counts it (pads included)
         self.query_start = pad  # per row: first real position of the current step's queries
@@ -258,8 +259,7 @@ class QuantizedLayer(CacheLayerMixin):
         if None in releases:
             return None
         ks.track_on_device(), vs.track_on_device()
-        stored = int(ks.store.tokens().max()) if ks.store is not None else 0  # host counters: no op on the device
-        return (ks.sink.top if ks.sink is not None else 0) + stored + ks.window.top + 1, releases
+        return self.seq_len + 1 - self.least_pad, releases  # each row holds seq_len - pad tokens
 
     def replay_buffers(self) -> tuple:
         """Where the device tensors a replayable step writes and reads live (address and shape): a recorded step is
@@ -357,8 +357,9 @@ class QuantizedCache(Cache):
     def stopped(self) -> torch.Tensor:
         return self.stop_step >= 0
 
-    def step_done(self, layer_idx: int) -> None:
-        """Called after each layer's attention; after the last layer the step's totals are recorded."""
+    def step_done(self, layer_idx: int, replayed: bool = False) -> None:
+        """Called after each layer's attention; after the last layer the step's totals are recorded (`replayed`: the
+        step was a CUDA graph's replay, which allocates nothing)."""
         if layer_idx != len(self.layers) - 1:
             return
         over = torch.zeros(len(self.stop_step), dtype=torch.bool)
@@ -367,7 +368,7 @@ class QuantizedCache(Cache):
             if flags is not None:
                 over |= flags.cpu()
         self.snapshots.append({**self.step_totals(), "over_budget": over})
-        if self.storage == "packed":
+        if self.storage == "packed" and not replayed:
             self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes())
 
     def step_totals(self) -> dict[str, torch.Tensor]:
@@ -433,7 +434,7 @@ class QuantizedCache(Cache):
         every layer's, then the step's statistics."""
         for layer, r in zip(self.layers, releases):
             layer.advance_host(r)
-        self.step_done(len(self.layers) - 1)
+        self.step_done(len(self.layers) - 1, replayed=True)
 
     def reserve(self, tokens: int) -> None:
         """Allocate every layer for `tokens` tokens per row (prompt + max_new_tokens, known when generate starts)."""

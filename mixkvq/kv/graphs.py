@@ -79,23 +79,28 @@ class GraphedDecode:
         self._bucket: int | None = None  # the bucket of the graphs held (earlier buckets never return)
         self._graphs: dict[tuple, _Recorded] = {}  # this bucket's graphs, one per pattern of releases
         self._warm: set[tuple] = set()  # (bucket, releases) whose step ran eagerly once with device lengths
+        self._checked: set[tuple] = set()  # releases whose graph's buffers were checked since the last eager step
 
     def __call__(self, *args, **kwargs):
         step = self._planned(args, kwargs)
         if step is None:
             self.counts.eager += 1
+            self._checked.clear()
             return self.forward(*args, **kwargs)
         planned, releases = step
         if planned != self._bucket:  # a new bucket: the previous one's graphs are not needed again
             self._bucket, self._graphs = planned, {}
         rec = self._graphs.get(releases)
-        if rec is not None and rec.buffers == self.cache.replay_buffers():
+        # Only an eager step moves buffers: a graph checked since the last one needs no new look.
+        if rec is not None and (releases in self._checked or rec.buffers == self.cache.replay_buffers()):
+            self._checked.add(releases)
             for name in STEP_INPUTS:
                 rec.inputs[name].copy_(kwargs[name])
             rec.graph.replay()
             self.cache.advance_host(releases)
             self.counts.replayed += 1
             return rec.output
+        self._checked.clear()
         if step not in self._warm:  # the step's kernels are built outside a recording
             self._warm.add(step)
             self.counts.eager += 1
