@@ -204,7 +204,9 @@ def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
     (want, off), (got, counts) = runs
     assert off is None and counts is not None
     assert torch.equal(got, want)
-    assert counts.replayed >= 40 and counts.recorded >= 1, counts
+    # KVmix's three ragged rows release 32-token blocks at different steps, keys and values on cycles of their own
+    # (its RPC ratio depends on the width): those steps run eagerly.
+    assert counts.replayed >= (25 if name == "kvmix" else 40) and counts.recorded >= 1, counts
     if bucket == 16:
         assert len(counts.buckets) >= 3  # the longest row crossed buckets: one graph each
 
