@@ -347,6 +347,7 @@ class QuantizedCache(Cache):
         self.stop_step = torch.full((len(layers[0].pad) if layers else 0,), -1, dtype=torch.int64)
         # step_totals' per-store figures (by stream) and their sums, as of each store's last write.
         self._store_state: dict = {"entries": {}, "sums": None}
+        self._deltas: dict[tuple, dict | None] = {}  # a replayed step's totals delta per pattern of releases
 
     def stop_rows(self, rows: torch.Tensor) -> None:
         """End these rows' samples at the current forward step (the first stop of a row wins)."""
@@ -357,19 +358,57 @@ class QuantizedCache(Cache):
     def stopped(self) -> torch.Tensor:
         return self.stop_step >= 0
 
-    def step_done(self, layer_idx: int, replayed: bool = False) -> None:
-        """Called after each layer's attention; after the last layer the step's totals are recorded (`replayed`: the
-        step was a CUDA graph's replay, which allocates nothing)."""
+    def step_done(self, layer_idx: int, replayed: tuple | None = None) -> None:
+        """Called after each layer's attention; after the last layer the step's totals are recorded. `replayed`: the
+        releases of a step a CUDA graph replayed (it allocates nothing, and its totals follow from the last ones)."""
         if layer_idx != len(self.layers) - 1:
             return
+        if replayed is not None and self.snapshots:
+            delta = self._replay_delta(replayed)
+            if delta is not None:
+                last = self.snapshots[-1]
+                self.snapshots.append({**{k: last[k] + d for k, d in delta.items()},
+                                       "over_budget": torch.zeros_like(last["over_budget"])})
+                return
         over = torch.zeros(len(self.stop_step), dtype=torch.bool)
         for layer in self.layers:
             flags = layer.budget_flags()
             if flags is not None:
                 over |= flags.cpu()
         self.snapshots.append({**self.step_totals(), "over_budget": over})
-        if self.storage == "packed" and not replayed:
+        if self.storage == "packed" and replayed is None:
             self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes())
+
+    def _replay_delta(self, releases: tuple) -> dict[str, int] | None:
+        """What a replayed step adds to every row's totals (the same at every replay of one pattern of releases): each
+        stream took one full-precision token and moved k of its tokens into its store at the store's cost per token
+        (`token_cost`). None when a store that took tokens does not know that cost, or a method keeps a byte budget
+        (its step then counts as usual)."""
+        cached = self._deltas.get(releases)
+        if cached is not None or releases in self._deltas:
+            return cached
+        bits = nbytes = elements = 0
+        delta = {}
+        for layer, rel in zip(self.layers, releases):
+            if type(layer).over_budget is not QuantizedLayer.over_budget:
+                delta = None
+                break
+            elements += 2 * layer.heads * layer.dim
+            for stream, (k, _) in zip((layer.key_stream, layer.value_stream), rel):
+                fp_bits = stream.fp_token_bytes * 8
+                bits, nbytes = bits + fp_bits, nbytes + stream.fp_token_bytes
+                if k:
+                    cost = getattr(stream.store, "token_cost", lambda: None)()
+                    if cost is None:
+                        delta = None
+                        break
+                    bits, nbytes = bits + k * (cost[0] - fp_bits), nbytes + k * (cost[1] - stream.fp_token_bytes)
+            if delta is None:
+                break
+        if delta is not None:
+            delta = {"code_bits": bits, "live_bytes": nbytes, "elements": elements}
+        self._deltas[releases] = delta
+        return delta
 
     def step_totals(self) -> dict[str, torch.Tensor]:
         """Per row, summed over layers and streams: code bits, live bytes and elements (what `code_bits()`,
@@ -434,7 +473,7 @@ class QuantizedCache(Cache):
         every layer's, then the step's statistics."""
         for layer, r in zip(self.layers, releases):
             layer.advance_host(r)
-        self.step_done(len(self.layers) - 1, replayed=True)
+        self.step_done(len(self.layers) - 1, replayed=releases)
 
     def reserve(self, tokens: int) -> None:
         """Allocate every layer for `tokens` tokens per row (prompt + max_new_tokens, known when generate starts)."""

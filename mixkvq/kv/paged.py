@@ -271,6 +271,13 @@ class PagedValueStore(_OnPages):
     def live_bytes(self) -> torch.Tensor:
         return self.count * self.bytes_per_token
 
+    def has_room(self, k: int) -> bool:
+        return self._top + k <= self.pages.data.shape[2] * PAGE_TOKENS  # the host's longest count: no op
+
+    def token_cost(self) -> tuple[int, int]:
+        """(code bits, live bytes) one more token per row adds (`code_bits`, `live_bytes`)."""
+        return self.h * self.d * self.bits, self.bytes_per_token
+
     def ragged(self, start: int = 0) -> Ragged:
         lens = (self.count - start).clamp_min(0)
         top = int(self.count.max())
