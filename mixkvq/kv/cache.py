@@ -245,7 +245,8 @@ class QuantizedLayer(CacheLayerMixin):
 
     # -- decode steps replayed from a CUDA graph (mixkvq/kv/graphs.py) ----------------------------------------
 
-    # A subclass whose hooks keep host state per step (MixKVQ's query statistics, PM-KVQ's budgets) sets False.
+    # A subclass whose hooks decide on the host at every step (PM-KVQ's budget check) sets False; one whose host state
+    # per step follows from the step alone adds it in `advance_host` (MixKVQ's query count).
     replays_decode_steps = True
 
     def replay_step(self) -> tuple[int, tuple] | None:
@@ -380,35 +381,30 @@ class QuantizedCache(Cache):
             self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes())
 
     def _replay_delta(self, releases: tuple) -> dict[str, int] | None:
-        """What a replayed step adds to every row's totals (the same at every replay of one pattern of releases): each
-        stream took one full-precision token and moved k of its tokens into its store at the store's cost per token
-        (`token_cost`). None when a store that took tokens does not know that cost, or a method keeps a byte budget
-        (its step then counts as usual)."""
-        cached = self._deltas.get(releases)
-        if cached is not None or releases in self._deltas:
-            return cached
+        """What a replayed step adds to every row's totals; the same at every replay of one pattern of releases."""
+        if releases not in self._deltas:
+            self._deltas[releases] = self._delta_of(releases)
+        return self._deltas[releases]
+
+    def _delta_of(self, releases: tuple) -> dict[str, int] | None:
+        """Each stream took one full-precision token and moved k of its tokens into its store at the store's cost per
+        token (`token_cost`). None when such a store does not know that cost, or a method keeps a byte budget: the
+        step's totals are then counted as an eager step's."""
         bits = nbytes = elements = 0
-        delta = {}
         for layer, rel in zip(self.layers, releases):
             if type(layer).over_budget is not QuantizedLayer.over_budget:
-                delta = None
-                break
+                return None
             elements += 2 * layer.heads * layer.dim
             for stream, (k, _) in zip((layer.key_stream, layer.value_stream), rel):
-                fp_bits = stream.fp_token_bytes * 8
-                bits, nbytes = bits + fp_bits, nbytes + stream.fp_token_bytes
+                fp = stream.fp_token_bytes
+                bits, nbytes = bits + 8 * fp, nbytes + fp
                 if k:
-                    cost = getattr(stream.store, "token_cost", lambda: None)()
+                    cost = getattr(stream.store, "token_cost", None)
                     if cost is None:
-                        delta = None
-                        break
-                    bits, nbytes = bits + k * (cost[0] - fp_bits), nbytes + k * (cost[1] - stream.fp_token_bytes)
-            if delta is None:
-                break
-        if delta is not None:
-            delta = {"code_bits": bits, "live_bytes": nbytes, "elements": elements}
-        self._deltas[releases] = delta
-        return delta
+                        return None
+                    code_bits, live_bytes = cost()
+                    bits, nbytes = bits + k * (code_bits - 8 * fp), nbytes + k * (live_bytes - fp)
+        return {"code_bits": bits, "live_bytes": nbytes, "elements": elements}
 
     def step_totals(self) -> dict[str, torch.Tensor]:
         """Per row, summed over layers and streams: code bits, live bytes and elements (what `code_bits()`,
