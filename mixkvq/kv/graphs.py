@@ -80,6 +80,7 @@ class GraphedDecode:
         self._graphs: dict[tuple, _Recorded] = {}  # this bucket's graphs, one per pattern of releases
         self._warm: set[tuple] = set()  # (bucket, releases) whose step ran eagerly once with device lengths
         self._checked: set[tuple] = set()  # releases whose graph's buffers were checked since the last eager step
+        self._next: tuple | None = None  # (seq_len, replay_step()) of the next step, asked after a replay
 
     def __call__(self, *args, **kwargs):
         step = self._planned(args, kwargs)
@@ -99,6 +100,8 @@ class GraphedDecode:
             rec.graph.replay()
             self.cache.advance_host(releases)
             self.counts.replayed += 1
+            # The next step's question, asked while the device runs this one (nothing changes the cache in between).
+            self._next = (self.cache.layers[0].seq_len, self.cache.replay_step())
             return rec.output
         self._checked.clear()
         if step not in self._warm:  # the step's kernels are built outside a recording
@@ -115,6 +118,7 @@ class GraphedDecode:
 
     def _planned(self, args, kwargs) -> tuple[int, tuple] | None:
         """(the bucket this step's splits plan for, the cache's releases), when the step can run from a graph."""
+        ahead, self._next = self._next, None
         ids = kwargs.get("input_ids")
         if args or ids is None or ids.shape[1] != 1 or not ids.is_cuda:
             return None
@@ -122,7 +126,10 @@ class GraphedDecode:
             return None
         if any(kwargs.get(name) is None for name in STEP_INPUTS):
             return None
-        step = self.cache.replay_step()
+        if ahead is not None and ahead[0] == self.cache.layers[0].seq_len:
+            step = ahead[1]
+        else:
+            step = self.cache.replay_step()
         if step is None:
             return None
         tokens, releases = step
