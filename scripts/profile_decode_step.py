@@ -31,10 +31,16 @@ def sync(device: str):
 
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # the protocol of run.py
 EAGER = "attention.cuda_graphs=never"
+# KVmix without its calibration artifact (a random-weight model has no gradient profile to rank layers by): the
+# repo's number of high-width layers for R1-7B's 28, 2 x floor(0.1 x 28) = 4, taken first. Speed depends on the count.
+_KVMIX_LAYERS = 28
+KVMIX_BITS = ("method.layer_bits={key:[%s],value:[%s]}"
+              % (",".join(["3"] * 4 + ["2"] * (_KVMIX_LAYERS - 4)), ",".join(["4"] * 4 + ["2"] * (_KVMIX_LAYERS - 4))))
 METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
            "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch", EAGER],
            "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "kivi-2-eager": ["method=kivi", EAGER],
-           "mixkvq": ["method=mixkvq"], "mixkvq-eager": ["method=mixkvq", EAGER]}
+           "mixkvq": ["method=mixkvq"], "mixkvq-eager": ["method=mixkvq", EAGER],
+           "kvmix": ["method=kvmix", KVMIX_BITS], "kvmix-eager": ["method=kvmix", KVMIX_BITS, EAGER]}
 
 
 def build(config_dir: Path, layers: int | None, device: str):
