@@ -41,6 +41,9 @@ METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
            "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "kivi-2-eager": ["method=kivi", EAGER],
            "mixkvq": ["method=mixkvq"], "mixkvq-eager": ["method=mixkvq", EAGER],
            "kvmix": ["method=kvmix", KVMIX_BITS], "kvmix-eager": ["method=kvmix", KVMIX_BITS, EAGER]}
+# The graphed rows with generate's stop flag read every step (transformers' own wait) instead of a step late.
+METHODS.update({f"{name}-every-step": [*o, "stop_check=every_step"] for name, o in list(METHODS.items())
+                if o is not None and EAGER not in o})
 
 
 def build(config_dir: Path, layers: int | None, device: str):
@@ -80,7 +83,7 @@ def make_generate(model, tokenizer, overrides, batch: int, device: str):
         prompt = tokenizer.decode(ids[0])
         gen = {**SAMPLING, "max_new_tokens": new, "min_new_tokens": new}
         out = generate_samples(model, tokenizer, method, prompt, batch, gen, 0, cfg.attention.decode_kernel,
-                               GraphSettings.from_config(cfg.attention))
+                               GraphSettings.from_config(cfg.attention), cfg.stop_check)
         harness.graph_counts = vars(out.graph_counts) if out.graph_counts is not None else None
         return out.seconds
     return harness

@@ -94,7 +94,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 seed = cfg.seed + group[0]
                 outs = generate_batch(model, tokenizer, method, [prompts[problems[i].id] for i in group],
                                       cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel,
-                                      GraphSettings.from_config(cfg.attention))
+                                      GraphSettings.from_config(cfg.attention), cfg.get("stop_check", "deferred"))
                 rows, call_tokens = [], 0
                 for index, out in zip(group, outs):
                     problem = problems[index]

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from kernels import decode_kernel_names, kernel_unavailable
 from mixkvq.errors import ConfigError
 from mixkvq.eval.models import ModelConfig, ModelFiles, _resolve_device, check_context, read_model_files
+from mixkvq.eval.stop_check import STOP_CHECKS
 from mixkvq.eval.tasks import Problem, load_task
 from mixkvq.kv.graphs import GRAPH_MODES
 from mixkvq.kv.methods import METHODS, STORAGE_MODES, Method, ModelShape, build_method, check_choice, method_config
@@ -53,6 +54,7 @@ def check_options(cfg: DictConfig) -> None:
     resolve_mode(cfg.logger.mode)
     check_number("logger.init_timeout_s", cfg.logger.init_timeout_s, float, above=0)
     check_number("hub_timeout_s", cfg.hub_timeout_s, float, above=0)
+    check_choice("stop_check", cfg.get("stop_check", "deferred"), STOP_CHECKS)
 
 
 def generation_kwargs(cfg: DictConfig) -> dict:

@@ -10,6 +10,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kernels import kernels_in_use
 from mixkvq.eval.placement import input_device
+from mixkvq.eval.stop_check import stop_check as stop_check_mode
 from mixkvq.kv.attention import bind
 from mixkvq.kv.cache import QuantizedCache
 from mixkvq.kv.graphs import GraphCounts, GraphSettings, graphed
@@ -60,16 +61,19 @@ class Generation:
 
 
 def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen: dict, seed: int,
-                     decode_kernel: str, graphs: GraphSettings = GraphSettings()) -> Generation:
+                     decode_kernel: str, graphs: GraphSettings = GraphSettings(),
+                     stop_check: str = "deferred") -> Generation:
     """n samples of one prompt in one generate call: no padding inside a problem, a fresh cache."""
-    return generate_batch(model, tokenizer, method, [prompt], n, gen, seed, decode_kernel, graphs)[0]
+    return generate_batch(model, tokenizer, method, [prompt], n, gen, seed, decode_kernel, graphs, stop_check)[0]
 
 
 def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int, gen: dict, seed: int,
-                   decode_kernel: str, graphs: GraphSettings = GraphSettings()) -> list[Generation]:
+                   decode_kernel: str, graphs: GraphSettings = GraphSettings(),
+                   stop_check: str = "deferred") -> list[Generation]:
     """n samples of each prompt in one generate call (prompts left-padded, rows i*n .. i*n+n-1 are prompt i's),
     through a fresh cache allocated once for the longest prompt + max_new_tokens. Each Generation gets an equal
-    share of the call's seconds, so per-problem seconds add up to the time spent."""
+    share of the call's seconds, so per-problem seconds add up to the time spent. `stop_check`: when the host
+    reads generate's stop flag (`mixkvq/eval/stop_check.py`)."""
     device = input_device(model)
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
@@ -85,7 +89,8 @@ def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int,
     ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with bind(model, cache, decode_kernel), graphed(model, cache, graphs) as graph_counts, torch.no_grad():
+    with bind(model, cache, decode_kernel), graphed(model, cache, graphs) as graph_counts, \
+            stop_check_mode(stop_check), torch.no_grad():
         kernels = kernels_in_use(cache.layers)
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, num_return_sequences=n,
                              pad_token_id=pad_id, eos_token_id=sorted(stop),

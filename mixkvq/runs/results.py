@@ -32,9 +32,9 @@ from mixkvq.errors import ConfigError
 # Keys that change where or how a run is reported or how fast it goes, never what it computes. `experiment` and
 # `cost` describe the sweep a run belongs to: the same config run by hand or by an experiment is the same run.
 # `progress`, `grading_workers` and `cpu_threads` change no token and no grade (one config, resumed on Slurm
-# without a progress bar, stays one run); nor does a wait limit.
+# without a progress bar, stays one run); nor does a wait limit, nor when the host reads generate's stop flag.
 VOLATILE_KEYS = ("results_dir", "logger", "hydra", "experiment", "cost", "progress", "grading_workers", "cpu_threads",
-                 "hub_timeout_s")
+                 "hub_timeout_s", "stop_check")
 # Keys that select the KV-cache method; everything else must match for two runs to be "twins".
 METHOD_KEYS = ("method", "storage", "attention", "quant")
 # Model keys that say where a model runs (mixkvq/eval/placement.py), never what it computes: a run resumed on other GPUs
