@@ -67,15 +67,7 @@ def allocate(scores: list[float], n_high: int, high: int, low: int) -> list[int]
 
 
 class KVmixLayer(QuantizedLayer):
-    def update(self, key_states, value_states, *args, **kwargs):
-        out = super().update(key_states, value_states, *args, **kwargs)
-        # KVmix quantizes before the step's attention (§7.3), so release here, not after attention.
-        self.key_stream.release()
-        self.value_stream.release()
-        return out
-
-    def after_attention(self) -> None:
-        pass
+    releases_before_attention = True  # KVmix quantizes before the step's attention (§7.3)
 
 
 class KVmix(Method):

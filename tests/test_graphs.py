@@ -83,11 +83,18 @@ def test_which_decode_steps_may_replay():
     assert tokens == 45 + 3  # 45 + 2 generated tokens stored, plus the step's
     layer = kivi.layers[0]
     assert layer.value_stream.store.device_count is not None
-    for step in range(30):  # up to the first row's key flush: an eager step
-        kivi.layers[0].key_stream.window.advance(1)  # (the host's view of a step's key, enough to ask)
-        if kivi.replay_step() is None:
-            break
-    assert kivi.layers[0].key_stream.window.lens.tolist()[0] + 1 == 32 and step == 15
+    keys = kivi.layers[0].key_stream
+    steps = 0
+    while not keys.release_due():  # up to the first row's key flush (its window reaches R = 32 tokens)
+        keys.window.advance(1)  # (the host's view of a step's key, enough to ask)
+        steps += 1
+    assert keys.window.lens.tolist()[0] == 32 and steps == 17
+    # The flush step may replay too: its block release is left out of the step, made after it (eager ops).
+    keys.window.advance(-1)
+    assert {r[0] for r in kivi.replay_step()[1]} == {(0, None)}
+    # A window that would have to grow cannot take the step's token: eager.
+    keys.window.advance(keys.window.capacity - keys.window.top)
+    assert kivi.replay_step() is None
 
     model = tiny_model("llama", layers=2)
     ids, mask = left_pad(random_prompts([9, 6], seed=3))
@@ -99,9 +106,24 @@ def test_which_decode_steps_may_replay():
                 assert step is None
             else:
                 assert step is not None and set(step[1]) == {((0, None), (0, None))}, name
-    # A sliding window on a flat value store releases one token per step at host positions: eager.
+    # A sliding window on a flat value store releases one token per step at host positions: after the step.
     kivi = _after_prefill("kivi", capacity=45 + 40, overrides=["method.residual_length=32"], lengths=(45, 38))
-    assert kivi.replay_step() is None
+    assert set(kivi.replay_step()[1]) == {((0, None), (0, None))}
+    assert not kivi.layers[0].value_stream.release_due()
+    kivi.layers[0].value_stream.window.advance(1)
+    assert kivi.layers[0].value_stream.release_due()
+    # KVmix releases before attention, from the window's oldest tokens: never the step's own token.
+    kvmix = _after_prefill("kvmix", capacity=60, overrides=METHOD_CASES["kvmix"].overrides, lengths=(9, 6))
+    stream = kvmix.layers[0].key_stream
+    while not stream.release_due(ahead=1):
+        stream.window.advance(1)
+    assert kvmix.replay_step() is not None and not kvmix.release_outside(before_step=False)
+    before, stored = stream.window.lens.clone(), stream.store.tokens().clone()
+    released = stream.window_rule(before + 1, stream.residual)
+    assert 0 < int(released.max()) and bool((released <= before).all())
+    assert kvmix.release_outside(before_step=True)
+    assert torch.equal(stream.window.lens, before - released)
+    assert torch.equal(stream.store.tokens(), stored + released)
 
 
 HOST_SIDE_CASES = {
@@ -186,8 +208,8 @@ def test_graphs_stay_off_where_they_cannot_run():
 @pytest.mark.parametrize("name,bucket", [("bf16", 16), ("bf16", 512), ("mixkvq", 64), ("kvmix", 64)])
 def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
     """Greedy generate on a tiny fp32 model with the Triton kernel: steps replayed from graphs (crossing buckets
-    when `bucket` is small; MixKVQ and KVmix flushing blocks eagerly in between) give the eager path's tokens, and
-    most steps did replay."""
+    when `bucket` is small; MixKVQ's blocks and KVmix's groups released around replayed steps) give the eager path's
+    tokens, and most steps did replay."""
     from mixkvq.kv.graphs import GraphSettings as GS
 
     model = tiny_model("qwen2", layers=2, q_heads=8, kv_heads=2, head_dim=64).cuda()
@@ -204,9 +226,10 @@ def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
     (want, off), (got, counts) = runs
     assert off is None and counts is not None
     assert torch.equal(got, want)
-    # KVmix's three ragged rows release 32-token blocks at different steps, keys and values on cycles of their own
-    # (its RPC ratio depends on the width): those steps run eagerly.
-    assert counts.replayed >= (25 if name == "kvmix" else 40) and counts.recorded >= 1, counts
+    # KVmix's three ragged rows release groups at different steps, keys and values on cycles of their own (its RPC
+    # ratio depends on the width): before those steps, as eager ops, and the steps replay.
+    assert counts.replayed >= 40 and counts.recorded >= 1, counts
+    assert (counts.released_outside >= 3) == (name != "bf16"), counts
     if bucket == 16:
         assert len(counts.buckets) >= 3  # the longest row crossed buckets: one graph each
 
@@ -215,7 +238,8 @@ def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_kivi_steps_replayed_on_the_cuda_kernel_give_the_eager_tokens():
     """KIVI-2 (residual 32) on the CUDA kernel's fragment pages: value releases replayed at device positions, key
-    flushes eager, ragged rows. Greedy tokens with graphs equal the eager path's; most steps replayed."""
+    flushes made after replayed steps, ragged rows. Greedy tokens with graphs equal the eager path's; most steps
+    replayed."""
     from kernels import fragment
     from mixkvq.kv.graphs import GraphSettings as GS
 
@@ -234,7 +258,7 @@ def test_kivi_steps_replayed_on_the_cuda_kernel_give_the_eager_tokens():
     (want, off, eager), (got, counts, replayed) = runs
     assert off is None and counts is not None
     assert torch.equal(got, want)
-    assert counts.replayed >= 30 and counts.eager >= 3, counts  # the rows' key flushes ran eagerly
+    assert counts.replayed >= 45 and counts.released_outside >= 3, counts  # the rows' key flushes, after steps
     for a, b in zip(eager.layers, replayed.layers):  # the stores hold the same codes
         for s in ("key_stream", "value_stream"):
             sa, sb = getattr(a, s), getattr(b, s)
@@ -242,3 +266,57 @@ def test_kivi_steps_replayed_on_the_cuda_kernel_give_the_eager_tokens():
             assert torch.equal(sa.store.device_count.cpu(), sb.store.tokens())
             assert torch.equal(sa.window.lens, sb.window.lens)
         assert torch.equal(a.key_stream.store.pages.data, b.key_stream.store.pages.data)
+
+
+# Small windows so that blocks, sliding tokens and KVmix's groups leave the windows many times in 40 steps; ragged
+# prompts so that rows release at different steps.
+AROUND_CASES = {
+    "kivi": ["method.residual_length=16", "method.group_size=16"],
+    "mixkvq": ["method.residual_length=16", "method.key_group_size=16"],
+    "kvmix": list(METHOD_CASES["kvmix"].overrides),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AROUND_CASES))
+def test_steps_run_the_replay_way_give_the_eager_tokens_and_statistics(name):
+    """`GraphedDecode(record=False)` runs every step a graph could replay eagerly the way it would be recorded:
+    device lengths, the bucket's plan, and the cache's releases left out of the step and made around it (before it
+    for KVmix, which releases before attention; after it for the others). Greedy tokens and every step's statistics
+    equal the plain eager path's, and releases did run around steps."""
+    import functools
+
+    from mixkvq.kv.graphs import GraphedDecode
+
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_pad(random_prompts([23, 17, 30], seed=5))
+    runs = []
+    for around in (False, True):
+        method = build(name, AROUND_CASES[name], model=model)
+        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1), capacity=ids.shape[1] + 40)
+        runner = None
+        if around:
+            runner = GraphedDecode(model.forward, cache, bucket_tokens=16, record=False)
+            model.forward = functools.wraps(runner.forward)(runner)
+        try:
+            with bind(model, cache, "torch"), torch.no_grad():
+                out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                     max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
+        finally:
+            if around:
+                del model.forward
+        runs.append((out, cache, runner))
+    (want, eager, _), (got, around, runner) = runs
+    assert torch.equal(got, want)
+    assert runner.counts.released_outside >= 3, runner.counts
+    assert runner.counts.eager >= 30  # (every planned step runs eagerly here: record=False)
+    assert len(around.snapshots) == len(eager.snapshots)
+    for a, b in zip(eager.snapshots, around.snapshots):
+        for k in ("code_bits", "live_bytes", "elements", "over_budget"):
+            assert torch.equal(a[k], b[k]), k
+    for a, b in zip(eager.layers, around.layers):
+        for s in ("key_stream", "value_stream"):
+            sa, sb = getattr(a, s), getattr(b, s)
+            assert torch.equal(sa.window.lens, sb.window.lens) and sa.releases == sb.releases
+            assert torch.equal(sa.store.tokens(), sb.store.tokens())
+            assert torch.equal(sa.store.device_count, sb.store.tokens())
+            assert torch.equal(sa.ragged().data, sb.ragged().data)  # the same codes, dequantized

@@ -12,6 +12,7 @@ Decode attention never sees them; it reads the layer through the decode kernel (
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -79,33 +80,42 @@ class Stream:
         if self.store is not None:
             self.store.reserve(tokens)
 
-    def release(self) -> None:
-        """Move the tokens the window rule releases into the store."""
+    def release(self, ahead: int = 0) -> None:
+        """Move the tokens the window rule releases into the store. `ahead=1`: as the rule decides once the step's
+        token is in the window, before it is appended (a layer that releases before attention, ahead of a step a
+        CUDA graph replays; `replay_release` made sure the step's own token is not among them)."""
         if self.store is None:
             return
         window = self.window
         common = window.common
-        if common is not None and common < len(self.release_table):  # equal windows: the table decides
-            k = self.release_table[common]
+        if common is not None and common + ahead < len(self.release_table):  # equal windows: the table decides
+            k = self.release_table[common + ahead]
             if k:
                 self._move(torch.tensor([k] * len(window.lens)), k)
             return
-        if window.top < self.quiet_below:  # no row's window is long enough to release anything
+        if window.top + ahead < self.quiet_below:  # no row's window is long enough to release anything
             return
-        n = self.window_rule(window.lens, self.residual)
+        n = self.window_rule(window.lens + ahead if ahead else window.lens, self.residual)
         counts = n.tolist()
         if max(counts) > 0:
             self._move(n, counts[0] if min(counts) == max(counts) else None)
 
-    def replay_release(self) -> tuple[int, int | None] | None:
+    def release_due(self, ahead: int = 0) -> bool:
+        """Whether some row's window may release now (host lengths only; `release` then decides exactly)."""
+        return self.store is not None and self.window.top + ahead >= self.quiet_below
+
+    def replay_release(self, before_attention: bool = False) -> tuple[int, int | None] | None:
         """When this stream's next decode step writes and reads by device tensors alone (a CUDA graph can replay it):
-        (tokens per row it releases into the store, 0 or 1; the window's length before the step when it releases,
-        since the window's shift copies that many), else None.
+        (tokens per row the step itself releases into the store, 0 or 1; the window's length before the step when it
+        releases, since the window's shift copies that many), else None.
 
         Such a step appends its token at the window's device lengths, into room already there; a full sink stays as
-        it is; a store takes part only if it keeps its token count on the device (`device_count`), and a release
-        only if it writes one token per row by device positions (`appends_one_by_device`). The window attended over
-        is at most `quiet_below` tokens long (the CUDA kernel plans its tail for that: kernels/fragment.py)."""
+        it is; a store takes part only if it keeps its token count on the device (`device_count`). A release of one
+        token per row by device positions (`appends_one_by_device`) runs inside the step. Any other release (a
+        block, a ragged window's) is left out of it: `QuantizedCache.release_outside` makes it with eager ops, after
+        the step or, for a layer that releases before attention (`before_attention`), before it, from the window's
+        oldest tokens (never the step's own). The window attended over is at most `quiet_below` tokens long (the CUDA
+        kernel plans its tail for that: kernels/fragment.py)."""
         w, store = self.window, self.store
         if w.top >= w.capacity or not self.sink_full:
             return None
@@ -116,15 +126,15 @@ class Stream:
         if w.top + 1 < self.quiet_below:  # no row's window reaches a release
             return 0, None
         common = w.common
-        if common is None or common + 1 >= len(self.release_table):
+        if common is not None and common + 1 < len(self.release_table):
+            k = self.release_table[common + 1]
+            if (k == 1 and getattr(store, "appends_one_by_device", False) and store.has_room(1)
+                    and w.shrinks_to(common) is None):
+                return 1, common
+            return (0, None) if not before_attention or k <= common else None
+        if before_attention and bool((self.window_rule(w.lens + 1, self.residual) > w.lens).any()):
             return None
-        k = self.release_table[common + 1]
-        if k == 0:
-            return 0, None
-        if (k == 1 and getattr(store, "appends_one_by_device", False) and store.has_room(1)
-                and w.shrinks_to(common) is None):
-            return 1, common
-        return None
+        return 0, None
 
     def track_on_device(self) -> None:
         """Keep the window's (and a sink's) lengths on the device from here on (`RaggedBuffer.track_on_device`)."""
@@ -212,6 +222,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
         self.graph_tokens: int | None = None  # while a CUDA graph records a decode step: the tokens its splits plan for
+        self.releases_outside = False  # while set, the step's releases are left to `release_outside` (graphs.py)
         self.probe = None  # fidelity diagnostics (mixkvq/eval/fidelity.py): sees the exact K/V and each decode output
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -241,6 +252,9 @@ class QuantizedLayer(CacheLayerMixin):
             self.probe.on_update(key_states, value_states, start)
         self.on_keys(key_states, start)
         self.seq_len += key_states.shape[2]
+        if self.releases_before_attention and not self.releases_outside:
+            self.key_stream.release()
+            self.value_stream.release()
         return key_states, value_states
 
     # -- decode steps replayed from a CUDA graph (mixkvq/kv/graphs.py) ----------------------------------------
@@ -248,6 +262,9 @@ class QuantizedLayer(CacheLayerMixin):
     # A subclass whose hooks decide on the host at every step (PM-KVQ's budget check) sets False; one whose host state
     # per step follows from the step alone adds it in `advance_host` (MixKVQ's query count).
     replays_decode_steps = True
+    # Whether the window rules release right after the step's token is stored, before its attention (KVmix), rather
+    # than after attention.
+    releases_before_attention = False
 
     def replay_step(self) -> tuple[int, tuple] | None:
         """When the next decode step can be replayed from a CUDA graph (every write and read by device tensors):
@@ -256,7 +273,8 @@ class QuantizedLayer(CacheLayerMixin):
         if not self.replays_decode_steps or self.probe is not None or self.seq_len == 0:
             return None
         ks, vs = self.key_stream, self.value_stream
-        releases = (ks.replay_release(), vs.replay_release())
+        before = self.releases_before_attention
+        releases = (ks.replay_release(before), vs.replay_release(before))
         if None in releases:
             return None
         ks.track_on_device(), vs.track_on_device()
@@ -266,6 +284,20 @@ class QuantizedLayer(CacheLayerMixin):
         """Where the device tensors a replayable step writes and reads live (address and shape): a recorded step is
         valid only while they stay where they were when it was recorded."""
         return tuple(self.key_stream.replay_buffers() + self.value_stream.replay_buffers())
+
+    def release_outside(self, before_step: bool) -> bool:
+        """The releases a step left out (`Stream.replay_release`), as eager ops at host positions: before the step
+        for a layer that releases before attention, after it for the others. True when a store was written."""
+        if before_step != self.releases_before_attention:
+            return False
+        ahead = 1 if before_step else 0
+        moved = False
+        for stream in (self.key_stream, self.value_stream):
+            if stream.release_due(ahead):
+                done = stream.releases
+                stream.release(ahead)
+                moved |= stream.releases != done
+        return moved
 
     def advance_host(self, releases: tuple) -> None:
         """The host side of one decode step whose device work a CUDA graph replayed (what `update` and the
@@ -302,8 +334,9 @@ class QuantizedLayer(CacheLayerMixin):
         """Sees every query (post-RoPE) of this layer before attention (MixKVQ's importance)."""
 
     def after_attention(self) -> None:
-        self.key_stream.release()
-        self.value_stream.release()
+        if not self.releases_before_attention and not self.releases_outside:
+            self.key_stream.release()
+            self.value_stream.release()
 
     def over_budget(self) -> torch.Tensor | None:
         """Per row: whether the layer holds more than a method's byte budget after this step (None: no budget)."""
@@ -349,6 +382,8 @@ class QuantizedCache(Cache):
         # step_totals' per-store figures (by stream) and their sums, as of each store's last write.
         self._store_state: dict = {"entries": {}, "sums": None}
         self._deltas: dict[tuple, dict | None] = {}  # a replayed step's totals delta per pattern of releases
+        self._left_out = False  # within `releases_left_out`: a step's forward records no statistics
+        self._moved_outside = False  # a release left out of the current step wrote a store
 
     def stop_rows(self, rows: torch.Tensor) -> None:
         """End these rows' samples at the current forward step (the first stop of a row wins)."""
@@ -362,7 +397,7 @@ class QuantizedCache(Cache):
     def step_done(self, layer_idx: int, replayed: tuple | None = None) -> None:
         """Called after each layer's attention; after the last layer the step's totals are recorded. `replayed`: the
         releases of a step a CUDA graph replayed (it allocates nothing, and its totals follow from the last ones)."""
-        if layer_idx != len(self.layers) - 1:
+        if layer_idx != len(self.layers) - 1 or self._left_out:
             return
         if replayed is not None and self.snapshots:
             delta = self._replay_delta(replayed)
@@ -464,12 +499,44 @@ class QuantizedCache(Cache):
     def replay_buffers(self) -> tuple:
         return tuple(layer.replay_buffers() for layer in self.layers)
 
-    def advance_host(self, releases: tuple) -> None:
+    def release_outside(self, before_step: bool) -> bool:
+        """The releases every layer's step left out (`QuantizedLayer.release_outside`): those due before the step
+        (layers that release before attention) or after it. True when a store was written."""
+        moved = False
+        for layer in self.layers:
+            moved |= layer.release_outside(before_step)
+        self._moved_outside |= moved
+        return moved
+
+    @contextmanager
+    def releases_left_out(self):
+        """Within the block a decode step's forward releases nothing and records no statistics (a CUDA graph records
+        it, or it runs eagerly as a replay would); `finish_step` does both after it."""
+        for layer in self.layers:
+            layer.releases_outside = True
+        self._left_out = True
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.releases_outside = False
+            self._left_out = False
+
+    def finish_step(self, replayed: tuple | None = None) -> bool:
+        """After a step that left its releases out: make those due after it, then record the step's statistics (for a
+        replayed step `replayed`, its releases: the last step's plus a constant delta, unless a release left out of
+        the step wrote a store). True when a store was written, before or after the step."""
+        self.release_outside(before_step=False)
+        moved, self._moved_outside = self._moved_outside, False
+        self.step_done(len(self.layers) - 1, replayed=None if moved else replayed)
+        return moved
+
+    def advance_host(self, releases: tuple) -> bool:
         """The host side of a decode step a CUDA graph replayed (`releases`: what `replay_step` said before it):
-        every layer's, then the step's statistics."""
+        every layer's, then `finish_step`. True when a release left out of the step wrote a store."""
         for layer, r in zip(self.layers, releases):
             layer.advance_host(r)
-        self.step_done(len(self.layers) - 1, replayed=releases)
+        return self.finish_step(replayed=releases)
 
     def reserve(self, tokens: int) -> None:
         """Allocate every layer for `tokens` tokens per row (prompt + max_new_tokens, known when generate starts)."""

@@ -3,16 +3,20 @@ then replayed with one launch, so that a step costs the device's time rather tha
 
 `graphed(model, cache)` wraps the model's forward for one `generate` call. A decode step runs from a graph when
 every cache layer says it can (`QuantizedCache.replay_step`): its writes and reads go through device tensors
-alone (device lengths and store counts, buffers reserved for the whole call), and each stream releases at most one
-token per row into its store, at device positions (KIVI's sliding value window). The decode kernel plans its splits
-for a bucket of `bucket_tokens` tokens (rows shorter than that end their splits early), so one graph serves every
-step with the same releases until the longest row crosses into the next bucket; then the next bucket's step runs
-once eagerly (kernels built), is recorded and replayed. Any other step (prefill, a block flush, a method not yet
-graph-safe) runs the eager forward. The host side of a replayed step (lengths, counts, statistics) is
-`QuantizedCache.advance_host`.
+alone (device lengths and store counts, buffers reserved for the whole call). A release of one token per row at
+device positions (KIVI's sliding value window on the CUDA kernel's pages) runs inside the step; any other release
+(a block flush, KVmix's groups, a ragged window's tokens) is left out of the step and made around it as eager ops at
+host positions (`QuantizedCache.release_outside`): after it, or before it for a layer that releases before
+attention (KVmix), from the window's oldest tokens. Either way every attention reads what the eager step reads.
+The decode kernel plans its splits for a bucket of `bucket_tokens` tokens (rows shorter than that end their splits
+early), so one graph serves every step with the same in-step releases until the longest row crosses into the next
+bucket; then the next bucket's step runs once eagerly (kernels built), is recorded and replayed. Any other step
+(prefill, a window that would have to grow, PM-KVQ's budget check) runs the eager forward. The host side of a
+replayed step (lengths, counts, releases after it, statistics) is `QuantizedCache.advance_host`.
 
 Replays give the same tokens as the eager path (tests/test_graphs.py): the recorded kernels are the eager ones, only
-their lengths come from device tensors.
+their lengths come from device tensors. `GraphedDecode(record=False)` runs the same flow with the step eager, which
+tests the host logic on CPU.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class GraphCounts:
     recorded: int = 0
     eager: int = 0
     buckets: list[int] = field(default_factory=list)
+    released_outside: int = 0  # steps planned for a graph around which a release ran as eager ops
 
 
 @dataclass
@@ -71,10 +76,13 @@ class _Recorded:
 class GraphedDecode:
     """The forward `generate` calls: eager for prefill and other steps, graph replays where the cache allows."""
 
-    def __init__(self, forward, cache: QuantizedCache, bucket_tokens: int):
+    def __init__(self, forward, cache: QuantizedCache, bucket_tokens: int, record: bool = True):
         if bucket_tokens < 1:
             raise ValueError(f"bucket_tokens must be positive, got {bucket_tokens}")
         self.forward, self.cache, self.bucket = forward, cache, bucket_tokens
+        # False: every step a graph could replay runs eagerly the way it would be recorded (device lengths, bucket
+        # plan, releases around the step), on any device: the replay path's host logic, testable without a GPU.
+        self.record = record
         self.counts = GraphCounts()
         self._bucket: int | None = None  # the bucket of the graphs held (earlier buckets never return)
         self._graphs: dict[tuple, _Recorded] = {}  # this bucket's graphs, one per pattern of releases
@@ -91,36 +99,46 @@ class GraphedDecode:
         planned, releases = step
         if planned != self._bucket:  # a new bucket: the previous one's graphs are not needed again
             self._bucket, self._graphs = planned, {}
-        rec = self._graphs.get(releases)
-        # Only an eager step moves buffers: a graph checked since the last one needs no new look.
+        # Releases left out of the step (a block, a ragged window's): those due before its attention run now.
+        if self.cache.release_outside(before_step=True):
+            self._checked.clear()
+        rec = self._graphs.get(releases) if self.record else None
+        # Only eager work moves buffers: a graph checked since the last of it needs no new look.
         if rec is not None and (releases in self._checked or rec.buffers == self.cache.replay_buffers()):
             self._checked.add(releases)
             for name in STEP_INPUTS:
                 rec.inputs[name].copy_(kwargs[name])
             rec.graph.replay()
-            self.cache.advance_host(releases)
+            if self.cache.advance_host(releases):  # the releases due after the step ran as eager ops
+                self._checked.clear()
+                self.counts.released_outside += 1
             self.counts.replayed += 1
             # The next step's question, asked while the device runs this one (nothing changes the cache in between).
             self._next = (self.cache.layers[0].seq_len, self.cache.replay_step())
             return rec.output
         self._checked.clear()
-        if step not in self._warm:  # the step's kernels are built outside a recording
-            self._warm.add(step)
-            self.counts.eager += 1
-            return self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, kwargs)))
-        self._graphs.pop(releases, None)  # recorded over buffers that moved since
-        rec = self._record(planned, kwargs)
-        self._graphs[releases] = rec
-        rec.graph.replay()  # recording ran the step's host side; its device work runs now
-        self.counts.recorded += 1
-        self.counts.buckets.append(planned)
-        return rec.output
+        with self.cache.releases_left_out():  # as in a replay: the cache's releases around the step, not in it
+            if step not in self._warm or not self.record:  # the step's kernels are built outside a recording
+                self._warm.add(step)
+                self.counts.eager += 1
+                out = self._with_plan(planned, lambda: self.forward(**self._graph_kwargs(kwargs, kwargs)))
+            else:
+                self._graphs.pop(releases, None)  # recorded over buffers that moved since
+                rec = self._record(planned, kwargs)
+                self._graphs[releases] = rec
+                rec.graph.replay()  # recording ran the step's host side; its device work runs now
+                self.counts.recorded += 1
+                self.counts.buckets.append(planned)
+                out = rec.output
+        if self.cache.finish_step():
+            self.counts.released_outside += 1
+        return out
 
     def _planned(self, args, kwargs) -> tuple[int, tuple] | None:
         """(the bucket this step's splits plan for, the cache's releases), when the step can run from a graph."""
         ahead, self._next = self._next, None
         ids = kwargs.get("input_ids")
-        if args or ids is None or ids.shape[1] != 1 or not ids.is_cuda:
+        if args or ids is None or ids.shape[1] != 1 or (self.record and not ids.is_cuda):
             return None
         if any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k not in (*STEP_INPUTS, "attention_mask")):
             return None
