@@ -193,7 +193,6 @@ def _scale_rows(linear, factor: torch.Tensor) -> None:
 
 
 class PMKVQLayer(QuantizedLayer):
-    replays_decode_steps = False  # no CUDA-graph replay yet: its budget check reads the host each step
 
     def __init__(self, *args, method: "PMKVQ", budget: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -222,7 +221,18 @@ class PMKVQLayer(QuantizedLayer):
 
     def after_attention(self) -> None:
         super().after_attention()
-        self.enforce_budget()
+        if not self.releases_outside:
+            self.enforce_budget()
+
+    def release_outside(self, before_step: bool) -> bool:
+        """After a step that left its releases out (a replayed one), the budget check too: on host counts, with
+        shrinks as eager ops (they rewrite the stores, like a release)."""
+        moved = super().release_outside(before_step)
+        if not before_step:
+            held = self._stores_state()
+            self.enforce_budget()
+            moved |= self._stores_state() != held
+        return moved
 
     def over_budget(self) -> torch.Tensor:
         """Rows whose bytes exceed the budget after this step's halving (and not stopped): `per_step` leaves a

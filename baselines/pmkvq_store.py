@@ -53,8 +53,9 @@ class ProgressiveTokenStore(TokenGroupStore):
 
     def __init__(self, batch, heads, dim, group, bits, dtype, device, spec: QuantSpec, packed: bool):
         super().__init__(batch, heads, dim, group, bits, dtype, device, spec, packed)
-        self.device_count = None  # its writes and shrinks count on the host only: its steps stay eager
         self.row_bits = torch.full((batch,), bits, dtype=torch.int64)
+        # The rows' widths on the device too, copied in place after each shrink: a replayed step's kernel reads them.
+        self.device_row_bits = self.row_bits.to(device)
         if not packed:  # fake: the dense tokens kernels read (`values`), plus unpacked codes for shrinking
             self.codes = RaggedBuffer(batch, heads, dim, torch.int32, device)
             self.scale = RaggedBuffer(batch, heads, dim // group, spec.meta_dtype, device)
@@ -91,6 +92,10 @@ class ProgressiveTokenStore(TokenGroupStore):
             out["row_bits"] = self.row_bits
         return out
 
+    def replay_buffers(self) -> list[torch.Tensor]:
+        return [t for name, t in self.buffers().items() if name not in ("lens", "row_bits")] + \
+            [self.device_count, self.device_row_bits]
+
     def _width(self, bits: int) -> int:
         return words_for(self.d, bits) if self.packed else self.d
 
@@ -115,6 +120,7 @@ class ProgressiveTokenStore(TokenGroupStore):
         if not self.packed:
             self.values.append(self._dequantized(Ragged(codes_out, r.lens), Ragged(scale_out, r.lens),
                                                  Ragged(zero_out, r.lens)))
+        self._counted()
 
     def tokens(self) -> torch.Tensor:
         return self.codes.lens
@@ -164,6 +170,7 @@ class ProgressiveTokenStore(TokenGroupStore):
             width = words_for(self.d, self.container_bits)
             if width < self.codes.data.shape[-1]:
                 self.codes.data = self.codes.data[..., :width].clone()
+        self.device_row_bits.copy_(to_device(self.row_bits, self.device_row_bits.device))
         self.version += 1
 
     def _dequantized(self, codes: Ragged, scale: Ragged, zero: Ragged, row_bits: torch.Tensor | None = None) -> Ragged:

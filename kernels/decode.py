@@ -644,15 +644,22 @@ def _lens(layer, k: tuple, v: tuple) -> torch.Tensor:
 
 
 def _device_lens(layer) -> torch.Tensor:
-    """`_lens` of a step a CUDA graph replays, from device tensors alone: the windows' and sink's device lengths and
-    the stores' device counts (`Stream.replay_release`; no store of such a step has a width per row)."""
+    """`_lens` of a step a CUDA graph replays, from device tensors alone: the windows' and sink's device lengths, the
+    stores' device counts (`Stream.replay_release`) and a per-row-width store's device widths (PM-KVQ)."""
     ks, vs = layer.key_stream, layer.value_stream
     window = ks.window.device_lens
     zero = torch.zeros_like(window)
     sink = ks.sink.device_lens if ks.sink is not None else zero
     kq = ks.store.device_count if ks.store is not None else zero
     vq = vs.store.device_count if vs.store is not None else zero
-    return torch.stack((sink, kq, vq, sink + kq + window, zero, zero), dim=1).to(torch.int32)
+    kb, vb = (_device_row_bits(s.store, zero) for s in (ks, vs))
+    return torch.stack((sink, kq, vq, sink + kq + window, kb, vb), dim=1).to(torch.int32)
+
+
+def _device_row_bits(store, zero: torch.Tensor) -> torch.Tensor:
+    if store is not None and store.layout().format is PackingFormat.ROW_WIDTH_TOKEN_GROUPS:
+        return store.device_row_bits
+    return zero
 
 
 def _row_bits(lay: Layout | None, buf: dict | None, like: torch.Tensor) -> torch.Tensor:

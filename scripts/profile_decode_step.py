@@ -36,11 +36,15 @@ EAGER = "attention.cuda_graphs=never"
 _KVMIX_LAYERS = 28
 KVMIX_BITS = ("method.layer_bits={key:[%s],value:[%s]}"
               % (",".join(["3"] * 4 + ["2"] * (_KVMIX_LAYERS - 4)), ",".join(["4"] * 4 + ["2"] * (_KVMIX_LAYERS - 4))))
+# PM-KVQ without its calibration artifact: uniform 2-bit final widths, no key reparameterization; its budget (for
+# 32k tokens) leaves a few-thousand-token context at its starting 16 bits.
+PMKVQ = ["method=pmkvq", "method.allocation=uniform", "method.reparameterize=false", "method.fbit=2"]
 METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
            "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch", EAGER],
            "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "kivi-2-eager": ["method=kivi", EAGER],
            "mixkvq": ["method=mixkvq"], "mixkvq-eager": ["method=mixkvq", EAGER],
-           "kvmix": ["method=kvmix", KVMIX_BITS], "kvmix-eager": ["method=kvmix", KVMIX_BITS, EAGER]}
+           "kvmix": ["method=kvmix", KVMIX_BITS], "kvmix-eager": ["method=kvmix", KVMIX_BITS, EAGER],
+           "pmkvq": PMKVQ, "pmkvq-eager": [*PMKVQ, EAGER]}
 # The graphed rows with generate's stop flag read every step (transformers' own wait) instead of a step late.
 METHODS.update({f"{name}-every-step": [*o, "stop_check=every_step"] for name, o in list(METHODS.items())
                 if o is not None and EAGER not in o})

@@ -12,7 +12,7 @@ from mixkvq.kv.attention import bind
 from mixkvq.kv.graphs import GraphSettings, graphed
 from mixkvq.kv.paged import to_pages
 from mixkvq.kv.ragged import Ragged, RaggedBuffer
-from method_cases import METHOD_CASES
+from method_cases import METHOD_CASES, PMKVQ_NO_ARTIFACT
 from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 CUDA = torch.cuda.is_available()
@@ -99,13 +99,10 @@ def test_which_decode_steps_may_replay():
     model = tiny_model("llama", layers=2)
     ids, mask = left_pad(random_prompts([9, 6], seed=3))
     for name, case in METHOD_CASES.items():
-        if case.quantized:  # short prompts: nothing leaves a window yet, so every method but PM-KVQ may replay
+        if case.quantized:  # short prompts: nothing leaves a window yet, so every method may replay
             _, quantized = generate(model, case.build(model), ids, mask, max_new_tokens=2)
             step = quantized.replay_step()
-            if name == "pmkvq":  # its budget check reads the host each step
-                assert step is None
-            else:
-                assert step is not None and set(step[1]) == {((0, None), (0, None))}, name
+            assert step is not None and set(step[1]) == {((0, None), (0, None))}, name
     # A sliding window on a flat value store releases one token per step at host positions: after the step.
     kivi = _after_prefill("kivi", capacity=45 + 40, overrides=["method.residual_length=32"], lengths=(45, 38))
     assert set(kivi.replay_step()[1]) == {((0, None), (0, None))}
@@ -205,16 +202,17 @@ def test_graphs_stay_off_where_they_cannot_run():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("name,bucket", [("bf16", 16), ("bf16", 512), ("mixkvq", 64), ("kvmix", 64)])
+@pytest.mark.parametrize("name,bucket", [("bf16", 16), ("bf16", 512), ("mixkvq", 64), ("kvmix", 64), ("pmkvq", 64)])
 def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
     """Greedy generate on a tiny fp32 model with the Triton kernel: steps replayed from graphs (crossing buckets
-    when `bucket` is small; MixKVQ's blocks and KVmix's groups released around replayed steps) give the eager path's
-    tokens, and most steps did replay."""
+    when `bucket` is small; MixKVQ's blocks, KVmix's groups and PM-KVQ's blocks and budget shrinks made around
+    replayed steps) give the eager path's tokens, and most steps did replay."""
     from mixkvq.kv.graphs import GraphSettings as GS
 
     model = tiny_model("qwen2", layers=2, q_heads=8, kv_heads=2, head_dim=64).cuda()
     ids, mask = left_pad([p.cuda() for p in random_prompts([23, 17, 30], seed=7)])
-    overrides = {"mixkvq": ["method.residual_length=32"], "kvmix": METHOD_CASES["kvmix"].overrides}.get(name, [])
+    overrides = {"mixkvq": ["method.residual_length=32"], "kvmix": METHOD_CASES["kvmix"].overrides,
+                 "pmkvq": AROUND_CASES["pmkvq"]}.get(name, [])
     runs = []
     for on in (False, True):
         method = build(name, list(overrides), model=model)
@@ -227,8 +225,9 @@ def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
     assert off is None and counts is not None
     assert torch.equal(got, want)
     # KVmix's three ragged rows release groups at different steps, keys and values on cycles of their own (its RPC
-    # ratio depends on the width): before those steps, as eager ops, and the steps replay.
-    assert counts.replayed >= 40 and counts.recorded >= 1, counts
+    # ratio depends on the width): before those steps, as eager ops, and the steps replay. PM-KVQ's stores move when
+    # they grow or narrow (a new recording each time).
+    assert counts.replayed >= (30 if name == "pmkvq" else 40) and counts.recorded >= 1, counts
     assert (counts.released_outside >= 3) == (name != "bf16"), counts
     if bucket == 16:
         assert len(counts.buckets) >= 3  # the longest row crossed buckets: one graph each
@@ -274,6 +273,9 @@ AROUND_CASES = {
     "kivi": ["method.residual_length=16", "method.group_size=16"],
     "mixkvq": ["method.residual_length=16", "method.key_group_size=16"],
     "kvmix": list(METHOD_CASES["kvmix"].overrides),
+    # a budget that halves the rows' widths at different steps and stops two rows (their budget checks run after
+    # the steps, with the releases)
+    "pmkvq": [*PMKVQ_NO_ARTIFACT, "method.max_len=256"],
 }
 
 
@@ -309,7 +311,7 @@ def test_steps_run_the_replay_way_give_the_eager_tokens_and_statistics(name):
     assert torch.equal(got, want)
     assert runner.counts.released_outside >= 3, runner.counts
     assert runner.counts.eager >= 30  # (every planned step runs eagerly here: record=False)
-    assert len(around.snapshots) == len(eager.snapshots)
+    assert len(around.snapshots) == len(eager.snapshots) and torch.equal(around.stop_step, eager.stop_step)
     for a, b in zip(eager.snapshots, around.snapshots):
         for k in ("code_bits", "live_bytes", "elements", "over_budget"):
             assert torch.equal(a[k], b[k]), k

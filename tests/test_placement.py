@@ -66,8 +66,10 @@ def test_each_cache_layer_lives_on_its_layers_device(name):
     method = build(name, METHODS[name], model=model)
     cache = method.new_cache(3)
     for layer, want in zip(cache.layers, ("cpu", "meta")):
-        # the stores' counts kept beside the data for the decode kernels (CUDA-graph steps read them there)
-        beside = {id(getattr(getattr(layer, s).store, "device_count", None)) for s in ("key_stream", "value_stream")}
+        # the stores' counts (and PM-KVQ's row widths) kept beside the data for the decode kernels (CUDA-graph
+        # steps read them there)
+        beside = {id(getattr(getattr(layer, s).store, a, None)) for s in ("key_stream", "value_stream")
+                  for a in ("device_count", "device_row_bits")}
         data = [t for t in tensors_of(layer) if not host_counter(t) or id(t) in beside]
         assert data, f"{name}: layer {layer.layer_idx} holds no data tensors"
         assert {t.device.type for t in data} == {want}, (name, layer.layer_idx, {t.device for t in data})

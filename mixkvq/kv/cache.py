@@ -259,8 +259,9 @@ class QuantizedLayer(CacheLayerMixin):
 
     # -- decode steps replayed from a CUDA graph (mixkvq/kv/graphs.py) ----------------------------------------
 
-    # A subclass whose hooks decide on the host at every step (PM-KVQ's budget check) sets False; one whose host state
-    # per step follows from the step alone adds it in `advance_host` (MixKVQ's query count).
+    # A subclass whose hooks cannot run outside a recorded step sets False; one whose host state per step follows from
+    # the step alone adds it in `advance_host` (MixKVQ's query count); host work after attention that may write the
+    # stores goes in `release_outside` (PM-KVQ's budget check).
     replays_decode_steps = True
     # Whether the window rules release right after the step's token is stored, before its attention (KVmix), rather
     # than after attention.

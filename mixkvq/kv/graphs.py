@@ -8,11 +8,12 @@ device positions (KIVI's sliding value window on the CUDA kernel's pages) runs i
 (a block flush, KVmix's groups, a ragged window's tokens) is left out of the step and made around it as eager ops at
 host positions (`QuantizedCache.release_outside`): after it, or before it for a layer that releases before
 attention (KVmix), from the window's oldest tokens. Either way every attention reads what the eager step reads.
-The decode kernel plans its splits for a bucket of `bucket_tokens` tokens (rows shorter than that end their splits
-early), so one graph serves every step with the same in-step releases until the longest row crosses into the next
-bucket; then the next bucket's step runs once eagerly (kernels built), is recorded and replayed. Any other step
-(prefill, a window that would have to grow, PM-KVQ's budget check) runs the eager forward. The host side of a
-replayed step (lengths, counts, releases after it, statistics) is `QuantizedCache.advance_host`.
+PM-KVQ's budget check and halvings run after the step in the same way. The decode kernel plans its splits for a
+bucket of `bucket_tokens` tokens (rows shorter than that end their splits early), so one graph serves every step
+with the same in-step releases until the longest row crosses into the next bucket; then the next bucket's step runs
+once eagerly (kernels built), is recorded and replayed. Any other step (prefill, a window that would have to grow)
+runs the eager forward. The host side of a replayed step (lengths, counts, releases after it, statistics) is
+`QuantizedCache.advance_host`.
 
 Replays give the same tokens as the eager path (tests/test_graphs.py): the recorded kernels are the eager ones, only
 their lengths come from device tensors. `GraphedDecode(record=False)` runs the same flow with the step eager, which
