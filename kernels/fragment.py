@@ -197,7 +197,8 @@ def compile_offline(out_dir: Path, arch: str = "sm_90a") -> tuple[Path, str]:
     lines = [f'#include "{HEADER}"']
     for args in OFFLINE_KERNELS.values():
         lines.append(f"template __global__ void fpd::fpd_split<{args}>(const __grid_constant__ fpd::Params);")
-    lines.append("template __global__ void fpd::fpd_merge<__nv_bfloat16, 128>(const __grid_constant__ fpd::Params);")
+    lines.append("template __global__ void fpd::fpd_merge<__nv_bfloat16, 128, fpd::merge_groups<128>()>"
+                 "(const __grid_constant__ fpd::Params);")
     tu.write_text("\n".join(lines) + "\n")
     cubin = out_dir / "fragment_offline.cubin"
     cmd = [str(nvcc), "-std=c++17", f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", f"-I{SOURCE_DIR}",

@@ -29,7 +29,8 @@ void launch(fpd::Params& p, int batch, cudaStream_t stream) {
   split<<<dim3(p.n_splits, p.n_kv, batch), WARPS * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!KEYS_ONLY) {
-    fpd::fpd_merge<T, D><<<batch * p.n_kv, D, fpd::HEADS * p.n_splits * sizeof(float), stream>>>(p);
+    constexpr int SG = fpd::merge_groups<D>();
+    fpd::fpd_merge<T, D, SG><<<batch * p.n_kv * p.gqa, D * SG, (p.n_splits + SG * D) * sizeof(float), stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

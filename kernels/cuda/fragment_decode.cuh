@@ -544,16 +544,22 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_c
   write_partial<D, WARPS>(p, b, h, split, smax, ssum, so);
 }
 
-// One CTA of D threads per (row, KV head): the splits' partials into the normalized output. Warps first turn each
-// head's (max, sum) pairs into weights in shared memory (lanes over splits), then every thread sums its channel's
-// partials with independent loads: no chain of dependent loads per split.
-template <typename T, int D>
-__global__ void fpd_merge(const __grid_constant__ Params p) {
-  extern __shared__ float weight[];  // [HEADS][n_splits]
-  const int b = blockIdx.x / p.n_kv, h = blockIdx.x % p.n_kv, d = threadIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, S = p.n_splits;
+// The splits' partials into the normalized output: one CTA per (row, KV head, query head), of SG groups of D
+// threads. Warp 0 turns the head's (max, sum) pairs into weights in shared memory (lanes over splits); then each
+// group sums every SG-th split's partial for its channel (independent loads), and the groups' sums add up in shared
+// memory. One CTA per (row, KV head) summing all its heads in turn was a chain of gqa x splits loads per thread: on
+// an H200 at batch 1 and 4k tokens that merge took 22 us per layer, against 13 us for the split kernel.
+template <typename T, int D, int SG>
+__global__ void __launch_bounds__(D * SG) fpd_merge(const __grid_constant__ Params p) {
+  extern __shared__ float merge_smem[];  // weight[n_splits], then sums[SG][D]
+  float* weight = merge_smem;
+  float* sums = merge_smem + p.n_splits;
+  const int n = blockIdx.x % p.gqa, bh = blockIdx.x / p.gqa;
+  const int b = bh / p.n_kv, h = bh % p.n_kv;
+  const int d = threadIdx.x % D, grp = threadIdx.x / D, S = p.n_splits;
   const size_t base = (size_t(b) * p.n_kv + h) * S;
-  for (int n = warp; n < p.gqa; n += D / 32) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
     float m = -INFINITY;
     for (int s = lane; s < S; s += 32) m = fmaxf(m, p.part_ml[((base + s) * HEADS + n) * 2]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -562,20 +568,28 @@ __global__ void fpd_merge(const __grid_constant__ Params p) {
       const size_t at = ((base + s) * HEADS + n) * 2;
       const float ms = p.part_ml[at];
       const float a = ms == -INFINITY ? 0.f : exp2f(ms - m);
-      weight[n * S + s] = a;
+      weight[s] = a;
       l += a * p.part_ml[at + 1];
     }
     for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-    for (int s = lane; s < S; s += 32) weight[n * S + s] /= l;
+    for (int s = lane; s < S; s += 32) weight[s] /= l;  // each lane its own entries
   }
   __syncthreads();
-  for (int n = 0; n < p.gqa; ++n) {
-    float o = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < S; ++s) o += weight[n * S + s] * p.part_o[((base + s) * HEADS + n) * D + d];
+  float o = 0.f;
+#pragma unroll 4
+  for (int s = grp; s < S; s += SG) o += weight[s] * p.part_o[((base + s) * HEADS + n) * D + d];
+  sums[grp * D + d] = o;
+  __syncthreads();
+  if (grp == 0) {
+#pragma unroll
+    for (int g = 1; g < SG; ++g) o += sums[g * D + d];
     T* out = reinterpret_cast<T*>(p.out) + (size_t(b) * p.n_kv * p.gqa + h * p.gqa + n) * D + d;
     *out = Num<T>::from_f(o);
   }
 }
+
+// Thread groups per merge CTA: 512 threads.
+template <int D>
+constexpr int merge_groups() { return 512 / D; }
 
 }  // namespace fpd
