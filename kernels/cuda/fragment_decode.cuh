@@ -253,7 +253,21 @@ __device__ __forceinline__ void write_partial(const Params& p, int b, int h, int
   }
 }
 
-template <typename T, int D, int KB, int VB, int VG, int WARPS>
+// Stored keys of the tail from fragment pages: DPL channels from d0 of token u (`pages`: the row and head's pages).
+template <typename T, int D, int KB, int VB, int VG>
+struct PageKeys {
+  template <int DPL>
+  __device__ __forceinline__ static void load(const Params& p, const int32_t* pages, int b, int h, int u, int d0,
+                                              float (&k)[DPL]) {
+    constexpr int PW = Page<D, KB, VB, VG>::BYTES / 4;
+    const int32_t* pg = pages + (u / PAGE_TOKENS) * PW;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) k[j] = key_element<T, D, KB, VB, VG>(pg, u % PAGE_TOKENS, d0 + j);
+  }
+};
+
+// `Keys`: where the tail's stored keys come from (`PageKeys`, or MixKVQ's tiered blocks); values are in the pages.
+template <typename T, int D, int KB, int VB, int VG, int WARPS, typename Keys = PageKeys<T, D, KB, VB, VG>>
 __device__ void tail_split(const Params& p, int b, int h, int tsplit, char* smem) {
   constexpr int DPL = D / 32;
   const int4 L = row_lens(p, b);
@@ -287,9 +301,7 @@ __device__ void tail_split(const Params& p, int b, int h, int tsplit, char* smem
     } else {
       const int u = full + (i - sink);
       if (u < kq) {
-        const int32_t* pg = pages + (u / PAGE_TOKENS) * PW;
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) k[j] = key_element<T, D, KB, VB, VG>(pg, u % PAGE_TOKENS, d0 + j);
+        Keys::load(p, pages, b, h, u, d0, k);
       } else {
         const T* kp = reinterpret_cast<const T*>(p.kwin) + b * p.kw_sb + h * p.kw_sh + (u - kq) * p.kw_st + d0;
 #pragma unroll
@@ -336,6 +348,133 @@ __device__ void tail_split(const Params& p, int b, int h, int tsplit, char* smem
   write_partial<D, WARPS>(p, b, h, p.n_main + tsplit, smax, ssum, so);
 }
 
+// A warp's running softmax and output over the pages it reads (its quad's heads 2t, 2t + 1), shared by the kernels
+// over fragment pages and over MixKVQ's tiered blocks, whose value pages are alike (`P`: the page's layout).
+template <typename T, int D, int VB, int VG>
+struct Accum {
+  static constexpr int KK = D / 16;  // m-tiles of the value product
+  static constexpr bool BF16 = sizeof(T) == 2 && Num<T>::MANT == 7;
+  float acc_o[KK][4];  // O^T: channel 16 mt + g (+8), heads 2t, 2t + 1
+  float acc_zv[4];     // Z_v^T P^T: channel group g, heads 2t, 2t + 1
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};  // heads 2t, 2t + 1
+
+  __device__ __forceinline__ Accum() {
+#pragma unroll
+    for (int i = 0; i < KK; ++i)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) acc_o[i][x] = 0.f;
+#pragma unroll
+    for (int x = 0; x < 4; ++x) acc_zv[x] = 0.f;
+  }
+
+  // One page: its scores s (two 16-token tiles, in the softmax's units once scaled here) and its value sections
+  // (codes, scales, zeros at P's offsets from pg).
+  template <typename P>
+  __device__ __forceinline__ void page(float (&s)[2][4], const char* pg, float scale_log2, int lane, int g, int t) {
+  // -- online softmax over the page's 32 tokens, per head --
+  float mx[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) { s[m][x] *= scale_log2; s[m][x + 2] *= scale_log2; }
+    mx[x] = fmaxf(fmaxf(s[0][x], s[0][x + 2]), fmaxf(s[1][x], s[1][x + 2]));
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], o));
+    mx[x] = fmaxf(mx[x], mrow[x]);
+  }
+  if (__any_sync(0xffffffffu, mx[0] != mrow[0] || mx[1] != mrow[1])) {
+    const float a0 = ex2(mrow[0] - mx[0]), a1 = ex2(mrow[1] - mx[1]);
+    lrow[0] *= a0; lrow[1] *= a1;
+#pragma unroll
+    for (int i2 = 0; i2 < KK; ++i2) {
+      acc_o[i2][0] *= a0; acc_o[i2][1] *= a1; acc_o[i2][2] *= a0; acc_o[i2][3] *= a1;
+    }
+    acc_zv[0] *= a0; acc_zv[1] *= a1; acc_zv[2] *= a0; acc_zv[3] *= a1;
+    mrow[0] = mx[0]; mrow[1] = mx[1];
+  }
+  uint32_t pb[2][2];  // P^T fragments (B operand) of the two 16-token k-steps
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    float e[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) e[x] = ex2(s[m][x] - mrow[x & 1]);
+    lrow[0] += e[0] + e[2];
+    lrow[1] += e[1] + e[3];
+    pb[m][0] = movmatrix_t(Num<T>::pack2(e[0], e[1]));
+    pb[m][1] = movmatrix_t(Num<T>::pack2(e[2], e[3]));
+  }
+  // -- values --
+  const uint32_t* vsc = reinterpret_cast<const uint32_t*>(pg + P::VS);
+  const uint32_t* vzr = reinterpret_cast<const uint32_t*>(pg + P::VZ);
+  const uint32_t* vc = reinterpret_cast<const uint32_t*>(pg + P::VC);
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks) {
+    const int meta = (ks * 4 + t) * P::NCG * 2;  // words: the quad's four tokens of every group
+    uint32_t pp[P::NCG][2];
+#pragma unroll
+    for (int cg = 0; cg < P::NCG; ++cg) {
+      pp[cg][0] = mul2<T>(pb[ks][0], vsc[meta + 2 * cg]);
+      pp[cg][1] = mul2<T>(pb[ks][1], vsc[meta + 2 * cg + 1]);
+    }
+    {
+      const bool row = g < P::NCG;
+      uint32_t a[4] = {row ? vzr[meta + 2 * g] : 0u, 0u, row ? vzr[meta + 2 * g + 1] : 0u, 0u};
+      mma16816(acc_zv, a, pb[ks][0], pb[ks][1], BF16);
+    }
+    uint32_t w[P::VW];
+    load_words<P::VW>(w, vc + (ks * 32 + lane) * P::VW);
+#pragma unroll
+    for (int mt = 0; mt < KK; ++mt) {
+      uint32_t a[4];
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const int r = mt * 4 + reg;
+        a[reg] = Unpack<T, VB>::get(w[r / Unpack<T, VB>::RPW], r % Unpack<T, VB>::RPW);
+      }
+      const int cg = mt * 16 / VG;
+      mma16816(acc_o[mt], a, pp[cg][0], pp[cg][1], BF16);
+    }
+  }
+  }
+
+  // The warps' rows combined through shared memory (reused: the caller's rings are done) into the split's partial.
+  template <int WARPS>
+  __device__ __forceinline__ void write(const Params& p, int b, int h, int split, char* smem, int warp, int g, int t,
+                                        bool keys_only) {
+    // Row sums over the quad's rows; the zero term of each channel group into its channels.
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) lrow[x] += __shfl_xor_sync(0xffffffffu, lrow[x], o);
+#pragma unroll
+    for (int mt = 0; mt < KK; ++mt) {
+      const int src = (mt * 16 / VG) * 4 + t;
+      const float z0 = __shfl_sync(0xffffffffu, acc_zv[0], src), z1 = __shfl_sync(0xffffffffu, acc_zv[1], src);
+      acc_o[mt][0] += z0; acc_o[mt][1] += z1; acc_o[mt][2] += z0; acc_o[mt][3] += z1;
+    }
+    __syncthreads();  // every warp is done with its ring: reuse shared memory for the combine
+    float* smax = reinterpret_cast<float*>(smem);
+    float* ssum = smax + WARPS * HEADS;
+    float* so = ssum + WARPS * HEADS;
+    if (g == 0) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        smax[warp * HEADS + 2 * t + x] = keys_only ? 0.f : mrow[x];
+        ssum[warp * HEADS + 2 * t + x] = lrow[x];
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < KK; ++mt)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int n = 2 * t + (x & 1), d = 16 * mt + g + 8 * (x >> 1);
+        so[(warp * HEADS + n) * D + d] = acc_o[mt][x];
+      }
+    __syncthreads();
+    write_partial<D, WARPS>(p, b, h, split, smax, ssum, so);
+  }
+};
+
 // ---- the main splits: whole pages on tensor cores -----------------------------------------------------------
 
 template <typename T, int D, int KB, int VB, int VG, int WARPS, int STAGES, bool KEYS_ONLY, int MIN_CTAS = 1>
@@ -367,15 +506,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_c
       for (int x = 0; x < 2; ++x)
         qb[kk][x] = g < p.gqa ? *reinterpret_cast<const uint32_t*>(qp + 16 * kk + 2 * t + 8 * x) : 0u;
   }
-  float acc_o[KK][4];   // O^T: channel 16 mt + g (+8), heads 2t, 2t + 1
-  float acc_zv[4];      // Z_v^T P^T: channel group g, heads 2t, 2t + 1
-#pragma unroll
-  for (int i = 0; i < KK; ++i)
-#pragma unroll
-    for (int x = 0; x < 4; ++x) acc_o[i][x] = 0.f;
-#pragma unroll
-  for (int x = 0; x < 4; ++x) acc_zv[x] = 0.f;
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};  // heads 2t, 2t + 1
+  Accum<T, D, VB, VG> acc;
 
   char* ring = smem + warp * STAGES * COPY;
   const char* gpage = reinterpret_cast<const char*>(p.pages + b * p.pg_sb + h * p.pg_sh) +
@@ -442,106 +573,13 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) fpd_split(const __grid_c
 #pragma unroll
       for (int m = 0; m < 2; ++m)
 #pragma unroll
-        for (int x = 0; x < 4; ++x) lrow[x & 1] += s[m][x];
+        for (int x = 0; x < 4; ++x) acc.lrow[x & 1] += s[m][x];
       continue;
     }
-    // -- online softmax over the page's 32 tokens, per head --
-    float mx[2];
-#pragma unroll
-    for (int x = 0; x < 2; ++x) {
-#pragma unroll
-      for (int m = 0; m < 2; ++m) { s[m][x] *= p.scale_log2; s[m][x + 2] *= p.scale_log2; }
-      mx[x] = fmaxf(fmaxf(s[0][x], s[0][x + 2]), fmaxf(s[1][x], s[1][x + 2]));
-#pragma unroll
-      for (int o = 4; o < 32; o <<= 1) mx[x] = fmaxf(mx[x], __shfl_xor_sync(0xffffffffu, mx[x], o));
-      mx[x] = fmaxf(mx[x], mrow[x]);
-    }
-    if (__any_sync(0xffffffffu, mx[0] != mrow[0] || mx[1] != mrow[1])) {
-      const float a0 = ex2(mrow[0] - mx[0]), a1 = ex2(mrow[1] - mx[1]);
-      lrow[0] *= a0; lrow[1] *= a1;
-#pragma unroll
-      for (int i2 = 0; i2 < KK; ++i2) {
-        acc_o[i2][0] *= a0; acc_o[i2][1] *= a1; acc_o[i2][2] *= a0; acc_o[i2][3] *= a1;
-      }
-      acc_zv[0] *= a0; acc_zv[1] *= a1; acc_zv[2] *= a0; acc_zv[3] *= a1;
-      mrow[0] = mx[0]; mrow[1] = mx[1];
-    }
-    uint32_t pb[2][2];  // P^T fragments (B operand) of the two 16-token k-steps
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      float e[4];
-#pragma unroll
-      for (int x = 0; x < 4; ++x) e[x] = ex2(s[m][x] - mrow[x & 1]);
-      lrow[0] += e[0] + e[2];
-      lrow[1] += e[1] + e[3];
-      pb[m][0] = movmatrix_t(Num<T>::pack2(e[0], e[1]));
-      pb[m][1] = movmatrix_t(Num<T>::pack2(e[2], e[3]));
-    }
-    // -- values --
-    const uint32_t* vsc = reinterpret_cast<const uint32_t*>(pg + P::VS);
-    const uint32_t* vzr = reinterpret_cast<const uint32_t*>(pg + P::VZ);
-    const uint32_t* vc = reinterpret_cast<const uint32_t*>(pg + P::VC);
-#pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
-      const int meta = (ks * 4 + t) * P::NCG * 2;  // words: the quad's four tokens of every group
-      uint32_t pp[P::NCG][2];
-#pragma unroll
-      for (int cg = 0; cg < P::NCG; ++cg) {
-        pp[cg][0] = mul2<T>(pb[ks][0], vsc[meta + 2 * cg]);
-        pp[cg][1] = mul2<T>(pb[ks][1], vsc[meta + 2 * cg + 1]);
-      }
-      {
-        const bool row = g < P::NCG;
-        uint32_t a[4] = {row ? vzr[meta + 2 * g] : 0u, 0u, row ? vzr[meta + 2 * g + 1] : 0u, 0u};
-        mma16816(acc_zv, a, pb[ks][0], pb[ks][1], BF16);
-      }
-      uint32_t w[P::VW];
-      load_words<P::VW>(w, vc + (ks * 32 + lane) * P::VW);
-#pragma unroll
-      for (int mt = 0; mt < KK; ++mt) {
-        uint32_t a[4];
-#pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-          const int r = mt * 4 + reg;
-          a[reg] = Unpack<T, VB>::get(w[r / Unpack<T, VB>::RPW], r % Unpack<T, VB>::RPW);
-        }
-        const int cg = mt * 16 / VG;
-        mma16816(acc_o[mt], a, pp[cg][0], pp[cg][1], BF16);
-      }
-    }
+    acc.template page<P>(s, pg, p.scale_log2, lane, g, t);
   }
   cp_async_wait<0>();
-  // Row sums over the quad's rows; the zero term of each channel group into its channels.
-#pragma unroll
-  for (int x = 0; x < 2; ++x)
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) lrow[x] += __shfl_xor_sync(0xffffffffu, lrow[x], o);
-#pragma unroll
-  for (int mt = 0; mt < KK; ++mt) {
-    const int src = (mt * 16 / VG) * 4 + t;
-    const float z0 = __shfl_sync(0xffffffffu, acc_zv[0], src), z1 = __shfl_sync(0xffffffffu, acc_zv[1], src);
-    acc_o[mt][0] += z0; acc_o[mt][1] += z1; acc_o[mt][2] += z0; acc_o[mt][3] += z1;
-  }
-  __syncthreads();  // every warp is done with its ring: reuse shared memory for the combine
-  float* smax = reinterpret_cast<float*>(smem);
-  float* ssum = smax + WARPS * HEADS;
-  float* so = ssum + WARPS * HEADS;
-  if (g == 0) {
-#pragma unroll
-    for (int x = 0; x < 2; ++x) {
-      smax[warp * HEADS + 2 * t + x] = KEYS_ONLY ? 0.f : mrow[x];
-      ssum[warp * HEADS + 2 * t + x] = lrow[x];
-    }
-  }
-#pragma unroll
-  for (int mt = 0; mt < KK; ++mt)
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      const int n = 2 * t + (x & 1), d = 16 * mt + g + 8 * (x >> 1);
-      so[(warp * HEADS + n) * D + d] = acc_o[mt][x];
-    }
-  __syncthreads();
-  write_partial<D, WARPS>(p, b, h, split, smax, ssum, so);
+  acc.template write<WARPS>(p, b, h, split, smem, warp, g, t, KEYS_ONLY);
 }
 
 // The splits' partials into the normalized output: one CTA per (row, KV head, query head), of SG groups of D
