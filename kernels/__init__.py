@@ -2,7 +2,8 @@
 
 `torch` is the PyTorch reference: it dequantizes the layer's packed stores and runs SDPA. `cuda` is the CUDA
 kernel over fragment pages (kernels/fragment.py: uniform 2/4-bit keys and values, e.g. KIVI); it puts a fresh
-layer's stores into its page layout when bound (`KERNEL_PREPARE`). `triton` is the fused kernel (kernels/decode.py)
+layer's stores into its page layout when bound (`KERNEL_PREPARE`). `cuda-tiered` reads MixKVQ's keys in tiered
+blocks (kernels/tiered.py; chosen by name only until it has run on a GPU). `triton` is the fused kernel (kernels/decode.py)
 that reads every other packed format directly. `auto` picks, per device, the first registered kernel in
 `AUTO_ORDER` that can read the layer.
 """
@@ -14,7 +15,7 @@ import warnings
 
 import torch
 
-from kernels import decode, fragment
+from kernels import decode, fragment, tiered
 from kernels.reference import decode_attention as reference_decode_attention
 from mixkvq.errors import ConfigError
 from mixkvq.registry import Registry
@@ -23,16 +24,19 @@ DECODE_KERNELS = Registry("attention.decode_kernel")
 DECODE_KERNELS.register("torch")(reference_decode_attention)
 DECODE_KERNELS.register("triton")(decode.decode_attention)
 DECODE_KERNELS.register("cuda")(fragment.decode_attention)
+# MixKVQ's tiered blocks: compiled offline, not yet run on a GPU, so `auto` leaves it out (kernels/tiered.py).
+DECODE_KERNELS.register("cuda-tiered")(tiered.decode_attention)
 
 # Why a kernel cannot serve a layer (None: it can). Kernels without an entry serve every layer.
-KERNEL_SUPPORT = {"triton": decode.supports, "cuda": fragment.supports}
+KERNEL_SUPPORT = {"triton": decode.supports, "cuda": fragment.supports, "cuda-tiered": tiered.supports}
 # What a kernel does to a fresh layer before it serves it (its storage layout).
-KERNEL_PREPARE = {"cuda": fragment.prepare}
+KERNEL_PREPARE = {"cuda": fragment.prepare, "cuda-tiered": tiered.prepare}
 
 # Why a kernel cannot run on a device type at all (None: it can), checked before the model loads. Triton runs on
 # a CPU only in its interpreter (TRITON_INTERPRET=1, the tests).
 KERNEL_DEVICES = {
     "cuda": lambda device: None if device.type == "cuda" else "it needs a CUDA device",
+    "cuda-tiered": lambda device: None if device.type == "cuda" else "it needs a CUDA device",
     "triton": lambda device: None if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     else "it needs a CUDA device (or TRITON_INTERPRET=1)",
 }

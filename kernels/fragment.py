@@ -24,6 +24,7 @@ from mixkvq.kv.layout import PAGE_TOKENS, PackingFormat
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = ("fragment_decode.cu",)
 HEADER = "fragment_decode.cuh"
+TIERED_HEADER = "tiered_decode.cuh"
 MAX_ROWS = 512  # fpd::MAX_ROWS
 MAX_GQA = 8  # fpd::HEADS
 LOG2E = math.log2(math.e)
@@ -169,6 +170,11 @@ OFFLINE_KERNELS = {  # template arguments as the binding instantiates them (WARP
     "kivi2_fp16_d64": "__half, 64, 2, 2, 32, 4, 4, false, 3",
     "kivi2_keys_only": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, true, 3",
 }
+# MixKVQ's tiered kernel (tiered_decode.cuh) as the binding instantiates it (WARPS 4, MIN_CTAS 2: 256 registers).
+OFFLINE_TIERED_KERNELS = {
+    "mixkvq_v2_bf16_d128": "__nv_bfloat16, 128, 2, 32, 4, 2",
+    "mixkvq_v4_fp16_d64": "__half, 64, 4, 32, 4, 2",
+}
 
 
 def nvcc_path() -> Path | None:
@@ -186,7 +192,8 @@ def nvcc_path() -> Path | None:
 
 
 def compile_offline(out_dir: Path, arch: str = "sm_90a") -> tuple[Path, str]:
-    """Compile the kernels of OFFLINE_KERNELS to a cubin; returns (cubin, ptxas report)."""
+    """Compile the kernels of OFFLINE_KERNELS and OFFLINE_TIERED_KERNELS to a cubin; returns (cubin, ptxas
+    report)."""
     import subprocess
 
     nvcc = nvcc_path()
@@ -194,9 +201,11 @@ def compile_offline(out_dir: Path, arch: str = "sm_90a") -> tuple[Path, str]:
         raise FileNotFoundError("nvcc not found (pip install nvidia-cuda-nvcc, or set CUDA_HOME)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tu = out_dir / "fragment_offline.cu"
-    lines = [f'#include "{HEADER}"']
+    lines = [f'#include "{HEADER}"', f'#include "{TIERED_HEADER}"']
     for args in OFFLINE_KERNELS.values():
         lines.append(f"template __global__ void fpd::fpd_split<{args}>(const __grid_constant__ fpd::Params);")
+    for args in OFFLINE_TIERED_KERNELS.values():
+        lines.append(f"template __global__ void fpd::tpd_split<{args}>(const __grid_constant__ fpd::Params);")
     lines.append("template __global__ void fpd::fpd_merge<__nv_bfloat16, 128, fpd::merge_groups<128>()>"
                  "(const __grid_constant__ fpd::Params);")
     tu.write_text("\n".join(lines) + "\n")

@@ -1,9 +1,10 @@
-"""The key product of a decode kernel over tiered pages (mixkvq/kv/layout.py `TieredPageLayout`), in PyTorch.
+"""MixKVQ's tiered key blocks (mixkvq/kv/layout.py `TieredPageLayout`): the CUDA decode kernel over them
+(kernels/cuda/tiered_decode.cuh, registered as `cuda-tiered`), and its math in PyTorch.
 
-No CUDA kernel reads tiered pages yet; this is the math it is to do, read from a store's `layout()` and `buffers()`
-alone, so that the kernel has a statement to be tested against. Per (row, KV head, block): the block's permutation
-gathers the GQA group's query columns once (tier order); per 32-token page each tier then runs as a uniform key tile
-into the same score accumulator, as the fragment kernel does for one width (kernels/cuda/fragment_decode.cuh):
+`tiered_scores` is the key product the kernel is to do, read from a store's `layout()` and `buffers()` alone, so
+that the kernel has a statement to be tested against. Per (row, KV head, block): the block's permutation gathers the
+GQA group's query columns once (tier order); per 32-token page each tier then runs as a uniform key tile into the
+same score accumulator, as the fragment kernel does for one width (kernels/cuda/fragment_decode.cuh):
 - full precision: q . k over the tier's raw values;
 - 4-bit and 2-bit: scores = (q * s) . codes + q . z, the scales folded into the query (q' = q * s per channel) and
   the zeros giving one bias per head (z . q), never a dequantized key.
@@ -12,6 +13,11 @@ tier's, or zeros past the last) add nothing.
 
 `kernel_numerics=False` computes in float64 without rounding (the fold itself, exactly); True rounds as the kernel
 does: q' to the model dtype (one 16-bit multiply per pair), products summed in fp32.
+
+The kernel (`tiered_decode`) has been compiled offline for sm_90a (no spills at 2 CTAs per SM) but has not yet run
+on a GPU, so `attention.decode_kernel=auto` does not pick it: only `attention.decode_kernel=cuda-tiered` binds it,
+to MixKVQ layers whose values fit values-only fragment pages (2/4-bit, groups of 32). Its steps do not replay from
+CUDA graphs (the tiered store keeps no device count yet).
 """
 
 from __future__ import annotations
@@ -79,3 +85,78 @@ def _tier_scores(q: torch.Tensor, words: torch.Tensor, t: int, c: int, dtype: to
     if kernel_numerics:  # q' = q * s rounded to the model dtype (a 16-bit multiply); z . q as one more MMA row
         return (q * s).to(acc) @ codes.T + (q.to(acc) @ z.to(acc))[:, None]
     return (q * s.to(acc)) @ codes.T + (q @ z.to(acc))[:, None]
+
+
+# ---- the CUDA kernel -------------------------------------------------------------------------------------------
+
+TIERED_VALUE_FORMATS = ((2, 32), (4, 32))  # (value bits, value group) the kernel is built for
+TIERED_HEAD_DIMS = (64, 128)
+
+
+def _on_tiers(layer) -> bool:
+    lay = layer.key_stream.store.layout() if layer.key_stream.store is not None else None
+    return lay is not None and lay.format is PackingFormat.TIERED_FRAGMENT_PAGES
+
+
+def supports(layer) -> str | None:
+    """Why the tiered CUDA kernel cannot serve this layer (None: it can, after `prepare`)."""
+    from kernels import fragment
+    from mixkvq.kv.tiered import tiered_problems, value_page_problems  # not at import: kernels load no stores
+
+    if not _on_tiers(layer):
+        problems = tiered_problems(layer) + value_page_problems(layer)
+        if problems:
+            return "; ".join(problems)
+        if int(layer.key_stream.tokens().max()) > 0:
+            return "the cache already holds tokens in another layout"
+    ks, vs = layer.key_stream, layer.value_stream
+    vpl = vs.store.layout().page if _on_tiers(layer) else None
+    bits, group = (vpl.value_bits, vpl.value_group) if vpl is not None else (vs.store.bits, vs.store.g)
+    if (bits, group) not in TIERED_VALUE_FORMATS:
+        return f"values of {bits} bits in groups of {group} (the kernel is built for {list(TIERED_VALUE_FORMATS)})"
+    if layer.dim not in TIERED_HEAD_DIMS:
+        return f"head_dim {layer.dim} is not one of {list(TIERED_HEAD_DIMS)}"
+    if (ks.sink is None) != (vs.sink is None):
+        return "keys and values need the same sink"
+    groups = getattr(layer, "query_groups", None)
+    if groups is not None and groups > fragment.MAX_GQA:
+        return f"{groups} query heads per KV head (the kernel holds at most {fragment.MAX_GQA})"
+    if len(layer.pad) > fragment.MAX_ROWS:
+        return f"batch {len(layer.pad)} is over {fragment.MAX_ROWS} rows"
+    if not ks.window.data.is_cuda:
+        return "the cache is not on a CUDA device"
+    if not fragment.compiler_available():
+        return "no CUDA compiler (nvcc) to build the kernel"
+    return None
+
+
+def prepare(layer) -> None:
+    """Put a fresh MixKVQ layer's keys into tiered blocks and its values into values-only pages (once, when bound)."""
+    if not _on_tiers(layer):
+        from mixkvq.kv.tiered import to_tiered_pages
+
+        to_tiered_pages(layer)
+
+
+def tiered_decode(query: torch.Tensor, layer, scaling: float, tuning=None) -> torch.Tensor:
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's tiered key blocks and value pages (host counts)."""
+    from kernels import fragment
+
+    if layer.graph_tokens is not None:
+        raise RuntimeError("the tiered kernel reads host counts: its steps are not recorded in CUDA graphs")
+    tuning = tuning or fragment.DEFAULT_TUNING
+    ks, vs = layer.key_stream, layer.value_stream
+    kb, vb = ks.store.buffers(), vs.store.buffers()
+    vpl = vs.store.layout().page
+    sink = ks.sink
+    return fragment.extension(query.device).tiered_decode(
+        query, kb["pool"], kb["offsets"], vb["pages"], ks.window.data, vs.window.data,
+        sink.data if sink is not None else None, vs.sink.data if sink is not None else None,
+        sink.lens if sink is not None else None, kb["lens"], vb["lens"], ks.window.lens, scaling * fragment.LOG2E,
+        ks.store.layout().block, vpl.value_bits, vpl.value_group,
+        [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min], [], [])
+
+
+def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """The registered `cuda-tiered` decode kernel (same signature as the PyTorch reference)."""
+    return tiered_decode(query, layer, scaling)

@@ -13,10 +13,11 @@ import random
 import pytest
 import torch
 
-from kernels import fragment, resolve_decode_kernel
+from kernels import fragment, resolve_decode_kernel, tiered
 from kernels.reference import decode_attention as reference_decode
 from kernels.reference import stream_tokens
 from kernels.tiered import tiered_scores
+from mixkvq.errors import ConfigError
 from mixkvq.kv.attention import bind
 from mixkvq.kv.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, TieredPageLayout,
                               channel_meta_order, tier_channels, unpack_tile)
@@ -129,6 +130,8 @@ def test_tiered_blocks_hold_bit_for_bit_what_the_channel_groups_hold(mix, dtype,
     flat, tiered, spec = twin_stores(dtype, head_dim=head_dim)
     keys = feed([flat, tiered], mix, RELEASES, torch.Generator().manual_seed(seed), dtype)
     assert torch.equal(flat.tokens(), tiered.tokens()) and flat.tier_counts == tiered.tier_counts
+    # every pool, and so every block, starts 16-byte aligned (the kernel's vector loads)
+    assert tiered.pool.shape[2] % 4 == 0 and bool((tiered.offsets % 4 == 0).all())
     for start in (0, 128, 256):  # dequantized tokens, from any block start, bit for bit
         a, b = flat.ragged(start), tiered.ragged(start)
         assert torch.equal(a.lens, b.lens)
@@ -313,9 +316,18 @@ def test_a_mixkvq_layer_converts_and_says_what_it_holds():
     assert vs.layout().page == FragmentPageLayout(128, None, 2, 32)  # values only: the keys are tiered
     assert vs.pages.layout.page_bytes == 32 * 128 * 2 // 8 + 2 * 32 * 4 * 2
     assert vs.allocated_bytes() == vs.pages.data.numel() * 4  # its own page buffer, counted by itself
-    # No kernel reads tiered pages yet: the CUDA kernel says why, and `auto` on CPU stays the reference.
+    # The fragment kernel cannot read tiered pages; the tiered one can, on a CUDA device (chosen by name only), and
+    # `auto` on CPU stays the reference.
     assert fragment.supports(layer) is not None
+    assert tiered.supports(layer) == "the cache is not on a CUDA device"
     assert resolve_decode_kernel("auto", torch.device("cpu"), layer) is reference_decode
+    with pytest.raises(ConfigError, match="cuda-tiered.*not on a CUDA device"):
+        resolve_decode_kernel("cuda-tiered", torch.device("cpu"), layer)
+    kivi = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu").new_cache(1)
+    assert "mixed-width" in tiered.supports(kivi.layers[0])
+    v3 = build("mixkvq", ["method.value_bits=3"], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16,
+               device="cpu").new_cache(1)
+    assert "value width 3" in tiered.supports(v3.layers[0])
 
 
 def test_layers_the_tiered_pages_cannot_hold_are_named():

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fragment_decode.cuh"
+#include "tiered_decode.cuh"
 
 namespace {
 
@@ -35,6 +36,24 @@ void launch(fpd::Params& p, int batch, cudaStream_t stream) {
   }
 }
 
+template <typename T, int D, int VB, int VG>
+void launch_tiered(fpd::Params& p, int batch, cudaStream_t stream) {
+  constexpr int TIERED_MIN_CTAS = 2;  // 254 registers without spills (3 spill)
+  auto split = fpd::tpd_split<T, D, VB, VG, WARPS, TIERED_MIN_CTAS>;
+  const size_t smem = std::max(size_t(WARPS) * fpd::TieredSmem<D>::WARP,
+                               size_t(WARPS) * fpd::HEADS * (2 + D) * sizeof(float));
+  static bool configured = false;  // one attribute call per instantiation
+  if (!configured) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    configured = true;
+  }
+  split<<<dim3(p.n_splits, p.n_kv, batch), WARPS * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int SG = fpd::merge_groups<D>();
+  fpd::fpd_merge<T, D, SG><<<batch * p.n_kv * p.gqa, D * SG, (p.n_splits + SG * D) * sizeof(float), stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D>
 void dispatch_bits(fpd::Params& p, int batch, cudaStream_t s, int kb, int vb, int vg) {
 #define FPD_CASE(KB, VB, VG)                                          \
@@ -50,7 +69,8 @@ void dispatch_bits(fpd::Params& p, int batch, cudaStream_t s, int kb, int vb, in
 int64_t page_bytes(int d, int kb, int vb, int vg) {
   auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
   const int64_t ncg = d / vg;
-  return up(32LL * d * kb / 8) + 2 * up(d * 2LL) + up(32LL * d * vb / 8) + 2 * up(32 * ncg * 2);
+  const int64_t dk = kb ? d : 0;  // a values-only page (kb = 0) has empty key sections
+  return up(32LL * dk * kb / 8) + 2 * up(dk * 2) + up(32LL * d * vb / 8) + 2 * up(32 * ncg * 2);
 }
 
 }  // namespace
@@ -91,30 +111,24 @@ int sm_count(int device) {
   return counts[device];
 }
 
-// q [B, Hq, 1, D]; pages [B, H, NP, W] int32; windows and sinks [B, H, T, D]; per-row token counts as int64 host
-// tensors [B] (sink, key store, value store, key window; the layer's own counters, read here so the Python side
-// does no arithmetic); returns [B, 1, Hq, D]. `tuning`: CTAs per SM, most splits, fewest tail tokens per split
-// (kernels/fragment.py Tuning); keys_only times the key product alone.
-torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, torch::Tensor vwin,
-                     c10::optional<torch::Tensor> ksink, c10::optional<torch::Tensor> vsink,
-                     c10::optional<torch::Tensor> sink_lens, torch::Tensor key_store_lens,
-                     torch::Tensor value_store_lens, torch::Tensor key_window_lens,
-                     double scale_log2, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                     std::vector<int64_t> tuning, bool keys_only, int64_t variant,
-                     std::vector<torch::Tensor> device_counts, std::vector<int64_t> bounds) {
-  const int batch = q.size(0), hq = q.size(1), d = q.size(3), n_kv = pages.size(1);
+namespace {
+
+// What every call sets alike: the query, windows and sink, heads, and each row's counts (from the host tensors, or
+// the device tensors of a step a CUDA graph records). Returns (most whole units of `unit` tokens, most tail tokens)
+// over the rows, the splits' planning input.
+std::pair<int, int> set_common(fpd::Params& p, const torch::Tensor& q, int n_kv, const torch::Tensor& kwin,
+                               const torch::Tensor& vwin, const c10::optional<torch::Tensor>& ksink,
+                               const c10::optional<torch::Tensor>& vsink,
+                               const c10::optional<torch::Tensor>& sink_lens, const torch::Tensor& key_store_lens,
+                               const torch::Tensor& value_store_lens, const torch::Tensor& key_window_lens,
+                               double scale_log2, const std::vector<torch::Tensor>& device_counts,
+                               const std::vector<int64_t>& bounds, int unit) {
+  const int batch = q.size(0), hq = q.size(1);
   TORCH_CHECK(batch <= fpd::MAX_ROWS, "fragment decode: batch ", batch, " > ", fpd::MAX_ROWS);
-  TORCH_CHECK(q.stride(3) == 1 && pages.is_contiguous() && pages.scalar_type() == torch::kInt32);
-  TORCH_CHECK(pages.size(3) * 4 == page_bytes(d, key_bits, value_bits, value_group), "fragment decode: page size");
+  TORCH_CHECK(q.stride(3) == 1);
   for (const auto* t : {&key_store_lens, &value_store_lens, &key_window_lens})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == batch,
                 "fragment decode: per-row counts are int64 host tensors of the batch size");
-  TORCH_CHECK(tuning.size() == 3, "fragment decode: tuning is (CTAs per SM, most splits, fewest tail tokens)");
-  const c10::cuda::CUDAGuard guard(q.device());
-  fpd::Params p{};
-  p.pages = pages.data_ptr<int32_t>();
-  p.pg_sb = pages.stride(0);
-  p.pg_sh = pages.stride(1);
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
   p.kwin = kwin.data_ptr(); p.kw_sb = kwin.stride(0); p.kw_sh = kwin.stride(1); p.kw_st = kwin.stride(2);
   p.vwin = vwin.data_ptr(); p.vw_sb = vwin.stride(0); p.vw_sh = vwin.stride(1); p.vw_st = vwin.stride(2);
@@ -152,25 +166,63 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
     for (int b = 0; b < batch; ++b) {
       const int sink = sk ? int(sk[b]) : 0, total = int(kq[b] + kw[b]);
       p.lens[b] = make_int4(sink, int(kq[b]), int(vq[b]), total);
-      const int full = int(std::min(kq[b], vq[b])) / fpd::PAGE_TOKENS;
+      const int full = int(std::min(kq[b], vq[b])) / unit;
       max_full = std::max(max_full, full);
-      max_tail = std::max(max_tail, sink + total - full * fpd::PAGE_TOKENS);
+      max_tail = std::max(max_tail, sink + total - full * unit);
     }
   }
-  const auto split = plan_splits(int64_t(batch) * n_kv, max_full, max_tail, sm_count(q.get_device()), tuning[0],
-                                 tuning[1], tuning[2]);
+  return {max_full, max_tail};
+}
+
+// The splits for the call's (whole units, tail tokens), and the partials and output they write.
+torch::Tensor plan_and_allocate(fpd::Params& p, const torch::Tensor& q, std::pair<int, int> extent,
+                                const std::vector<int64_t>& tuning, bool keys_only, torch::Tensor& part_o,
+                                torch::Tensor& part_ml) {
+  TORCH_CHECK(tuning.size() == 3, "fragment decode: tuning is (CTAs per SM, most splits, fewest tail tokens)");
+  const int batch = q.size(0), d = q.size(3);
+  const auto split = plan_splits(int64_t(batch) * p.n_kv, extent.first, extent.second, sm_count(q.get_device()),
+                                 tuning[0], tuning[1], tuning[2]);
   p.pages_per_split = split.first;
   p.tail_per_split = split.second;
-  p.n_main = (max_full + p.pages_per_split - 1) / p.pages_per_split;
-  const int n_tail = keys_only ? 0 : (max_tail + p.tail_per_split - 1) / p.tail_per_split;
+  p.n_main = (extent.first + p.pages_per_split - 1) / p.pages_per_split;
+  const int n_tail = keys_only ? 0 : (extent.second + p.tail_per_split - 1) / p.tail_per_split;
   p.n_splits = std::max(p.n_main + n_tail, 1);
   auto f32 = q.options().dtype(torch::kFloat32);
-  auto part_o = torch::empty({batch, n_kv, p.n_splits, fpd::HEADS, d}, f32);
-  auto part_ml = torch::empty({batch, n_kv, p.n_splits, fpd::HEADS, 2}, f32);
-  auto out = torch::empty({batch, 1, hq, d}, q.options());
+  part_o = torch::empty({batch, p.n_kv, p.n_splits, fpd::HEADS, d}, f32);
+  part_ml = torch::empty({batch, p.n_kv, p.n_splits, fpd::HEADS, 2}, f32);
+  auto out = torch::empty({batch, 1, q.size(1), d}, q.options());
   p.part_o = part_o.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
   p.out = out.data_ptr();
+  return out;
+}
+
+}  // namespace
+
+// q [B, Hq, 1, D]; pages [B, H, NP, W] int32; windows and sinks [B, H, T, D]; per-row token counts as int64 host
+// tensors [B] (sink, key store, value store, key window; the layer's own counters, read here so the Python side
+// does no arithmetic); returns [B, 1, Hq, D]. `tuning`: CTAs per SM, most splits, fewest tail tokens per split
+// (kernels/fragment.py Tuning); keys_only times the key product alone.
+torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, torch::Tensor vwin,
+                     c10::optional<torch::Tensor> ksink, c10::optional<torch::Tensor> vsink,
+                     c10::optional<torch::Tensor> sink_lens, torch::Tensor key_store_lens,
+                     torch::Tensor value_store_lens, torch::Tensor key_window_lens,
+                     double scale_log2, int64_t key_bits, int64_t value_bits, int64_t value_group,
+                     std::vector<int64_t> tuning, bool keys_only, int64_t variant,
+                     std::vector<torch::Tensor> device_counts, std::vector<int64_t> bounds) {
+  const int batch = q.size(0), d = q.size(3);
+  TORCH_CHECK(pages.is_contiguous() && pages.scalar_type() == torch::kInt32);
+  TORCH_CHECK(pages.size(3) * 4 == page_bytes(d, key_bits, value_bits, value_group), "fragment decode: page size");
+  const c10::cuda::CUDAGuard guard(q.device());
+  fpd::Params p{};
+  p.pages = pages.data_ptr<int32_t>();
+  p.pg_sb = pages.stride(0);
+  p.pg_sh = pages.stride(1);
+  const auto extent = set_common(p, q, pages.size(1), kwin, vwin, ksink, vsink, sink_lens, key_store_lens,
+                                 value_store_lens, key_window_lens, scale_log2, device_counts, bounds,
+                                 fpd::PAGE_TOKENS);
+  torch::Tensor part_o, part_ml;
+  auto out = plan_and_allocate(p, q, extent, tuning, keys_only, part_o, part_ml);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || q.scalar_type() == torch::kHalf, "fragment decode: bf16 or fp16 queries");
@@ -198,6 +250,49 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor pages, torch::Tensor kwin, t
   }
 #undef FPD_DTYPE
   return keys_only ? part_ml : out;
+}
+
+// MixKVQ: keys in tiered blocks (pool [B, H, words] int32, offsets [B, H, blocks] int64 in words, `block_tokens`
+// per block), values in values-only fragment pages [B, H, NP, W]; the rest as `decode`. Main splits run over whole
+// blocks of both stores.
+torch::Tensor tiered_decode(torch::Tensor q, torch::Tensor pool, torch::Tensor offsets, torch::Tensor vpages,
+                            torch::Tensor kwin, torch::Tensor vwin, c10::optional<torch::Tensor> ksink,
+                            c10::optional<torch::Tensor> vsink, c10::optional<torch::Tensor> sink_lens,
+                            torch::Tensor key_store_lens, torch::Tensor value_store_lens,
+                            torch::Tensor key_window_lens, double scale_log2, int64_t block_tokens,
+                            int64_t value_bits, int64_t value_group, std::vector<int64_t> tuning,
+                            std::vector<torch::Tensor> device_counts, std::vector<int64_t> bounds) {
+  const int batch = q.size(0), d = q.size(3);
+  TORCH_CHECK(pool.scalar_type() == torch::kInt32 && pool.stride(2) == 1 && offsets.scalar_type() == torch::kInt64 &&
+              offsets.stride(2) == 1 && vpages.is_contiguous() && vpages.scalar_type() == torch::kInt32,
+              "tiered decode: pool int32, offsets int64, value pages int32");
+  TORCH_CHECK(vpages.size(3) * 4 == page_bytes(d, 0, value_bits, value_group), "tiered decode: value page size");
+  TORCH_CHECK(block_tokens % fpd::PAGE_TOKENS == 0, "tiered decode: blocks of whole pages");
+  const c10::cuda::CUDAGuard guard(q.device());
+  fpd::Params p{};
+  p.pages = vpages.data_ptr<int32_t>(); p.pg_sb = vpages.stride(0); p.pg_sh = vpages.stride(1);
+  p.pool = pool.data_ptr<int32_t>(); p.pool_sb = pool.stride(0); p.pool_sh = pool.stride(1);
+  p.offsets = offsets.data_ptr<int64_t>(); p.off_sb = offsets.stride(0); p.off_sh = offsets.stride(1);
+  p.block_pages = int(block_tokens / fpd::PAGE_TOKENS);
+  const auto extent = set_common(p, q, vpages.size(1), kwin, vwin, ksink, vsink, sink_lens, key_store_lens,
+                                 value_store_lens, key_window_lens, scale_log2, device_counts, bounds,
+                                 int(block_tokens));
+  torch::Tensor part_o, part_ml;
+  auto out = plan_and_allocate(p, q, extent, tuning, false, part_o, part_ml);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool bf16 = q.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == torch::kHalf, "tiered decode: bf16 or fp16 queries");
+#define TPD_CASE(T, D, VB, VG) \
+  if (d == D && value_bits == VB && value_group == VG) return launch_tiered<T, D, VB, VG>(p, batch, stream), out;
+  if (bf16) {
+    TPD_CASE(__nv_bfloat16, 128, 2, 32) TPD_CASE(__nv_bfloat16, 128, 4, 32)
+    TPD_CASE(__nv_bfloat16, 64, 2, 32) TPD_CASE(__nv_bfloat16, 64, 4, 32)
+  } else {
+    TPD_CASE(__half, 128, 2, 32) TPD_CASE(__half, 128, 4, 32) TPD_CASE(__half, 64, 2, 32) TPD_CASE(__half, 64, 4, 32)
+  }
+#undef TPD_CASE
+  TORCH_CHECK(false, "tiered decode: no kernel for head_dim ", d, ", value bits ", value_bits, ", value group ",
+              value_group);
 }
 
 // Gate 1: read every page of the given rows once (16-byte loads) and fold them into one word per CTA.
@@ -228,6 +323,7 @@ torch::Tensor read_pages(torch::Tensor pages, int64_t ctas) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "decode attention over fragment pages");
+  m.def("tiered_decode", &tiered_decode, "decode attention over MixKVQ's tiered key blocks and value pages");
   m.def("read_pages", &read_pages, "stream every byte of a page buffer once (bandwidth gate)");
   m.def("plan", &plan, "(pages per main split, tail tokens per split) for a call's shape");
 }

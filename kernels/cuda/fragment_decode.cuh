@@ -49,6 +49,11 @@ struct Params {
   // When set (a step a CUDA graph replays), the counts are read from these device arrays instead of `lens`:
   // key store, value store and key window tokens per row, and the sink's (null: none).
   const int64_t* dev_kq; const int64_t* dev_vq; const int64_t* dev_kw; const int64_t* dev_sink;
+  // MixKVQ's tiered key blocks (tiered_decode.cuh; `pages` then holds values only): [B, H, words] pools, block
+  // offsets [B, H, blocks] in words, pages per block.
+  const int32_t* pool; int64_t pool_sb, pool_sh;
+  const int64_t* offsets; int64_t off_sb, off_sh;
+  int block_pages;
 };
 
 // Row b's (sink, key store, value store, tokens after the sink).
@@ -256,6 +261,11 @@ __device__ __forceinline__ void write_partial(const Params& p, int b, int h, int
 // Stored keys of the tail from fragment pages: DPL channels from d0 of token u (`pages`: the row and head's pages).
 template <typename T, int D, int KB, int VB, int VG>
 struct PageKeys {
+  // Tokens of the row in whole pages of both stores: the main splits' (the tail starts there).
+  __device__ __forceinline__ static int whole(const Params&, int kq, int vq) {
+    return min(kq, vq) / PAGE_TOKENS * PAGE_TOKENS;
+  }
+
   template <int DPL>
   __device__ __forceinline__ static void load(const Params& p, const int32_t* pages, int b, int h, int u, int d0,
                                               float (&k)[DPL]) {
@@ -272,7 +282,7 @@ __device__ void tail_split(const Params& p, int b, int h, int tsplit, char* smem
   constexpr int DPL = D / 32;
   const int4 L = row_lens(p, b);
   const int sink = L.x, kq = L.y, vq = L.z, total = L.w;
-  const int full = min(kq, vq) / PAGE_TOKENS * PAGE_TOKENS;
+  const int full = Keys::whole(p, kq, vq);
   const int n_tail = sink + total - full;
   const int i0 = tsplit * p.tail_per_split, i1 = min(i0 + p.tail_per_split, n_tail);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

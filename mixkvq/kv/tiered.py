@@ -235,10 +235,11 @@ class TieredPagedKeyStore:
         self.offsets = reserve(self.offsets, 2, blocks)
 
     def _pool_need(self, need: int, blocks: int) -> int:
+        """Words per pool: whole 16-byte units, so that every (row, head) pool, and so every block, starts 16-byte
+        aligned (the CUDA kernel reads blocks with vector loads)."""
         reserved = getattr(self, "reserved_blocks", 0)
-        if reserved <= blocks:
-            return max(need, 2 * self.pool.shape[2], 16)
-        return -(-need * reserved // blocks)
+        words = max(need, 2 * self.pool.shape[2], 16) if reserved <= blocks else -(-need * reserved // blocks)
+        return -(-words // 4) * 4
 
     def allocated_bytes(self) -> int:
         return self.pool.numel() * 4 + self.offsets.numel() * OFFSET_BYTES

@@ -1,0 +1,74 @@
+"""MixKVQ's tiered-block CUDA kernel on a GPU (skipped without one): fp64 ground truth and the registry.
+
+The layers are filled as tests/test_fragment_kernel.py fills KIVI's (a left-padded prefill, decode steps that flush
+key blocks, then one query), with MixKVQ's keys in tiered blocks and its values in values-only fragment pages. The
+kernel folds scales into its operands, so bf16 outputs are held to SQNR >= 35 dB against fp64, like the fragment
+kernel's. The kernel has not run on a GPU yet (kernels/tiered.py); these tests are its first check.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels import kernels_in_use, resolve_decode_kernel, tiered
+from test_decode_kernel import ground_truth
+from test_fragment_kernel import _fill
+from tiny import build, generate, left_pad, random_prompts, tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# Mixes from mostly 2-bit keys to many full-precision channels, and 4-bit values.
+CASES = {"c2.5": [], "c3.4": ["method.target_bits=3.4"], "c6": ["method.target_bits=6"],
+         "v4": ["method.value_bits=4"]}
+
+
+def check(overrides, *, gqa=7, head_dim=128, dtype=torch.bfloat16, lengths=(301, 250, 77), steps=45):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    method = build("mixkvq", overrides, kv_heads=2, q_heads=2 * gqa, head_dim=head_dim, dtype=dtype, device="cuda")
+    layer = method.new_cache(len(lengths), torch.tensor([max(lengths) - n for n in lengths])).layers[0]
+    assert tiered.supports(layer) is None, tiered.supports(layer)
+    tiered.prepare(layer)
+    layer, query = _fill(layer, method, lengths, steps, gen)
+    got = tiered.tiered_decode(query, layer, head_dim**-0.5)
+    assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
+    want = ground_truth(query, layer, head_dim**-0.5)
+    err = got.double().cpu() - want
+    sqnr = float(10 * torch.log10(want.pow(2).sum() / err.pow(2).sum()))
+    assert sqnr >= 35, f"{overrides}: SQNR {sqnr:.1f} dB (seed {seed})"
+    return layer
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_mix_matches_the_ground_truth(case):
+    layer = check(CASES[case])
+    assert int(layer.key_stream.store.tokens().max()) >= 256
+
+
+@pytest.mark.parametrize("gqa,head_dim,dtype", [(1, 64, torch.bfloat16), (4, 128, torch.float16),
+                                                (8, 128, torch.bfloat16), (7, 64, torch.float16)])
+def test_gqa_ratios_head_dims_and_dtypes(gqa, head_dim, dtype):
+    check([], gqa=gqa, head_dim=head_dim, dtype=dtype, steps=20)
+
+
+@pytest.mark.parametrize("lengths,steps", [((1,), 0), ((129,), 3), ((5, 4000, 129, 31), 7), ((2049,), 130)])
+def test_odd_lengths_and_rows_of_different_lengths(lengths, steps):
+    check([], lengths=lengths, steps=steps, gqa=4)
+
+
+def test_bound_by_name_only_and_generation_matches_the_reference_decoder():
+    model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=8, kv_heads=2, head_dim=128).to("cuda")
+    ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
+    long = dict(max_new_tokens=200, min_new_tokens=200)
+    ref, _ = generate(model, build("mixkvq", model=model), ids, mask, decode_kernel="torch", **long)
+    out, cache = generate(model, build("mixkvq", model=model), ids, mask, decode_kernel="cuda-tiered", **long)
+    assert kernels_in_use(cache.layers) == "cuda-tiered"
+    assert int(cache.layers[0].key_stream.store.tokens().min()) >= 128
+    # Greedy tokens part at the first near-tie (the kernel rounds differently): most of each row agrees.
+    agree = (out[:, ids.shape[1]:] == ref[:, ids.shape[1]:]).float().mean().item()
+    assert agree >= 0.5, f"greedy tokens agree with the reference decoder's at {agree:.1%} of steps"
+    auto = resolve_decode_kernel("auto", torch.device("cuda"), build("mixkvq", model=model).new_cache(1).layers[0])
+    assert auto is not tiered.decode_attention  # `auto` keeps the Triton kernel until this one is measured
