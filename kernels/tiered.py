@@ -16,8 +16,8 @@ does: q' to the model dtype (one 16-bit multiply per pair), products summed in f
 
 The kernel (`tiered_decode`) has been compiled offline for sm_90a (no spills at 2 CTAs per SM) but has not yet run
 on a GPU, so `attention.decode_kernel=auto` does not pick it: only `attention.decode_kernel=cuda-tiered` binds it,
-to MixKVQ layers whose values fit values-only fragment pages (2/4-bit, groups of 32). Its steps do not replay from
-CUDA graphs (the tiered store keeps no device count yet).
+to MixKVQ layers whose values fit values-only fragment pages (2/4-bit, groups of 32). In a step a CUDA graph records
+it reads the stores' device counts, as the fragment kernel does.
 """
 
 from __future__ import annotations
@@ -139,22 +139,29 @@ def prepare(layer) -> None:
 
 
 def tiered_decode(query: torch.Tensor, layer, scaling: float, tuning=None) -> torch.Tensor:
-    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's tiered key blocks and value pages (host counts)."""
+    """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's tiered key blocks and value pages."""
     from kernels import fragment
 
-    if layer.graph_tokens is not None:
-        raise RuntimeError("the tiered kernel reads host counts: its steps are not recorded in CUDA graphs")
     tuning = tuning or fragment.DEFAULT_TUNING
     ks, vs = layer.key_stream, layer.value_stream
     kb, vb = ks.store.buffers(), vs.store.buffers()
     vpl = vs.store.layout().page
+    block = ks.store.layout().block
     sink = ks.sink
+    device_counts, bounds = [], []
+    if layer.graph_tokens is not None:  # a step a CUDA graph records: counts from the device, splits for the bucket
+        device_counts = [ks.store.device_count, vs.store.device_count, ks.window.device_lens]
+        if sink is not None:
+            device_counts.append(sink.device_lens)
+        # the tail: sink, the longest window such a step attends over, and a partial block
+        window = max(ks.quiet_below, vs.quiet_below)
+        bounds = [layer.graph_tokens // block, ks.sink_tokens + window + block - 1]
     return fragment.extension(query.device).tiered_decode(
         query, kb["pool"], kb["offsets"], vb["pages"], ks.window.data, vs.window.data,
         sink.data if sink is not None else None, vs.sink.data if sink is not None else None,
         sink.lens if sink is not None else None, kb["lens"], vb["lens"], ks.window.lens, scaling * fragment.LOG2E,
-        ks.store.layout().block, vpl.value_bits, vpl.value_group,
-        [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min], [], [])
+        block, vpl.value_bits, vpl.value_group, [tuning.ctas_per_sm, tuning.max_splits, tuning.tail_tokens_min],
+        device_counts, bounds)
 
 
 def decode_attention(module, query: torch.Tensor, layer, scaling: float) -> torch.Tensor:

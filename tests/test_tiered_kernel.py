@@ -72,3 +72,23 @@ def test_bound_by_name_only_and_generation_matches_the_reference_decoder():
     assert agree >= 0.5, f"greedy tokens agree with the reference decoder's at {agree:.1%} of steps"
     auto = resolve_decode_kernel("auto", torch.device("cuda"), build("mixkvq", model=model).new_cache(1).layers[0])
     assert auto is not tiered.decode_attention  # `auto` keeps the Triton kernel until this one is measured
+
+
+def test_steps_replayed_from_graphs_give_the_eager_tokens():
+    from mixkvq.kv.attention import bind
+    from mixkvq.kv.graphs import GraphSettings, graphed
+
+    model = tiny_model("qwen2", dtype=torch.bfloat16, layers=2, q_heads=8, kv_heads=2, head_dim=128).cuda()
+    ids, mask = left_pad([p.cuda() for p in random_prompts([45, 38, 50], seed=11)])
+    runs = []
+    for on in (False, True):
+        method = build("mixkvq", ["method.residual_length=32"], model=model)
+        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 60)
+        with bind(model, cache, "cuda-tiered"), graphed(model, cache, GraphSettings(on, 64)) as counts, \
+                torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                 max_new_tokens=60, min_new_tokens=60, pad_token_id=0)
+        runs.append((out, counts))
+    (want, off), (got, counts) = runs
+    assert off is None and counts is not None and torch.equal(got, want)
+    assert counts.replayed >= 30 and counts.released_outside >= 3, counts  # block flushes made after steps

@@ -38,8 +38,8 @@ GRAPH_MODES = ("auto", "never")
 # input makes the step eager.
 STEP_INPUTS = ("input_ids", "position_ids")
 # The decode kernels that read lengths from the device and plan their splits for a bucket when a step is recorded
-# (kernels/decode.py split_plan, kernels/fragment.py fragment_decode).
-GRAPH_KERNELS = ("triton", "cuda")
+# (kernels/decode.py split_plan, kernels/fragment.py fragment_decode, kernels/tiered.py tiered_decode).
+GRAPH_KERNELS = ("triton", "cuda", "cuda-tiered")
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ from mixkvq.kv.layout import (PAGE_TOKENS, TIER_BITS, TIER_SECTIONS, TIER_STEP, 
 from mixkvq.kv.paged import FragmentPages, PagedValueStore
 from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
-from mixkvq.kv.storage import FULL_PRECISION, ChannelGroupStore, TokenGroupStore, pool_starts
+from mixkvq.kv.storage import FULL_PRECISION, ChannelGroupStore, CountedOnDevice, TokenGroupStore, pool_starts
 
 OFFSET_BYTES = 8  # a block's entry in `offsets` (int64)
 
 
-class TieredPagedKeyStore:
+class TieredPagedKeyStore(CountedOnDevice):
     """Mixed-width per-channel key groups of 32 tokens, in blocks of `layout.block` tokens, as tiered pages."""
 
     def __init__(self, batch: int, heads: int, layout: TieredPageLayout, dtype: torch.dtype, spec: QuantSpec,
@@ -49,6 +49,7 @@ class TieredPagedKeyStore:
         self.live_bytes = torch.zeros(batch, dtype=torch.int64)
         self.tier_counts: dict[int, int] = {}
         self.version = 0
+        self._init_device_count(batch, device)
         tier_of = torch.full((256,), -1, dtype=torch.int64)
         tier_of[list(TIER_WIDTHS)] = torch.arange(len(TIER_WIDTHS))
         self._tier_of = to_device(tier_of, device)  # width code -> tier (-1: none)
@@ -126,6 +127,7 @@ class TieredPagedKeyStore:
                 flat[row_head[ni, hi][:, None, None], dst] = words
         self.used += added
         self.nblocks += nb
+        self._counted()
 
     @staticmethod
     def _tier_channels(perm, start, count, c):
