@@ -11,8 +11,9 @@ GB/s is bytes / time; the device-to-device copy bandwidth is measured in the sam
     python scripts/bench_decode_kernel.py --out results/bench --kernels triton,cuda   # both kernels, side by side
     python scripts/bench_decode_kernel.py --out results/bench --gates    # the CUDA kernel's gates: fragment_gates.*
 
-`--kernels` names the kernels timed per method: `triton` (kernels/decode.py) and `cuda` (kernels/fragment.py, the
-uniform 2/4-bit formats on fragment pages; other methods are skipped for it).
+`--kernels` names the kernels timed per method: `triton` (kernels/decode.py), `cuda` (kernels/fragment.py, the
+uniform 2/4-bit formats on fragment pages) and `cuda-tiered` (kernels/tiered.py, MixKVQ's tiered blocks); methods a
+kernel cannot read are skipped for it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels import decode, fragment
+from kernels import decode, fragment, tiered
 from mixkvq.config import load_config
 from mixkvq.kv.methods import ModelShape, build_method
 from mixkvq.kv.synthetic import fill_layer
@@ -84,6 +85,9 @@ def copy_bandwidth() -> float:
 
 def key_bits(layer) -> float:
     store = layer.key_stream.store
+    if hasattr(store, "tiers"):  # tiered blocks: the widths they were written with
+        counts = store.tier_counts
+        return sum((16 if w == 0 else w) * n for w, n in counts.items()) / sum(counts.values())
     if not hasattr(store, "block_widths"):  # fragment pages: one width
         return float(store.bits)
     widths = store.block_widths()[:, :, : int(store.nblocks.min())].to(torch.int64)
@@ -114,11 +118,11 @@ def wall_us(fn, n: int = 200) -> float:
 def filled(overrides, bsz: int, ctx: int, gen, kernel: str):
     method = build(overrides)
     layer = method.new_cache(bsz).layers[0]
-    if kernel == "cuda":
-        why = fragment.supports(layer)
-        if why is not None:
+    if kernel in KERNEL_LAYOUTS:
+        supports, prepare = KERNEL_LAYOUTS[kernel]
+        if supports(layer) is not None:
             return None, None
-        fragment.prepare(layer)
+        prepare(layer)
     fill_layer(layer, ctx, Q_HEADS, gen)
     return method, layer
 
@@ -126,7 +130,10 @@ def filled(overrides, bsz: int, ctx: int, gen, kernel: str):
 KERNEL_FNS = {  # name -> (query, layer, scaling, Triton tuning) -> output
     "triton": lambda q, layer, scaling, tuning: decode.fused_decode(q, layer, scaling, tuning=tuning),
     "cuda": lambda q, layer, scaling, tuning: fragment.fragment_decode(q, layer, scaling),
+    "cuda-tiered": lambda q, layer, scaling, tuning: tiered.tiered_decode(q, layer, scaling),
 }
+# Kernels with a storage layout of their own: (why it cannot serve a layer, put a fresh layer into its layout).
+KERNEL_LAYOUTS = {"cuda": (fragment.supports, fragment.prepare), "cuda-tiered": (tiered.supports, tiered.prepare)}
 
 
 def bench_method(overrides, bsz: int, ctx: int, gen, tuning: decode.TritonTuning = decode.DEFAULT_TUNING,

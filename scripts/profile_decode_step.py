@@ -43,6 +43,7 @@ METHODS = {"bf16-dynamic": None, "bf16": ["method=bf16", EAGER],
            "bf16-sdpa": ["method=bf16", "attention.decode_kernel=torch", EAGER],
            "bf16-graphs": ["method=bf16"], "kivi-2": ["method=kivi"], "kivi-2-eager": ["method=kivi", EAGER],
            "mixkvq": ["method=mixkvq"], "mixkvq-eager": ["method=mixkvq", EAGER],
+           "mixkvq-tiered": ["method=mixkvq", "attention.decode_kernel=cuda-tiered"],
            "kvmix": ["method=kvmix", KVMIX_BITS], "kvmix-eager": ["method=kvmix", KVMIX_BITS, EAGER],
            "pmkvq": PMKVQ, "pmkvq-eager": [*PMKVQ, EAGER]}
 # The graphed rows with generate's stop flag read every step (transformers' own wait) instead of a step late.
