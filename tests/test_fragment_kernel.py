@@ -24,15 +24,17 @@ CASES = {"kivi-2": ("kivi", []), "kivi-4": ("kivi4", []), "k2v4": ("kivi", ["met
          "kivi-2-r64": ("kivi", ["method.residual_length=64"])}
 
 
-def check(name, overrides, *, gqa=7, head_dim=128, dtype=torch.bfloat16, lengths=(301, 250, 77), steps=45):
+def check(name, overrides, *, gqa=7, head_dim=128, dtype=torch.bfloat16, lengths=(301, 250, 77), steps=45,
+          kernel=fragment, decode=fragment.fragment_decode):
+    """`kernel`: the module whose `supports` and `prepare` put the layer in the layout `decode` reads."""
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     method = build(name, overrides, kv_heads=2, q_heads=2 * gqa, head_dim=head_dim, dtype=dtype, device="cuda")
     layer = method.new_cache(len(lengths), torch.tensor([max(lengths) - n for n in lengths])).layers[0]
-    assert fragment.supports(layer) is None, fragment.supports(layer)
-    fragment.prepare(layer)
+    assert kernel.supports(layer) is None, kernel.supports(layer)
+    kernel.prepare(layer)
     layer, query = _fill(layer, method, lengths, steps, gen)
-    got = fragment.fragment_decode(query, layer, head_dim**-0.5)
+    got = decode(query, layer, head_dim**-0.5)
     assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
     want = ground_truth(query, layer, head_dim**-0.5)
     err = got.double().cpu() - want

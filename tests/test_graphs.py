@@ -200,6 +200,23 @@ def test_graphs_stay_off_where_they_cannot_run():
         assert counts is None
 
 
+def eager_and_graphed(model, name: str, overrides, prompts: list[int], seed: int, kernel: str, bucket: int,
+                      new: int = 60) -> list[tuple]:
+    """Greedy generate of `new` tokens on the GPU, with graphs off then on: [(sequences, graph counts, cache)] each."""
+    from mixkvq.kv.graphs import GraphSettings as GS
+
+    ids, mask = left_pad([p.cuda() for p in random_prompts(prompts, seed=seed)])
+    runs = []
+    for on in (False, True):
+        method = build(name, list(overrides), model=model)
+        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + new)
+        with bind(model, cache, kernel), graphed(model, cache, GS(on, bucket)) as counts, torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        runs.append((out, counts, cache))
+    return runs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("name,bucket", [("bf16", 16), ("bf16", 512), ("mixkvq", 64), ("kvmix", 64), ("pmkvq", 64)])
@@ -207,21 +224,10 @@ def test_replayed_decode_steps_give_the_eager_tokens(name, bucket):
     """Greedy generate on a tiny fp32 model with the Triton kernel: steps replayed from graphs (crossing buckets
     when `bucket` is small; MixKVQ's blocks, KVmix's groups and PM-KVQ's blocks and budget shrinks made around
     replayed steps) give the eager path's tokens, and most steps did replay."""
-    from mixkvq.kv.graphs import GraphSettings as GS
-
     model = tiny_model("qwen2", layers=2, q_heads=8, kv_heads=2, head_dim=64).cuda()
-    ids, mask = left_pad([p.cuda() for p in random_prompts([23, 17, 30], seed=7)])
     overrides = {"mixkvq": ["method.residual_length=32"], "kvmix": METHOD_CASES["kvmix"].overrides,
                  "pmkvq": AROUND_CASES["pmkvq"]}.get(name, [])
-    runs = []
-    for on in (False, True):
-        method = build(name, list(overrides), model=model)
-        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 60)
-        with bind(model, cache, "triton"), graphed(model, cache, GS(on, bucket)) as counts, torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                 max_new_tokens=60, min_new_tokens=60, pad_token_id=0)
-        runs.append((out, counts))
-    (want, off), (got, counts) = runs
+    (want, off, _), (got, counts, _) = eager_and_graphed(model, name, overrides, [23, 17, 30], 7, "triton", bucket)
     assert off is None and counts is not None
     assert torch.equal(got, want)
     # KVmix's three ragged rows release groups at different steps, keys and values on cycles of their own (its RPC
@@ -240,21 +246,12 @@ def test_kivi_steps_replayed_on_the_cuda_kernel_give_the_eager_tokens():
     flushes made after replayed steps, ragged rows. Greedy tokens with graphs equal the eager path's; most steps
     replayed."""
     from kernels import fragment
-    from mixkvq.kv.graphs import GraphSettings as GS
 
     if not fragment.compiler_available():
         pytest.skip("no CUDA compiler for the kernel")
     model = tiny_model("qwen2", dtype=torch.bfloat16, layers=2, q_heads=8, kv_heads=2, head_dim=128).cuda()
-    ids, mask = left_pad([p.cuda() for p in random_prompts([45, 38, 50], seed=11)])
-    runs = []
-    for on in (False, True):
-        method = build("kivi", ["method.residual_length=32"], model=model)
-        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 60)
-        with bind(model, cache, "cuda"), graphed(model, cache, GS(on, 64)) as counts, torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                 max_new_tokens=60, min_new_tokens=60, pad_token_id=0)
-        runs.append((out, counts, cache))
-    (want, off, eager), (got, counts, replayed) = runs
+    (want, off, eager), (got, counts, replayed) = eager_and_graphed(
+        model, "kivi", ["method.residual_length=32"], [45, 38, 50], 11, "cuda", 64)
     assert off is None and counts is not None
     assert torch.equal(got, want)
     assert counts.replayed >= 45 and counts.released_outside >= 3, counts  # the rows' key flushes, after steps

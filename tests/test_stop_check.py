@@ -69,9 +69,8 @@ def test_deferred_check_gives_the_tokens_of_the_per_step_check(loaded, prompt, n
 
 
 def test_bad_mode_names_the_choices():
-    with pytest.raises(ValueError, match="every_step"):
-        with stop_check("late"):
-            pass
+    with pytest.raises(ValueError, match="every_step"), stop_check("late"):
+        pass
     assert STOP_CHECKS[0] == "deferred"
 
 

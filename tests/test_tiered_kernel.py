@@ -8,38 +8,22 @@ kernel's. The kernel has not run on a GPU yet (kernels/tiered.py); these tests a
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from kernels import kernels_in_use, resolve_decode_kernel, tiered
-from test_decode_kernel import ground_truth
-from test_fragment_kernel import _fill
+from test_fragment_kernel import check as check_kernel
 from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # Mixes from mostly 2-bit keys to many full-precision channels, and 4-bit values.
 CASES = {"c2.5": [], "c3.4": ["method.target_bits=3.4"], "c6": ["method.target_bits=6"],
-         "v4": ["method.value_bits=4"]}
+         "v4": ["method.value_bits=4", "method.target_bits=4"]}
 
 
-def check(overrides, *, gqa=7, head_dim=128, dtype=torch.bfloat16, lengths=(301, 250, 77), steps=45):
-    seed = random.randrange(2**31)
-    gen = torch.Generator().manual_seed(seed)
-    method = build("mixkvq", overrides, kv_heads=2, q_heads=2 * gqa, head_dim=head_dim, dtype=dtype, device="cuda")
-    layer = method.new_cache(len(lengths), torch.tensor([max(lengths) - n for n in lengths])).layers[0]
-    assert tiered.supports(layer) is None, tiered.supports(layer)
-    tiered.prepare(layer)
-    layer, query = _fill(layer, method, lengths, steps, gen)
-    got = tiered.tiered_decode(query, layer, head_dim**-0.5)
-    assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
-    want = ground_truth(query, layer, head_dim**-0.5)
-    err = got.double().cpu() - want
-    sqnr = float(10 * torch.log10(want.pow(2).sum() / err.pow(2).sum()))
-    assert sqnr >= 35, f"{overrides}: SQNR {sqnr:.1f} dB (seed {seed})"
-    return layer
+def check(overrides, **kw):
+    return check_kernel("mixkvq", overrides, kernel=tiered, decode=tiered.tiered_decode, **kw)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -62,7 +46,7 @@ def test_odd_lengths_and_rows_of_different_lengths(lengths, steps):
 def test_bound_by_name_only_and_generation_matches_the_reference_decoder():
     model = tiny_model("qwen2", dtype=torch.bfloat16, q_heads=8, kv_heads=2, head_dim=128).to("cuda")
     ids, mask = left_pad([p.cuda() for p in random_prompts([20, 161, 90], seed=3)])
-    long = dict(max_new_tokens=200, min_new_tokens=200)
+    long = {"max_new_tokens": 200, "min_new_tokens": 200}
     ref, _ = generate(model, build("mixkvq", model=model), ids, mask, decode_kernel="torch", **long)
     out, cache = generate(model, build("mixkvq", model=model), ids, mask, decode_kernel="cuda-tiered", **long)
     assert kernels_in_use(cache.layers) == "cuda-tiered"
@@ -75,20 +59,10 @@ def test_bound_by_name_only_and_generation_matches_the_reference_decoder():
 
 
 def test_steps_replayed_from_graphs_give_the_eager_tokens():
-    from mixkvq.kv.attention import bind
-    from mixkvq.kv.graphs import GraphSettings, graphed
+    from test_graphs import eager_and_graphed
 
     model = tiny_model("qwen2", dtype=torch.bfloat16, layers=2, q_heads=8, kv_heads=2, head_dim=128).cuda()
-    ids, mask = left_pad([p.cuda() for p in random_prompts([45, 38, 50], seed=11)])
-    runs = []
-    for on in (False, True):
-        method = build("mixkvq", ["method.residual_length=32"], model=model)
-        cache = method.new_cache(len(ids), (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 60)
-        with bind(model, cache, "cuda-tiered"), graphed(model, cache, GraphSettings(on, 64)) as counts, \
-                torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                 max_new_tokens=60, min_new_tokens=60, pad_token_id=0)
-        runs.append((out, counts))
-    (want, off), (got, counts) = runs
+    (want, off, _), (got, counts, _) = eager_and_graphed(
+        model, "mixkvq", ["method.residual_length=32"], [45, 38, 50], 11, "cuda-tiered", 64)
     assert off is None and counts is not None and torch.equal(got, want)
     assert counts.replayed >= 30 and counts.released_outside >= 3, counts  # block flushes made after steps

@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from kernels import fragment, resolve_decode_kernel, tiered
+from kernels import fragment, resolve_decode_kernel
+from kernels import tiered as tiered_kernel
 from kernels.reference import decode_attention as reference_decode
 from kernels.reference import stream_tokens
 from kernels.tiered import tiered_scores
@@ -319,15 +320,15 @@ def test_a_mixkvq_layer_converts_and_says_what_it_holds():
     # The fragment kernel cannot read tiered pages; the tiered one can, on a CUDA device (chosen by name only), and
     # `auto` on CPU stays the reference.
     assert fragment.supports(layer) is not None
-    assert tiered.supports(layer) == "the cache is not on a CUDA device"
+    assert tiered_kernel.supports(layer) == "the cache is not on a CUDA device"
     assert resolve_decode_kernel("auto", torch.device("cpu"), layer) is reference_decode
     with pytest.raises(ConfigError, match="cuda-tiered.*not on a CUDA device"):
         resolve_decode_kernel("cuda-tiered", torch.device("cpu"), layer)
     kivi = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu").new_cache(1)
-    assert "mixed-width" in tiered.supports(kivi.layers[0])
+    assert "mixed-width" in tiered_kernel.supports(kivi.layers[0])
     v3 = build("mixkvq", ["method.value_bits=3"], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16,
                device="cpu").new_cache(1)
-    assert "value width 3" in tiered.supports(v3.layers[0])
+    assert "value width 3" in tiered_kernel.supports(v3.layers[0])
 
 
 def test_layers_the_tiered_pages_cannot_hold_are_named():

@@ -16,42 +16,37 @@ constexpr int WARPS = 4;
 constexpr int STAGES = 4;     // pages in flight per warp
 constexpr int MIN_CTAS = 3;   // resident CTAs per SM the register budget is cut for (168 registers)
 
-template <typename T, int D, int KB, int VB, int VG, bool KEYS_ONLY, int ST = STAGES, int MC = MIN_CTAS>
-void launch(fpd::Params& p, int batch, cudaStream_t stream) {
-  auto split = fpd::fpd_split<T, D, KB, VB, VG, WARPS, ST, KEYS_ONLY, MC>;
-  constexpr size_t page = fpd::Page<D, KB, VB, VG>::BYTES, key_page = fpd::Page<D, KB, VB, VG>::KEY_BYTES;
-  const size_t smem = std::max(size_t(WARPS) * ST * (KEYS_ONLY ? key_page : page),
-                               size_t(WARPS) * fpd::HEADS * (2 + D) * sizeof(float));
-  static bool configured = false;  // one attribute call per instantiation
+// A split kernel's launch (its shared memory: `smem` bytes, at least what the CTA's combine takes), then the merge.
+// The kernel is a template argument, so that each has its own `configured`.
+template <typename T, int D, auto split>
+void launch_splits(size_t smem, bool merge, fpd::Params& p, int batch, cudaStream_t stream) {
+  smem = std::max(smem, size_t(WARPS) * fpd::HEADS * (2 + D) * sizeof(float));
+  static bool configured = false;  // one attribute call per kernel
   if (!configured) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     configured = true;
   }
   split<<<dim3(p.n_splits, p.n_kv, batch), WARPS * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!KEYS_ONLY) {
+  if (merge) {
     constexpr int SG = fpd::merge_groups<D>();
     fpd::fpd_merge<T, D, SG><<<batch * p.n_kv * p.gqa, D * SG, (p.n_splits + SG * D) * sizeof(float), stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
+template <typename T, int D, int KB, int VB, int VG, bool KEYS_ONLY, int ST = STAGES, int MC = MIN_CTAS>
+void launch(fpd::Params& p, int batch, cudaStream_t stream) {
+  constexpr size_t page = fpd::Page<D, KB, VB, VG>::BYTES, key_page = fpd::Page<D, KB, VB, VG>::KEY_BYTES;
+  launch_splits<T, D, fpd::fpd_split<T, D, KB, VB, VG, WARPS, ST, KEYS_ONLY, MC>>(
+      size_t(WARPS) * ST * (KEYS_ONLY ? key_page : page), !KEYS_ONLY, p, batch, stream);
+}
+
 template <typename T, int D, int VB, int VG>
 void launch_tiered(fpd::Params& p, int batch, cudaStream_t stream) {
   constexpr int TIERED_MIN_CTAS = 2;  // 254 registers without spills (3 spill)
-  auto split = fpd::tpd_split<T, D, VB, VG, WARPS, TIERED_MIN_CTAS>;
-  const size_t smem = std::max(size_t(WARPS) * fpd::TieredSmem<D>::WARP,
-                               size_t(WARPS) * fpd::HEADS * (2 + D) * sizeof(float));
-  static bool configured = false;  // one attribute call per instantiation
-  if (!configured) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    configured = true;
-  }
-  split<<<dim3(p.n_splits, p.n_kv, batch), WARPS * 32, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  constexpr int SG = fpd::merge_groups<D>();
-  fpd::fpd_merge<T, D, SG><<<batch * p.n_kv * p.gqa, D * SG, (p.n_splits + SG * D) * sizeof(float), stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_splits<T, D, fpd::tpd_split<T, D, VB, VG, WARPS, TIERED_MIN_CTAS>>(size_t(WARPS) * fpd::TieredSmem<D>::WARP,
+                                                                          true, p, batch, stream);
 }
 
 template <typename T, int D>
