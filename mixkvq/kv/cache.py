@@ -128,10 +128,12 @@ class Stream:
         common = w.common
         if common is not None and common + 1 < len(self.release_table):
             k = self.release_table[common + 1]
+            if before_attention:  # every release before the step, none in it
+                return (0, None) if k <= common else None
             if (k == 1 and getattr(store, "appends_one_by_device", False) and store.has_room(1)
                     and w.shrinks_to(common) is None):
                 return 1, common
-            return (0, None) if not before_attention or k <= common else None
+            return 0, None
         if before_attention and bool((self.window_rule(w.lens + 1, self.residual) > w.lens).any()):
             return None
         return 0, None
