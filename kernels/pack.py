@@ -204,6 +204,56 @@ def _blocks_kernel(
 # ---- launchers --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _page_token_kernel(
+    x_ptr, sxb, sxh,
+    pages_ptr, pages16_ptr, spb, sph,
+    count_ptr, word_at_ptr, shift_at_ptr, meta_slots_ptr, page_words,
+    min_scale,
+    D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr,
+):
+    """One token of row b, head h into its fragment page at the row's device count: the codes added into their words
+    (slots are disjoint and start at zero, so adding is or-ing), the scales and zeros stored into their 16-bit slots."""
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    pos = tl.load(count_ptr + b)
+    in_page = pos % 32
+    base = (pos // 32) * page_words  # the page's first word in this (row, head)'s pages
+    c = tl.arange(0, D)
+    x = tl.load(x_ptr + b * sxb + h * sxh + c).to(tl.float32)
+    grp = c // G
+    scale = tl.full((D,), 1.0, tl.float32)
+    zero = tl.zeros((D,), tl.float32)
+    gi = tl.arange(0, D // G)
+    scales = tl.zeros((D // G,), tl.float32)
+    zeros = tl.zeros((D // G,), tl.float32)
+    for g in tl.static_range(D // G):
+        in_g = grp == g
+        lo = tl.min(tl.where(in_g, x, float("inf")), axis=0)
+        hi = tl.max(tl.where(in_g, x, float("-inf")), axis=0)
+        sg, zg = _scale_zero(lo, hi, min_scale, LEVELS, UNIT_SCALE, META)
+        scale = tl.where(in_g, sg, scale)
+        zero = tl.where(in_g, zg, zero)
+        scales = tl.where(gi == g, sg, scales)
+        zeros = tl.where(gi == g, zg, zeros)
+    codes = _codes(x, scale, zero, c < D, LEVELS, HALF_EVEN)
+    word = tl.load(word_at_ptr + in_page * D + c)
+    shift = tl.load(shift_at_ptr + in_page * D + c)
+    row = b * spb + h * sph + base
+    tl.atomic_add(pages_ptr + row + word, codes << shift)
+    meta = meta_slots_ptr + in_page * (2 * (D // G)) + gi
+    if META == 1:
+        s16 = scales.to(tl.float16).to(tl.int16, bitcast=True)
+        z16 = zeros.to(tl.float16).to(tl.int16, bitcast=True)
+    else:
+        s16 = (scales.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)  # exact: the value is a bf16 already
+        z16 = (zeros.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)
+    tl.store(pages16_ptr + 2 * row + tl.load(meta), s16)
+    tl.store(pages16_ptr + 2 * row + tl.load(meta + D // G), z16)
+
+
 def _numerics(spec: QuantSpec) -> dict:
     if spec.meta_dtype not in _META:
         raise ValueError(f"meta dtype {spec.meta_dtype} is not supported by the pack kernels")
@@ -331,3 +381,22 @@ def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tenso
                 H=h, D=d, P=p, G=group, WCODE=w, BITS=bits, CPW=cpw, NW=nw, NW_PAD=nw_pad, CPW_PAD=cpw_pad,
                 BD=bd, RAW=raw, HAS_WIDTHS=width_map is not None, **_numerics(spec), num_warps=4,
             )
+
+
+def append_page_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, pages: torch.Tensor,
+                       count: torch.Tensor, word_at: torch.Tensor, shift_at: torch.Tensor, meta_slots: torch.Tensor,
+                       page_words: int) -> None:
+    """One token per row, x [B, H, D] (channels dense), quantized into fragment pages [B, H, pages, words] at each
+    row's device `count` in one launch: what `PagedValueStore._append_one` writes (the tables are its own), so that
+    a CUDA graph replays one kernel instead of a dozen ops. Bit for bit the PyTorch path's (tests/test_pack_kernels)."""
+    bits = check_bits(bits, "bits")
+    b, h, d = x.shape
+    if x.stride(2) != 1 or not pages.is_contiguous() or spec.meta_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("one-token page writes need dense channels, contiguous pages and 16-bit metadata")
+    flat = pages.view(b, h, -1)
+    with on_device_of(x):
+        _page_token_kernel[(h, b)](
+            x, x.stride(0), x.stride(1), flat, flat.view(torch.int16), flat.stride(0), flat.stride(1),
+            count, word_at, shift_at, meta_slots, page_words,
+            D=d, G=group, BITS=bits, **_numerics(spec), num_warps=1 if d <= 64 else 2,
+        )

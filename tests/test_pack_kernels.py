@@ -322,3 +322,36 @@ def test_the_pack_kernel_is_a_config_value_checked_before_work_and_out_of_older_
     method = build("kivi", ["quant.pack_kernel=torch"], kv_heads=2, q_heads=4, head_dim=64)
     layer = method.new_cache(1).layers[0]
     assert {s.store.pack_kernel for s in (layer.key_stream, layer.value_stream)} == {"torch"}
+
+
+# ---- one token per row into fragment pages (KIVI's sliding value window on the CUDA kernel's pages) --------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,d,g,meta", [(2, 128, 32, torch.bfloat16), (4, 64, 64, torch.float16),
+                                           (2, 64, 32, torch.float16), (4, 128, 128, torch.bfloat16)])
+def test_one_token_page_writes_match_the_pytorch_path(device, bits, d, g, meta):
+    """`PagedValueStore._append_one` through the kernel and through PyTorch: the same pages, bit for bit, with rows
+    at different positions in their pages (and across a page boundary) and every page byte compared."""
+    from mixkvq.kv.layout import PAGE_TOKENS, FragmentPageLayout
+    from mixkvq.kv.paged import FragmentPages, PagedValueStore
+
+    spec = QuantSpec("half_even", "clamp", 1e-6, meta)
+    layout = FragmentPageLayout(d, None, bits, g)
+    stores = []
+    for on in (False, True):
+        st = PagedValueStore(FragmentPages(3, 2, layout, device), 3, 2, g, bits, meta, spec, backend(on))
+        st.reserve(3 * PAGE_TOKENS)
+        gen = torch.Generator().manual_seed(SEED + bits + d)  # the same tokens for both paths
+        # rows start at different counts (host appends), then take one-token steps through the page boundary
+        first = token_inputs(gen, (3, 2, 40, d), g, bits, meta).to(device)
+        st.append(Ragged(first, torch.tensor([30, 3, 17])))
+        for _ in range(6):
+            x = token_inputs(gen, (3, 2, 1, d), g, bits, meta).to(device)
+            st.append(Ragged(x, torch.ones(3, dtype=torch.int64), 1))
+        stores.append(st)
+    torch_path, kernel_path = stores
+    assert kernel_path.pack_kernel == "triton" and torch_path.pack_kernel == "torch"
+    assert torch.equal(kernel_path.pages.data, torch_path.pages.data), f"seed {SEED}"
+    assert torch.equal(kernel_path.device_count, torch_path.device_count)
+    assert torch.equal(kernel_path.count, torch.tensor([36, 9, 23]))

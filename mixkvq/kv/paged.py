@@ -24,7 +24,7 @@ from mixkvq.kv.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layo
                            check_page_layout, code_order, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
-from mixkvq.kv.storage import ChannelGroupStore, CountedOnDevice, TokenGroupStore
+from mixkvq.kv.storage import ChannelGroupStore, CountedOnDevice, TokenGroupStore, check_pack_kernel, uses_pack_kernels
 
 
 class FragmentPages:
@@ -165,9 +165,10 @@ class PagedValueStore(_OnPages):
     """Per-token value groups written token by token into fragment pages."""
 
     def __init__(self, pages: FragmentPages, batch: int, heads: int, group: int, bits: int, dtype: torch.dtype,
-                 spec: QuantSpec):
+                 spec: QuantSpec, pack_kernel: str = "auto"):
         self.pages, self.b, self.h, self.d = pages, batch, heads, pages.layout.head_dim
         self.g, self.bits, self.dtype, self.spec = group, bits, dtype, spec
+        self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
         self.packed = True
         self._init_counts(batch)
         self.version = 0
@@ -245,9 +246,17 @@ class PagedValueStore(_OnPages):
         placed at each row's `device_count` by device arithmetic (no host value reaches the device, so a CUDA graph
         can replay it) and two scatters."""
         b, h = r.data.shape[:2]
-        codes, scale, zero = quantize(r.data[:, :, :1].reshape(b, h, self.groups, self.g), self.bits, self.spec)
         self.pages.reserve(self._top // PAGE_TOKENS + 1)  # no op when reserved
         pg = self.pages
+        if uses_pack_kernels(self.pack_kernel, r.data):  # one launch (kernels/pack.py), the same bits
+            from kernels.pack import append_page_tokens
+
+            append_page_tokens(r.data[:, :, 0], self.bits, self.g, self.spec, pg.data, self.device_count,
+                               self._word_at, self._shift_at, self._meta_slots, pg.layout.page_words)
+            self.device_count += 1
+            self.advance_host(1)
+            return
+        codes, scale, zero = quantize(r.data[:, :, :1].reshape(b, h, self.groups, self.g), self.bits, self.spec)
         pos = self.device_count
         in_page = pos % PAGE_TOKENS
         base = pos // PAGE_TOKENS * pg.layout.page_words  # [B]: the first word of each row's page
@@ -329,7 +338,7 @@ def to_pages(layer) -> None:
     pl = FragmentPageLayout(layer.dim, ks.uniform_width, vs.bits, vs.g, meta_bytes)
     pages = FragmentPages(ks.b, ks.h, pl, ks.device)
     layer.key_stream.store = PagedKeyStore(pages, ks.b, ks.h, ks.p, ks.uniform_width, ks.dtype, ks.spec)
-    layer.value_stream.store = PagedValueStore(pages, vs.b, vs.h, vs.g, vs.bits, vs.dtype, vs.spec)
+    layer.value_stream.store = PagedValueStore(pages, vs.b, vs.h, vs.g, vs.bits, vs.dtype, vs.spec, vs.pack_kernel)
     tokens = layer.key_stream.reserved_tokens
     if tokens is not None:  # the cache was reserved before the kernel was bound: the pages take its place
         pages.reserve(-(-tokens // PAGE_TOKENS), exact=True)

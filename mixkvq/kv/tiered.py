@@ -288,7 +288,7 @@ def to_tiered_pages(layer) -> None:
     if not value_page_problems(layer):
         pl = FragmentPageLayout(layer.dim, None, vs.bits, vs.g, vs.spec.meta_dtype.itemsize)
         layer.value_stream.store = PagedValueStore(FragmentPages(vs.b, vs.h, pl, ks.device), vs.b, vs.h, vs.g,
-                                                   vs.bits, vs.dtype, vs.spec)
+                                                   vs.bits, vs.dtype, vs.spec, vs.pack_kernel)
     for stream in (layer.key_stream, layer.value_stream):
         if stream.reserved_tokens is not None:  # reserved before the swap: the new stores take its place
             stream.store.reserve(stream.reserved_tokens)
