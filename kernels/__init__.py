@@ -3,9 +3,9 @@
 `torch` is the PyTorch reference: it dequantizes the layer's packed stores and runs SDPA. `cuda` is the CUDA
 kernel over fragment pages (kernels/fragment.py: uniform 2/4-bit keys and values, e.g. KIVI); it puts a fresh
 layer's stores into its page layout when bound (`KERNEL_PREPARE`). `cuda-tiered` reads MixKVQ's keys in tiered
-blocks (kernels/tiered.py; chosen by name only until it has run on a GPU). `triton` is the fused kernel (kernels/decode.py)
-that reads every other packed format directly. `auto` picks, per device, the first registered kernel in
-`AUTO_ORDER` that can read the layer.
+blocks (kernels/tiered.py; chosen by name only until it has run on a GPU). `triton` is the fused kernel
+(kernels/decode.py) that reads every other packed format directly. `auto` picks, per device, the first registered
+kernel in `AUTO_ORDER` that can read the layer.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ def sample(loaded, method, prompt, mode):
 
 @pytest.mark.parametrize("name", ["bf16", "kivi"])
 def test_deferred_check_gives_the_tokens_of_the_per_step_check(loaded, prompt, name):
-    method = build(name, ["method.residual_length=8", "method.group_size=8"] if name == "kivi" else [], model=loaded.model)
+    small = ["method.residual_length=8", "method.group_size=8"] if name == "kivi" else []
+    method = build(name, small, model=loaded.model)
     free = sample(loaded, method, prompt, "every_step")
     # Stop tokens that end every row early, at different steps: each row's 3rd to 6th tokens.
     ends = {row[k] for row, k in zip(free.token_ids, (2, 3, 4, 5))}
