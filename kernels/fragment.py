@@ -22,7 +22,7 @@ import torch
 from mixkvq.kv.layout import PAGE_TOKENS, PackingFormat
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
-SOURCES = ("fragment_decode.cu",)
+SOURCE = "fragment_decode.cu"  # its binding (MixKVQ's tiered kernel builds apart: kernels/tiered.py)
 HEADER = "fragment_decode.cuh"
 TIERED_HEADER = "tiered_decode.cuh"
 MAX_ROWS = 512  # fpd::MAX_ROWS
@@ -52,21 +52,24 @@ def _arch(device: torch.device) -> str:
     return f"{major}.{minor}a" if major == 9 else f"{major}.{minor}"
 
 
-_EXT = None
+_EXTS: dict = {}
 
 
-def extension(device: torch.device | None = None):
-    """The compiled extension (built on first use for the current GPU)."""
-    global _EXT
-    if _EXT is None:
+def build_extension(name: str, source: str, device: torch.device | None = None):
+    """A decode kernel's compiled extension (built on first use for the current GPU, cached by torch after)."""
+    if name not in _EXTS:
         from torch.utils.cpp_extension import load
 
         device = device or torch.device("cuda", torch.cuda.current_device())
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _arch(device))
-        _EXT = load(name="fragment_decode", sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                    extra_include_paths=[str(SOURCE_DIR)], extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
-                    verbose=False)
-    return _EXT
+        _EXTS[name] = load(name=name, sources=[str(SOURCE_DIR / source)], extra_include_paths=[str(SOURCE_DIR)],
+                           extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"], verbose=False)
+    return _EXTS[name]
+
+
+def extension(device: torch.device | None = None):
+    """The fragment kernel's compiled extension."""
+    return build_extension("fragment_decode", SOURCE, device)
 
 
 def compiler_available() -> bool:

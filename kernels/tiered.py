@@ -14,10 +14,11 @@ tier's, or zeros past the last) add nothing.
 `kernel_numerics=False` computes in float64 without rounding (the fold itself, exactly); True rounds as the kernel
 does: q' to the model dtype (one 16-bit multiply per pair), products summed in fp32.
 
-The kernel (`tiered_decode`) has been compiled offline for sm_90a (no spills at 2 CTAs per SM) but has not yet run
-on a GPU, so `attention.decode_kernel=auto` does not pick it: only `attention.decode_kernel=cuda-tiered` binds it,
-to MixKVQ layers whose values fit values-only fragment pages (2/4-bit, groups of 32). In a step a CUDA graph records
-it reads the stores' device counts, as the fragment kernel does.
+The kernel (`tiered_decode`, an extension of its own, built at its first use) has been compiled offline for sm_90a
+(no spills at 2 CTAs per SM) but has not yet run on a GPU, so `attention.decode_kernel=auto` does not pick it: only
+`attention.decode_kernel=cuda-tiered` binds it, to MixKVQ layers whose values fit values-only fragment pages
+(2/4-bit, groups of 32). In a step a CUDA graph records it reads the stores' device counts, as the fragment kernel
+does.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def tiered_decode(query: torch.Tensor, layer, scaling: float, tuning=None) -> to
         # the tail: sink, the longest window such a step attends over, and a partial block
         window = max(ks.quiet_below, vs.quiet_below)
         bounds = [layer.graph_tokens // block, ks.sink_tokens + window + block - 1]
-    return fragment.extension(query.device).tiered_decode(
+    return fragment.build_extension("tiered_decode", "tiered_decode.cu", query.device).tiered_decode(
         query, kb["pool"], kb["offsets"], vb["pages"], ks.window.data, vs.window.data,
         sink.data if sink is not None else None, vs.sink.data if sink is not None else None,
         sink.lens if sink is not None else None, kb["lens"], vb["lens"], ks.window.lens, scaling * fragment.LOG2E,
