@@ -194,6 +194,26 @@ def nvcc_path() -> Path | None:
         return None
 
 
+def page_layout_asserts() -> list[str]:
+    """static_asserts that the kernel's page offsets (`fpd::Page`) are the Python layout's (`FragmentPageLayout`),
+    for every width the kernels are built for, values-only pages included: a disagreement fails the compile."""
+    from mixkvq.kv.layout import PAGE_BITS, PAGE_HEAD_DIMS, FragmentPageLayout
+
+    out = []
+    for d in PAGE_HEAD_DIMS:
+        for kb in (None, *PAGE_BITS):
+            for vb in PAGE_BITS:
+                lay = FragmentPageLayout(d, kb, vb, 32)
+                sec = lay.sections()
+                page = f"fpd::Page<{d}, {kb or 0}, {vb}, 32>"
+                for member, name in (("KS", "key_scale"), ("KZ", "key_zero"), ("VC", "value_codes"),
+                                     ("VS", "value_scale"), ("VZ", "value_zero")):
+                    out.append(f'static_assert({page}::{member} == {sec[name][0]}, "{page}::{member}: the Python '
+                               f'layout says {sec[name][0]}");')
+                out.append(f'static_assert({page}::BYTES == {lay.page_bytes}, "{page}::BYTES");')
+    return out
+
+
 def compile_offline(out_dir: Path, arch: str = "sm_90a") -> tuple[Path, str]:
     """Compile the kernels of OFFLINE_KERNELS and OFFLINE_TIERED_KERNELS to a cubin; returns (cubin, ptxas
     report)."""
@@ -211,6 +231,7 @@ def compile_offline(out_dir: Path, arch: str = "sm_90a") -> tuple[Path, str]:
         lines.append(f"template __global__ void fpd::tpd_split<{args}>(const __grid_constant__ fpd::Params);")
     lines.append("template __global__ void fpd::fpd_merge<__nv_bfloat16, 128, fpd::merge_groups<128>()>"
                  "(const __grid_constant__ fpd::Params);")
+    lines += page_layout_asserts()
     tu.write_text("\n".join(lines) + "\n")
     cubin = out_dir / "fragment_offline.cubin"
     cmd = [str(nvcc), "-std=c++17", f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", f"-I{SOURCE_DIR}",

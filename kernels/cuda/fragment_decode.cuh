@@ -184,9 +184,10 @@ struct Page {
   static constexpr int up16(int n) { return (n + 15) / 16 * 16; }
   static constexpr int NCG = D / VG;
   static constexpr int KC = 0;
-  static constexpr int KS = KC + up16(PAGE_TOKENS * D * KB / 8);
-  static constexpr int KZ = KS + up16(D * 2);
-  static constexpr int VC = KZ + up16(D * 2);
+  static constexpr int DK = KB ? D : 0;  // a values-only page (KB = 0) has empty key sections
+  static constexpr int KS = KC + up16(PAGE_TOKENS * DK * KB / 8);
+  static constexpr int KZ = KS + up16(DK * 2);
+  static constexpr int VC = KZ + up16(DK * 2);
   static constexpr int VS = VC + up16(PAGE_TOKENS * D * VB / 8);
   static constexpr int VZ = VS + up16(PAGE_TOKENS * NCG * 2);
   static constexpr int BYTES = VZ + up16(PAGE_TOKENS * NCG * 2);
