@@ -319,3 +319,50 @@ def test_steps_run_the_replay_way_give_the_eager_tokens_and_statistics(name):
             assert torch.equal(sa.store.tokens(), sb.store.tokens())
             assert torch.equal(sa.store.device_count, sb.store.tokens())
             assert torch.equal(sa.ragged().data, sb.ragged().data)  # the same codes, dequantized
+
+
+def _release_unless_left_out(layer):
+    if not layer.releases_outside:
+        layer.key_stream.release()
+        layer.value_stream.release()
+
+
+def _pages_run_the_replay_way(model, ids, mask, break_in_step: bool = False):
+    import functools
+
+    from mixkvq.kv.graphs import GraphedDecode
+
+    cache = build("kivi", ["method.residual_length=32"], model=model).new_cache(
+        len(ids), (mask == 0).sum(dim=1), capacity=ids.shape[1] + 40)
+    for layer in cache.layers:
+        to_pages(layer)  # the CUDA kernel's layout: values slide into their pages one token per step, in the step
+        if break_in_step:  # a step that leaves its in-step release out too (eager steps release as before)
+            layer.after_attention = functools.partial(_release_unless_left_out, layer)
+    runner = GraphedDecode(model.forward, cache, bucket_tokens=64, record=False)
+    model.forward = functools.wraps(runner.forward)(runner)
+    try:
+        with bind(model, cache, "torch"), torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                 max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
+    finally:
+        del model.forward
+    return out, cache, runner.counts
+
+
+def test_in_step_releases_stay_in_the_step_a_replay_runs():
+    """KIVI on fragment pages: the value window's one-token release runs inside the step (device positions), as
+    `advance_host` assumes for a replay; only the key blocks' flushes run around steps. A step that leaves its
+    in-step release out is refused, not silently made consistent after it (a replay would not be)."""
+    model = tiny_model("qwen2", dtype=torch.bfloat16, layers=2, q_heads=8, kv_heads=2, head_dim=128)
+    ids, mask = left_pad(random_prompts([45, 38, 50], seed=11))
+    want = generate(model, build("kivi", ["method.residual_length=32"], model=model), ids, mask,
+                    decode_kernel="torch", max_new_tokens=40, min_new_tokens=40)[0]
+    out, cache, counts = _pages_run_the_replay_way(model, ids, mask)
+    assert torch.equal(out, want)
+    assert counts.eager >= 35 and 1 <= counts.released_outside <= 6, counts  # key flushes only, not every step
+    for layer in cache.layers:
+        vs = layer.value_stream
+        assert torch.equal(vs.window.device_lens.cpu(), vs.window.lens)
+        assert torch.equal(vs.store.device_count, vs.store.tokens())
+    with pytest.raises(RuntimeError, match="in-step releases"):
+        _pages_run_the_replay_way(model, ids, mask, break_in_step=True)

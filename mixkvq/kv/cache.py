@@ -224,7 +224,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.is_initialized = True
         self.decode_fn = None  # set by attention.bind()
         self.graph_tokens: int | None = None  # while a CUDA graph records a decode step: the tokens its splits plan for
-        self.releases_outside = False  # while set, the step's releases are left to `release_outside` (graphs.py)
+        self.releases_outside = False  # while set, the step's releases are left to `release_outside` (graphs.py) ...
+        self.in_step: tuple | None = None  # ... but for those `replay_step` put in it (each stream's `replay_release`)
         self.probe = None  # fidelity diagnostics (mixkvq/eval/fidelity.py): sees the exact K/V and each decode output
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -337,7 +338,11 @@ class QuantizedLayer(CacheLayerMixin):
         """Sees every query (post-RoPE) of this layer before attention (MixKVQ's importance)."""
 
     def after_attention(self) -> None:
-        if not self.releases_before_attention and not self.releases_outside:
+        if self.releases_outside:  # a step replays will make: only its in-step releases (`replay_step`)
+            for stream, (k, _) in zip((self.key_stream, self.value_stream), self.in_step):
+                if k:
+                    stream.release()
+        elif not self.releases_before_attention:
             self.key_stream.release()
             self.value_stream.release()
 
@@ -512,18 +517,27 @@ class QuantizedCache(Cache):
         return moved
 
     @contextmanager
-    def releases_left_out(self):
-        """Within the block a decode step's forward releases nothing and records no statistics (a CUDA graph records
-        it, or it runs eagerly as a replay would); `finish_step` does both after it."""
-        for layer in self.layers:
-            layer.releases_outside = True
+    def releases_left_out(self, releases: tuple):
+        """Within the block a decode step's forward (a CUDA graph records it, or it runs eagerly as a replay would)
+        makes only the releases `replay_step` put in the step (`releases`: each layer's, one token per row at device
+        positions) and records no statistics; `finish_step` makes the others and records them after it. On leaving,
+        checks that the step made exactly those in-step releases: `advance_host` assumes them for its replays."""
+        made = []
+        for layer, planned in zip(self.layers, releases):
+            layer.releases_outside, layer.in_step = True, planned
+            made.append((layer.key_stream.releases, layer.value_stream.releases))
         self._left_out = True
         try:
             yield
         finally:
             for layer in self.layers:
-                layer.releases_outside = False
+                layer.releases_outside, layer.in_step = False, None
             self._left_out = False
+        for layer, planned, before in zip(self.layers, releases, made):
+            got = tuple(s.releases - n for s, n in zip((layer.key_stream, layer.value_stream), before))
+            if got != tuple(int(k > 0) for k, _ in planned):
+                raise RuntimeError(f"layer {layer.layer_idx}: a step planned with in-step releases {planned} made "
+                                   f"{got} store appends (key, value)")
 
     def finish_step(self, replayed: tuple | None = None) -> bool:
         """After a step that left its releases out: make those due after it, then record the step's statistics (for a

@@ -118,7 +118,7 @@ class GraphedDecode:
             self._next = (self.cache.layers[0].seq_len, self.cache.replay_step())
             return rec.output
         self._checked.clear()
-        with self.cache.releases_left_out():  # as in a replay: the cache's releases around the step, not in it
+        with self.cache.releases_left_out(releases):  # as in a replay: in-step releases in it, the others around it
             if step not in self._warm or not self.record:  # the step's kernels are built outside a recording
                 self._warm.add(step)
                 self.counts.eager += 1
