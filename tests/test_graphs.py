@@ -255,13 +255,16 @@ def test_kivi_steps_replayed_on_the_cuda_kernel_give_the_eager_tokens():
     assert off is None and counts is not None
     assert torch.equal(got, want)
     assert counts.replayed >= 45 and counts.released_outside >= 3, counts  # the rows' key flushes, after steps
-    for a, b in zip(eager.layers, replayed.layers):  # the stores hold the same codes
+    for a, b in zip(eager.layers, replayed.layers):  # the stores hold as many tokens, the device counts agree
         for s in ("key_stream", "value_stream"):
             sa, sb = getattr(a, s), getattr(b, s)
             assert torch.equal(sa.store.tokens(), sb.store.tokens())
             assert torch.equal(sa.store.device_count.cpu(), sb.store.tokens())
             assert torch.equal(sa.window.lens, sb.window.lens)
-        assert torch.equal(a.key_stream.store.pages.data, b.key_stream.store.pages.data)
+            assert torch.equal(sb.window.device_lens.cpu(), sb.window.lens)
+    # The first layer's keys and values do not depend on attention: its pages are the same bits. (A replay plans its
+    # splits for the bucket, the eager step for the rows' lengths, so later layers' inputs differ by rounding.)
+    assert torch.equal(eager.layers[0].key_stream.store.pages.data, replayed.layers[0].key_stream.store.pages.data)
 
 
 # Small windows so that blocks, sliding tokens and KVmix's groups leave the windows many times in 40 steps; ragged
