@@ -14,11 +14,10 @@ tier's, or zeros past the last) add nothing.
 `kernel_numerics=False` computes in float64 without rounding (the fold itself, exactly); True rounds as the kernel
 does: q' to the model dtype (one 16-bit multiply per pair), products summed in fp32.
 
-The kernel (`tiered_decode`, an extension of its own, built at its first use) has been compiled offline for sm_90a
-(no spills at 2 CTAs per SM) but has not yet run on a GPU, so `attention.decode_kernel=auto` does not pick it: only
-`attention.decode_kernel=cuda-tiered` binds it, to MixKVQ layers whose values fit values-only fragment pages
-(2/4-bit, groups of 32). In a step a CUDA graph records it reads the stores' device counts, as the fragment kernel
-does.
+The kernel (`tiered_decode`, an extension of its own, built at its first use; sm_90a, no spills at 2 CTAs per SM)
+serves MixKVQ layers whose values fit values-only fragment pages (2/4-bit, groups of 32): `attention.decode_kernel`
+`auto` picks it for them on CUDA. tests/test_tiered_kernel.py checks it against fp64 on the GPU. In a step a CUDA
+graph records it reads the stores' device counts, as the fragment kernel does.
 """
 
 from __future__ import annotations
