@@ -134,3 +134,53 @@ def test_the_counter_counts_launching_ops_of_cache_code_only(model):
     # A DynamicCache's layer appends keys and values with one cat each; the model's own work is not counted.
     assert len(counter.steps) == 4 * len(model.model.layers)
     assert all(dict(rec.ops) == {"cat": 2} for rec in counter.steps), [dict(r.ops) for r in counter.steps]
+
+
+# Ops that make the host wait for the device when their inputs live there: a boolean mask or `nonzero` (the output's
+# size), `unique` (likewise). A uniform-width store's block writes know their sizes on the host.
+WAITING_OPS = ("nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select")
+
+
+class _WaitingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else []) or [])
+        if name in WAITING_OPS or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("kvmix", ["method.layer_bits={key:[3],value:[4]}"]),  # 3-bit keys, 11 codes per word (the repo's format)
+    ("kivi", ["quant.pack_kernel=torch"]),
+])
+def test_uniform_width_block_writes_never_wait_for_the_device(name, overrides):
+    """A store of one width (KVmix's layers, KIVI) sizes, counts and places its blocks from host numbers: its writes
+    dispatch no boolean indexing, `nonzero` or `unique`, each of which would stall the host on a GPU (KVmix's
+    releases run as eager ops between replayed decode steps). Mixed widths (MixKVQ) still read theirs."""
+    from tiny import build
+
+    method = build(name, overrides, kv_heads=2, q_heads=4, head_dim=64, dtype=torch.bfloat16, device="cpu")
+    layer = method.new_cache(3, torch.tensor([0, 5, 9])).layers[0]
+    store = layer.key_stream.store
+    assert store.uniform_width is not None
+    mode, append = _WaitingOps(), store.append
+
+    def watched(*args):  # the store's writes only (the window's ragged bookkeeping is on host lengths)
+        with mode:
+            append(*args)
+
+    store.append = watched
+    gen = torch.Generator().manual_seed(0)
+    layer.update(*(torch.randn(3, 2, 40, 64, generator=gen).to(torch.bfloat16) for _ in range(2)))
+    layer.after_attention()
+    for _ in range(2 * store.p):  # every row releases a block or more
+        layer.update(*(torch.randn(3, 2, 1, 64, generator=gen).to(torch.bfloat16) for _ in range(2)))
+        layer.after_attention()
+    assert int(store.nblocks.min()) >= 1
+    assert mode.seen == [], mode.seen

@@ -133,12 +133,18 @@ class ChannelGroupStore(CountedOnDevice):
 
     def channel_words(self, widths: torch.Tensor) -> torch.Tensor:
         """int32 words one channel of one block occupies, per width code."""
-        full = self.p * self.fp_bits // 32
-        out = torch.full_like(widths, full, dtype=torch.int64)
+        if self.uniform_width is not None:  # known on the host: no look at the device's widths
+            return torch.full_like(widths, self._words_of(self.uniform_width), dtype=torch.int64)
+        out = torch.full_like(widths, self._words_of(FULL_PRECISION), dtype=torch.int64)
         for w in widths.unique().tolist():
             if w != FULL_PRECISION:
-                out[widths == w] = -(-self.p // PACK11) if self._is11(w) else words_for(self.p, w)
+                out[widths == w] = self._words_of(w)
         return out
+
+    def _words_of(self, w: int) -> int:
+        if w == FULL_PRECISION:
+            return self.p * self.fp_bits // 32
+        return -(-self.p // PACK11) if self._is11(w) else words_for(self.p, w)
 
     def _is11(self, w: int) -> bool:
         return self.pack11 and w == 3
@@ -177,20 +183,29 @@ class ChannelGroupStore(CountedOnDevice):
         self._counted()
 
     def _count(self, widths: torch.Tensor, rows: torch.Tensor) -> None:
-        per_block_bits = self._code_bits(widths).sum(dim=(1, 2)).to(torch.float64).cpu()
-        words = self.channel_words(widths).sum(dim=2).cpu()  # [N, H]
+        if self.uniform_width is not None:  # from host numbers alone (a mixed store reads its widths back)
+            n, w = len(rows), self.uniform_width
+            chans = self.h * self.d
+            per_block_bits = torch.full((n,), float(self._code_bits(torch.tensor(w)) * chans), dtype=torch.float64)
+            words = torch.full((n, self.h), self.d * self._words_of(w), dtype=torch.int64)
+            self.tier_counts[w] = self.tier_counts.get(w, 0) + n * chans
+        else:
+            per_block_bits = self._code_bits(widths).sum(dim=(1, 2)).to(torch.float64).cpu()
+            words = self.channel_words(widths).sum(dim=2).cpu()  # [N, H]
+            for w, c in zip(*widths.unique(return_counts=True)):
+                self.tier_counts[int(w)] = self.tier_counts.get(int(w), 0) + int(c)
         per_block_bytes = words.sum(1) * 4 + self.h * self._bytes_per_block()
         self.code_bits.index_add_(0, rows, per_block_bits)
         self.live_bytes.index_add_(0, rows, per_block_bytes)
-        for w, c in zip(*widths.unique(return_counts=True)):
-            self.tier_counts[int(w)] = self.tier_counts.get(int(w), 0) + int(c)
 
     def _encode(self, blocks, widths):
-        """Per-width groups of channel rows: yields (mask [N,H,D], words [M, wpc], scale, zero)."""
+        """Per-width groups of channel rows: yields (mask [N,H,D], words [M, wpc], scale, zero); one width: mask
+        None, every channel row in (n, h, d) order, with no boolean indexing (it would wait for the device)."""
         chans = blocks.transpose(2, 3)  # [N, H, D, P]
-        for w in widths.unique().tolist():
-            mask = widths == w
-            x = chans[mask]  # [M, P]
+        uniform = self.uniform_width
+        for w in [uniform] if uniform is not None else widths.unique().tolist():
+            mask = widths == w if uniform is None else None
+            x = chans[mask] if mask is not None else chans.reshape(-1, self.p)  # [M, P]
             if w == FULL_PRECISION:
                 yield mask, pack_float(x), None, None
             else:
@@ -202,7 +217,8 @@ class ChannelGroupStore(CountedOnDevice):
         dev = self.device
         wpc = self.channel_words(widths)  # [N, H, D]
         chan_off = torch.cumsum(wpc, dim=2) - wpc
-        total = wpc.sum(dim=2).cpu()  # [N, H]
+        total = (wpc.sum(dim=2).cpu() if self.uniform_width is None  # [N, H]
+                 else torch.full((len(rows), self.h), self.d * self._words_of(self.uniform_width)))
         start, added, per_row = pool_starts(self.used, rows, total)
         need = int((self.used + added).max())
         if need > self.pool.shape[2]:
@@ -224,12 +240,21 @@ class ChannelGroupStore(CountedOnDevice):
                                          self.pool, self.scale, self.zero, rows_d, slot_d, base)
         else:
             for mask, words, scale, zero in self._encode(blocks, widths):
-                dst = base[mask][:, None] + torch.arange(words.shape[1], device=dev)[None, :]
-                flat_pool[row_head[mask][:, None], dst] = words
-                if scale is not None:
+                sel = (lambda t: t[mask]) if mask is not None else (lambda t: t.reshape(-1))
+                dst = sel(base)[:, None] + torch.arange(words.shape[1], device=dev)[None, :]
+                flat_pool[sel(row_head)[:, None], dst] = words
+                if scale is None:
+                    continue
+                if mask is not None:
                     n_idx, h_idx, d_idx = mask.nonzero(as_tuple=True)
-                    self.scale[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = scale
-                    self.zero[rows_d[n_idx], h_idx, slot_d[n_idx], d_idx] = zero
+                    at = (rows_d[n_idx], h_idx, slot_d[n_idx], d_idx)
+                else:  # every channel of every block: broadcast indices, (n, h, d) order as the rows are
+                    n, h, d = widths.shape
+                    at = (rows_d[:, None, None], torch.arange(h, device=dev)[None, :, None], slot_d[:, None, None],
+                          torch.arange(d, device=dev)[None, None, :])
+                    scale, zero = scale.reshape(n, h, d, -1), zero.reshape(n, h, d, -1)
+                self.scale[at] = scale
+                self.zero[at] = zero
         if self.uniform_width is None:
             self.widths = grow(self.widths, 2, nslots)
             self.offsets = grow(self.offsets, 2, nslots)
