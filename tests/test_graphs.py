@@ -279,35 +279,41 @@ AROUND_CASES = {
 }
 
 
+def generate_the_replay_way(model, cache, ids, mask, bucket_tokens: int | None, new: int = 40):
+    """Greedy generate on the reference decoder with `GraphedDecode(record=False)` (None: plain eager steps); returns
+    (sequences, the runner or None)."""
+    import functools
+
+    from mixkvq.kv.graphs import GraphedDecode
+
+    runner = None
+    if bucket_tokens is not None:
+        runner = GraphedDecode(model.forward, cache, bucket_tokens=bucket_tokens, record=False)
+        model.forward = functools.wraps(runner.forward)(runner)
+    try:
+        with bind(model, cache, "torch"), torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    finally:
+        if runner is not None:
+            del model.forward
+    return out, runner
+
+
 @pytest.mark.parametrize("name", sorted(AROUND_CASES))
 def test_steps_run_the_replay_way_give_the_eager_tokens_and_statistics(name):
     """`GraphedDecode(record=False)` runs every step a graph could replay eagerly the way it would be recorded:
     device lengths, the bucket's plan, and the cache's releases left out of the step and made around it (before it
     for KVmix, which releases before attention; after it for the others). Greedy tokens and every step's statistics
     equal the plain eager path's, and releases did run around steps."""
-    import functools
-
-    from mixkvq.kv.graphs import GraphedDecode
-
     model = tiny_model("llama", layers=2)
     ids, mask = left_pad(random_prompts([23, 17, 30], seed=5))
     runs = []
     for around in (False, True):
         method = build(name, AROUND_CASES[name], model=model)
         cache = method.new_cache(len(ids), (mask == 0).sum(dim=1), capacity=ids.shape[1] + 40)
-        runner = None
-        if around:
-            runner = GraphedDecode(model.forward, cache, bucket_tokens=16, record=False)
-            model.forward = functools.wraps(runner.forward)(runner)
-        try:
-            with bind(model, cache, "torch"), torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                     max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
-        finally:
-            if around:
-                del model.forward
-        runs.append((out, cache, runner))
-    (want, eager, _), (got, around, runner) = runs
+        runs.append((*generate_the_replay_way(model, cache, ids, mask, 16 if around else None), cache))
+    (want, _, eager), (got, runner, around) = runs
     assert torch.equal(got, want)
     assert runner.counts.released_outside >= 3, runner.counts
     assert runner.counts.eager >= 30  # (every planned step runs eagerly here: record=False)
@@ -333,22 +339,13 @@ def _release_unless_left_out(layer):
 def _pages_run_the_replay_way(model, ids, mask, break_in_step: bool = False):
     import functools
 
-    from mixkvq.kv.graphs import GraphedDecode
-
     cache = build("kivi", ["method.residual_length=32"], model=model).new_cache(
         len(ids), (mask == 0).sum(dim=1), capacity=ids.shape[1] + 40)
     for layer in cache.layers:
         to_pages(layer)  # the CUDA kernel's layout: values slide into their pages one token per step, in the step
         if break_in_step:  # a step that leaves its in-step release out too (eager steps release as before)
             layer.after_attention = functools.partial(_release_unless_left_out, layer)
-    runner = GraphedDecode(model.forward, cache, bucket_tokens=64, record=False)
-    model.forward = functools.wraps(runner.forward)(runner)
-    try:
-        with bind(model, cache, "torch"), torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                 max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
-    finally:
-        del model.forward
+    out, runner = generate_the_replay_way(model, cache, ids, mask, 64)
     return out, cache, runner.counts
 
 
