@@ -173,10 +173,11 @@ OFFLINE_KERNELS = {  # template arguments as the binding instantiates them (WARP
     "kivi2_fp16_d64": "__half, 64, 2, 2, 32, 4, 4, false, 3",
     "kivi2_keys_only": "__nv_bfloat16, 128, 2, 2, 32, 4, 4, true, 3",
 }
-# MixKVQ's tiered kernel (tiered_decode.cuh) as the binding instantiates it (WARPS 4, MIN_CTAS 2: 256 registers).
-OFFLINE_TIERED_KERNELS = {
-    "mixkvq_v2_bf16_d128": "__nv_bfloat16, 128, 2, 32, 4, 2",
-    "mixkvq_v4_fp16_d64": "__half, 64, 4, 32, 4, 2",
+# MixKVQ's tiered kernel (tiered_decode.cuh) as the binding instantiates it (three CTAs per SM: 168 registers).
+OFFLINE_TIERED_KERNELS = {  # (T, D, value bits, value group, warps, ring pages, CTAs per SM) as tiered_decode.cu
+    "mixkvq_v2_bf16_d128": "__nv_bfloat16, 128, 2, 32, 4, 2, 3",
+    "mixkvq_v4_bf16_d128": "__nv_bfloat16, 128, 4, 32, 4, 2, 3",
+    "mixkvq_v4_fp16_d64": "__half, 64, 4, 32, 4, 4, 3",
 }
 
 
@@ -197,6 +198,7 @@ def nvcc_path() -> Path | None:
 def page_layout_asserts() -> list[str]:
     """static_asserts that the kernel's page offsets (`fpd::Page`) are the Python layout's (`FragmentPageLayout`),
     for every width the kernels are built for, values-only pages included: a disagreement fails the compile."""
+    from kernels.tiered import ring_key_cap
     from mixkvq.kv.layout import PAGE_BITS, PAGE_HEAD_DIMS, FragmentPageLayout
 
     out = []
@@ -211,6 +213,8 @@ def page_layout_asserts() -> list[str]:
                     out.append(f'static_assert({page}::{member} == {sec[name][0]}, "{page}::{member}: the Python '
                                f'layout says {sec[name][0]}");')
                 out.append(f'static_assert({page}::BYTES == {lay.page_bytes}, "{page}::BYTES");')
+    for d in PAGE_HEAD_DIMS:  # the tiered kernel's key pages staged in its ring (larger ones read in place)
+        out.append(f"static_assert(fpd::TieredSmem<{d}, 2, 32, 4>::KEY_CAP == {ring_key_cap(d)}, \"ring key cap\");")
     return out
 
 

@@ -14,7 +14,7 @@ tier's, or zeros past the last) add nothing.
 `kernel_numerics=False` computes in float64 without rounding (the fold itself, exactly); True rounds as the kernel
 does: q' to the model dtype (one 16-bit multiply per pair), products summed in fp32.
 
-The kernel (`tiered_decode`, an extension of its own, built at its first use; sm_90a, no spills at 2 CTAs per SM)
+The kernel (`tiered_decode`, an extension of its own, built at its first use; sm_90a, no spills at 3 CTAs per SM)
 serves MixKVQ layers whose values fit values-only fragment pages (2/4-bit, groups of 32): `attention.decode_kernel`
 `auto` picks it for them on CUDA. tests/test_tiered_kernel.py checks it against fp64 on the GPU. In a step a CUDA
 graph records it reads the stores' device counts, as the fragment kernel does.
@@ -22,8 +22,11 @@ graph records it reads the stores' device counts, as the fragment kernel does.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from kernels import fragment
 from mixkvq.kv.layout import (PAGE_TOKENS, TIER_BITS, TIER_SECTIONS, TIER_STEP, TIER_WIDTHS, Layout, PackingFormat,
                               channel_meta_order, tier_channels, tile_channels, unpack_tile)
 
@@ -90,6 +93,14 @@ def _tier_scores(q: torch.Tensor, words: torch.Tensor, t: int, c: int, dtype: to
 # ---- the CUDA kernel -------------------------------------------------------------------------------------------
 
 TIERED_VALUE_FORMATS = ((2, 32), (4, 32))  # (value bits, value group) the kernel is built for
+# The split planner's input: three resident CTAs per SM (tiered_decode.cu CTAS).
+TUNING = replace(fragment.DEFAULT_TUNING, ctas_per_sm=3)
+
+
+def ring_key_cap(head_dim: int) -> int:
+    """Bytes of a key page the kernel stages in shared memory (tiered_decode.cuh TieredSmem::KEY_CAP); a page over
+    it (a block of many full-precision channels) is read from global memory where it lies."""
+    return head_dim * PAGE_TOKENS
 TIERED_HEAD_DIMS = (64, 128)
 
 
@@ -100,7 +111,6 @@ def _on_tiers(layer) -> bool:
 
 def supports(layer) -> str | None:
     """Why the tiered CUDA kernel cannot serve this layer (None: it can, after `prepare`)."""
-    from kernels import fragment
     from mixkvq.kv.tiered import tiered_problems, value_page_problems  # not at import: kernels load no stores
 
     if not _on_tiers(layer):
@@ -140,9 +150,7 @@ def prepare(layer) -> None:
 
 def tiered_decode(query: torch.Tensor, layer, scaling: float, tuning=None) -> torch.Tensor:
     """query [B, Hq, 1, D] -> [B, 1, Hq, D] over the layer's tiered key blocks and value pages."""
-    from kernels import fragment
-
-    tuning = tuning or fragment.DEFAULT_TUNING
+    tuning = tuning or TUNING
     ks, vs = layer.key_stream, layer.value_stream
     kb, vb = ks.store.buffers(), vs.store.buffers()
     vpl = vs.store.layout().page

@@ -26,10 +26,27 @@ def check(overrides, **kw):
     return check_kernel("mixkvq", overrides, kernel=tiered, decode=tiered.tiered_decode, **kw)
 
 
+def page_bytes(layer) -> set[int]:
+    """Key page sizes of the layer's whole blocks (from each block's counts word)."""
+    store = layer.key_stream.store
+    tiers, buf = store.layout().tiers, store.buffers()
+    pool, offsets = buf["pool"].cpu(), buf["offsets"].cpu()
+    sizes = set()
+    for b, h in [(b, h) for b in range(pool.shape[0]) for h in range(pool.shape[1])]:
+        for k in range(int(store.tokens()[b]) // tiers.block):
+            w = int(pool[b, h, int(offsets[b, h, k]) + layer.dim // 4])
+            sizes.add(tiers.page_bytes((w & 255, (w >> 8) & 255, (w >> 16) & 255)))
+    return sizes
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_mix_matches_the_ground_truth(case):
     layer = check(CASES[case])
     assert int(layer.key_stream.store.tokens().max()) >= 256
+    # Pages up to the cap stream through the kernel's ring, larger ones are read in place: both paths are checked.
+    if case in ("c2.5", "c6"):
+        above = max(page_bytes(layer)) > tiered.ring_key_cap(layer.dim)
+        assert above == (case == "c6"), (case, sorted(page_bytes(layer)))
 
 
 @pytest.mark.parametrize("gqa,head_dim,dtype", [(1, 64, torch.bfloat16), (4, 128, torch.float16),
