@@ -257,8 +257,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("host", "aten_ops_per_step", "sync_sites")}),
               flush=True)
+        # both records after every method: a call cut short keeps the methods it finished
         (args.out / "profile.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    write_markdown(args.out, meta, rows)
+        write_markdown(args.out, meta, rows)
 
 
 if __name__ == "__main__":
