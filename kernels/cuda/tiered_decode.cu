@@ -12,7 +12,9 @@ void launch_tiered(fpd::Params& p, int batch, cudaStream_t stream) {
   // Resident CTAs per SM: 3 (at most 168 registers, no spills); each warp's ring as deep as three CTAs' rings fit an
   // SM's 228 KiB (1 KiB reserved per CTA).
   constexpr int CTAS = 3;
-  constexpr auto fits = [](int ring) { return CTAS * (WARPS * fpd::tiered_warp_smem<D, VB, VG>(ring) + 1024) <= 228 * 1024; };
+  constexpr auto fits = [](int ring) {
+    return CTAS * (WARPS * fpd::tiered_warp_smem<D, VB, VG>(ring) + 1024) <= 228 * 1024;
+  };
   constexpr int RING = fits(4) ? 4 : (fits(3) ? 3 : 2);
   launch_splits<T, D, fpd::tpd_split<T, D, VB, VG, WARPS, RING, CTAS>>(
       size_t(WARPS) * fpd::TieredSmem<D, VB, VG, RING>::WARP, true, p, batch, stream);

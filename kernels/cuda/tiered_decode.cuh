@@ -140,9 +140,10 @@ __device__ __forceinline__ void tier_scores(const char* pg, const Tiers& tr, int
 
 // A warp's shared memory in the main splits: a ring of STAGES page slots, then the block's query fragments.
 // A slot: the page's key block (its global address) and tier counts, the block's permutation (first page only), the
-// value page, and the key page when it holds at most KEY_CAP bytes (D x 32 bytes: 8 bits per key element, scales
-// and zeros included; MixKVQ's mixes take 2-4). A page over the cap, a block with many full-precision channels, is
-// read from global memory where it lies, by the same code through a generic pointer.
+// value page, and the key page when it holds at most KEY_CAP bytes (D x 32: 8 bits per key element with scales, zeros
+// and padding; at D = 128 MixKVQ's pages at 2.3 average key bits take about 2.6 KB, at 3.4 bits up to 4 KB). A page
+// over the cap, a block with many full-precision channels, is read from global memory where it lies, by the same
+// code through a generic pointer.
 template <int D, int VB, int VG, int STAGES>
 struct TieredSmem {
   using PV = Page<D, 0, VB, VG>;
@@ -155,7 +156,9 @@ struct TieredSmem {
 };
 
 template <int D, int VB, int VG>
-constexpr int tiered_warp_smem(int ring) { return ring * TieredSmem<D, VB, VG, 1>::SLOT + TieredSmem<D, VB, VG, 1>::QF; }
+constexpr int tiered_warp_smem(int ring) {
+  return ring * TieredSmem<D, VB, VG, 1>::SLOT + TieredSmem<D, VB, VG, 1>::QF;
+}
 
 // The warp's blocks in order (k0, k0 + step, ...): the current one's address and counts, the next one's address
 // and its counts word in flight, the offset of the one after in flight. Two dependent loads per block, which would
