@@ -183,7 +183,9 @@ def write_markdown(out: Path, meta: dict, rows: list[dict]) -> None:
     """profile.md from the rows of profile.json (also for rows merged from several calls)."""
     lines = [f"# Decode step profile ({meta['device']}, {meta['date']}, torch {meta['torch']})", "",
              f"Random-weight model, {meta['layers']} layers, batch {meta['batch']}, prompt {meta['prompt_tokens']} "
-             f"tokens, {meta['new_tokens']} sampled new tokens; `python scripts/profile_decode_step.py`.", "",
+             f"tokens, {meta['new_tokens']} sampled new tokens; `python scripts/profile_decode_step.py`. Launches, "
+             f"syncs, copies and device time per step come from calls of {meta.get('profile_tokens', 16)} new "
+             "tokens.", "",
              "Cache ops: the aten ops of the cache's own work per layer and step (the model's SDPA and the rest of its "
              "forward left out), mean over ordinary decode steps / over flush steps (a block moved into a store, and "
              "the step after); in brackets those on cache data, the rest being host-side lengths on a GPU.", "",
@@ -211,7 +213,7 @@ def write_markdown(out: Path, meta: dict, rows: list[dict]) -> None:
             continue
         lines += ["", f"## {r['method']}: lines that synchronized the stream (per step)", ""]
         lines += [f"- `{x['site']}`: {x['per_step']:.1f}" for x in r["sync_sites"]] or ["- none"]
-        lines += ["", f"## {r['method']}: host time by function (16 steps, per step)", "",
+        lines += ["", f"## {r['method']}: host time by function ({meta.get('profile_tokens', 16)} steps, per step)", "",
                   "| function | calls | self us | cum us |", "|---|---|---|---|"]
         lines += [f"| `{h['function']}` | {h['calls_per_step']:.0f} | {h['self_us_per_step']:.0f} | "
                   f"{h['cum_us_per_step']:.0f} |" for h in r["host"]]
@@ -228,6 +230,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--profile-tokens", type=int, default=16,
+                    help="new tokens of the profiled calls (launches, device time, host time); the timed call makes "
+                         "--new-tokens. Startup's eager steps weigh on a short one")
     ap.add_argument("--quick", action="store_true", help="step times, launches and device time only")
     ap.add_argument("--device", default="cuda", help="cpu: timings are a smoke test; the cache ops count as on a GPU")
     args = ap.parse_args()
@@ -238,7 +243,7 @@ def main() -> None:
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 date=datetime.date.today().isoformat(), torch=torch.__version__,
                 batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                layers=model.config.num_hidden_layers)
+                profile_tokens=args.profile_tokens, layers=model.config.num_hidden_layers)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.methods.split(","):
@@ -250,9 +255,10 @@ def main() -> None:
         graph_counts = getattr(fn, "graph_counts", None)  # of the timed call
         row = dict(method=name, step_ms=step_ms, prefill_ms=prefill * 1e3,
                    tok_s=args.batch * args.new_tokens / total, graph_counts=graph_counts,
-                   **launch_profile(fn, ids, 16, device))
+                   **launch_profile(fn, ids, args.profile_tokens, device))
         if not args.quick:
-            row.update(**op_profile(fn, ids, args.new_tokens), host=host_profile(fn, ids, 16, args.top),
+            row.update(**op_profile(fn, ids, args.new_tokens),
+                       host=host_profile(fn, ids, args.profile_tokens, args.top),
                        sync_sites=sync_sites(fn, ids, 8) if device == "cuda" else [])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("host", "aten_ops_per_step", "sync_sites")}),
