@@ -2,7 +2,8 @@
 
 For each method and context length the cache of every layer is filled with random keys and values through the
 method's own flush and pack path (mixkvq/kv/synthetic.py: same stored state, hence same decode cost, as a real
-prefill), then `--steps` decode steps of the whole model are timed (after warm-up). `bf16-dynamic` is transformers'
+prefill), then `--steps` decode steps of the whole model are timed (after warm-up), the harness caches' steps
+replayed from CUDA graphs as `run.py` replays them (`--graphs never`: eager). `bf16-dynamic` is transformers'
 DynamicCache with SDPA, the baseline; `bf16` is the unquantized reference through this harness's cache.
 
 Batch sizes: 1, and the largest batch that fits, found by the script: a batch-1 fill gives the cache bytes per
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-WARMUP = 3  # decode steps before the timed ones
+WARMUP = 3  # decode steps before the timed ones (with graphs: an eager step, a recording, a replay)
 METHODS = {
     "bf16-dynamic": None,
     "bf16": ["method=bf16"],
@@ -68,59 +69,70 @@ def dynamic_cache(model, batch: int, context: int):
     return cache
 
 
-def decode_steps(model, cache, batch: int, steps: int, warmup: int = WARMUP) -> float:
-    """Seconds per decode step of the whole model."""
+def decode_steps(model, cache, batch: int, steps: int, warmup: int = WARMUP, graphs: bool = True):
+    """(seconds per decode step of the whole model, the graph counts of warm-up and timed steps or None). With
+    `graphs` a harness cache's steps replay from CUDA graphs as in `run.py` (`mixkvq.kv.graphs`): the first steps
+    of the warm-up run eagerly and record; DynamicCache's steps stay eager (transformers' own path)."""
     from mixkvq.kv.attention import bind
     from mixkvq.kv.cache import QuantizedCache
+    from mixkvq.kv.graphs import GraphSettings, graphed
 
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    device = next(model.parameters()).device  # CUDA here; the CPU runs it in the tests, eagerly
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    pos = torch.full((batch, 1), cache.get_seq_length(), device=device)  # a graph takes its positions as input
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def run(n):
         for _ in range(n):
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            pos.add_(1)
+
+    def timed():
+        run(warmup)
+        sync()
+        t0 = time.perf_counter()
+        run(steps)
+        sync()
+        return (time.perf_counter() - t0) / steps
 
     with torch.no_grad():
-        if isinstance(cache, QuantizedCache):
-            with bind(model, cache):
-                run(warmup)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                run(steps)
-                torch.cuda.synchronize()
-        else:
-            run(warmup)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run(steps)
-            torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+        if not isinstance(cache, QuantizedCache):
+            return timed(), None
+        with bind(model, cache), graphed(model, cache, GraphSettings(enabled=graphs)) as counts:
+            return timed(), counts
 
 
-def measure(model, overrides, batch: int, context: int, steps: int) -> dict:
+def measure(model, overrides, batch: int, context: int, steps: int, graphs: bool) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cache = new_cache(model, overrides, batch, context, room=steps + WARMUP)
     fill_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    step = decode_steps(model, cache, batch, steps)
+    step, counts = decode_steps(model, cache, batch, steps, graphs=graphs)
     kv_bytes = cache.allocated_bytes() if hasattr(cache, "allocated_bytes") else sum(
         layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in cache.layers)
     row = dict(batch=batch, context=context, ms_per_step=step * 1e3, tok_s=batch / step,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, fill_peak_gib=fill_peak / 2**30,
-               kv_gib=kv_bytes / 2**30)
+               kv_gib=kv_bytes / 2**30,
+               graph_replayed=None if counts is None else counts.replayed,  # of warm-up and timed steps
+               graph_eager=None if counts is None else counts.eager)
     del cache
     return row
 
 
-def largest_batch(model, overrides, context: int, steps: int, per_seq: float, cap: int) -> dict | None:
+def largest_batch(model, overrides, context: int, steps: int, per_seq: float, cap: int,
+                  graphs: bool) -> dict | None:
     gc.collect()
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
     guess = max(1, min(cap, int(0.8 * free / per_seq)))
     for _ in range(8):
         try:
-            row = measure(model, overrides, guess, context, steps)
+            row = measure(model, overrides, guess, context, steps, graphs)
             row["search"] = "fits"
             return row
         except torch.OutOfMemoryError:
@@ -135,7 +147,7 @@ def run(args) -> None:
     names = args.methods.split(",")
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, model="DeepSeek-R1-Distill-Qwen-7B config, random bf16 weights",
-                steps=args.steps, pack_kernel=args.pack_kernel)
+                steps=args.steps, pack_kernel=args.pack_kernel, cuda_graphs=args.graphs)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
 
@@ -149,11 +161,12 @@ def run(args) -> None:
 
     for context in [int(c) for c in args.contexts.split(",")]:
         for name in names:
-            one = measure(model, overrides(name), 1, context, args.steps)
+            one = measure(model, overrides(name), 1, context, args.steps, args.graphs == "auto")
             add(dict(method=name, **one))
             if context in [int(c) for c in args.max_batch_contexts.split(",")]:
                 per_seq = one["kv_gib"] * 2**30 * 1.15  # windows and metadata grow by doubling: some slack
-                best = largest_batch(model, overrides(name), context, args.steps, per_seq, args.cap)
+                best = largest_batch(model, overrides(name), context, args.steps, per_seq, args.cap,
+                                     args.graphs == "auto")
                 if best is not None:
                     add(dict(method=name, **best))
     write_markdown(meta, rows, args.out / "decode_e2e.md")
@@ -168,15 +181,18 @@ def write_markdown(meta, rows, path: Path) -> None:
     lines = [f"# End-to-end decode, {meta['model']}, {meta['device']}, {meta['date']}", "",
              "Per context: batch 1, then the largest batch that fits (found by the script). `vs bf16 step`: this "
              "step time over bf16-dynamic's at the same batch; `vs best bf16 tok/s`: throughput over bf16-dynamic's "
-             "best at that context.", "",
-             "| method | context | batch | ms/step | tok/s | vs bf16 step | vs best bf16 tok/s | KV GiB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "best at that context. `replayed`: of the warm-up and timed steps, those replayed from CUDA graphs "
+             f"(harness caches; graphs {meta.get('cuda_graphs', 'never')}).", "",
+             "| method | context | batch | ms/step | tok/s | vs bf16 step | vs best bf16 tok/s | KV GiB | peak GiB "
+             "| replayed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         rel = f"{r['ms_per_step'] / b['ms_per_step']:.2f}x" if b else "-"
         thr = f"{r['tok_s'] / best_base[r['context']]:.2f}x" if r["context"] in best_base else "-"
+        replayed = "-" if r.get("graph_replayed") is None else f"{r['graph_replayed']}/{WARMUP + meta['steps']}"
         lines.append(f"| {r['method']} | {r['context']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['tok_s']:.0f} | "
-                     f"{rel} | {thr} | {r['kv_gib']:.2f} | {r['peak_gib']:.1f} |")
+                     f"{rel} | {thr} | {r['kv_gib']:.2f} | {r['peak_gib']:.1f} | {replayed} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -218,7 +234,10 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,8192,32768")
     ap.add_argument("--max-batch-contexts", default="8192,32768", help="contexts at which the largest batch is run")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--cap", type=int, default=256, help="largest batch tried")
+    ap.add_argument("--cap", type=int, default=256, help="largest batch tried (the CUDA kernels take 512 rows)")
+    ap.add_argument("--graphs", default="auto", choices=["auto", "never"],
+                    help="the harness caches' decode steps replayed from CUDA graphs, as run.py does "
+                         "(attention.cuda_graphs); DynamicCache's run eagerly either way")
     ap.add_argument("--pack-kernel", default="auto", choices=["auto", "triton", "torch"],
                     help="who quantizes and packs the stores' writes (quant.pack_kernel)")
     ap.add_argument("--plot", type=Path, help="only draw the PNG from a decode_e2e.json")
