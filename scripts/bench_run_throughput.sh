@@ -7,6 +7,9 @@
 #   scripts/bench_run_throughput.sh <model folder> <gsm8k jsonl> <out dir> [new tokens] [samples] [batch_problems] \
 #       [more run.py overrides...]
 #
+# METHODS (default "bf16 kivi mixkvq") and PER_CALL (problems per generate call, default "1 <batch_problems>") in the
+# environment choose the runs, e.g. METHODS=kivi PER_CALL=12 for one method at the batch that fits it.
+#
 # Writes <out dir>/run_throughput.md (one line per run, from each run's run.parquet) and keeps the run folders.
 set -euo pipefail
 model=$1 data=$2 out=$3 new=${4:-512} samples=${5:-16} batch=${6:-4}
@@ -14,8 +17,8 @@ shift $(( $# < 6 ? $# : 6 ))
 common=(model=deepseek-r1-distill-7b model.random_init=true "model.path=$model" task=gsm8k "task.data_files=$data"
         "task.n_samples=$samples" "generation.max_new_tokens=$new"
         logger.mode=disabled grading_workers=0 progress=false "$@")
-for method in bf16 kivi mixkvq; do
-    for per_call in 1 "$batch"; do
+for method in ${METHODS:-bf16 kivi mixkvq}; do
+    for per_call in ${PER_CALL:-1 $batch}; do
         # as many problems as one call of the larger batch holds, so both settings generate the same tokens
         python3 run.py "${common[@]}" method=$method "task.limit=$batch" "generation.batch_problems=$per_call" \
             "results_dir=$out/$method-b$per_call"
