@@ -1,0 +1,22 @@
+"""scripts/tiered_page_bytes.py: bytes of MixKVQ's tiered key pages by section, from the stored blocks' counts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tiered_page_bytes.py"
+
+
+def test_sections_add_up_to_the_stored_pages_and_hold_the_chosen_codes():
+    spec = importlib.util.spec_from_file_location("tiered_page_bytes", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    layer = script.filled_layer(["method.target_bits=2.35"], batch=1, context=512)
+    total, pages = script.page_bytes_by_section(layer)
+    store = layer.key_stream.store
+    assert pages == 4 * script.KV_HEADS * (512 // store.layout().tiers.block)
+    stored = sum(v for k, v in total.items() if not k.startswith("chosen"))
+    assert stored == int(store.live_bytes.sum()) - pages // 4 * (store.layout().tiers.header_bytes + 8)
+    for bits, section in ((16, "fp_values"), (4, "k4_codes"), (2, "k2_codes")):  # padding only adds
+        assert 0 < total[f"chosen codes, {bits}-bit"] <= total[section]
