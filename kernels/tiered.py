@@ -93,6 +93,7 @@ def _tier_scores(q: torch.Tensor, words: torch.Tensor, t: int, c: int, dtype: to
 # ---- the CUDA kernel -------------------------------------------------------------------------------------------
 
 TIERED_VALUE_FORMATS = ((2, 32), (4, 32))  # (value bits, value group) the kernel is built for
+TIERED_HEAD_DIMS = (64, 128)
 # The split planner's input: three resident CTAs per SM (tiered_decode.cu CTAS).
 TUNING = replace(fragment.DEFAULT_TUNING, ctas_per_sm=3)
 
@@ -101,7 +102,6 @@ def ring_key_cap(head_dim: int) -> int:
     """Bytes of a key page the kernel stages in shared memory (tiered_decode.cuh TieredSmem::KEY_CAP); a page over
     it (a block of many full-precision channels) is read from global memory where it lies."""
     return head_dim * PAGE_TOKENS
-TIERED_HEAD_DIMS = (64, 128)
 
 
 def _on_tiers(layer) -> bool:

@@ -40,21 +40,16 @@ def filled_layer(overrides: list[str], batch: int, context: int, seed: int = 0):
 def page_bytes_by_section(layer) -> tuple[Counter, int]:
     """(bytes summed over the whole pages of the layer's blocks, per section and per tier's chosen codes; pages)."""
     store = layer.key_stream.store
-    tiers, buf = store.layout().tiers, store.buffers()
-    pool, offsets = buf["pool"], buf["offsets"]
+    tiers = store.layout().tiers
+    counts = store.block_tier_counts()
+    counts = counts[counts.sum(-1) > 0]  # [blocks, 3]: the stored blocks
+    per_tier = tuple(counts.unbind(-1))
     pages_per_block = tiers.block // 32
-    total, pages = Counter(), 0
-    for b in range(pool.shape[0]):
-        for h in range(pool.shape[1]):
-            for k in range(int(store.tokens()[b]) // tiers.block):
-                word = int(pool[b, h, int(offsets[b, h, k]) + HEAD_DIM // 4])
-                counts = tuple((word >> (8 * i)) & 0xFF for i in range(len(TIER_WIDTHS)))
-                for name, (_, n) in tiers.page_sections(counts).items():
-                    total[name] += n * pages_per_block
-                for w, n in zip(TIER_WIDTHS, counts):  # the codes themselves: 32 tokens x channels x bits
-                    total[f"chosen codes, {16 if w == 0 else w}-bit"] += 32 * n * (16 if w == 0 else w) // 8 \
-                        * pages_per_block
-                pages += pages_per_block
+    pages = len(counts) * pages_per_block
+    total = Counter({name: int(n.sum()) * pages_per_block for name, (_, n) in tiers.page_sections(per_tier).items()})
+    for w, n in zip(TIER_WIDTHS, per_tier):  # the codes themselves: 32 tokens x channels x bits
+        bits = 16 if w == 0 else w
+        total[f"chosen codes, {bits}-bit"] = int(n.sum()) * 32 * bits // 8 * pages_per_block
     return total, pages
 
 

@@ -27,16 +27,10 @@ def check(overrides, **kw):
 
 
 def page_bytes(layer) -> set[int]:
-    """Key page sizes of the layer's whole blocks (from each block's counts word)."""
+    """Key page sizes of the layer's stored blocks."""
     store = layer.key_stream.store
-    tiers, buf = store.layout().tiers, store.buffers()
-    pool, offsets = buf["pool"].cpu(), buf["offsets"].cpu()
-    sizes = set()
-    for b, h in [(b, h) for b in range(pool.shape[0]) for h in range(pool.shape[1])]:
-        for k in range(int(store.tokens()[b]) // tiers.block):
-            w = int(pool[b, h, int(offsets[b, h, k]) + layer.dim // 4])
-            sizes.add(tiers.page_bytes((w & 255, (w >> 8) & 255, (w >> 16) & 255)))
-    return sizes
+    counts = store.block_tier_counts()[store.block_tier_counts().sum(-1) > 0]  # [blocks, 3]
+    return set(store.layout().tiers.page_bytes(tuple(counts.unbind(-1))).tolist())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

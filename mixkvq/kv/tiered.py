@@ -229,6 +229,15 @@ class TieredPagedKeyStore(CountedOnDevice):
     def tokens(self) -> torch.Tensor:
         return self.nblocks * self.p
 
+    def block_tier_counts(self) -> torch.Tensor:
+        """Channels per tier (full precision, 4-bit, 2-bit) of every stored block, from its header: int64 [B, H,
+        blocks, 3] on the host, zeros past a row's blocks."""
+        nb = int(self.nblocks.max())
+        words = torch.gather(self.pool, 2, self.offsets[:, :, :nb] + self.d // 4).cpu().long()  # the counts word
+        counts = (words[..., None] >> (8 * torch.arange(len(TIER_WIDTHS)))) & 0xFF
+        stored = torch.arange(nb)[None, :] < self.nblocks[:, None]  # [B, blocks]
+        return counts * stored[:, None, :, None]
+
     def reserve(self, tokens: int) -> None:
         """Room for `tokens` tokens per row: the offsets exactly; the pool, whose final size the widths decide,
         grows by extrapolating its words per block so far to the reserved blocks (as ChannelGroupStore's)."""
