@@ -164,6 +164,8 @@ class ChannelGroupStore(CountedOnDevice):
 
     def append(self, r: Ragged, widths_fn) -> None:
         """Store the released tokens of each row (a multiple of `block` per row) as whole blocks."""
+        if self._in_lockstep(r):
+            return self._append_lockstep(r)
         split = whole_blocks(r, self.p)
         if split is None:
             return
@@ -180,7 +182,61 @@ class ChannelGroupStore(CountedOnDevice):
         else:
             self._write_fake(blocks, widths, rows, slot)
         self.nblocks += nb
+        if self.uniform_width is not None and self.packed:  # what `_in_lockstep` reads next time
+            self._lockstep = bool((self.nblocks == self.nblocks[0]).all())
         self._counted()
+
+    # Every row holds as many blocks as the others (rows of one prompt, or of prompts of one length) and releases the
+    # same whole blocks: a uniform-width store then writes them by slices at host offsets, without the per-block
+    # index tensors, host copies and host-side arithmetic of the general path (a release out of a CUDA-graph step
+    # costs its host time). The same bits, scales, zeros and counts (tests/test_channel_group_store.py).
+    _lockstep = True
+
+    def _in_lockstep(self, r: Ragged) -> bool:
+        return (self._lockstep and self.packed and self.uniform_width is not None and r.common is not None
+                and r.common > 0 and r.common % self.p == 0)
+
+    def _append_lockstep(self, r: Ragged) -> None:
+        b, h, d, p = self.b, self.h, self.d, self.p
+        nb, n0, w = r.common // p, int(self.nblocks[0]), self.uniform_width
+        wpc = self._words_of(w)
+        wpb = d * wpc  # words per block of a (row, head) pool; a uniform pool holds its blocks one after another
+        u0 = n0 * wpb
+        blocks = r.data[:, :, :nb * p].reshape(b, h, nb, p, d).transpose(1, 2).reshape(b * nb, h, p, d)
+        if u0 + nb * wpb > self.pool.shape[2]:
+            self.pool = reserve(self.pool, 2, self._pool_need(u0 + nb * wpb, n0 + nb))
+        self.scale = grow(self.scale, 2, n0 + nb)  # (no-ops within a reservation)
+        self.zero = grow(self.zero, 2, n0 + nb)
+        if uses_pack_kernels(self.pack_kernel, blocks) and not self.pack11:  # they pack 3-bit codes 10 per word
+            from kernels.pack import quantize_pack_channel_blocks
+
+            rows, local = self._lockstep_index(nb)
+            base = (local * wpb + u0)[:, None].expand(b * nb, h)
+            quantize_pack_channel_blocks(blocks, w, self.g, self.spec, self.pool, self.scale, self.zero, rows,
+                                         local + n0, base)
+        else:
+            _, words, scale, zero = next(self._encode(blocks, None))  # [N H D, wpc], [N H D, groups] in (n, h, d)
+            self.pool[:, :, u0:u0 + nb * wpb].view(b, h, nb, d, wpc).copy_(
+                words.view(b, nb, h, d, wpc).transpose(1, 2))
+            for dst, src in ((self.scale, scale), (self.zero, zero)):
+                dst[:, :, n0:n0 + nb] = src.view(b, nb, h, d, -1).transpose(1, 2)
+        per_block_bits = float(self._code_bits(torch.tensor(w)) * (h * d))  # as `_count` computes it
+        per_block_bytes = h * wpb * 4 + h * self._bytes_per_block()
+        for _ in range(nb):  # block by block, as the general path sums them (float64 order)
+            self.code_bits += per_block_bits
+            self.live_bytes += per_block_bytes
+        self.tier_counts[w] = self.tier_counts.get(w, 0) + b * nb * h * d
+        self.nblocks += nb
+        self.used += nb * wpb
+        self._counted()
+
+    def _lockstep_index(self, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, index among the row's new blocks) of each of B x nb new blocks, on the device, made once per nb."""
+        cache = self.__dict__.setdefault("_lockstep_indices", {})
+        if nb not in cache:
+            n = torch.arange(self.b * nb, device=self.device)
+            cache[nb] = (n // nb, n % nb)
+        return cache[nb]
 
     def _count(self, widths: torch.Tensor, rows: torch.Tensor) -> None:
         if self.uniform_width is not None:  # from host numbers alone (a mixed store reads its widths back)
