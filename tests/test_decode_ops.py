@@ -40,11 +40,11 @@ BUDGETS = {  # method -> rows -> (decode, flush)
     # two window copies (keys, values) and their lengths; the last layer adds the step's totals
     "bf16": {"equal": (11, 11), "ragged": (11, 11)},
     # + the value window's slide: one token quantized and packed into the store, read back by the reference
-    # (rows of one length flush in lockstep: the key store writes its blocks by slices, `ChannelGroupStore`)
+    # (rows of one length flush in lockstep: the key store writes its blocks by slices, flat or on pages)
     "kivi": {"equal": (84, 140), "ragged": (157, 283)},
     "kivi4": {"equal": (84, 140), "ragged": (157, 283)},
     # the value token written at each row's device count (a CUDA graph replays it): a few index ops more
-    "kivi-paged": {"equal": (94, 170), "ragged": (153, 243)},
+    "kivi-paged": {"equal": (94, 150), "ragged": (153, 243)},
     # + |Q| into MixKVQ's importance; KVmix and PM-KVQ release whole groups and blocks only
     "kvmix": {"equal": (30, 180), "ragged": (30, 360)},
     "mixkvq": {"equal": (20, 295), "ragged": (20, 359)},

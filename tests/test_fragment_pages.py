@@ -16,6 +16,7 @@ from kernels.reference import decode_attention as reference_decode
 from mixkvq.kv.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, channel_meta_order, code_order,
                            pack_tile, register_element, token_meta_order, unpack_tile)
 from mixkvq.kv.paged import PagedKeyStore, PagedValueStore, page_problems, to_pages
+from mixkvq.kv.ragged import Ragged
 from test_decode_kernel import ground_truth
 from tiny import build
 
@@ -210,3 +211,24 @@ def test_more_query_heads_per_kv_head_than_the_kernel_holds_are_named():
     layer = method.new_cache(1).layers[0]
     layer.query_groups = 16
     assert "16 query heads per KV head" in fragment.supports(layer)
+
+
+def test_key_pages_written_in_lockstep_hold_the_general_paths_words():
+    # Rows with as many blocks as each other write one range of pages by slices; forced onto the general path (its
+    # per-block indices), a twin store must hold the same words, scales and zeros in every page.
+    stores = []
+    for lockstep in (True, False):
+        method = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu")
+        layer = method.new_cache(3).layers[0]
+        to_pages(layer)
+        store = layer.key_stream.store
+        store._lockstep = lockstep
+        gen = torch.Generator().manual_seed(7)
+        for n in (2 * store.block, store.block):  # a prefill's two blocks, then one released by a decode step
+            x = (torch.randn(3, 2, n, 128, generator=gen) * 3).to(torch.bfloat16)
+            store.append(Ragged(x, torch.full((3,), n), n))
+            store._lockstep = store._lockstep and lockstep
+        stores.append(store)
+    a, b = stores
+    assert int(a.count.min()) == 3 * a.block and torch.equal(a.count, b.count) and torch.equal(a.nblocks, b.nblocks)
+    assert torch.equal(a.pages.data, b.pages.data) and torch.equal(a.device_count, b.device_count)

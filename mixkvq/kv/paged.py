@@ -108,33 +108,56 @@ class PagedKeyStore(_OnPages):
     def buffers(self) -> dict[str, torch.Tensor]:
         return {"pages": self.pages.data, "lens": self.count}
 
+    # Rows in lockstep (every row holds as many blocks as the others and releases the same whole blocks: the
+    # samples of one prompt) write one range of pages by slices, without the general path's per-block index
+    # tensors and host copies; the same words (tests/test_fragment_pages.py).
+    _lockstep = True
+
     def append(self, r: Ragged, widths_fn=None) -> None:
-        split = whole_blocks(r, self.block)
-        if split is None:
-            return
-        nb, rows, local, blocks = split  # blocks [N, H, P, D]
-        dev = r.data.device
-        n, per = len(rows), self.block // PAGE_TOKENS
+        b, per = self.b, self.block // PAGE_TOKENS
+        if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
+            nb = r.common // self.block
+            blocks = r.data[:, :, :nb * self.block].reshape(b, self.h, nb, self.block, self.d).transpose(1, 2)
+            words, scale, zero = self._encode(blocks.reshape(b * nb, self.h, self.block, self.d))
+            p0 = int(self.nblocks[0]) * per
+            self.pages.reserve(p0 + nb * per)
+
+            def write(dst, src):  # [B nb, H, per, w] in (row, block) order -> the rows' pages p0 .. p0 + nb per
+                dst[:, :, p0:p0 + nb * per] = src.view(b, nb, self.h, per, -1).transpose(1, 2).reshape(
+                    b, self.h, nb * per, -1)
+        else:
+            split = whole_blocks(r, self.block)
+            if split is None:
+                return
+            nb, rows, local, blocks = split  # blocks [N, H, P, D]
+            words, scale, zero = self._encode(blocks)
+            page = (self.nblocks[rows] + local)[:, None] * per + torch.arange(per)[None, :]  # [N, per]
+            self.pages.reserve(int(page.max()) + 1)
+            rows_pages = to_device(torch.cat((rows[:, None], page), dim=1), r.data.device)
+            row_d, page_d, head = rows_pages[:, 0, None, None], rows_pages[:, None, 1:], self._heads[None, :, None]
+
+            def write(dst, src):
+                dst[row_d, head, page_d] = src
+        pg = self.pages
+        for name, src in (("key_codes", words), ("key_scale", scale), ("key_zero", zero)):
+            off, nw = pg.words[name]
+            write(pg.data[..., off:off + nw], src)
+        self.nblocks += nb
+        self._lockstep = len(set(self.nblocks.tolist())) == 1  # (host values, no tensor op)
+        self.count += nb * self.block
+        self._counted()
+
+    def _encode(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocks [N, H, P, D] -> per page (code words, scale bits, zero bits) as int32 [N, H, pages, words]."""
+        n, per = len(blocks), self.block // PAGE_TOKENS
         chans = blocks.transpose(2, 3).reshape(n, self.h, self.d, per, PAGE_TOKENS)
         codes, scale, zero = quantize(chans, self.bits, self.spec)  # [N, H, D, per, 32], [N, H, D, per]
         # -> per page: [N, H, per, 2 tiles, 16 tokens, D]
         tiles = codes.permute(0, 1, 3, 4, 2).reshape(n, self.h, per, 2, TILE_TOKENS, self.d)
         words = pack_tile(tiles, self.bits, "key").reshape(n, self.h, per, -1)
-        page = (self.nblocks[rows] + local)[:, None] * per + torch.arange(per)[None, :]  # [N, per]
-        self.pages.reserve(int(page.max()) + 1)
-        pg = self.pages
-        rows_pages = to_device(torch.cat((rows[:, None], page), dim=1), dev)
-        row_d, page_d = rows_pages[:, 0, None, None], rows_pages[:, None, 1:]
-        head = self._heads[None, :, None]
-        off, nw = pg.words["key_codes"]
-        pg.data[row_d, head, page_d, off:off + nw] = words
-        for name, meta in (("key_scale", scale), ("key_zero", zero)):
-            bits16 = _to_bits16(meta.permute(0, 1, 3, 2)[..., self._order])  # [N, H, per, D] in channel_meta_order
-            off, nw = pg.words[name]
-            pg.data[row_d, head, page_d, off:off + nw] = bits16.view(torch.int32)
-        self.nblocks += nb
-        self.count += nb * self.block
-        self._counted()
+        meta = (_to_bits16(m.permute(0, 1, 3, 2)[..., self._order]).view(torch.int32)  # in channel_meta_order
+                for m in (scale, zero))
+        return (words, *meta)
 
     @property
     def live_bytes(self) -> torch.Tensor:

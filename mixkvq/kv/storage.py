@@ -183,7 +183,7 @@ class ChannelGroupStore(CountedOnDevice):
             self._write_fake(blocks, widths, rows, slot)
         self.nblocks += nb
         if self.uniform_width is not None and self.packed:  # what `_in_lockstep` reads next time
-            self._lockstep = bool((self.nblocks == self.nblocks[0]).all())
+            self._lockstep = len(set(self.nblocks.tolist())) == 1
         self._counted()
 
     # Every row holds as many blocks as the others (rows of one prompt, or of prompts of one length) and releases the
