@@ -45,6 +45,7 @@ def build_model(config_dir: Path):
 
 def new_cache(model, overrides, batch: int, context: int, room: int):
     from mixkvq.config import load_config
+    from mixkvq.kv.attention import bind
     from mixkvq.kv.methods import build_method
     from mixkvq.kv.synthetic import fill_cache
 
@@ -53,7 +54,10 @@ def new_cache(model, overrides, batch: int, context: int, room: int):
     cfg = load_config([*overrides, "model=deepseek-r1-distill-7b", "storage=packed", "~task", "~logger"])
     method = build_method(cfg, model)
     cache = method.new_cache(batch, capacity=context + room)  # allocated once, as run.py allocates it
-    fill_cache(cache, context, model.config.num_attention_heads, chunk=2048)
+    # Bound while fresh, as run.py binds before prefill: the CUDA kernels put the stores in their page layouts then,
+    # and a cache filled first could only be read by the Triton kernel.
+    with bind(model, cache):
+        fill_cache(cache, context, model.config.num_attention_heads, chunk=2048)
     return cache
 
 
@@ -106,6 +110,8 @@ def decode_steps(model, cache, batch: int, steps: int, warmup: int = WARMUP, gra
 
 
 def measure(model, overrides, batch: int, context: int, steps: int, graphs: bool) -> dict:
+    from kernels import kernels_in_use
+
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -119,7 +125,8 @@ def measure(model, overrides, batch: int, context: int, steps: int, graphs: bool
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, fill_peak_gib=fill_peak / 2**30,
                kv_gib=kv_bytes / 2**30,
                graph_replayed=None if counts is None else counts.replayed,  # of warm-up and timed steps
-               graph_eager=None if counts is None else counts.eager)
+               graph_eager=None if counts is None else counts.eager,
+               decode_kernels=kernels_in_use(cache.layers) if counts is not None else "sdpa (DynamicCache)")
     del cache
     return row
 
@@ -182,17 +189,19 @@ def write_markdown(meta, rows, path: Path) -> None:
              "Per context: batch 1, then the largest batch that fits (found by the script). `vs bf16 step`: this "
              "step time over bf16-dynamic's at the same batch; `vs best bf16 tok/s`: throughput over bf16-dynamic's "
              "best at that context. `replayed`: of the warm-up and timed steps, those replayed from CUDA graphs "
-             f"(harness caches; graphs {meta.get('cuda_graphs', 'never')}).", "",
+             f"(harness caches; graphs {meta.get('cuda_graphs', 'never')}). `kernels`: the decode kernels the "
+             "layers ran.", "",
              "| method | context | batch | ms/step | tok/s | vs bf16 step | vs best bf16 tok/s | KV GiB | peak GiB "
-             "| replayed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| replayed | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         rel = f"{r['ms_per_step'] / b['ms_per_step']:.2f}x" if b else "-"
         thr = f"{r['tok_s'] / best_base[r['context']]:.2f}x" if r["context"] in best_base else "-"
         replayed = "-" if r.get("graph_replayed") is None else f"{r['graph_replayed']}/{WARMUP + meta['steps']}"
         lines.append(f"| {r['method']} | {r['context']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['tok_s']:.0f} | "
-                     f"{rel} | {thr} | {r['kv_gib']:.2f} | {r['peak_gib']:.1f} | {replayed} |")
+                     f"{rel} | {thr} | {r['kv_gib']:.2f} | {r['peak_gib']:.1f} | {replayed} | "
+                     f"{r.get('decode_kernels', 'not recorded')} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
