@@ -45,7 +45,8 @@ KERNEL_DEVICES = {
 # other packed format (results/bench/decode_step_profile/tiered_kernel.md: MixKVQ's attention 1.64x faster on the
 # tiered kernel than on Triton at B=16, 1k).
 AUTO_ORDER = {"cuda": ["cuda", "cuda-tiered", "triton", "torch"], "cpu": ["torch"]}
-# Kernels built for one layout each: skipping them for other layers is expected, not worth a warning.
+# Kernels built for one layout each: skipping them for other formats is expected, not worth a warning (a cache
+# filled before it was bound is: `fragment.FILLED_BEFORE_BIND`).
 LAYOUT_KERNELS = ("cuda", "cuda-tiered")
 
 
@@ -74,7 +75,7 @@ def resolve_decode_kernel(name: str, device: torch.device, layer=None):
             why = _unsupported(candidate, layer)
             if why is None:
                 return _bound(candidate, layer)
-            if candidate not in LAYOUT_KERNELS:
+            if candidate not in LAYOUT_KERNELS or why == fragment.FILLED_BEFORE_BIND:
                 warnings.warn(f"decode kernel {candidate!r} skipped: {why}", stacklevel=2)
     return DECODE_KERNELS.get("torch")
 

@@ -83,6 +83,11 @@ def _page_layout(layer):
     return lay.page if lay is not None and lay.format is PackingFormat.FRAGMENT_PAGES else None
 
 
+# Why a layout kernel declines a cache that it could have served had it been bound before its first tokens (it lays
+# out a cache's stores when bound): `auto` warns of this one, since it is a caller's mistake, not a format.
+FILLED_BEFORE_BIND = "the cache already holds tokens in another layout (bind a cache before its first tokens)"
+
+
 def supports(layer) -> str | None:
     """Why the CUDA kernel cannot serve this layer (None: it can, after `prepare`)."""
     if _page_layout(layer) is None:
@@ -93,7 +98,7 @@ def supports(layer) -> str | None:
         if problems:
             return "; ".join(problems)
         if int(layer.key_stream.tokens().max()) > 0:
-            return "the cache already holds tokens in another layout"
+            return FILLED_BEFORE_BIND
     ks, vs = layer.key_stream, layer.value_stream
     if (ks.sink is None) != (vs.sink is None):
         return "keys and values need the same sink"

@@ -118,7 +118,7 @@ def supports(layer) -> str | None:
         if problems:
             return "; ".join(problems)
         if int(layer.key_stream.tokens().max()) > 0:
-            return "the cache already holds tokens in another layout"
+            return fragment.FILLED_BEFORE_BIND
     ks, vs = layer.key_stream, layer.value_stream
     vpl = vs.store.layout().page if _on_tiers(layer) else None
     bits, group = (vpl.value_bits, vpl.value_group) if vpl is not None else (vs.store.bits, vs.store.g)

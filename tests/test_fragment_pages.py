@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from kernels import fragment, resolve_decode_kernel
+from kernels import decode, fragment, resolve_decode_kernel
 from kernels.reference import decode_attention as reference_decode
 from mixkvq.kv.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, channel_meta_order, code_order,
                            pack_tile, register_element, token_meta_order, unpack_tile)
@@ -171,6 +171,21 @@ def test_the_cuda_kernel_is_not_picked_on_cpu_and_says_why():
     assert "CUDA" in fragment.supports(layer)
     fn = resolve_decode_kernel("auto", torch.device("cpu"), layer)
     assert fn is reference_decode and type(layer.key_stream.store).__name__ == "ChannelGroupStore"
+
+
+def test_a_cache_filled_before_it_is_bound_is_declined_with_a_warning():
+    """The page kernels lay out a cache when bound; one that holds tokens already (a script that fills, then binds)
+    falls to the Triton kernel, which `auto` says instead of picking it silently."""
+    from mixkvq.kv.synthetic import fill_layer
+
+    method = build("kivi", [], kv_heads=2, q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu")
+    fresh, filled = (method.new_cache(2).layers[0] for _ in range(2))
+    fill_layer(filled, 64, 8, torch.Generator().manual_seed(0))
+    assert fragment.supports(fresh) != fragment.FILLED_BEFORE_BIND
+    assert fragment.supports(filled) == fragment.FILLED_BEFORE_BIND
+    with pytest.warns(UserWarning, match="bind a cache before its first tokens"):
+        fn = resolve_decode_kernel("auto", torch.device("cuda"), filled)
+    assert fn is decode.decode_attention
 
 
 @pytest.mark.skipif(fragment.nvcc_path() is None, reason="no CUDA compiler (pip install -e '.[test]' brings one)")
