@@ -3,7 +3,11 @@
 Same layers and ground truth as tests/test_decode_kernel.py: a left-padded prefill (rows of different lengths),
 decode steps that flush key blocks and slide the value window, then one query. The kernel folds scales into its
 operands (q * s for keys, P * s for values), so it rounds differently from the reference's per-element
-dequantization: bf16 outputs are held to SQNR >= 35 dB against fp64, like the Triton kernel's.
+dequantization: each key term q_c * s_c is rounded to bf16 (2^-9 relative) before the product, an error that the
+softmax scales by the size of the scores. Against fp64, over 30 seeds of `test_gqa_ratios_and_head_dims[1-64]` on
+an H200: median 47.9 dB, lowest 37.0 dB, and 32.7 dB seen once in a test run; bf16 SDPA over the same dequantized
+tokens: median 55.4, lowest 54.5 (`scripts/kernel_sqnr.py`, results/bench/kernel_sqnr.md). Outputs are held to
+`MIN_SQNR_DB`: a wrong page, scale or permutation costs tens of dB.
 """
 
 from __future__ import annotations
@@ -20,27 +24,37 @@ from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+MIN_SQNR_DB = 30
+
 CASES = {"kivi-2": ("kivi", []), "kivi-4": ("kivi4", []), "k2v4": ("kivi", ["method.v_bits=4"]),
          "kivi-2-r64": ("kivi", ["method.residual_length=64"])}
 
 
-def check(name, overrides, *, gqa=7, head_dim=128, dtype=torch.bfloat16, lengths=(301, 250, 77), steps=45,
-          kernel=fragment, decode=fragment.fragment_decode):
+def check(name, overrides, **kw):
     """`kernel`: the module whose `supports` and `prepare` put the layer in the layout `decode` reads."""
     seed = random.randrange(2**31)
+    layer, got, want = decoded(name, overrides, seed, **kw)
+    assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
+    db = sqnr(got, want)
+    assert db >= MIN_SQNR_DB, f"{name} {overrides}: SQNR {db:.1f} dB (seed {seed})"
+    return layer
+
+
+def decoded(name, overrides, seed, *, gqa=7, head_dim=128, dtype=torch.bfloat16, lengths=(301, 250, 77), steps=45,
+            kernel=fragment, decode=fragment.fragment_decode):
+    """(layer, kernel output, fp64 ground truth) for a layer filled from `seed`."""
     gen = torch.Generator().manual_seed(seed)
     method = build(name, overrides, kv_heads=2, q_heads=2 * gqa, head_dim=head_dim, dtype=dtype, device="cuda")
     layer = method.new_cache(len(lengths), torch.tensor([max(lengths) - n for n in lengths])).layers[0]
     assert kernel.supports(layer) is None, kernel.supports(layer)
     kernel.prepare(layer)
     layer, query = _fill(layer, method, lengths, steps, gen)
-    got = decode(query, layer, head_dim**-0.5)
-    assert torch.isfinite(got).all(), f"unwritten or non-finite outputs (seed {seed})"
-    want = ground_truth(query, layer, head_dim**-0.5)
+    return layer, decode(query, layer, head_dim**-0.5), ground_truth(query, layer, head_dim**-0.5)
+
+
+def sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
     err = got.double().cpu() - want
-    sqnr = float(10 * torch.log10(want.pow(2).sum() / err.pow(2).sum()))
-    assert sqnr >= 35, f"{name} {overrides}: SQNR {sqnr:.1f} dB (seed {seed})"
-    return layer
+    return float(10 * torch.log10(want.pow(2).sum() / err.pow(2).sum()))
 
 
 def _fill(layer, method, lengths, steps, gen):
