@@ -7,7 +7,9 @@ replayed from CUDA graphs as `run.py` replays them (`--graphs never`: eager). `b
 DynamicCache with SDPA, the baseline; `bf16` is the unquantized reference through this harness's cache.
 
 Batch sizes: 1, and the largest batch that fits, found by the script: a batch-1 fill gives the cache bytes per
-sequence, the free memory after the weights gives a first guess, and each out-of-memory attempt retries at 85%.
+sequence, the free memory after the weights gives a first guess, each out-of-memory attempt retries at 85%, and
+from the first batch that fits the search goes up by 8% while one does. The fill writes `FILL_ROW_TOKENS` tokens
+over all rows at a time, so its transient memory does not set the largest batch.
 
     python scripts/bench_decode_e2e.py --config-dir DIR --out results/bench     # GPU: decode_e2e.{json,md}
     python scripts/bench_decode_e2e.py --plot results/bench/decode_e2e.json    # PNG of tokens/s vs context
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+FILL_ROW_TOKENS = 65536  # tokens x rows per fill chunk (chunks of 128 to 2048 tokens)
+GROW_TRIES = 4  # batches tried above the first that fits
 WARMUP = 3  # decode steps before the timed ones (with graphs: an eager step, a recording, a replay)
 METHODS = {
     "bf16-dynamic": None,
@@ -57,7 +61,8 @@ def new_cache(model, overrides, batch: int, context: int, room: int):
     # Bound while fresh, as run.py binds before prefill: the CUDA kernels put the stores in their page layouts then,
     # and a cache filled first could only be read by the Triton kernel.
     with bind(model, cache):
-        fill_cache(cache, context, model.config.num_attention_heads, chunk=2048)
+        chunk = max(128, min(2048, FILL_ROW_TOKENS // batch // 128 * 128))
+        fill_cache(cache, context, model.config.num_attention_heads, chunk=chunk)
     return cache
 
 
@@ -133,20 +138,30 @@ def measure(model, overrides, batch: int, context: int, steps: int, graphs: bool
 
 def largest_batch(model, overrides, context: int, steps: int, per_seq: float, cap: int,
                   graphs: bool) -> dict | None:
+    """Down by 15% from a first guess until a batch fits, then up by 8% (at most GROW_TRIES times) while one does."""
     gc.collect()
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
-    guess = max(1, min(cap, int(0.8 * free / per_seq)))
+    guess, best = max(1, min(cap, int(0.8 * free / per_seq))), None
     for _ in range(8):
         try:
-            row = measure(model, overrides, guess, context, steps, graphs)
-            row["search"] = "fits"
-            return row
+            best = measure(model, overrides, guess, context, steps, graphs)
+            break
         except torch.OutOfMemoryError:
             guess = int(guess * 0.85)
             if guess < 1:
                 return None
-    return None
+    for _ in range(GROW_TRIES if best is not None else 0):
+        guess = min(cap, int(guess * 1.08) + 1)
+        if guess == best["batch"]:
+            break
+        try:
+            best = measure(model, overrides, guess, context, steps, graphs)
+        except torch.OutOfMemoryError:
+            break
+    if best is not None:
+        best["search"] = "fits"
+    return best
 
 
 def run(args) -> None:
