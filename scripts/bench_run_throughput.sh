@@ -8,7 +8,8 @@
 #       [more run.py overrides...]
 #
 # METHODS (default "bf16 kivi mixkvq") and PER_CALL (problems per generate call, default "1 <batch_problems>") in the
-# environment choose the runs, e.g. METHODS=kivi PER_CALL=12 for one method at the batch that fits it.
+# environment choose the runs, e.g. METHODS=kivi PER_CALL=12 for one method at 12 problems per call, or PER_CALL=auto
+# for as many of the <batch_problems> problems as fit in the GPU's memory (generation.batch_problems=auto).
 #
 # Writes <out dir>/run_throughput.md (one line per run, from each run's run.parquet) and keeps the run folders.
 set -euo pipefail

@@ -70,3 +70,57 @@ def test_the_option_keeps_older_runs_identity_and_is_checked():
     for bad in ("0", "-1", "two"):
         with pytest.raises(ConfigError, match="generation.batch_problems"):
             generation_kwargs(load_config([f"generation.batch_problems={bad}"]))
+
+
+# ---------------------------------------------------------------- batch_problems=auto (mixkvq/eval/batching.py)
+
+
+def auto_cfg(*overrides):
+    from mixkvq.config import load_config
+
+    return load_config(["generation.batch_problems=auto", "task.n_samples=4", "attention.decode_kernel=auto",
+                        *overrides])
+
+
+def test_a_rows_cache_is_measured_at_its_full_length(loaded):
+    from mixkvq.eval.batching import row_bytes_by_device
+
+    model, c = loaded.model, loaded.model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    tokens = 2000  # long against the 128-token window, as a generation is
+    dense = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * 4  # fp32 keys and values
+    (bf16,) = row_bytes_by_device(model, build("bf16", model=model), tokens, "auto").values()
+    assert bf16 == pytest.approx(dense, rel=0.02)  # what DynamicCache would hold
+    (kivi,) = row_bytes_by_device(model, build("kivi", model=model), tokens, "auto").values()
+    assert kivi < bf16 / 3  # 2-bit codes and their scales, the window of 128 to 160 tokens in full precision
+
+
+def test_auto_takes_as_many_problems_as_fit_and_keeps_its_choice(loaded, tmp_path):
+    from mixkvq.eval.batching import RECORD_FILE, problems_per_call, resolve, row_bytes_by_device
+
+    assert problems_per_call(10, 3, 1, 9) == 3 and problems_per_call(1, 3, 1, 9) == 1  # at least one
+    assert problems_per_call(10**9, 3, 1, 9) == 9  # at most every problem
+    model = loaded.model
+    method = build("kivi", model=model)
+    (row,) = row_bytes_by_device(model, method, 256, "auto").values()
+    budget_gib = 2.5 * row * 4 / 2**30  # two and a half problems of 4 samples
+    chosen = resolve(auto_cfg(f"generation.cache_memory_gib={budget_gib}"), model, method, 256, 7, tmp_path)
+    assert (chosen.batch_problems, chosen.how, chosen.row_bytes, chosen.tokens) == (2, "auto", row, 256)
+    assert (tmp_path / RECORD_FILE).exists()
+    # A resumed run groups its problems as it did when it started, whatever the budget says now.
+    again = resolve(auto_cfg("generation.cache_memory_gib=1000"), model, method, 256, 7, tmp_path)
+    assert again == chosen
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert resolve(auto_cfg("generation.cache_memory_gib=1000"), model, method, 256, 7, fresh).batch_problems == 7
+    set_cfg = auto_cfg("generation.batch_problems=3")
+    assert resolve(set_cfg, model, method, 256, 7, fresh).batch_problems == 3
+
+
+def test_auto_needs_a_budget_where_no_free_memory_is_reported():
+    from mixkvq.errors import ConfigError
+    from mixkvq.eval.batching import budget_bytes
+
+    with pytest.raises(ConfigError, match="generation.cache_memory_gib"):
+        budget_bytes(torch.device("cpu"), None, 0.85)
+    assert budget_bytes(torch.device("cpu"), 0.5, 0.85) == 2**29

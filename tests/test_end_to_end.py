@@ -99,6 +99,19 @@ def test_a_killed_run_restarts_and_ends_with_every_problem_exactly_once(tmp_path
     assert samples["problem_id"].nunique() == size
 
 
+def test_batch_problems_auto_fills_the_budget_and_records_its_choice(tmp_path, tiny_run_model):
+    import json
+
+    # A budget far above what 3 problems x 2 samples of this tiny model take: one call holds every problem.
+    run(*tiny_run_model, "task.size=3", "task.n_samples=2", "model.max_new_tokens=8", "method=kivi",
+        "generation.batch_problems=auto", "generation.cache_memory_gib=2", results=tmp_path)
+    rd = only_run_dir(tmp_path)
+    record = json.loads((rd / "batching.json").read_text())
+    assert record["batch_problems"] == 3 and record["how"] == "auto" and record["row_bytes"] > 0
+    assert (pd.read_parquet(rd / "samples.parquet")["problems_in_call"] == 3).all()
+    assert pd.read_parquet(rd / "run.parquet").iloc[0]["batch_problems"] == 3
+
+
 @pytest.mark.skipif(not R1_7B.is_dir(), reason="shared R1-Distill-Qwen-7B config folder absent")
 def test_r1_7b_config_runs_with_random_weights_and_the_real_chat_template(tmp_path):
     overrides = [
@@ -147,6 +160,9 @@ BAD = [
     (["attention.decode_kernel=cuda_magic"], "cuda_magic"),
     (["model.max_new_tokens=9000"], "9000"),
     (["generation.do_sample=false", "task.n_samples=4"], "n_samples"),
+    (["generation.batch_problems=many"], "batch_problems"),
+    (["generation.batch_problems=auto", "model.device=cpu"], "cache_memory_gib"),  # no free memory reported
+    (["generation.cache_memory_fraction=1.5"], "cache_memory_fraction"),
 ]
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from mixkvq.eval import metrics, placement
+from mixkvq.eval.batching import resolve as batching_for
 from mixkvq.eval.grading import grade_many, stop_workers
 from mixkvq.eval.models import load_model
 from mixkvq.eval.preflight import preflight
@@ -79,12 +80,16 @@ def evaluate(cfg: DictConfig) -> dict:
     with RunDir(cfg.results_dir, cfg, label) as rd:
         done = rd.done_problem_ids()
         # Problems go to generate in fixed groups of `generation.batch_problems` (by index, so a resumed run
-        # samples the same groups with the same seeds); a group's rows are written together.
-        size = cfg.generation.get("batch_problems", 1)
+        # samples the same groups with the same seeds; `auto`'s choice is kept in the run folder); a group's rows
+        # are written together.
+        longest = max(checked.prompt_tokens.values()) + gen["max_new_tokens"]
+        batching = batching_for(cfg, model, method, longest, len(problems), rd.path)
+        size = batching.batch_problems
         groups = [list(range(k, min(k + size, len(problems)))) for k in range(0, len(problems), size)]
         todo = [g for g in groups if any(problems[i].id not in done for i in g)]
         sink = WandbSink(cfg.logger, rd.name, OmegaConf.to_container(cfg, resolve=True), rd.path, sweep_group())
-        print(f"[{rd.name}] {len(problems)} problems, {len(done)} already done; writing to {rd.path}", file=sys.stderr)
+        print(f"[{rd.name}] {len(problems)} problems, {len(done)} already done, {size} per generate call"
+              f"{batching.describe()}; writing to {rd.path}", file=sys.stderr)
         bar = tqdm(total=sum(len(g) for g in todo), desc=label, unit="problem", disable=not cfg.progress,
                    file=sys.stderr)
         correct = total = 0
@@ -134,6 +139,7 @@ def evaluate(cfg: DictConfig) -> dict:
             raise Interrupted(e.signum, f"{saved} of {len(problems)} problems saved in {rd.path}; "
                                         "rerun the same command to resume") from None
         row = run_row(cfg, rd, method, loaded, devices, started)
+        row["batch_problems"] = size  # what `auto` chose, or the config's number
         row["problems_sha256"] = provenance.problems_sha256(problems)
         rd.write_run_row(row)
         sink.log_summary(row)

@@ -65,7 +65,10 @@ def generation_kwargs(cfg: DictConfig) -> dict:
     if not g.do_sample and cfg.task.n_samples != 1:
         raise ConfigError(f"generation.do_sample=false (greedy) gives identical samples; with it set task.n_samples=1, "
                           f"not {cfg.task.n_samples}")
-    check_number("generation.batch_problems", g.get("batch_problems", 1), int, low=1)
+    if g.get("batch_problems", 1) != "auto":
+        check_number("generation.batch_problems", g.get("batch_problems", 1), int, low=1)
+    check_number("generation.cache_memory_gib", g.get("cache_memory_gib"), float, above=0, nullable=True)
+    check_number("generation.cache_memory_fraction", g.get("cache_memory_fraction", 0.85), float, above=0, high=1)
     kwargs = {"do_sample": bool(g.do_sample), "max_new_tokens": max_new}
     if g.do_sample:
         if g.temperature == 0:
@@ -146,6 +149,10 @@ def preflight(cfg: DictConfig) -> Checked:
         if why:
             raise ConfigError(f"{key}={name!r} cannot run on this run's device ({shape_device}): {why}; "
                               "choose auto or torch")
+    g = cfg.generation
+    if g.get("batch_problems", 1) == "auto" and g.get("cache_memory_gib") is None and shape_device.type != "cuda":
+        raise ConfigError(f"generation.batch_problems=auto on {shape_device} needs generation.cache_memory_gib (the "
+                          "cache's budget in GiB); only a CUDA device reports its free memory")
     files = read_model_files(mc, cfg.hub_timeout_s)
     shape = model_shape(mc, files)
     method = build_method(cfg, shape)
