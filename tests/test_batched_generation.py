@@ -100,6 +100,7 @@ def test_auto_takes_as_many_problems_as_fit_and_keeps_its_choice(loaded, tmp_pat
 
     assert problems_per_call(10, 3, 1, 9) == 3 and problems_per_call(1, 3, 1, 9) == 1  # at least one
     assert problems_per_call(10**9, 3, 1, 9) == 9  # at most every problem
+    assert problems_per_call(10**9, 3, 16, 99, max_rows=512) == 32  # the CUDA kernels' rows
     model = loaded.model
     method = build("kivi", model=model)
     (row,) = row_bytes_by_device(model, method, 256, "auto").values()
