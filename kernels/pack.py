@@ -206,23 +206,28 @@ def _blocks_kernel(
 
 @triton.jit
 def _page_token_kernel(
-    x_ptr, sxb, sxh,
+    x_ptr, sxb, sxh, sxt,
     pages_ptr, pages16_ptr, spb, sph,
-    count_ptr, word_at_ptr, shift_at_ptr, meta_slots_ptr, page_words,
+    count_ptr, lens_ptr, word_at_ptr, shift_at_ptr, meta_slots_ptr, page_words,
     min_scale,
-    D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, LENS: tl.constexpr,
     HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr,
 ):
-    """One token of row b, head h into its fragment page at the row's device count: the codes added into their words
-    (slots are disjoint and start at zero, so adding is or-ing), the scales and zeros stored into their 16-bit slots."""
+    """Token t of row b, head h into its fragment page at the row's device count + t: the codes added into their
+    words (slots are disjoint and start at zero, so adding is or-ing), the scales and zeros stored into their 16-bit
+    slots. With LENS, rows write only their first lens[b] tokens."""
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(2).to(tl.int64)
+    if LENS:
+        if t >= tl.load(lens_ptr + b):
+            return
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    pos = tl.load(count_ptr + b)
+    pos = tl.load(count_ptr + b) + t
     in_page = pos % 32
     base = (pos // 32) * page_words  # the page's first word in this (row, head)'s pages
     c = tl.arange(0, D)
-    x = tl.load(x_ptr + b * sxb + h * sxh + c).to(tl.float32)
+    x = tl.load(x_ptr + b * sxb + h * sxh + t * sxt + c).to(tl.float32)
     grp = c // G
     scale = tl.full((D,), 1.0, tl.float32)
     zero = tl.zeros((D,), tl.float32)
@@ -252,6 +257,57 @@ def _page_token_kernel(
         z16 = (zeros.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)
     tl.store(pages16_ptr + 2 * row + tl.load(meta), s16)
     tl.store(pages16_ptr + 2 * row + tl.load(meta + D // G), z16)
+
+
+@triton.jit
+def _page_keys_kernel(
+    x_ptr, sxb, sxh, sxt, sxd,
+    pages_ptr, pages16_ptr, spb, sph, page_words,
+    table_ptr, p0, per_row,
+    slot_src_ptr, meta_at_ptr, code_off, scale_off16, zero_off16,
+    min_scale,
+    D: tl.constexpr, BITS: tl.constexpr, TABLE: tl.constexpr,
+    HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr,
+):
+    """The keys of one 32-token page (one per-channel group of each channel) of head h into their fragment page:
+    quantized, codes gathered into fragment order (`slot_src`: the page token x channel of every code slot, word by
+    word) and packed, scales and zeros stored into their 16-bit slots (`meta_at`: channel -> slot). The whole key
+    section of the page is written (plain stores, no page content read)."""
+    q = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    if TABLE:  # (source row, source token, destination page) per page
+        b = tl.load(table_ptr + 3 * q)
+        t0 = tl.load(table_ptr + 3 * q + 1)
+        page = tl.load(table_ptr + 3 * q + 2)
+    else:  # rows in lockstep: row b's pages are its tokens' pages in order, from page p0
+        b = q // per_row
+        t0 = (q % per_row) * 32
+        page = p0 + q % per_row
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    CPW: tl.constexpr = 32 // BITS
+    t = tl.arange(0, 32)[:, None]
+    c = tl.arange(0, D)[None, :]
+    x = tl.load(x_ptr + b * sxb + h * sxh + (t0 + t) * sxt + c * sxd).to(tl.float32)  # [32 tokens, D]
+    lo = tl.min(x, axis=0)
+    hi = tl.max(x, axis=0)
+    s, z = _scale_zero(lo, hi, min_scale, LEVELS, UNIT_SCALE, META)
+    codes = _codes(x, s[None, :], z[None, :], t < 32, LEVELS, HALF_EVEN)
+    k = tl.arange(0, CPW)[None, :]
+    w = tl.arange(0, D * BITS)[:, None]  # the page's code words: 32 tokens x D codes of BITS bits
+    src = tl.load(slot_src_ptr + w * CPW + k)  # [words, CPW]: the code (token * D + channel) at bit k * BITS
+    slots = tl.gather(tl.reshape(codes, (32 * D,)), tl.reshape(src, (32 * D,)), 0)
+    words = tl.sum(tl.reshape(slots, (D * BITS, CPW)) << (k * BITS), axis=1)  # disjoint fields: the sum is the OR
+    base = b * spb + h * sph + page * page_words
+    tl.store(pages_ptr + base + code_off + tl.arange(0, D * BITS), words)
+    if META == 1:
+        s16 = s.to(tl.float16).to(tl.int16, bitcast=True)
+        z16 = z.to(tl.float16).to(tl.int16, bitcast=True)
+    else:
+        s16 = (s.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)  # exact: the value is a bf16 already
+        z16 = (z.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)
+    at = tl.load(meta_at_ptr + tl.arange(0, D))
+    tl.store(pages16_ptr + 2 * base + scale_off16 + at, s16)
+    tl.store(pages16_ptr + 2 * base + zero_off16 + at, z16)
 
 
 def _numerics(spec: QuantSpec) -> dict:
@@ -385,18 +441,57 @@ def quantize_pack_channel_blocks(blocks: torch.Tensor, widths: int | torch.Tenso
 
 def append_page_tokens(x: torch.Tensor, bits: int, group: int, spec: QuantSpec, pages: torch.Tensor,
                        count: torch.Tensor, word_at: torch.Tensor, shift_at: torch.Tensor, meta_slots: torch.Tensor,
-                       page_words: int) -> None:
-    """One token per row, x [B, H, D] (channels dense), quantized into fragment pages [B, H, pages, words] at each
-    row's device `count` in one launch: what `PagedValueStore._append_one` writes (the tables are its own), so that
-    a CUDA graph replays one kernel instead of a dozen ops. Bit for bit the PyTorch path's (tests/test_pack_kernels)."""
+                       page_words: int, lens: torch.Tensor | None = None) -> None:
+    """Tokens x [B, H, T, D] (channels dense) quantized per token into fragment pages [B, H, pages, words] from each
+    row's device `count` on, in one launch (`lens` [B] on the device: row b's first lens[b] tokens only): what
+    `PagedValueStore.append` writes (the tables are its own). With T = 1 a CUDA graph replays one kernel instead of
+    a dozen ops. Bit for bit the PyTorch path's (tests/test_pack_kernels)."""
     bits = check_bits(bits, "bits")
-    b, h, d = x.shape
-    if x.stride(2) != 1 or not pages.is_contiguous() or spec.meta_dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError("one-token page writes need dense channels, contiguous pages and 16-bit metadata")
+    b, h, t, d = x.shape
+    if x.stride(3) != 1 or not pages.is_contiguous() or spec.meta_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("page token writes need dense channels, contiguous pages and 16-bit metadata")
     flat = pages.view(b, h, -1)
     with on_device_of(x):
-        _page_token_kernel[(h, b)](
-            x, x.stride(0), x.stride(1), flat, flat.view(torch.int16), flat.stride(0), flat.stride(1),
-            count, word_at, shift_at, meta_slots, page_words,
-            D=d, G=group, BITS=bits, **_numerics(spec), num_warps=1 if d <= 64 else 2,
+        _page_token_kernel[(h, b, t)](
+            x, *x.stride()[:3], flat, flat.view(torch.int16), flat.stride(0), flat.stride(1),
+            count, lens if lens is not None else count, word_at, shift_at, meta_slots, page_words,
+            D=d, G=group, BITS=bits, LENS=lens is not None, **_numerics(spec), num_warps=1 if d <= 64 else 2,
+        )
+
+
+def page_key_tables(head_dim: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_src, meta_at) of `write_page_keys` for this page format, on `device`: for every code word of a page's
+    key section and every code in it (at bit k * bits), its token * head_dim + channel within the page's 32
+    tokens; and each channel's position among the page's 16-bit key scales (`channel_meta_order`)."""
+    from mixkvq.kv.layout import FragmentPageLayout, _flat_order, channel_meta_order
+
+    w, rpw = FragmentPageLayout.words_per_lane(head_dim, bits), 16 // bits
+    tile = _flat_order(head_dim, bits, "key", torch.device("cpu")).reshape(32 * w, rpw, 2)  # (lane word, j, half)
+    tile = tile.transpose(1, 2).reshape(32 * w, 2 * rpw)  # code k = half * rpw + j sits at bit k * bits
+    slot_src = torch.cat((tile, tile + 16 * head_dim))  # the page's second 16-token tile follows the first
+    meta_at = torch.argsort(channel_meta_order(head_dim))
+    return slot_src.to(torch.int32).to(device), meta_at.to(torch.int32).to(device)
+
+
+def write_page_keys(x: torch.Tensor, bits: int, spec: QuantSpec, pages: torch.Tensor, sections: dict,
+                    tables: tuple[torch.Tensor, torch.Tensor], *, table: torch.Tensor | None = None, p0: int = 0,
+                    pages_per_row: int = 0) -> None:
+    """Keys x [R, H, T, D] quantized per channel over 32-token pages into fragment pages [B, H, pages, words]:
+    page q of source row b (tokens 32 q ..) into page p0 + q of row b (rows in lockstep, `pages_per_row` each),
+    or per `table` row (source row, source token, destination page) [N, 3] int64 on the pages' device. One launch
+    for every page: what `PagedKeyStore._encode` and its writes store (tests/test_pack_kernels.py).
+    `sections`: the page layout's int32 word (offset, count) of key_codes, key_scale and key_zero."""
+    bits = check_bits(bits, "bits")
+    h, d = x.shape[1], x.shape[3]
+    if not pages.is_contiguous() or spec.meta_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("key page writes need contiguous pages and 16-bit metadata")
+    n = len(table) if table is not None else x.shape[0] * pages_per_row
+    if n == 0:
+        return
+    with on_device_of(x):
+        _page_keys_kernel[(n, h)](
+            x, *x.stride(), pages, pages.view(torch.int16), pages.stride(0), pages.stride(1), pages.shape[3],
+            table if table is not None else pages, p0, max(pages_per_row, 1), *tables,
+            sections["key_codes"][0], 2 * sections["key_scale"][0], 2 * sections["key_zero"][0],
+            D=d, BITS=bits, TABLE=table is not None, **_numerics(spec), num_warps=4,
         )

@@ -330,9 +330,10 @@ def test_the_pack_kernel_is_a_config_value_checked_before_work_and_out_of_older_
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits,d,g,meta", [(2, 128, 32, torch.bfloat16), (4, 64, 64, torch.float16),
                                            (2, 64, 32, torch.float16), (4, 128, 128, torch.bfloat16)])
-def test_one_token_page_writes_match_the_pytorch_path(device, bits, d, g, meta):
-    """`PagedValueStore._append_one` through the kernel and through PyTorch: the same pages, bit for bit, with rows
-    at different positions in their pages (and across a page boundary) and every page byte compared."""
+def test_value_page_writes_match_the_pytorch_path(device, bits, d, g, meta):
+    """`PagedValueStore.append` (rows of different lengths, one token per row, a group per row) through the kernel
+    and through PyTorch: the same pages, bit for bit, with rows at different positions in their pages (and across a
+    page boundary) and every page byte compared."""
     from mixkvq.kv.layout import PAGE_TOKENS, FragmentPageLayout
     from mixkvq.kv.paged import FragmentPages, PagedValueStore
 
@@ -341,7 +342,7 @@ def test_one_token_page_writes_match_the_pytorch_path(device, bits, d, g, meta):
     stores = []
     for on in (False, True):
         st = PagedValueStore(FragmentPages(3, 2, layout, device), 3, 2, g, bits, meta, spec, backend(on))
-        st.reserve(3 * PAGE_TOKENS)
+        st.reserve(3 * PAGE_TOKENS)  # (a group write past it reserves more)
         gen = torch.Generator().manual_seed(SEED + bits + d)  # the same tokens for both paths
         # rows start at different counts (host appends), then take one-token steps through the page boundary
         first = token_inputs(gen, (3, 2, 40, d), g, bits, meta).to(device)
@@ -349,9 +350,87 @@ def test_one_token_page_writes_match_the_pytorch_path(device, bits, d, g, meta):
         for _ in range(6):
             x = token_inputs(gen, (3, 2, 1, d), g, bits, meta).to(device)
             st.append(Ragged(x, torch.ones(3, dtype=torch.int64), 1))
+        # then a group of tokens released by every row at once (KVmix's value groups)
+        st.append(Ragged(token_inputs(gen, (3, 2, 32, d), g, bits, meta).to(device), torch.full((3,), 32), 32))
         stores.append(st)
     torch_path, kernel_path = stores
     assert kernel_path.pack_kernel == "triton" and torch_path.pack_kernel == "torch"
     assert torch.equal(kernel_path.pages.data, torch_path.pages.data), f"seed {SEED}"
     assert torch.equal(kernel_path.device_count, torch_path.device_count)
-    assert torch.equal(kernel_path.count, torch.tensor([36, 9, 23]))
+    assert torch.equal(kernel_path.count, torch.tensor([68, 41, 55]))
+
+
+# ---- key blocks into fragment pages (KIVI's and KVmix's 2/4-bit key flushes on the CUDA kernel's pages) ---------
+
+
+def key_inputs(gen, shape, bits, dtype) -> torch.Tensor:
+    """Keys with per-channel offsets and spreads (a group is a channel's 32 tokens of a page), one constant group
+    and one group of rounding ties."""
+    b, h, t, d = shape
+    x = torch.randn(*shape, generator=gen) * torch.rand(d, generator=gen) * 4 + torch.randn(d, generator=gen) * 3
+    x[0, 0, :32, 5] = 2.5  # constant
+    levels = (1 << bits) - 1  # min 0, max levels: scale 1, codes on .5 exactly
+    ties = torch.tensor([0.0, levels, 0.5, 1.5, 2.5, 0.49999997])
+    x[-1, -1, 32:64, 7] = 1.0
+    x[-1, -1, 32:32 + len(ties), 7] = ties
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,d,meta", [(2, 128, torch.bfloat16), (4, 64, torch.float16), (2, 64, torch.float16),
+                                         (4, 128, torch.bfloat16)])
+def test_key_page_writes_match_the_pytorch_path(device, bits, d, meta):
+    """`PagedKeyStore.append` through the kernel and through PyTorch: the same pages, bit for bit, for rows in
+    lockstep (a prefill's blocks, then a decode step's) and for rows releasing different numbers of blocks."""
+    from mixkvq.kv.layout import FragmentPageLayout
+    from mixkvq.kv.paged import FragmentPages, PagedKeyStore
+
+    spec = QuantSpec("half_even", "clamp", 1e-6, meta)
+    layout = FragmentPageLayout(d, bits, 2, 32)
+    block = 64
+    stores = []
+    for on in (False, True):
+        st = PagedKeyStore(FragmentPages(3, 2, layout, device), 3, 2, block, bits, meta, spec, backend(on))
+        gen = torch.Generator().manual_seed(SEED + bits + d)  # the same keys for both paths
+        for lens in ([2 * block] * 3, [block] * 3, [block, 0, 3 * block], [0, 2 * block, block]):
+            x = key_inputs(gen, (3, 2, max(lens), d), bits, meta).to(device)
+            n = torch.tensor(lens)
+            st.append(Ragged(x, n, lens[0] if len(set(lens)) == 1 else None))
+        stores.append(st)
+    torch_path, kernel_path = stores
+    assert kernel_path.pack_kernel == "triton" and torch_path.pack_kernel == "torch"
+    assert torch.equal(kernel_path.nblocks, torch.tensor([4, 5, 7]))
+    assert torch.equal(kernel_path.pages.data, torch_path.pages.data), f"seed {SEED}"
+    assert torch.equal(kernel_path.device_count, torch_path.device_count)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,overrides", [("kivi", ["method.residual_length=32"]),
+                                            ("kvmix", ["method.layer_bits={key:[2],value:[2]}"])])
+def test_generate_on_fragment_pages_with_kernel_writes_gives_the_same_pages(device, name, overrides):
+    """The CUDA kernel's page layout written by the pack kernels (key blocks, value tokens and groups) and by
+    PyTorch: the same tokens and the same pages, read here by the reference decoder."""
+    from mixkvq.kv.attention import bind
+    from mixkvq.kv.paged import page_problems, to_pages
+
+    model = tiny_model("llama", dtype=torch.bfloat16, layers=1).to(device)
+    ids, mask = left_pad([p.to(device) for p in random_prompts([45, 29], seed=SEED % 1000)])
+    runs = []
+    for on in (False, True):
+        method = build(name, [f"quant.pack_kernel={backend(on)}", *overrides], model=model, storage="packed")
+        cache = method.new_cache(2, (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 40)
+        for layer in cache.layers:
+            assert not page_problems(layer), page_problems(layer)
+            to_pages(layer)
+        with bind(model, cache, "torch"), torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, pad_token_id=0, do_sample=False,
+                                 max_new_tokens=40)
+        runs.append((out, cache))
+    (want, want_cache), (got, got_cache) = runs
+    assert got_cache.layers[0].key_stream.store.pack_kernel == "triton"
+    assert torch.equal(got, want), f"seed {SEED}"
+    for gl, wl in zip(got_cache.layers, want_cache.layers):
+        assert int(wl.key_stream.store.tokens().min()) > 0 and int(wl.value_stream.store.tokens().min()) > 0
+        assert torch.equal(gl.key_stream.store.pages.data, wl.key_stream.store.pages.data), f"seed {SEED}"
+        assert torch.equal(gl.key_stream.store.device_count, wl.key_stream.store.device_count)
+        assert torch.equal(gl.value_stream.store.device_count, wl.value_stream.store.device_count)

@@ -81,9 +81,11 @@ class PagedKeyStore(_OnPages):
     """Per-channel key groups of 32 tokens, in blocks of `block` tokens, written into fragment pages."""
 
     def __init__(self, pages: FragmentPages, batch: int, heads: int, block: int, bits: int, dtype: torch.dtype,
-                 spec: QuantSpec):
+                 spec: QuantSpec, pack_kernel: str = "auto"):
         self.pages, self.b, self.h, self.d = pages, batch, heads, pages.layout.head_dim
         self.block, self.bits, self.dtype, self.spec = block, bits, dtype, spec
+        self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
+        self._tables = None  # the pack kernel's tables, made at its first write
         self.p = PAGE_TOKENS  # the unit `ragged(start)` accepts (the reference decoder reads from page starts)
         self.g = PAGE_TOKENS
         self.packed = True
@@ -115,6 +117,8 @@ class PagedKeyStore(_OnPages):
 
     def append(self, r: Ragged, widths_fn=None) -> None:
         b, per = self.b, self.block // PAGE_TOKENS
+        if uses_pack_kernels(self.pack_kernel, r.data):
+            return self._append_by_kernel(r)
         if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
             nb = r.common // self.block
             blocks = r.data[:, :, :nb * self.block].reshape(b, self.h, nb, self.block, self.d).transpose(1, 2)
@@ -142,10 +146,42 @@ class PagedKeyStore(_OnPages):
         for name, src in (("key_codes", words), ("key_scale", scale), ("key_zero", zero)):
             off, nw = pg.words[name]
             write(pg.data[..., off:off + nw], src)
+        self._advance(nb)
+
+    def _advance(self, nb) -> None:
         self.nblocks += nb
         self._lockstep = len(set(self.nblocks.tolist())) == 1  # (host values, no tensor op)
         self.count += nb * self.block
         self._counted()
+
+    def _append_by_kernel(self, r: Ragged) -> None:
+        """The same pages in one launch (kernels/pack.py `write_page_keys`): in lockstep from the rows' first free
+        page, else by a table of (row, token, page) per page, one host-to-device copy."""
+        from kernels.pack import page_key_tables, write_page_keys
+
+        per = self.block // PAGE_TOKENS
+        if self._tables is None:
+            self._tables = page_key_tables(self.d, self.bits, self.pages.data.device)
+        pg = self.pages
+        if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
+            nb = r.common // self.block
+            p0 = int(self.nblocks[0]) * per
+            pg.reserve(p0 + nb * per)
+            write_page_keys(r.data, self.bits, self.spec, pg.data, pg.words, self._tables, p0=p0,
+                            pages_per_row=nb * per)
+            return self._advance(nb)
+        nb = r.lens // self.block
+        assert bool((nb * self.block == r.lens).all()), "key page stores take whole blocks"
+        if int(nb.sum()) == 0:
+            return
+        rows = torch.repeat_interleave(torch.arange(self.b), nb * per)  # per page: its row, token and page
+        first = torch.repeat_interleave(torch.cumsum(nb * per, 0) - nb * per, nb * per)
+        j = torch.arange(len(rows)) - first  # the page's index among its row's new pages
+        page = self.nblocks[rows] * per + j
+        pg.reserve(int(page.max()) + 1)
+        table = to_device(torch.stack((rows, j * PAGE_TOKENS, page), dim=1), r.data.device)
+        write_page_keys(r.data, self.bits, self.spec, pg.data, pg.words, self._tables, table=table)
+        self._advance(nb)
 
     def _encode(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blocks [N, H, P, D] -> per page (code words, scale bits, zero bits) as int32 [N, H, pages, words]."""
@@ -232,6 +268,8 @@ class PagedValueStore(_OnPages):
             return self._append_one(r)
         if int(r.lens.max()) == 0:
             return
+        if uses_pack_kernels(self.pack_kernel, r.data):  # one launch from the device counts, the same bits
+            return self._append_by_kernel(r)
         dev = r.data.device
         lead = r.data.shape[:3]
         codes, scale, zero = quantize(r.data.reshape(*lead, self.groups, self.g), self.bits, self.spec)
@@ -274,7 +312,7 @@ class PagedValueStore(_OnPages):
         if uses_pack_kernels(self.pack_kernel, r.data):  # one launch (kernels/pack.py), the same bits
             from kernels.pack import append_page_tokens
 
-            append_page_tokens(r.data[:, :, 0], self.bits, self.g, self.spec, pg.data, self.device_count,
+            append_page_tokens(r.data[:, :, :1], self.bits, self.g, self.spec, pg.data, self.device_count,
                                self._word_at, self._shift_at, self._meta_slots, pg.layout.page_words)
             self.device_count += 1
             self.advance_host(1)
@@ -292,6 +330,20 @@ class PagedValueStore(_OnPages):
         flat.view(torch.int16).scatter_(2, slots[:, None, :].expand(b, h, -1), meta)
         self.device_count += 1
         self.advance_host(1)
+
+    def _append_by_kernel(self, r: Ragged) -> None:
+        from kernels.pack import append_page_tokens
+
+        self.pages.reserve(int((self.count + r.lens).max() - 1) // PAGE_TOKENS + 1)
+        pg = self.pages
+        t = r.data.shape[2]
+        full = r.common == t if r.common is not None else bool((r.lens == t).all())  # every row writes all t
+        lens = None if full else to_device(r.lens, r.data.device)
+        append_page_tokens(r.data, self.bits, self.g, self.spec, pg.data, self.device_count, self._word_at,
+                           self._shift_at, self._meta_slots, pg.layout.page_words, lens)
+        self.count += r.lens
+        self._top = int(self.count.max())
+        self._counted()  # the device counts from the host's (the kernel read them before)
 
     def advance_host(self, k: int) -> None:
         """The host side of k tokens per row appended at the device's counts (here, or by a replayed step)."""
@@ -339,7 +391,8 @@ def page_problems(layer) -> list[str]:
     """Why this layer's stores have no fragment page layout (empty when they do)."""
     ks, vs = layer.key_stream.store, layer.value_stream.store
     out = []
-    if type(ks) is not ChannelGroupStore or not ks.packed or ks.uniform_width is None or ks.pack11 or ks.g != PAGE_TOKENS:
+    if (type(ks) is not ChannelGroupStore or not ks.packed or ks.uniform_width is None or ks.pack11
+            or ks.g != PAGE_TOKENS):
         out.append("keys are not one packed width in per-channel groups of 32 tokens")
     if type(vs) is not TokenGroupStore or not vs.packed:
         out.append("values are not packed per-token groups of one width")
@@ -360,7 +413,8 @@ def to_pages(layer) -> None:
     meta_bytes = ks.spec.meta_dtype.itemsize
     pl = FragmentPageLayout(layer.dim, ks.uniform_width, vs.bits, vs.g, meta_bytes)
     pages = FragmentPages(ks.b, ks.h, pl, ks.device)
-    layer.key_stream.store = PagedKeyStore(pages, ks.b, ks.h, ks.p, ks.uniform_width, ks.dtype, ks.spec)
+    layer.key_stream.store = PagedKeyStore(pages, ks.b, ks.h, ks.p, ks.uniform_width, ks.dtype, ks.spec,
+                                           ks.pack_kernel)
     layer.value_stream.store = PagedValueStore(pages, vs.b, vs.h, vs.g, vs.bits, vs.dtype, vs.spec, vs.pack_kernel)
     tokens = layer.key_stream.reserved_tokens
     if tokens is not None:  # the cache was reserved before the kernel was bound: the pages take its place
