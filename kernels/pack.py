@@ -463,10 +463,11 @@ def page_key_tables(head_dim: int, bits: int, device) -> tuple[torch.Tensor, tor
     """(slot_src, meta_at) of `write_page_keys` for this page format, on `device`: for every code word of a page's
     key section and every code in it (at bit k * bits), its token * head_dim + channel within the page's 32
     tokens; and each channel's position among the page's 16-bit key scales (`channel_meta_order`)."""
-    from mixkvq.kv.layout import FragmentPageLayout, _flat_order, channel_meta_order
+    from mixkvq.kv.layout import FragmentPageLayout, channel_meta_order, code_order
 
     w, rpw = FragmentPageLayout.words_per_lane(head_dim, bits), 16 // bits
-    tile = _flat_order(head_dim, bits, "key", torch.device("cpu")).reshape(32 * w, rpw, 2)  # (lane word, j, half)
+    order = code_order(head_dim, bits, "key")  # [32 lanes, W, R, 2 halves, (token, channel)]
+    tile = (order[..., 0] * head_dim + order[..., 1]).reshape(32 * w, rpw, 2)  # (lane word, j, half)
     tile = tile.transpose(1, 2).reshape(32 * w, 2 * rpw)  # code k = half * rpw + j sits at bit k * bits
     slot_src = torch.cat((tile, tile + 16 * head_dim))  # the page's second 16-token tile follows the first
     meta_at = torch.argsort(channel_meta_order(head_dim))

@@ -112,6 +112,15 @@ def test_batch_problems_auto_fills_the_budget_and_records_its_choice(tmp_path, t
     assert pd.read_parquet(rd / "run.parquet").iloc[0]["batch_problems"] == 3
 
 
+def test_transformers_dynamic_cache_runs_as_its_own_bf16_baseline(tmp_path, tiny_run_model):
+    run(*tiny_run_model, "task.size=2", "task.n_samples=2", "model.max_new_tokens=8", "method=bf16",
+        "attention.cache=dynamic", results=tmp_path)
+    rd = only_run_dir(tmp_path)
+    assert rd.name.startswith("bf16-dynamic_")
+    row = pd.read_parquet(rd / "run.parquet").iloc[0]
+    assert row["decode_kernels_used"] == "sdpa" and row["kv_bytes_final"] > 0
+
+
 @pytest.mark.skipif(not R1_7B.is_dir(), reason="shared R1-Distill-Qwen-7B config folder absent")
 def test_r1_7b_config_runs_with_random_weights_and_the_real_chat_template(tmp_path):
     overrides = [
@@ -163,6 +172,7 @@ BAD = [
     (["generation.batch_problems=many"], "batch_problems"),
     (["generation.batch_problems=auto", "model.device=cpu"], "cache_memory_gib"),  # no free memory reported
     (["generation.cache_memory_fraction=1.5"], "cache_memory_fraction"),
+    (["method=kivi", "attention.cache=dynamic"], "attention.cache"),
 ]
 
 

@@ -99,7 +99,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 seed = cfg.seed + group[0]
                 outs = generate_batch(model, tokenizer, method, [prompts[problems[i].id] for i in group],
                                       cfg.task.n_samples, gen, seed, cfg.attention.decode_kernel,
-                                      GraphSettings.from_config(cfg.attention), cfg.get("stop_check", "deferred"))
+                                      GraphSettings.from_config(cfg.attention), cfg.get("stop_check", "deferred"),
+                                      cfg.attention.get("cache", "harness"))
                 rows, call_tokens = [], 0
                 for index, out in zip(group, outs):
                     problem = problems[index]

@@ -27,6 +27,8 @@ from mixkvq.kv.storage import check_pack_kernel
 from mixkvq.runs.results import RunState, check_saved_config, check_unlocked, run_name, run_state
 from mixkvq.runs.sinks import resolve_mode
 
+CACHE_IMPLS = ("harness", "dynamic")  # attention.cache: the method's cache, or transformers' DynamicCache (bf16)
+
 
 def check_number(key: str, value, kind: type = int, *, low=None, high=None, above=None, nullable=False) -> None:
     """`value` is a `kind` (an int is a fine float; a bool is neither) within [low, high] and above `above`."""
@@ -87,6 +89,10 @@ def check_cache_config(cfg: DictConfig) -> None:
     QuantSpec.from_config(cfg.quant, torch.float32)
     check_choice("attention.decode_kernel", cfg.attention.decode_kernel, decode_kernel_names())
     check_choice("attention.cuda_graphs", cfg.attention.get("cuda_graphs", "auto"), GRAPH_MODES)
+    check_choice("attention.cache", cfg.attention.get("cache", "harness"), CACHE_IMPLS)
+    if cfg.attention.get("cache", "harness") == "dynamic" and cfg.method.name != "bf16":
+        raise ConfigError(f"attention.cache=dynamic is transformers' unquantized DynamicCache: it runs with "
+                          f"method=bf16, not method={cfg.method.name}")
     check_number("attention.graph_bucket_tokens", cfg.attention.get("graph_bucket_tokens", 512), int, low=1)
     check_pack_kernel(cfg.quant.get("pack_kernel", "auto"))
     check_choice("storage", cfg.storage, STORAGE_MODES)
@@ -163,6 +169,8 @@ def preflight(cfg: DictConfig) -> Checked:
     check_context(files.max_context, mc.name, tokens[longest], gen["max_new_tokens"], longest)
     method.check_prompts(min(tokens.values()))
     label = f"{cfg.method.name}-{method.nominal_bits}"
+    if cfg.attention.get("cache", "harness") == "dynamic":
+        label = f"{cfg.method.name}-dynamic"  # transformers' cache: its own row in every table
     run_dir = Path(cfg.results_dir) / run_name(cfg, label)
     state = RunState()
     if run_dir.is_dir():  # a resume: the files it reads must be this run's and intact, and no job may hold it

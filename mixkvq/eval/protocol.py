@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kernels import kernels_in_use
+from mixkvq.eval.dynamic_cache import RecordedDynamicCache
 from mixkvq.eval.placement import input_device
 from mixkvq.eval.stop_check import stop_check as stop_check_mode
 from mixkvq.kv.attention import bind
@@ -69,11 +71,12 @@ def generate_samples(model, tokenizer, method: Method, prompt: str, n: int, gen:
 
 def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int, gen: dict, seed: int,
                    decode_kernel: str, graphs: GraphSettings = GraphSettings(),
-                   stop_check: str = "deferred") -> list[Generation]:
+                   stop_check: str = "deferred", cache_impl: str = "harness") -> list[Generation]:
     """n samples of each prompt in one generate call (prompts left-padded, rows i*n .. i*n+n-1 are prompt i's),
     through a fresh cache allocated once for the longest prompt + max_new_tokens. Each Generation gets an equal
     share of the call's seconds, so per-problem seconds add up to the time spent. `stop_check`: when the host
-    reads generate's stop flag (`mixkvq/eval/stop_check.py`)."""
+    reads generate's stop flag (`mixkvq/eval/stop_check.py`). `cache_impl="dynamic"`: transformers' DynamicCache
+    and the model's own attention instead of the method's cache (`mixkvq/eval/dynamic_cache.py`)."""
     device = input_device(model)
     stop = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
@@ -85,16 +88,25 @@ def generate_batch(model, tokenizer, method: Method, prompts: list[str], n: int,
         ids[i, width - len(e):] = torch.tensor(e)
         mask[i, width - len(e):] = 1
     pad = (mask == 0).sum(dim=1).repeat_interleave(n)
-    cache = method.new_cache(len(encoded) * n, pad, capacity=width + gen["max_new_tokens"])
+    dynamic = cache_impl == "dynamic"
+    if dynamic:
+        cache = RecordedDynamicCache(model.config, pad)
+    else:
+        cache = method.new_cache(len(encoded) * n, pad, capacity=width + gen["max_new_tokens"])
     ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with bind(model, cache, decode_kernel), graphed(model, cache, graphs) as graph_counts, \
-            stop_check_mode(stop_check), torch.no_grad():
-        kernels = kernels_in_use(cache.layers)
+    with contextlib.ExitStack() as stack:
+        graph_counts = None
+        if not dynamic:  # the method's cache: its attention and decode kernels, its CUDA graphs
+            stack.enter_context(bind(model, cache, decode_kernel))
+            graph_counts = stack.enter_context(graphed(model, cache, graphs))
+        stack.enter_context(stop_check_mode(stop_check))
+        stack.enter_context(torch.no_grad())
+        kernels = "sdpa" if dynamic else kernels_in_use(cache.layers)
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, num_return_sequences=n,
                              pad_token_id=pad_id, eos_token_id=sorted(stop),
-                             stopping_criteria=StoppingCriteriaList([CacheStop(cache)]), **gen)
+                             stopping_criteria=StoppingCriteriaList([] if dynamic else [CacheStop(cache)]), **gen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -62,7 +62,8 @@ def _container(cfg: DictConfig | dict) -> dict:
 # hash, so results written before it existed keep their names and resume.
 ADDED_KEYS = {("generation", "batch_problems"): 1, ("generation", "cache_memory_gib"): None,
               ("generation", "cache_memory_fraction"): 0.85, ("quant", "pack_kernel"): "auto",
-              ("attention", "cuda_graphs"): "auto", ("attention", "graph_bucket_tokens"): 512}
+              ("attention", "cuda_graphs"): "auto", ("attention", "graph_bucket_tokens"): 512,
+              ("attention", "cache"): "harness"}
 # Blocks every model config held until they moved into a method's config (`per_model` of configs/method/<method>.yaml),
 # with the value each model's config held then: a frozen record of what runs written before the move hashed (the
 # settings themselves live in the method's config now). See `restore_moved_keys`.
