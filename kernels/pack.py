@@ -266,7 +266,7 @@ def _page_keys_kernel(
     table_ptr, p0, per_row,
     slot_src_ptr, meta_at_ptr, code_off, scale_off16, zero_off16,
     min_scale,
-    D: tl.constexpr, BITS: tl.constexpr, TABLE: tl.constexpr,
+    D: tl.constexpr, BITS: tl.constexpr, CODE_BITS: tl.constexpr, TABLE: tl.constexpr,
     HALF_EVEN: tl.constexpr, UNIT_SCALE: tl.constexpr, META: tl.constexpr,
 ):
     """The keys of one 32-token page (one per-channel group of each channel) of head h into their fragment page:
@@ -283,7 +283,7 @@ def _page_keys_kernel(
         b = q // per_row
         t0 = (q % per_row) * 32
         page = p0 + q % per_row
-    LEVELS: tl.constexpr = (1 << BITS) - 1
+    LEVELS: tl.constexpr = (1 << CODE_BITS) - 1  # codes of CODE_BITS bits in slots of BITS bits
     CPW: tl.constexpr = 32 // BITS
     t = tl.arange(0, 32)[:, None]
     c = tl.arange(0, D)[None, :]
@@ -476,13 +476,15 @@ def page_key_tables(head_dim: int, bits: int, device) -> tuple[torch.Tensor, tor
 
 def write_page_keys(x: torch.Tensor, bits: int, spec: QuantSpec, pages: torch.Tensor, sections: dict,
                     tables: tuple[torch.Tensor, torch.Tensor], *, table: torch.Tensor | None = None, p0: int = 0,
-                    pages_per_row: int = 0) -> None:
+                    pages_per_row: int = 0, slot_bits: int | None = None) -> None:
     """Keys x [R, H, T, D] quantized per channel over 32-token pages into fragment pages [B, H, pages, words]:
     page q of source row b (tokens 32 q ..) into page p0 + q of row b (rows in lockstep, `pages_per_row` each),
     or per `table` row (source row, source token, destination page) [N, 3] int64 on the pages' device. One launch
     for every page: what `PagedKeyStore._encode` and its writes store (tests/test_pack_kernels.py).
-    `sections`: the page layout's int32 word (offset, count) of key_codes, key_scale and key_zero."""
+    `sections`: the page layout's int32 word (offset, count) of key_codes, key_scale and key_zero; codes of `bits`
+    bits go into slots of `slot_bits` (default `bits`), the page format's width, and `tables` are that format's."""
     bits = check_bits(bits, "bits")
+    slot_bits = bits if slot_bits is None else slot_bits
     h, d = x.shape[1], x.shape[3]
     if not pages.is_contiguous() or spec.meta_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("key page writes need contiguous pages and 16-bit metadata")
@@ -494,5 +496,5 @@ def write_page_keys(x: torch.Tensor, bits: int, spec: QuantSpec, pages: torch.Te
             x, *x.stride(), pages, pages.view(torch.int16), pages.stride(0), pages.stride(1), pages.shape[3],
             table if table is not None else pages, p0, max(pages_per_row, 1), *tables,
             sections["key_codes"][0], 2 * sections["key_scale"][0], 2 * sections["key_zero"][0],
-            D=d, BITS=bits, TABLE=table is not None, **_numerics(spec), num_warps=4,
+            D=d, BITS=slot_bits, CODE_BITS=bits, TABLE=table is not None, **_numerics(spec), num_warps=4,
         )

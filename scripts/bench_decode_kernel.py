@@ -66,6 +66,14 @@ METHODS = {
     "kivi-4": ["method=kivi4"],
     "mixkvq-k2.3": ["method=mixkvq", "method.target_bits=2.15"],
     "mixkvq-k2.7": ["method=mixkvq", "method.target_bits=2.35"],
+    # KVmix's layers: the 2-bit ones (24 of 28 at its default), the 3/4-bit ones in the repository's format (11 codes
+    # per word: Triton) and with plain 3-bit groups of 32 (`key3_format=g32`: the CUDA kernel, 4-bit page slots)
+    "kvmix-k2v2": ["method=kvmix", "method.layer_bits={key:[2],value:[2]}"],
+    "kvmix-k3v4": ["method=kvmix", "method.layer_bits={key:[3],value:[4]}"],
+    "kvmix-k3v4-g32": ["method=kvmix", "method.layer_bits={key:[3],value:[4]}", "method.key3_format=g32"],
+    # PM-KVQ at 2 bits (its budget: rows end at 2 bits); key reparameterization off (no calibration artifact; it
+    # changes the keys' values, not the decode's cost)
+    "pmkvq-2": ["method=pmkvq_fbit2", "method.reparameterize=false"],
 }
 
 
@@ -88,8 +96,8 @@ def key_bits(layer) -> float:
     if hasattr(store, "tiers"):  # tiered blocks: the widths they were written with
         counts = store.tier_counts
         return sum((16 if w == 0 else w) * n for w, n in counts.items()) / sum(counts.values())
-    if not hasattr(store, "block_widths"):  # fragment pages: one width
-        return float(store.bits)
+    if not hasattr(store, "block_widths"):  # fragment pages (one width), PM-KVQ's rows: code bits per element
+        return float(store.code_bits.sum()) / float(store.tokens().sum() * layer.heads * layer.dim)
     widths = store.block_widths()[:, :, : int(store.nblocks.min())].to(torch.int64)
     return float(torch.where(widths == 0, 16, widths).float().mean())
 

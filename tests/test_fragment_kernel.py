@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MIN_SQNR_DB = 30
 
 CASES = {"kivi-2": ("kivi", []), "kivi-4": ("kivi4", []), "k2v4": ("kivi", ["method.v_bits=4"]),
-         "kivi-2-r64": ("kivi", ["method.residual_length=64"])}
+         "kivi-2-r64": ("kivi", ["method.residual_length=64"]),
+         "k3v2": ("kivi", ["method.k_bits=3"]),  # 3-bit key codes in the 4-bit page format's slots
+         "kvmix-k3v4-g32": ("kvmix", ["method.layer_bits={key:[3],value:[4]}", "method.key3_format=g32"])}
 
 
 def check(name, overrides, **kw):

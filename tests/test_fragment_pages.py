@@ -67,6 +67,7 @@ KIVI_CASES = {
     "kivi-2": ("kivi", []),
     "kivi-4": ("kivi4", []),
     "kivi-2-r64": ("kivi", ["method.residual_length=64"]),
+    "k3v2": ("kivi", ["method.k_bits=3"]),  # 3-bit key codes in the 4-bit page format's slots
 }
 
 
@@ -123,10 +124,27 @@ def test_paged_stores_hold_exactly_what_the_flat_stores_hold(case, dtype, length
         assert torch.equal(ra.lens, rb.lens)
         for row, n in enumerate(ra.lens.tolist()):  # bit for bit: same codes, scales and zeros
             assert torch.equal(ra.data[row, :, :n], rb.data[row, :, :n]), f"{stream} row {row} (seed {seed})"
-        assert torch.equal(a.code_bits(), b.code_bits()) and torch.equal(a.live_bytes(), b.live_bytes())
+        assert torch.equal(a.code_bits(), b.code_bits())
+        if stream == "key_stream" and b.store.slot_bits != b.store.bits:  # the page format's slots are wider
+            assert bool((b.live_bytes() > a.live_bytes()).any()) and bool((b.live_bytes() >= a.live_bytes()).all())
+        else:
+            assert torch.equal(a.live_bytes(), b.live_bytes())
     assert int(paged.key_stream.store.tokens().max()) >= 256  # several flushed blocks, the value window slid
     # The reference decoder's inputs (stream_tokens) are the same, so attention over them is too.
     assert torch.equal(ground_truth(q, flat, 128**-0.5), ground_truth(q, paged, 128**-0.5))
+
+
+def test_kvmix_layers_are_all_on_pages_with_plain_3_bit_keys():
+    """KVmix's 2-bit layers and, with `key3_format=g32`, its 3-bit ones: keys in pages of the 4-bit format, the bits
+    accounting at 3 bits per code."""
+    method = build("kvmix", ["method.layer_bits={key:[3,2],value:[4,2]}", "method.key3_format=g32"], kv_heads=2,
+                   q_heads=8, head_dim=128, dtype=torch.bfloat16, device="cpu", layers=2)
+    cache = method.new_cache(1)
+    for layer, (key_bits, slot_bits) in zip(cache.layers, [(3, 4), (2, 2)]):
+        assert page_problems(layer) == []
+        to_pages(layer)
+        store = layer.key_stream.store
+        assert (store.bits, store.slot_bits, store.layout().page.key_bits) == (key_bits, slot_bits, slot_bits)
 
 
 def test_paged_value_store_reads_from_any_start():
@@ -143,7 +161,8 @@ def test_paged_value_store_reads_from_any_start():
 
 def test_layers_the_pages_cannot_hold_are_named():
     for name, overrides, why in [
-        ("kivi", ["method.k_bits=3"], "width 3"),
+        ("kivi", ["method.k_bits=8"], "width 8"),
+        ("kvmix", ["method.layer_bits={key:[3],value:[4]}"], "one packed width"),  # 11 codes per word
         ("mixkvq", [], "one packed width"),
         ("kivi", ["method.group_size=64"], "per-channel groups of 32"),
     ]:

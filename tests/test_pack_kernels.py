@@ -378,15 +378,15 @@ def key_inputs(gen, shape, bits, dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits,d,meta", [(2, 128, torch.bfloat16), (4, 64, torch.float16), (2, 64, torch.float16),
-                                         (4, 128, torch.bfloat16)])
+                                         (4, 128, torch.bfloat16), (3, 128, torch.bfloat16)])
 def test_key_page_writes_match_the_pytorch_path(device, bits, d, meta):
     """`PagedKeyStore.append` through the kernel and through PyTorch: the same pages, bit for bit, for rows in
     lockstep (a prefill's blocks, then a decode step's) and for rows releasing different numbers of blocks."""
-    from mixkvq.kv.layout import FragmentPageLayout
+    from mixkvq.kv.layout import FragmentPageLayout, page_container
     from mixkvq.kv.paged import FragmentPages, PagedKeyStore
 
     spec = QuantSpec("half_even", "clamp", 1e-6, meta)
-    layout = FragmentPageLayout(d, bits, 2, 32)
+    layout = FragmentPageLayout(d, page_container(bits), 2, 32)  # 3-bit codes: in the 4-bit format's slots
     block = 64
     stores = []
     for on in (False, True):

@@ -100,6 +100,14 @@ BUFFERS: dict[PackingFormat, tuple[str, ...]] = {
 PAGE_TOKENS = 32  # tokens per page: one key group (per-channel scales) and two 16-token tiles
 TILE_TOKENS = 16  # tokens per tensor-core tile (the K dimension of the value product, the M of the key product)
 PAGE_BITS = (2, 4)  # code widths the fragment order packs (a register pair per lop3 conversion)
+# Key code widths stored in the slots of a wider page format (the kernel reads them as that format: a code is its
+# value, whatever the width it was quantized to). The bits accounting keeps the code width; the bytes are the slots'.
+PAGE_CONTAINERS = {3: 4}
+
+
+def page_container(bits: int | None) -> int | None:
+    """The page format's width that holds codes of `bits` bits."""
+    return PAGE_CONTAINERS.get(bits, bits)
 PAGE_HEAD_DIMS = (64, 128)
 
 

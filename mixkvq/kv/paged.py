@@ -21,6 +21,7 @@ from functools import cached_property
 import torch
 
 from mixkvq.kv.layout import (PAGE_TOKENS, TILE_TOKENS, FragmentPageLayout, Layout, PackingFormat, channel_meta_order,
+                              page_container,
                            check_page_layout, code_order, pack_tile, token_meta_order, token_slots, unpack_tile)
 from mixkvq.kv.quantizer import QuantSpec, dequantize, quantize
 from mixkvq.kv.ragged import Ragged, grow, reserve, to_device, whole_blocks
@@ -78,12 +79,15 @@ class _OnPages(CountedOnDevice):
 
 
 class PagedKeyStore(_OnPages):
-    """Per-channel key groups of 32 tokens, in blocks of `block` tokens, written into fragment pages."""
+    """Per-channel key groups of 32 tokens, in blocks of `block` tokens, written into fragment pages. Codes of
+    `bits` bits; a width the page format does not pack (3) sits in the slots of a wider one (`page_container`)."""
 
     def __init__(self, pages: FragmentPages, batch: int, heads: int, block: int, bits: int, dtype: torch.dtype,
                  spec: QuantSpec, pack_kernel: str = "auto"):
         self.pages, self.b, self.h, self.d = pages, batch, heads, pages.layout.head_dim
         self.block, self.bits, self.dtype, self.spec = block, bits, dtype, spec
+        self.slot_bits = pages.layout.key_bits  # the page format's code slots (bits, or its container)
+        assert self.slot_bits == page_container(bits)
         self.pack_kernel = check_pack_kernel(pack_kernel, "pack_kernel")
         self._tables = None  # the pack kernel's tables, made at its first write
         self.p = PAGE_TOKENS  # the unit `ragged(start)` accepts (the reference decoder reads from page starts)
@@ -94,7 +98,7 @@ class PagedKeyStore(_OnPages):
         self.tier_counts: dict[int, int] = {}
         self.version = 0
         dev = pages.data.device
-        code_order(self.d, bits, "key")  # pack_tile's table, built once (a Python loop) here rather than at a flush
+        code_order(self.d, self.slot_bits, "key")  # pack_tile's table, built once (a Python loop), not at a flush
         self._order = to_device(channel_meta_order(self.d), dev)
         self._inverse = to_device(torch.argsort(channel_meta_order(self.d)), dev)
         self._heads = torch.arange(heads, device=dev)
@@ -161,14 +165,14 @@ class PagedKeyStore(_OnPages):
 
         per = self.block // PAGE_TOKENS
         if self._tables is None:
-            self._tables = page_key_tables(self.d, self.bits, self.pages.data.device)
+            self._tables = page_key_tables(self.d, self.slot_bits, self.pages.data.device)
         pg = self.pages
         if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
             nb = r.common // self.block
             p0 = int(self.nblocks[0]) * per
             pg.reserve(p0 + nb * per)
             write_page_keys(r.data, self.bits, self.spec, pg.data, pg.words, self._tables, p0=p0,
-                            pages_per_row=nb * per)
+                            pages_per_row=nb * per, slot_bits=self.slot_bits)
             return self._advance(nb)
         nb = r.lens // self.block
         assert bool((nb * self.block == r.lens).all()), "key page stores take whole blocks"
@@ -180,7 +184,8 @@ class PagedKeyStore(_OnPages):
         page = self.nblocks[rows] * per + j
         pg.reserve(int(page.max()) + 1)
         table = to_device(torch.stack((rows, j * PAGE_TOKENS, page), dim=1), r.data.device)
-        write_page_keys(r.data, self.bits, self.spec, pg.data, pg.words, self._tables, table=table)
+        write_page_keys(r.data, self.bits, self.spec, pg.data, pg.words, self._tables, table=table,
+                        slot_bits=self.slot_bits)
         self._advance(nb)
 
     def _encode(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,7 +195,7 @@ class PagedKeyStore(_OnPages):
         codes, scale, zero = quantize(chans, self.bits, self.spec)  # [N, H, D, per, 32], [N, H, D, per]
         # -> per page: [N, H, per, 2 tiles, 16 tokens, D]
         tiles = codes.permute(0, 1, 3, 4, 2).reshape(n, self.h, per, 2, TILE_TOKENS, self.d)
-        words = pack_tile(tiles, self.bits, "key").reshape(n, self.h, per, -1)
+        words = pack_tile(tiles, self.slot_bits, "key").reshape(n, self.h, per, -1)
         meta = (_to_bits16(m.permute(0, 1, 3, 2)[..., self._order]).view(torch.int32)  # in channel_meta_order
                 for m in (scale, zero))
         return (words, *meta)
@@ -209,7 +214,7 @@ class PagedKeyStore(_OnPages):
             return Ragged(torch.zeros(self.b, self.h, 0, self.d, dtype=self.dtype, device=dev), lens)
         pg = self.pages
         words = pg.section("key_codes")[:, :, first:first + n].reshape(self.b, self.h, n, 2, -1)
-        codes = unpack_tile(words, self.d, self.bits, "key").reshape(self.b, self.h, n, PAGE_TOKENS, self.d)
+        codes = unpack_tile(words, self.d, self.slot_bits, "key").reshape(self.b, self.h, n, PAGE_TOKENS, self.d)
         inv = self._inverse
         scale, zero = (pg.meta(name)[:, :, first:first + n][..., inv].view(self.spec.meta_dtype)
                        for name in ("key_scale", "key_zero"))  # [B, H, n, D]
@@ -402,7 +407,7 @@ def page_problems(layer) -> list[str]:
         out.append(f"key block {ks.p} is not a multiple of {PAGE_TOKENS}")
     if ks.spec.meta_dtype != ks.dtype or ks.dtype not in (torch.bfloat16, torch.float16):
         out.append("scales are not in the model dtype, or the model dtype is not bf16/fp16")
-    out += check_page_layout(layer.dim, ks.uniform_width, vs.bits, vs.g)
+    out += check_page_layout(layer.dim, page_container(ks.uniform_width), vs.bits, vs.g)
     return out
 
 
@@ -411,7 +416,7 @@ def to_pages(layer) -> None:
     ks, vs = layer.key_stream.store, layer.value_stream.store
     assert not page_problems(layer) and int(ks.nblocks.max()) == 0 and int(vs.tokens().max()) == 0
     meta_bytes = ks.spec.meta_dtype.itemsize
-    pl = FragmentPageLayout(layer.dim, ks.uniform_width, vs.bits, vs.g, meta_bytes)
+    pl = FragmentPageLayout(layer.dim, page_container(ks.uniform_width), vs.bits, vs.g, meta_bytes)
     pages = FragmentPages(ks.b, ks.h, pl, ks.device)
     layer.key_stream.store = PagedKeyStore(pages, ks.b, ks.h, ks.p, ks.uniform_width, ks.dtype, ks.spec,
                                            ks.pack_kernel)

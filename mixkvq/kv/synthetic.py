@@ -33,6 +33,9 @@ def fill_layer(layer, context: int, q_heads: int, gen: torch.Generator, chunk: i
         lens = torch.full((batch,), n, dtype=torch.int64)
         for stream in (layer.key_stream, layer.value_stream):
             stream.append(Ragged(random_kv(batch, heads, n, dim, dtype, device, gen, channel_scale), lens))
+        if layer.releases_before_attention:  # as `update` releases for methods that quantize before attention
+            layer.key_stream.release()
+            layer.value_stream.release()
         layer.after_attention()
         done += n
     layer.seq_len = context
