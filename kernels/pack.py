@@ -205,6 +205,14 @@ def _blocks_kernel(
 
 
 @triton.jit
+def _bits16(v, META: tl.constexpr):
+    """The 16-bit pattern of a value that is already a 16-bit metadata value (fp16 or bf16) held in fp32."""
+    if META == 1:
+        return v.to(tl.float16).to(tl.int16, bitcast=True)
+    return (v.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)  # exact: the value is a bf16 already
+
+
+@triton.jit
 def _page_token_kernel(
     x_ptr, sxb, sxh, sxt,
     pages_ptr, pages16_ptr, spb, sph,
@@ -249,14 +257,8 @@ def _page_token_kernel(
     row = b * spb + h * sph + base
     tl.atomic_add(pages_ptr + row + word, codes << shift)
     meta = meta_slots_ptr + in_page * (2 * (D // G)) + gi
-    if META == 1:
-        s16 = scales.to(tl.float16).to(tl.int16, bitcast=True)
-        z16 = zeros.to(tl.float16).to(tl.int16, bitcast=True)
-    else:
-        s16 = (scales.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)  # exact: the value is a bf16 already
-        z16 = (zeros.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)
-    tl.store(pages16_ptr + 2 * row + tl.load(meta), s16)
-    tl.store(pages16_ptr + 2 * row + tl.load(meta + D // G), z16)
+    tl.store(pages16_ptr + 2 * row + tl.load(meta), _bits16(scales, META))
+    tl.store(pages16_ptr + 2 * row + tl.load(meta + D // G), _bits16(zeros, META))
 
 
 @triton.jit
@@ -299,15 +301,9 @@ def _page_keys_kernel(
     words = tl.sum(tl.reshape(slots, (D * BITS, CPW)) << (k * BITS), axis=1)  # disjoint fields: the sum is the OR
     base = b * spb + h * sph + page * page_words
     tl.store(pages_ptr + base + code_off + tl.arange(0, D * BITS), words)
-    if META == 1:
-        s16 = s.to(tl.float16).to(tl.int16, bitcast=True)
-        z16 = z.to(tl.float16).to(tl.int16, bitcast=True)
-    else:
-        s16 = (s.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)  # exact: the value is a bf16 already
-        z16 = (z.to(tl.uint32, bitcast=True) >> 16).to(tl.int16)
     at = tl.load(meta_at_ptr + tl.arange(0, D))
-    tl.store(pages16_ptr + 2 * base + scale_off16 + at, s16)
-    tl.store(pages16_ptr + 2 * base + zero_off16 + at, z16)
+    tl.store(pages16_ptr + 2 * base + scale_off16 + at, _bits16(s, META))
+    tl.store(pages16_ptr + 2 * base + zero_off16 + at, _bits16(z, META))
 
 
 def _numerics(spec: QuantSpec) -> dict:
