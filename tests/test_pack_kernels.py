@@ -434,3 +434,19 @@ def test_generate_on_fragment_pages_with_kernel_writes_gives_the_same_pages(devi
         assert torch.equal(gl.key_stream.store.pages.data, wl.key_stream.store.pages.data), f"seed {SEED}"
         assert torch.equal(gl.key_stream.store.device_count, wl.key_stream.store.device_count)
         assert torch.equal(gl.value_stream.store.device_count, wl.value_stream.store.device_count)
+
+
+def test_page_kernels_compile_for_hopper():
+    """The page-write kernels compiled ahead of time for sm_90 by Triton's own ptxas, no GPU needed (the interpreter
+    above checks their bits, this that the compiler takes them: tl.gather, an early return). In a process of its own:
+    under TRITON_INTERPRET the kernels are not compilable objects."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = Path(__file__).parent
+    proc = subprocess.run([sys.executable, str(here / "pack_compile.py")], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=here.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["keys-lockstep", "keys-table-3bit", "tokens", "tokens-lens"], proc.stdout
