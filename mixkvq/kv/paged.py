@@ -119,12 +119,18 @@ class PagedKeyStore(_OnPages):
     # tensors and host copies; the same words (tests/test_fragment_pages.py).
     _lockstep = True
 
+    def _lockstep_blocks(self, r: Ragged) -> int | None:
+        """Blocks every row releases, when the rows are in lockstep and release the same whole blocks."""
+        if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
+            return r.common // self.block
+        return None
+
     def append(self, r: Ragged, widths_fn=None) -> None:
         b, per = self.b, self.block // PAGE_TOKENS
         if uses_pack_kernels(self.pack_kernel, r.data):
             return self._append_by_kernel(r)
-        if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
-            nb = r.common // self.block
+        nb = self._lockstep_blocks(r)
+        if nb is not None:
             blocks = r.data[:, :, :nb * self.block].reshape(b, self.h, nb, self.block, self.d).transpose(1, 2)
             words, scale, zero = self._encode(blocks.reshape(b * nb, self.h, self.block, self.d))
             p0 = int(self.nblocks[0]) * per
@@ -167,8 +173,8 @@ class PagedKeyStore(_OnPages):
         if self._tables is None:
             self._tables = page_key_tables(self.d, self.slot_bits, self.pages.data.device)
         pg = self.pages
-        if self._lockstep and r.common is not None and r.common > 0 and r.common % self.block == 0:
-            nb = r.common // self.block
+        nb = self._lockstep_blocks(r)
+        if nb is not None:
             p0 = int(self.nblocks[0]) * per
             pg.reserve(p0 + nb * per)
             write_page_keys(r.data, self.bits, self.spec, pg.data, pg.words, self._tables, p0=p0,
