@@ -35,6 +35,12 @@ METHODS = {
     "kivi-2": ["method=kivi"],
     "mixkvq-k2.3": ["method=mixkvq", "method.target_bits=2.15"],
     "mixkvq-C3.4": ["method=mixkvq"],  # the paper's 7B setting (model config)
+    # KVmix's default allocation on R1-7B's 28 layers: 2 x floor(0.1 x 28) = 4 layers at 3/4 bits. Which layers is
+    # calibration's choice and does not change the cost: the first four here (no artifact needed).
+    "kvmix": ["method=kvmix", "method.layer_bits={key:[%s],value:[%s]}" % (",".join(["3"] * 4 + ["2"] * 24),
+                                                                          ",".join(["4"] * 4 + ["2"] * 24))],
+    # PM-KVQ at 2 bits, key reparameterization off (no calibration artifact; it changes values, not cost)
+    "pmkvq-2": ["method=pmkvq_fbit2", "method.reparameterize=false"],
 }
 
 
