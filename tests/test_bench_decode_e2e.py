@@ -4,26 +4,14 @@ positions fed as a graph would take them. The GPU runs the same function with gr
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from mixkvq.kv.synthetic import fill_cache
-from tiny import build, tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode_e2e.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_decode_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny import build, load_script, tiny_model
 
 
 def test_decode_steps_run_the_harness_cache_and_advance_it():
-    bench = load_script()
+    bench = load_script("bench_decode_e2e")
     model = tiny_model("qwen2", layers=2, q_heads=4, kv_heads=2, head_dim=64)
     cache = build("kivi", model=model).new_cache(2, capacity=300 + bench.WARMUP + 3)
     fill_cache(cache, 300, model.config.num_attention_heads, chunk=128)
@@ -36,7 +24,7 @@ def test_decode_steps_run_the_harness_cache_and_advance_it():
 def test_decode_steps_time_dynamic_cache_eagerly():
     from transformers import DynamicCache
 
-    bench = load_script()
+    bench = load_script("bench_decode_e2e")
     model = tiny_model("qwen2", layers=2, q_heads=4, kv_heads=2, head_dim=64)
     cache = DynamicCache(config=model.config)
     for i in range(2):

@@ -3,23 +3,13 @@ over the exact dequantized values, and coarser operand rounding costs more."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fold_precision.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("fold_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny import load_script
 
 
 def test_exact_folds_are_attention_over_the_exact_dequantized_tokens_and_rounding_costs():
-    fp = load()
+    fp = load_script("fold_precision")
     gen = torch.Generator().manual_seed(0)
     keys, values, nq, kq, vq = fp.row_operands(gen, 300, 2, 64)
     q = fp.rand(gen, 4, 64)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tiered_page_bytes.py"
+from tiny import load_script
 
 
 def test_sections_add_up_to_the_stored_pages_and_hold_the_chosen_codes():
-    spec = importlib.util.spec_from_file_location("tiered_page_bytes", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("tiered_page_bytes")
     layer = script.filled_layer(["method.target_bits=2.35"], batch=1, context=512)
     total, pages = script.page_bytes_by_section(layer)
     store = layer.key_stream.store

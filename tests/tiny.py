@@ -77,3 +77,14 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts are not a package), for tests of their functions."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
