@@ -410,22 +410,16 @@ def test_key_page_writes_match_the_pytorch_path(device, bits, d, meta):
 def test_generate_on_fragment_pages_with_kernel_writes_gives_the_same_pages(device, name, overrides):
     """The CUDA kernel's page layout written by the pack kernels (key blocks, value tokens and groups) and by
     PyTorch: the same tokens and the same pages, read here by the reference decoder."""
-    from mixkvq.kv.attention import bind
     from mixkvq.kv.paged import page_problems, to_pages
+
+    def paged(layer):
+        assert not page_problems(layer), page_problems(layer)
+        to_pages(layer)
 
     model = tiny_model("llama", dtype=torch.bfloat16, layers=1).to(device)
     ids, mask = left_pad([p.to(device) for p in random_prompts([45, 29], seed=SEED % 1000)])
-    runs = []
-    for on in (False, True):
-        method = build(name, [f"quant.pack_kernel={backend(on)}", *overrides], model=model, storage="packed")
-        cache = method.new_cache(2, (mask == 0).sum(dim=1).cpu(), capacity=ids.shape[1] + 40)
-        for layer in cache.layers:
-            assert not page_problems(layer), page_problems(layer)
-            to_pages(layer)
-        with bind(model, cache, "torch"), torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, pad_token_id=0, do_sample=False,
-                                 max_new_tokens=40)
-        runs.append((out, cache))
+    runs = [generate(model, build(name, [f"quant.pack_kernel={backend(on)}", *overrides], model=model), ids, mask,
+                     decode_kernel="torch", layout=paged, max_new_tokens=40) for on in (False, True)]
     (want, want_cache), (got, got_cache) = runs
     assert got_cache.layers[0].key_stream.store.pack_kernel == "triton"
     assert torch.equal(got, want), f"seed {SEED}"

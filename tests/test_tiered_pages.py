@@ -19,7 +19,6 @@ from kernels.reference import decode_attention as reference_decode
 from kernels.reference import stream_tokens
 from kernels.tiered import tiered_scores
 from mixkvq.errors import ConfigError
-from mixkvq.kv.attention import bind
 from mixkvq.kv.layout import (PAGE_TOKENS, FragmentPageLayout, PackingFormat, TieredPageLayout,
                               channel_meta_order, tier_channels, unpack_tile)
 from mixkvq.kv.paged import PagedValueStore
@@ -29,7 +28,7 @@ from mixkvq.kv.storage import ChannelGroupStore, TokenGroupStore
 from mixkvq.kv.tiered import TieredPagedKeyStore, tiered_problems, to_tiered_pages, value_page_problems
 from test_decode_kernel import ground_truth
 from test_fragment_pages import filled_layer_into
-from tiny import build, left_pad, random_prompts, tiny_model
+from tiny import build, generate, left_pad, random_prompts, tiny_model
 
 # Width codes per channel, drawn per block: (full precision, 4-bit, 2-bit) in MixKVQ's proportions and extremes.
 MIXES = {"fp": (0,), "k2": (2,), "k4": (4,), "mixed": (0, 4, 4, 2, 2, 2, 2, 2, 2, 2)}
@@ -356,16 +355,8 @@ def test_greedy_generation_is_the_same_with_tiered_pages():
     # Bit-identical tokens in the stores: the reference decoder attends over the same inputs, so every step is the same.
     model = tiny_model("llama", dtype=torch.bfloat16, q_heads=8, kv_heads=2, head_dim=64, seed=3)
     ids, mask = left_pad(random_prompts([150, 97], seed=5))
-    runs = []
-    for tiered in (False, True):
-        cache = build("mixkvq", [], model=model).new_cache(2, (mask == 0).sum(dim=1))
-        if tiered:  # fresh layers converted before generation, as a kernel's `prepare` would
-            for layer in cache.layers:
-                to_tiered_pages(layer)
-        with bind(model, cache, "auto"), torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, pad_token_id=0, do_sample=False,
-                                 max_new_tokens=140)
-        runs.append((out, cache))
+    runs = [generate(model, build("mixkvq", [], model=model), ids, mask, layout=layout, max_new_tokens=140)
+            for layout in (None, to_tiered_pages)]  # fresh layers converted, as a kernel's `prepare` would
     (a, flat), (b, tiered) = runs
     assert torch.equal(a, b)
     for lf, lt in zip(flat.layers, tiered.layers):

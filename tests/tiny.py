@@ -44,14 +44,17 @@ def build(name: str, overrides=(), *, model=None, storage: str = "packed", **sha
     return build_method(cfg, model_shape(**shape_fields) if model is None else model)
 
 
-def generate(model, method, input_ids, attention_mask=None, decode_kernel="auto", **gen):
-    """Greedy by default; returns (sequences, cache)."""
+def generate(model, method, input_ids, attention_mask=None, decode_kernel="auto", layout=None, **gen):
+    """Greedy by default; returns (sequences, cache). `layout(layer)` puts each fresh layer in a kernel's storage
+    layout first (`to_pages`, `to_tiered_pages`), as binding that kernel would."""
     gen = {"do_sample": False, "max_new_tokens": 40, **gen}
     n = gen.get("num_return_sequences", 1)
     pad = torch.zeros(len(input_ids), dtype=torch.int64)
     if attention_mask is not None:
-        pad = (attention_mask == 0).sum(dim=1)
+        pad = (attention_mask == 0).sum(dim=1).cpu()
     cache = method.new_cache(len(input_ids) * n, pad.repeat_interleave(n))
+    for layer in cache.layers if layout is not None else ():
+        layout(layer)
     with bind(model, cache, decode_kernel), torch.no_grad():
         out = model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, pad_token_id=0, **gen)
     return out, cache
